@@ -1,0 +1,35 @@
+"""Small building blocks: RMSNorm, SwiGLU, the embedding lookup and the output head."""
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """w * x / sqrt(mean(x^2) + eps), computed in float32, cast back to x's dtype.
+
+    The gain multiplies in float32 before the cast, as the official fix (PR #969) does; HF casts
+    first and multiplies after, which differs only below fp32 (reference gotcha 20).
+    """
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray) -> jnp.ndarray:
+    """down(silu(x gate) * x up): x [..., D], w_gate/w_up [D, F], w_down [F, D] (reference §2.1)."""
+    g = jnp.einsum("...d,df->...f", x, w_gate)
+    u = jnp.einsum("...d,df->...f", x, w_up)
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, w_down)
+
+
+def embed(table: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
+    """Rows of table [V, D] for tokens [B, T]. An id outside [0, V) gives NaN, not a clamped row:
+    inside jit we cannot raise, so a bad id must poison the result visibly (the public API checks
+    concrete inputs and raises before this)."""
+    return jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+def head(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """Logits [B, T, V] in float32 from x [B, T, D] and w [D, V] (the head stays in BF16 or
+    better in V3; logits in fp32 for a stable softmax)."""
+    return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)

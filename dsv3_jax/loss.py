@@ -1,0 +1,57 @@
+"""Training objective: main next-token loss + lambda * MTP loss + alpha * balance loss.
+
+Main: masked mean cross-entropy. MTP ([PAPER] eqs 24-25): module k's loss is normalised by the
+number of main-model targets (the paper's 1/T, not the T-k positions it can score; reference
+gotcha 14), averaged over the D modules and weighted by lambda (0.3, later 0.1). Balance
+([PAPER] eq 17-20): the sequence-wise loss summed over every MoE layer (MTP blocks included),
+times alpha (1e-4).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import Config
+from dsv3_jax.model import forward, mtp_forward, shift_left
+
+
+def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    """Per-position -log p(target): logits [..., V] float32, targets [...] -> [...]."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logz - picked
+
+
+def loss_fn(params: dict, batch: dict, cfg: Config, *, forced_experts: dict | None = None):
+    """(total loss, metrics) for a batch.
+
+    batch: `inputs` [B, T] token ids, `targets` [B, T] the next token of each position,
+    optional `mask` [B, T] (1 where the target counts), `segment_ids` [B, T] (attention within a
+    segment; 0 = padding), `positions` [B, T]. metrics carry the unweighted parts, the per-layer
+    expert `load` [L, E] (and `mtp_load`), and the routing `indices` for replay.
+    """
+    inputs, targets = batch["inputs"], batch["targets"]
+    mask = batch.get("mask")
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    seg, pos = batch.get("segment_ids"), batch.get("positions")
+    logits, aux = forward(params, inputs, cfg, positions=pos, segment_ids=seg,
+                          forced_experts=forced_experts)
+    n_targets = jnp.maximum(mask.sum(), 1.0)
+    main = (cross_entropy(logits, targets) * mask).sum() / n_targets
+    balance = aux["balance"]
+    metrics = {"main_loss": main, "load": aux["load"], "indices": dict(aux["indices"])}
+    total = main
+    if cfg.mtp_depth:
+        forced = (forced_experts or {}).get("mtp")
+        mtp_logits, mtp_aux = mtp_forward(params, aux["hidden"], targets, cfg, positions=pos,
+                                          segment_ids=seg, target_mask=mask > 0, forced=forced)
+        per_depth = jnp.stack([
+            (cross_entropy(mtp_logits[k], shift_left(targets, k + 1))
+             * shift_left(mask, k + 1)).sum() / n_targets for k in range(cfg.mtp_depth)])
+        mtp = per_depth.mean()
+        total = total + cfg.mtp_loss_weight * mtp
+        balance = balance + mtp_aux["balance"]
+        metrics.update(mtp_loss=mtp, mtp_load=mtp_aux["load"])
+        metrics["indices"]["mtp"] = mtp_aux["indices"]
+    total = total + cfg.balance_loss_alpha * balance
+    metrics.update(balance_loss=balance, loss=total)
+    return total, metrics

@@ -1,0 +1,115 @@
+"""Multi-head Latent Attention ([PAPER] §2.1.1, eqs 1-11; reference §3).
+
+Two paths with equal results (exact algebra, different rounding):
+  expanded (training, prefill): up-project the latent to per-head keys and values,
+    scores BTNK,BSNK->BNTS + BTNR,BSR->BNTS, out BNTS,BSNH->BTNH;
+  absorbed (decode): fold W^UK into the query and W^UV into the output, attending directly over
+    the latent cache of C + R numbers per token: BTNK,CNK->BTNC, BTNC,BSC->BNTS (+ rope),
+    BNTS,BSC->BTNC, BTNC,CNH->BTNH.
+The cache holds the *normalised* latent c_kv and the *rotated* shared key k_rope (reference
+gotcha 5). Softmax in float32 with the YaRN-corrected scale on the whole logit (gotcha 3).
+
+`p` is one layer's attention weights: w_dq [D, Q], q_norm [Q] (absent when q_lora_rank = 0),
+w_uq [Q|D, N, K], w_qr [Q|D, N, R], w_dkv [D, C], w_kr [D, R], kv_norm [C], w_uk [C, N, K],
+w_uv [C, N, H], w_o [N, H, D].
+"""
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import Config
+from dsv3_jax.layers import rms_norm
+from dsv3_jax.rope import apply_rope
+
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays NaN-free
+
+
+def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """q_nope [B, T, N, K] and rotated q_rope [B, T, N, R] from x [B, T, D]."""
+    if cfg.q_lora_rank:
+        x = rms_norm(jnp.einsum("btd,dq->btq", x, p["w_dq"]), p["q_norm"], cfg.rms_norm_eps)
+    q_nope = jnp.einsum("btq,qnk->btnk", x, p["w_uq"])
+    q_rope = jnp.einsum("btq,qnr->btnr", x, p["w_qr"])
+    return q_nope, apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
+
+
+def latent(p: dict, x: jnp.ndarray, cos, sin, cfg: Config) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """What the cache stores: normalised c_kv [B, S, C] and rotated shared k_rope [B, S, R]."""
+    c_kv = rms_norm(jnp.einsum("bsd,dc->bsc", x, p["w_dkv"]), p["kv_norm"], cfg.rms_norm_eps)
+    k_rope = jnp.einsum("bsd,dr->bsr", x, p["w_kr"])
+    return c_kv, apply_rope(k_rope, cos, sin, interleave=cfg.rope_interleave)
+
+
+def _softmax(scores: jnp.ndarray, mask: jnp.ndarray, cfg: Config, dtype) -> jnp.ndarray:
+    """scores [B, N, T, S] float32, mask [B, T, S] bool -> probabilities in `dtype`."""
+    scores = jnp.where(mask[:, None], scores * cfg.softmax_scale, _MASKED)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def attend_expanded(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config) -> jnp.ndarray:
+    """Training / prefill form: per-head keys and values from the latent. Returns [B, T, D]."""
+    k_nope = jnp.einsum("bsc,cnk->bsnk", c_kv, p["w_uk"])
+    v = jnp.einsum("bsc,cnh->bsnh", c_kv, p["w_uv"])
+    f32 = jnp.float32
+    scores = (jnp.einsum("btnk,bsnk->bnts", q_nope, k_nope, preferred_element_type=f32)
+              + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
+    probs = _softmax(scores, mask, cfg, v.dtype)
+    out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+    return jnp.einsum("btnh,nhd->btd", out, p["w_o"])
+
+
+def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config) -> jnp.ndarray:
+    """Decode form over the latent cache: W^UK folded into q, W^UV into the output. [B, T, D]."""
+    f32 = jnp.float32
+    q_lat = jnp.einsum("btnk,cnk->btnc", q_nope, p["w_uk"])
+    scores = (jnp.einsum("btnc,bsc->bnts", q_lat, c_kv, preferred_element_type=f32)
+              + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
+    probs = _softmax(scores, mask, cfg, c_kv.dtype)
+    o_lat = jnp.einsum("bnts,bsc->btnc", probs, c_kv)
+    out = jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"])
+    return jnp.einsum("btnh,nhd->btd", out, p["w_o"])
+
+
+def causal_mask(positions: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
+    """[B, T, T]: query t sees key s iff pos_s <= pos_t and both lie in the same segment.
+
+    Pre-training packs documents with no cross-document masking ([PAPER] §4.1): pass no
+    segment ids there; SFT passes them (sample masking, §5.1).
+    """
+    mask = positions[:, None, :] <= positions[:, :, None]
+    if segment_ids is not None:
+        mask &= segment_ids[:, None, :] == segment_ids[:, :, None]
+    return mask
+
+
+def mla(p: dict, x: jnp.ndarray, cos, sin, mask: jnp.ndarray, cfg: Config) -> jnp.ndarray:
+    """Self-attention of x [B, T, D] over itself (training path)."""
+    q_nope, q_rope = query(p, x, cos, sin, cfg)
+    c_kv, k_rope = latent(p, x, cos, sin, cfg)
+    return attend_expanded(p, q_nope, q_rope, c_kv, k_rope, mask, cfg)
+
+
+def write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
+    """Write new [B, T, X] into cache [B, S, X] at per-sequence offsets start [B]."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(
+        cache, new.astype(cache.dtype), start)
+
+
+def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_cache: dict,
+               cfg: Config, *, absorbed: bool) -> tuple[jnp.ndarray, dict]:
+    """Attention of new tokens x [B, T, D] at `positions` [B, T] over a latent cache.
+
+    layer_cache = {"c_kv": [B, S_max, C], "k_rope": [B, S_max, R]}; cache slot s holds absolute
+    position s, so writing at positions[:, 0] and masking slots > the query position is the whole
+    bookkeeping (a general [T, start + T] mask, reference gotcha 18).
+    """
+    q_nope, q_rope = query(p, x, cos, sin, cfg)
+    c_new, k_new = latent(p, x, cos, sin, cfg)
+    start = positions[:, 0]
+    cache = {"c_kv": write_cache(layer_cache["c_kv"], c_new, start),
+             "k_rope": write_cache(layer_cache["k_rope"], k_new, start)}
+    slots = jnp.arange(cache["c_kv"].shape[1])
+    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S_max]
+    c_kv, k_rope = cache["c_kv"].astype(x.dtype), cache["k_rope"].astype(x.dtype)
+    attend = attend_absorbed if absorbed else attend_expanded
+    return attend(p, q_nope, q_rope, c_kv, k_rope, mask, cfg), cache

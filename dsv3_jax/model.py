@@ -1,0 +1,234 @@
+"""The DeepSeek-V3 forward pass as pure functions over the params pytree (reference §2, §6).
+
+    h = Embed(tokens)
+    for each layer: h += MLA(RMSNorm(h)); h += FFN(RMSNorm(h))   # dense SwiGLU, then MoE
+    logits = Head(RMSNorm(h))
+
+Layers of one kind are stacked and run with `jax.lax.scan` (`dense_layers`, then `moe_layers`), so
+compile time does not grow with depth. MTP modules ([PAPER] §2.2) follow the main model: module k
+combines the previous depth's hidden state with the embedding of token i+k+1, runs its own MoE
+block and predicts token i+k+2 through the shared head.
+
+Router biases and forced expert choices are arguments, per stack:
+`forced_experts = {"moe_layers": [L, B, T, A], "mtp": [depth, B, T, A]}` (either key optional),
+the same structure as the `indices` this module returns, so a rollout's routing replays as is.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import Config
+from dsv3_jax.layers import embed, head, rms_norm, swiglu
+from dsv3_jax.mla import causal_mask, mla, mla_cached
+from dsv3_jax.moe import moe
+from dsv3_jax.rope import rope_tables
+
+# Kept in float32 whatever the compute dtype: norms and the router (V3 report §3.3.1 keeps
+# norms and gating in higher precision; the router bias is float32 state already).
+_KEEP_FP32 = frozenset({"router", "attn_norm", "ffn_norm", "q_norm", "kv_norm", "final_norm",
+                        "enorm", "hnorm"})
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Context(NamedTuple):
+    """What every layer of one forward pass shares."""
+    cos: jnp.ndarray  # [B, T, R/2]
+    sin: jnp.ndarray  # [B, T, R/2]
+    mask: jnp.ndarray | None  # [B, T, T] attention mask (training path)
+    positions: jnp.ndarray  # [B, T]
+    token_mask: jnp.ndarray  # [B, T] tokens counted in router statistics
+
+
+def compute_weights(weights: dict, cfg: Config) -> dict:
+    """Cast master weights to the compute dtype, norms and router excepted."""
+    dtype = jnp.dtype(cfg.dtype)
+
+    def cast(path, leaf):
+        return leaf if path[-1].key in _KEEP_FP32 else leaf.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, weights)
+
+
+def block(lp: dict, h: jnp.ndarray, ctx: Context, cfg: Config, bias=None, forced=None,
+          layer_cache: dict | None = None, absorbed: bool = False):
+    """One pre-norm decoder layer. Returns (h, MoE aux or None, new layer cache or None)."""
+    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    with jax.named_scope("mla"):
+        if layer_cache is None:
+            a, new_cache = mla(lp["attn"], x, ctx.cos, ctx.sin, ctx.mask, cfg), None
+        else:
+            a, new_cache = mla_cached(lp["attn"], x, ctx.cos, ctx.sin, ctx.positions,
+                                      layer_cache, cfg, absorbed=absorbed)
+    h = h + a
+    x = rms_norm(h, lp["ffn_norm"], cfg.rms_norm_eps)
+    if "moe" in lp:
+        with jax.named_scope("moe"):
+            f, aux = moe(lp["moe"], x, bias, ctx.token_mask, cfg, forced)
+    else:
+        with jax.named_scope("ffn"):
+            f, aux = swiglu(x, lp["ffn"]["w_gate"], lp["ffn"]["w_up"], lp["ffn"]["w_down"]), None
+    return h + f, aux, new_cache
+
+
+def run_stack(stack: dict, h: jnp.ndarray, ctx: Context, cfg: Config, *, biases=None,
+              forced=None, cache=None, absorbed=False, collect_hidden=False):
+    """Scan `block` over a stack's leading L axis. Returns (h, (aux, new cache, hidden [L,B,T,D]))."""
+
+    def body(h, xs):
+        lp, bias, forced_l, cache_l = xs
+        h, aux, new_cache = block(lp, h, ctx, cfg, bias, forced_l, cache_l, absorbed)
+        return h, (aux, new_cache, h if collect_hidden else None)
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+    return jax.lax.scan(body, h, (stack, biases, forced, cache))
+
+
+def _stack_bias(params: dict, key: str):
+    return params["router_state"].get(key, {}).get("bias")
+
+
+def _context(cfg: Config, positions, segment_ids, token_mask, with_mask=True) -> Context:
+    cos, sin = rope_tables(positions, cfg)
+    mask = causal_mask(positions, segment_ids) if with_mask else None
+    return Context(cos, sin, mask, positions, token_mask)
+
+
+def _default_positions(tokens: jnp.ndarray) -> jnp.ndarray:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def forward(params: dict, tokens: jnp.ndarray, cfg: Config, *, positions=None, segment_ids=None,
+            forced_experts: dict | None = None, collect_hidden: bool = False):
+    """Main-model logits [B, T, V] (float32) and aux for tokens [B, T] (training path).
+
+    segment_ids [B, T]: tokens attend within their segment only; id 0 marks padding, which is
+    left out of the router statistics. aux: `hidden` [B, T, D] after the final norm (the MTP
+    input), `load` [L, E], `balance` (sum over MoE layers, unscaled), `indices`
+    {"moe_layers": [L, B, T, A]}, and with `collect_hidden` `hidden_states` [n_layers, B, T, D]
+    (each layer's output before the final norm).
+    """
+    w = compute_weights(params["weights"], cfg)
+    positions = _default_positions(tokens) if positions is None else positions
+    token_mask = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
+    ctx = _context(cfg, positions, segment_ids, token_mask)
+    forced = (forced_experts or {}).get("moe_layers")
+    h = embed(w["embed"], tokens)
+    hidden = []
+    if cfg.n_dense_layers:
+        with jax.named_scope("dense_layers"):
+            h, (_, _, hs) = run_stack(w["dense_layers"], h, ctx, cfg, collect_hidden=collect_hidden)
+        hidden.append(hs)
+    e = cfg.n_routed_experts
+    aux = {"load": jnp.zeros((0, e)), "balance": jnp.zeros(()), "indices": {}}
+    if cfg.n_moe_layers:
+        with jax.named_scope("moe_layers"):
+            h, (moe_aux, _, hs) = run_stack(w["moe_layers"], h, ctx, cfg, forced=forced,
+                                            biases=_stack_bias(params, "moe_layers"),
+                                            collect_hidden=collect_hidden)
+        hidden.append(hs)
+        aux = {"load": moe_aux["load"], "balance": moe_aux["balance"].sum(),
+               "indices": {"moe_layers": moe_aux["indices"]}}
+    aux["hidden"] = rms_norm(h, w["final_norm"], cfg.rms_norm_eps)
+    if collect_hidden:
+        aux["hidden_states"] = jnp.concatenate(hidden, axis=0)
+    return head(aux["hidden"], w["head"]), aux
+
+
+def shift_left(x: jnp.ndarray, k: int, fill=0) -> jnp.ndarray:
+    """x[:, i + k] at position i, `fill` past the end: [B, T] -> [B, T]."""
+    if k == 0:
+        return x
+    pad = jnp.full((x.shape[0], k) + x.shape[2:], fill, x.dtype)
+    return jnp.concatenate([x[:, k:], pad], axis=1)
+
+
+def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Config, *,
+                positions=None, segment_ids=None, target_mask=None, forced: jnp.ndarray | None = None):
+    """MTP logits [depth, B, T, V] and aux ([PAPER] eqs 21-23).
+
+    hidden [B, T, D]: the main model's output after its final norm (what vLLM and transformers
+    5.23's MtpModel feed). targets [B, T]: next tokens (targets[i] = token i+1). Module k
+    (0-based) at position i embeds targets[i + k] (token i+k+1) and its logits predict
+    targets[i + k + 1]. Each module's normalised output feeds the next (transformers' chain).
+    """
+    w = compute_weights(params["weights"], cfg)
+    positions = _default_positions(targets) if positions is None else positions
+    target_mask = jnp.ones(targets.shape, bool) if target_mask is None else target_mask
+    biases = _stack_bias(params, "mtp")
+    logits, loads, balances, indices = [], [], [], []
+    h = hidden
+    for k in range(cfg.mtp_depth):
+        lp = jax.tree.map(lambda a: a[k], w["mtp"])
+        ctx = _context(cfg, positions, segment_ids, shift_left(target_mask, k, False))
+        e = embed(w["embed"], shift_left(targets, k))
+        x = jnp.concatenate([rms_norm(e, lp["enorm"], cfg.rms_norm_eps),
+                             rms_norm(h, lp["hnorm"], cfg.rms_norm_eps)], axis=-1)
+        x = jnp.einsum("btp,pd->btd", x, lp["eh_proj"])
+        with jax.named_scope(f"mtp_{k}"):
+            x, aux, _ = block(lp, x, ctx, cfg, None if biases is None else biases[k],
+                              None if forced is None else forced[k])
+        h = rms_norm(x, lp["final_norm"], cfg.rms_norm_eps)
+        logits.append(head(h, w["head"]))
+        loads.append(aux["load"]), balances.append(aux["balance"]), indices.append(aux["indices"])
+    return jnp.stack(logits), {"load": jnp.stack(loads), "balance": jnp.stack(balances).sum(),
+                               "indices": jnp.stack(indices)}
+
+
+# ---------------------------------------------------------------------------- latent cache
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
+    """An empty latent cache: per layer c_kv [B, S, C] and k_rope [B, S, R] (C + R numbers per
+    token per layer: 576 for V3, against 40,960 for expanded keys and values)."""
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"cache max_len={max_len} exceeds Config.max_seq_len={cfg.max_seq_len}")
+
+    def stack(n):
+        return {"c_kv": jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype),
+                "k_rope": jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dtype)}
+
+    cache = {"length": jnp.zeros((batch,), jnp.int32)}
+    if cfg.n_dense_layers:
+        cache["dense_layers"] = stack(cfg.n_dense_layers)
+    if cfg.n_moe_layers:
+        cache["moe_layers"] = stack(cfg.n_moe_layers)
+    return cache
+
+
+def cache_bytes_per_token(cfg: Config, dtype=jnp.bfloat16) -> int:
+    return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+
+
+def forward_cached(params: dict, tokens: jnp.ndarray, cache: dict, cfg: Config, *,
+                   absorbed: bool = True, n_valid: jnp.ndarray | None = None,
+                   forced_experts: dict | None = None):
+    """Logits [B, T, V] for tokens [B, T] that continue each cached sequence, and the new cache.
+
+    Token t of row b sits at position cache["length"][b] + t. `absorbed` picks the decode form
+    (attention over the latent cache) or the expanded form (prefill); both give the same logits.
+    n_valid [B] (default T) is how many of the new tokens are real; the rest are padding that
+    later tokens overwrite.
+    """
+    w = compute_weights(params["weights"], cfg)
+    b, t = tokens.shape
+    positions = cache["length"][:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    ctx = _context(cfg, positions, None, jnp.ones(tokens.shape, bool), with_mask=False)
+    h = embed(w["embed"], tokens)
+    new_cache = {"length": cache["length"] + (t if n_valid is None else n_valid)}
+    aux = {"indices": {}}
+    for key, biases in (("dense_layers", None), ("moe_layers", _stack_bias(params, "moe_layers"))):
+        if key not in w:
+            continue
+        forced = (forced_experts or {}).get(key)
+        h, (stack_aux, new_cache[key], _) = run_stack(
+            w[key], h, ctx, cfg, biases=biases, forced=forced, cache=cache[key], absorbed=absorbed)
+        if stack_aux is not None:
+            aux["indices"][key] = stack_aux["indices"]
+    aux["hidden"] = rms_norm(h, w["final_norm"], cfg.rms_norm_eps)
+    return head(aux["hidden"], w["head"]), new_cache, aux
