@@ -26,7 +26,7 @@ LOGIT_ATOL = 1e-4
 
 
 def _reference(folder):
-    st = SafetensorsFile(folder / "reference.safetensors")
+    st = SafetensorsFile(folder.parent / f"{folder.name}.reference.safetensors")
     return {k: np.array(st.get(k)) for k in st.keys()}
 
 
