@@ -6,7 +6,7 @@
 #   ./dev.sh setup          only set up
 #
 # The interpreter is found automatically: $PYTHON if set, else python3.12 / python3.13 /
-# python3 on PATH, else a pyenv-installed 3.12 / 3.13. The virtualenv lives in .venv (or
+# python3 on PATH (if >= 3.12), else a pyenv-installed 3.12, else a newer pyenv one. The virtualenv lives in .venv (or
 # $DSV3_VENV) and is reinstalled whenever pyproject.toml or constraints.txt change.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +25,9 @@ find_python() {
   done
   local root="${PYENV_ROOT:-$HOME/.pyenv}"
   command -v pyenv >/dev/null 2>&1 && root="$(pyenv root)"
-  for cand in $(ls -d "$root"/versions/3.12*/bin/python3 "$root"/versions/3.13*/bin/python3 2>/dev/null | sort -rV); do
+  # prefer 3.12 (the GPU image's), newest patch release first
+  for cand in $(ls -d "$root"/versions/3.12*/bin/python3 2>/dev/null | sort -rV) \
+              $(ls -d "$root"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV); do
     if is_py312plus "$cand"; then echo "$cand"; return 0; fi
   done
   return 1

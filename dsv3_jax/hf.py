@@ -16,6 +16,8 @@ error naming it. What we follow where references differ: transformers 5.23 (rout
 import json
 import os
 import re
+import sys
+import warnings
 from collections import defaultdict
 
 import jax.numpy as jnp
@@ -162,23 +164,49 @@ def _check_mtp_copies(reader: CheckpointReader, cfg: Config, weights: dict, used
             used.add(name)
 
 
-def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_overrides):
+def _mtp_present(reader: CheckpointReader, cfg: Config) -> Config:
+    """Checkpoints converted without their MTP layer (the official convert.py drops
+    `model.layers.61`) still say num_nextn_predict_layers=1: load them without MTP, and say so.
+    A partly present MTP layer is not this case: its missing tensors raise as usual."""
+    if not cfg.mtp_depth:
+        return cfg
+    prefix = f"model.layers.{cfg.n_layers}."
+    if any(n.startswith(prefix) for n in reader.names()):
+        return cfg
+    warnings.warn(f"{reader.folder}: config.json declares {cfg.mtp_depth} MTP module(s) but the "
+                  f"checkpoint has no {prefix}* tensors; loading without MTP (mtp_depth=0)",
+                  stacklevel=3)
+    return cfg.replace(mtp_depth=0)
+
+
+def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *, progress: bool = False,
+                       **config_overrides):
     """(config, params) from a Hugging Face DeepSeek-V2/V3 checkpoint folder.
 
     `dtype` is the parameter dtype and the config's compute dtype (the router bias stays
-    float32). Keyword overrides go to the Config (e.g. `mtp_depth=0` to skip the MTP module:
-    its tensors then count as unexpected, so pass it only for checkpoints without them).
+    float32). Keyword overrides go to the Config. Tensors are read one at a time from the
+    memory-mapped files; host memory peaks at the loaded params plus one leaf. `progress`
+    prints a line per leaf to stderr (a 671B checkpoint takes a while).
     """
     name = jnp.dtype(dtype).name
     cfg = Config.from_hf(path, **{"dtype": name, "param_dtype": name, **config_overrides})
     reader = CheckpointReader(path)
+    cfg = _mtp_present(reader, cfg)
     used: set[str] = set()
     params: dict = {"weights": {}, "router_state": {}}
-    for d in declarations(cfg):
+    decls = declarations(cfg)
+    loaded_bytes = 0
+    for i, d in enumerate(decls):
         tree = params
         for key in d.path[:-1]:
             tree = tree.setdefault(key, {})
-        tree[d.path[-1]] = jnp.asarray(_load_leaf(reader, d, cfg, used))
+        leaf = _load_leaf(reader, d, cfg, used)
+        tree[d.path[-1]] = jnp.asarray(leaf)
+        loaded_bytes += leaf.nbytes
+        del leaf
+        if progress:
+            print(f"[{i + 1}/{len(decls)}] {'/'.join(d.path)} {tuple(tree[d.path[-1]].shape)} "
+                  f"({loaded_bytes / 2**30:.2f} GiB so far)", file=sys.stderr, flush=True)
     _check_mtp_copies(reader, cfg, params["weights"], used)
     unexpected = sorted(n for n in reader.names() - used if not _IGNORED.match(n))
     if unexpected:

@@ -196,3 +196,27 @@ def test_no_weights_is_an_error(tmp_path, fixtures_dir):
     shutil.copy(fixtures_dir / "hf_tiny_noqlora" / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_checkpoint_without_its_mtp_layer_loads_without_mtp(fixtures_dir, tmp_path):
+    folder = _copy(fixtures_dir, tmp_path, "hf_tiny_bf16")
+    _rewrite(folder, lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.4.")])
+    with pytest.warns(UserWarning, match=r"no model\.layers\.4\.\* tensors; loading without MTP"):
+        cfg, params = load_hf_checkpoint(folder)
+    assert cfg.mtp_depth == 0 and "mtp" not in params["weights"]
+    ref = _reference(fixtures_dir / "hf_tiny_bf16")
+    logits, _ = dsv3_jax.forward(params, ref["input_ids"], cfg)
+    assert np.abs(np.asarray(logits) - ref["logits"]).max() <= LOGIT_ATOL
+
+
+def test_partial_mtp_layer_is_a_missing_tensor(fixtures_dir, tmp_path):
+    folder = _copy(fixtures_dir, tmp_path, "hf_tiny_bf16")
+    _rewrite(folder, lambda t: t.pop("model.layers.4.eh_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.4\.eh_proj\.weight'"):
+        load_hf_checkpoint(folder)
+
+
+def test_progress_lines(fixtures_dir, capsys):
+    load_hf_checkpoint(fixtures_dir / "hf_tiny_noqlora", progress=True)
+    err = capsys.readouterr().err
+    assert "weights/embed (256, 64)" in err and "GiB so far" in err
