@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from sharding.context import ShardingContext, constrain
+
 
 def rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
     """w * x / sqrt(mean(x^2) + eps), computed in float32, cast back to x's dtype.
@@ -15,11 +17,14 @@ def rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
     return (w.astype(jnp.float32) * y).astype(x.dtype)
 
 
-def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray) -> jnp.ndarray:
-    """down(silu(x gate) * x up): x [..., D], w_gate/w_up [D, F], w_down [F, D] (reference §2.1)."""
-    g = jnp.einsum("...d,df->...f", x, w_gate)
-    u = jnp.einsum("...d,df->...f", x, w_up)
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, w_down)
+def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray,
+           shard: ShardingContext | None = None, width: str = "mlp") -> jnp.ndarray:
+    """down(silu(x gate) * x up): x [B, T, D], w_gate/w_up [D, F], w_down [F, D] (reference
+    §2.1). On a mesh the hidden [B, T, F] is constrained by `width`'s rule (tensor parallelism)."""
+    g = jnp.einsum("btd,df->btf", x, w_gate)
+    u = jnp.einsum("btd,df->btf", x, w_up)
+    h = constrain(jax.nn.silu(g) * u, ("batch", "seq", width), shard, f"{width} hidden")
+    return jnp.einsum("btf,fd->btd", h, w_down)
 
 
 def embed(table: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:

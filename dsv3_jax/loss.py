@@ -21,20 +21,22 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
     return logz - picked
 
 
-def loss_fn(params: dict, batch: dict, cfg: Config, *, forced_experts: dict | None = None):
+def loss_fn(params: dict, batch: dict, cfg: Config, *, forced_experts: dict | None = None,
+            shard=None):
     """(total loss, metrics) for a batch.
 
     batch: `inputs` [B, T] token ids, `targets` [B, T] the next token of each position,
     optional `mask` [B, T] (1 where the target counts), `segment_ids` [B, T] (attention within a
     segment; 0 = padding), `positions` [B, T]. metrics carry the unweighted parts, the per-layer
-    expert `load` [L, E] (and `mtp_load`), and the routing `indices` for replay.
+    expert `load` [L, E] (and `mtp_load`), and the routing `indices` for replay. `shard` (a
+    `sharding.context.ShardingContext`) runs it on a mesh.
     """
     inputs, targets = batch["inputs"], batch["targets"]
     mask = batch.get("mask")
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     seg, pos = batch.get("segment_ids"), batch.get("positions")
     logits, aux = forward(params, inputs, cfg, positions=pos, segment_ids=seg,
-                          forced_experts=forced_experts)
+                          forced_experts=forced_experts, shard=shard)
     n_targets = jnp.maximum(mask.sum(), 1.0)
     main = (cross_entropy(logits, targets) * mask).sum() / n_targets
     balance = aux["balance"]
@@ -43,7 +45,8 @@ def loss_fn(params: dict, batch: dict, cfg: Config, *, forced_experts: dict | No
     if cfg.mtp_depth:
         forced = (forced_experts or {}).get("mtp")
         mtp_logits, mtp_aux = mtp_forward(params, aux["hidden"], targets, cfg, positions=pos,
-                                          segment_ids=seg, target_mask=mask > 0, forced=forced)
+                                          segment_ids=seg, target_mask=mask > 0, forced=forced,
+                                          shard=shard)
         per_depth = jnp.stack([
             (cross_entropy(mtp_logits[k], shift_left(targets, k + 1))
              * shift_left(mask, k + 1)).sum() / n_targets for k in range(cfg.mtp_depth)])

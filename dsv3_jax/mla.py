@@ -20,16 +20,18 @@ import jax.numpy as jnp
 from dsv3_jax.config import Config
 from dsv3_jax.layers import rms_norm
 from dsv3_jax.rope import apply_rope
+from sharding.context import ShardingContext, constrain
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays NaN-free
 
 
-def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config) -> tuple[jnp.ndarray, jnp.ndarray]:
+def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """q_nope [B, T, N, K] and rotated q_rope [B, T, N, R] from x [B, T, D]."""
     if cfg.q_lora_rank:
         x = rms_norm(jnp.einsum("btd,dq->btq", x, p["w_dq"]), p["q_norm"], cfg.rms_norm_eps)
-    q_nope = jnp.einsum("btq,qnk->btnk", x, p["w_uq"])
-    q_rope = jnp.einsum("btq,qnr->btnr", x, p["w_qr"])
+    heads = ("batch", "seq", "heads", None)  # tensor parallelism splits the heads
+    q_nope = constrain(jnp.einsum("btq,qnk->btnk", x, p["w_uq"]), heads, shard, "q_nope")
+    q_rope = constrain(jnp.einsum("btq,qnr->btnr", x, p["w_qr"]), heads, shard, "q_rope")
     return q_nope, apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
 
 
@@ -46,19 +48,26 @@ def _softmax(scores: jnp.ndarray, mask: jnp.ndarray, cfg: Config, dtype) -> jnp.
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
-def attend_expanded(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config) -> jnp.ndarray:
+def _output(p: dict, out: jnp.ndarray, shard) -> jnp.ndarray:
+    """[B, T, N, H] -> [B, T, D]; with heads split, XLA reduces the partial sums here."""
+    out = constrain(out, ("batch", "seq", "heads", None), shard, "attention output")
+    return constrain(jnp.einsum("btnh,nhd->btd", out, p["w_o"]), ("batch", "seq", "embed"), shard,
+                     "attention projection")
+
+
+def attend_expanded(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard=None) -> jnp.ndarray:
     """Training / prefill form: per-head keys and values from the latent. Returns [B, T, D]."""
-    k_nope = jnp.einsum("bsc,cnk->bsnk", c_kv, p["w_uk"])
-    v = jnp.einsum("bsc,cnh->bsnh", c_kv, p["w_uv"])
+    kv_heads = ("batch", "kv_seq", "heads", None)
+    k_nope = constrain(jnp.einsum("bsc,cnk->bsnk", c_kv, p["w_uk"]), kv_heads, shard, "k_nope")
+    v = constrain(jnp.einsum("bsc,cnh->bsnh", c_kv, p["w_uv"]), kv_heads, shard, "v")
     f32 = jnp.float32
     scores = (jnp.einsum("btnk,bsnk->bnts", q_nope, k_nope, preferred_element_type=f32)
               + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
     probs = _softmax(scores, mask, cfg, v.dtype)
-    out = jnp.einsum("bnts,bsnh->btnh", probs, v)
-    return jnp.einsum("btnh,nhd->btd", out, p["w_o"])
+    return _output(p, jnp.einsum("bnts,bsnh->btnh", probs, v), shard)
 
 
-def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config) -> jnp.ndarray:
+def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard=None) -> jnp.ndarray:
     """Decode form over the latent cache: W^UK folded into q, W^UV into the output. [B, T, D]."""
     f32 = jnp.float32
     q_lat = jnp.einsum("btnk,cnk->btnc", q_nope, p["w_uk"])
@@ -66,8 +75,7 @@ def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config) ->
               + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
     probs = _softmax(scores, mask, cfg, c_kv.dtype)
     o_lat = jnp.einsum("bnts,bsc->btnc", probs, c_kv)
-    out = jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"])
-    return jnp.einsum("btnh,nhd->btd", out, p["w_o"])
+    return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), shard)
 
 
 def causal_mask(positions: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
@@ -82,11 +90,12 @@ def causal_mask(positions: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.
     return mask
 
 
-def mla(p: dict, x: jnp.ndarray, cos, sin, mask: jnp.ndarray, cfg: Config) -> jnp.ndarray:
+def mla(p: dict, x: jnp.ndarray, cos, sin, mask: jnp.ndarray, cfg: Config,
+        shard: ShardingContext | None = None) -> jnp.ndarray:
     """Self-attention of x [B, T, D] over itself (training path)."""
-    q_nope, q_rope = query(p, x, cos, sin, cfg)
+    q_nope, q_rope = query(p, x, cos, sin, cfg, shard)
     c_kv, k_rope = latent(p, x, cos, sin, cfg)
-    return attend_expanded(p, q_nope, q_rope, c_kv, k_rope, mask, cfg)
+    return attend_expanded(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard)
 
 
 def write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
@@ -96,14 +105,14 @@ def write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp
 
 
 def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_cache: dict,
-               cfg: Config, *, absorbed: bool) -> tuple[jnp.ndarray, dict]:
+               cfg: Config, *, absorbed: bool, shard=None) -> tuple[jnp.ndarray, dict]:
     """Attention of new tokens x [B, T, D] at `positions` [B, T] over a latent cache.
 
     layer_cache = {"c_kv": [B, S_max, C], "k_rope": [B, S_max, R]}; cache slot s holds absolute
     position s, so writing at positions[:, 0] and masking slots > the query position is the whole
     bookkeeping (a general [T, start + T] mask, reference gotcha 18).
     """
-    q_nope, q_rope = query(p, x, cos, sin, cfg)
+    q_nope, q_rope = query(p, x, cos, sin, cfg, shard)
     c_new, k_new = latent(p, x, cos, sin, cfg)
     start = positions[:, 0]
     cache = {"c_kv": write_cache(layer_cache["c_kv"], c_new, start),
@@ -112,4 +121,4 @@ def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_
     mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S_max]
     c_kv, k_rope = cache["c_kv"].astype(x.dtype), cache["k_rope"].astype(x.dtype)
     attend = attend_absorbed if absorbed else attend_expanded
-    return attend(p, q_nope, q_rope, c_kv, k_rope, mask, cfg), cache
+    return attend(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard), cache

@@ -24,6 +24,7 @@ from dsv3_jax.layers import embed, head, rms_norm, swiglu
 from dsv3_jax.mla import causal_mask, mla, mla_cached
 from dsv3_jax.moe import moe
 from dsv3_jax.rope import rope_tables
+from sharding.context import ShardingContext, constrain
 
 # Kept in float32 whatever the compute dtype: norms and the router (V3 report §3.3.1 keeps
 # norms and gating in higher precision; the router bias is float32 state already).
@@ -44,6 +45,9 @@ class Context(NamedTuple):
     mask: jnp.ndarray | None  # [B, T, T] attention mask (training path)
     positions: jnp.ndarray  # [B, T]
     token_mask: jnp.ndarray  # [B, T] tokens counted in router statistics
+    shard: ShardingContext | None  # the mesh and strategy; None on one device
+
+_RESIDUAL = ("batch", "seq", "embed")  # x: [B_(batch axes), T, D]
 
 
 def compute_weights(weights: dict, cfg: Config) -> dict:
@@ -62,19 +66,21 @@ def block(lp: dict, h: jnp.ndarray, ctx: Context, cfg: Config, bias=None, forced
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     with jax.named_scope("mla"):
         if layer_cache is None:
-            a, new_cache = mla(lp["attn"], x, ctx.cos, ctx.sin, ctx.mask, cfg), None
+            a = mla(lp["attn"], x, ctx.cos, ctx.sin, ctx.mask, cfg, ctx.shard)
+            new_cache = None
         else:
             a, new_cache = mla_cached(lp["attn"], x, ctx.cos, ctx.sin, ctx.positions,
-                                      layer_cache, cfg, absorbed=absorbed)
+                                      layer_cache, cfg, absorbed=absorbed, shard=ctx.shard)
     h = h + a
     x = rms_norm(h, lp["ffn_norm"], cfg.rms_norm_eps)
     if "moe" in lp:
         with jax.named_scope("moe"):
-            f, aux = moe(lp["moe"], x, bias, ctx.token_mask, cfg, forced)
+            f, aux = moe(lp["moe"], x, bias, ctx.token_mask, cfg, forced, ctx.shard)
     else:
         with jax.named_scope("ffn"):
-            f, aux = swiglu(x, lp["ffn"]["w_gate"], lp["ffn"]["w_up"], lp["ffn"]["w_down"]), None
-    return h + f, aux, new_cache
+            ffn = lp["ffn"]
+            f, aux = swiglu(x, ffn["w_gate"], ffn["w_up"], ffn["w_down"], ctx.shard), None
+    return constrain(h + f, _RESIDUAL, ctx.shard, "layer output"), aux, new_cache
 
 
 def run_stack(stack: dict, h: jnp.ndarray, ctx: Context, cfg: Config, *, biases=None,
@@ -95,10 +101,10 @@ def _stack_bias(params: dict, key: str):
     return params["router_state"].get(key, {}).get("bias")
 
 
-def _context(cfg: Config, positions, segment_ids, token_mask, with_mask=True) -> Context:
+def _context(cfg: Config, positions, segment_ids, token_mask, shard, with_mask=True) -> Context:
     cos, sin = rope_tables(positions, cfg)
     mask = causal_mask(positions, segment_ids) if with_mask else None
-    return Context(cos, sin, mask, positions, token_mask)
+    return Context(cos, sin, mask, positions, token_mask, shard)
 
 
 def _default_positions(tokens: jnp.ndarray) -> jnp.ndarray:
@@ -106,21 +112,22 @@ def _default_positions(tokens: jnp.ndarray) -> jnp.ndarray:
 
 
 def forward(params: dict, tokens: jnp.ndarray, cfg: Config, *, positions=None, segment_ids=None,
-            forced_experts: dict | None = None, collect_hidden: bool = False):
+            forced_experts: dict | None = None, collect_hidden: bool = False,
+            shard: ShardingContext | None = None):
     """Main-model logits [B, T, V] (float32) and aux for tokens [B, T] (training path).
 
     segment_ids [B, T]: tokens attend within their segment only; id 0 marks padding, which is
     left out of the router statistics. aux: `hidden` [B, T, D] after the final norm (the MTP
     input), `load` [L, E], `balance` (sum over MoE layers, unscaled), `indices`
     {"moe_layers": [L, B, T, A]}, and with `collect_hidden` `hidden_states` [n_layers, B, T, D]
-    (each layer's output before the final norm).
+    (each layer's output before the final norm). `shard` runs it on a mesh (see sharding/).
     """
     w = compute_weights(params["weights"], cfg)
     positions = _default_positions(tokens) if positions is None else positions
     token_mask = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
-    ctx = _context(cfg, positions, segment_ids, token_mask)
+    ctx = _context(cfg, positions, segment_ids, token_mask, shard)
     forced = (forced_experts or {}).get("moe_layers")
-    h = embed(w["embed"], tokens)
+    h = constrain(embed(w["embed"], tokens), _RESIDUAL, shard, "embedding")
     hidden = []
     if cfg.n_dense_layers:
         with jax.named_scope("dense_layers"):
@@ -139,7 +146,11 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: Config, *, positions=None, s
     aux["hidden"] = rms_norm(h, w["final_norm"], cfg.rms_norm_eps)
     if collect_hidden:
         aux["hidden_states"] = jnp.concatenate(hidden, axis=0)
-    return head(aux["hidden"], w["head"]), aux
+    return _logits(aux["hidden"], w["head"], shard), aux
+
+
+def _logits(h, w_head, shard):
+    return constrain(head(h, w_head), ("batch", "seq", "vocab"), shard, "logits")
 
 
 def shift_left(x: jnp.ndarray, k: int, fill=0) -> jnp.ndarray:
@@ -151,7 +162,8 @@ def shift_left(x: jnp.ndarray, k: int, fill=0) -> jnp.ndarray:
 
 
 def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Config, *,
-                positions=None, segment_ids=None, target_mask=None, forced: jnp.ndarray | None = None):
+                positions=None, segment_ids=None, target_mask=None, forced: jnp.ndarray | None = None,
+                shard: ShardingContext | None = None):
     """MTP logits [depth, B, T, V] and aux ([PAPER] eqs 21-23).
 
     hidden [B, T, D]: the main model's output after its final norm (what vLLM and transformers
@@ -167,8 +179,8 @@ def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Co
     h = hidden
     for k in range(cfg.mtp_depth):
         lp = jax.tree.map(lambda a: a[k], w["mtp"])
-        ctx = _context(cfg, positions, segment_ids, shift_left(target_mask, k, False))
-        e = embed(w["embed"], shift_left(targets, k))
+        ctx = _context(cfg, positions, segment_ids, shift_left(target_mask, k, False), shard)
+        e = constrain(embed(w["embed"], shift_left(targets, k)), _RESIDUAL, shard, "MTP embedding")
         x = jnp.concatenate([rms_norm(e, lp["enorm"], cfg.rms_norm_eps),
                              rms_norm(h, lp["hnorm"], cfg.rms_norm_eps)], axis=-1)
         x = jnp.einsum("btp,pd->btd", x, lp["eh_proj"])
@@ -176,7 +188,7 @@ def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Co
             x, aux, _ = block(lp, x, ctx, cfg, None if biases is None else biases[k],
                               None if forced is None else forced[k])
         h = rms_norm(x, lp["final_norm"], cfg.rms_norm_eps)
-        logits.append(head(h, w["head"]))
+        logits.append(_logits(h, w["head"], shard))
         loads.append(aux["load"]), balances.append(aux["balance"]), indices.append(aux["indices"])
     return jnp.stack(logits), {"load": jnp.stack(loads), "balance": jnp.stack(balances).sum(),
                                "indices": jnp.stack(indices)}
@@ -207,7 +219,7 @@ def cache_bytes_per_token(cfg: Config, dtype=jnp.bfloat16) -> int:
 
 def forward_cached(params: dict, tokens: jnp.ndarray, cache: dict, cfg: Config, *,
                    absorbed: bool = True, n_valid: jnp.ndarray | None = None,
-                   forced_experts: dict | None = None):
+                   forced_experts: dict | None = None, shard: ShardingContext | None = None):
     """Logits [B, T, V] for tokens [B, T] that continue each cached sequence, and the new cache.
 
     Token t of row b sits at position cache["length"][b] + t. `absorbed` picks the decode form
@@ -218,7 +230,7 @@ def forward_cached(params: dict, tokens: jnp.ndarray, cache: dict, cfg: Config, 
     w = compute_weights(params["weights"], cfg)
     b, t = tokens.shape
     positions = cache["length"][:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    ctx = _context(cfg, positions, None, jnp.ones(tokens.shape, bool), with_mask=False)
+    ctx = _context(cfg, positions, None, jnp.ones(tokens.shape, bool), shard, with_mask=False)
     h = embed(w["embed"], tokens)
     new_cache = {"length": cache["length"] + (t if n_valid is None else n_valid)}
     aux = {"indices": {}}
@@ -231,4 +243,4 @@ def forward_cached(params: dict, tokens: jnp.ndarray, cache: dict, cfg: Config, 
         if stack_aux is not None:
             aux["indices"][key] = stack_aux["indices"]
     aux["hidden"] = rms_norm(h, w["final_norm"], cfg.rms_norm_eps)
-    return head(aux["hidden"], w["head"]), new_cache, aux
+    return _logits(aux["hidden"], w["head"], shard), new_cache, aux

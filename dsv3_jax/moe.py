@@ -5,54 +5,119 @@ or inference ([PAPER] §2.1.2): the M0*A (token, expert) pairs are sorted by exp
 contiguous groups of whatever size routing produced, and each expert's SwiGLU runs as one
 grouped matmul (`grouped.grouped_matmul`) over exactly its rows.
 
+On a mesh (`shard` given) the routed part runs inside `shard_map`: each device routes its own
+tokens (a global sort of all tokens would force XLA to gather them), then either computes its
+experts locally (no expert axis: weights gathered over fsdp) or, with expert parallelism,
+dispatches pairs to the devices holding their experts (`sharding.ep`), runs its local experts
+and combines. Load statistics and the balance loss are summed over every batch axis there, so
+every device sees the global per-expert load and the bias update stays identical everywhere.
+
 `p` is one layer's MoE weights: router [D, E], shared {w_gate, w_up [D, s], w_down [s, D]}
 (absent with no shared experts), experts {w_gate, w_up [E, D, f], w_down [E, f, D]}.
 """
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import Config
 from dsv3_jax.grouped import grouped_matmul
 from dsv3_jax.layers import swiglu
-from dsv3_jax.router import expert_counts, route, sequence_balance_loss
+from dsv3_jax.router import expert_counts, route, sequence_balance_terms
+from sharding import ep
+from sharding.context import ShardingContext, constrain
+
+
+def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray) -> jnp.ndarray:
+    """Each expert's SwiGLU over its contiguous rows: rows [M, D], sizes [E] -> [M, D]."""
+    h = jax.nn.silu(grouped_matmul(rows, p["w_gate"], sizes)) * grouped_matmul(rows, p["w_up"], sizes)
+    return grouped_matmul(h, p["w_down"], sizes)
 
 
 def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
-    """Dropless expert FFN: x [M0, D], indices/weights [M0, A] -> [M0, D]."""
+    """Dropless expert FFN on one device: x [M0, D], indices/weights [M0, A] -> [M0, D] (fp32)."""
     m0, a = indices.shape
-    n_experts = p["w_gate"].shape[0]
     flat = indices.reshape(-1)  # [M] with M = M0 * A
     order = jnp.argsort(flat, stable=True)  # rows grouped by expert
-    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    xs = jnp.take(x, order // a, axis=0)  # [M, D]
-    h = jax.nn.silu(grouped_matmul(xs, p["w_gate"], sizes)) * grouped_matmul(xs, p["w_up"], sizes)
-    ys = grouped_matmul(h, p["w_down"], sizes)  # [M, D]
+    sizes = jnp.bincount(flat, length=p["w_gate"].shape[0]).astype(jnp.int32)
+    ys = grouped_swiglu(p, jnp.take(x, order // a, axis=0), sizes)  # [M, D]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = jnp.take(ys, inverse, axis=0).reshape(m0, a, -1)
     # combine in float32 (HF does; the official code and V3 training combine in BF16)
-    return jnp.einsum("mad,ma->md", y.astype(jnp.float32), weights).astype(x.dtype)
+    return jnp.einsum("mad,ma->md", y.astype(jnp.float32), weights)
+
+
+def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, ep_axis, impl):
+    """Route local tokens x [B, T, D] and run the routed experts (with EP when ep_axis is set).
+    Returns (y [B, T, D] float32, counts [B, E], balance terms, indices [B, T, A])."""
+    b, t, d = x.shape
+    xf = x.reshape(b * t, d)
+    with jax.named_scope("router"):
+        r = route(xf, p_router, bias, cfg, None if forced is None else forced.reshape(b * t, -1))
+    with jax.named_scope("experts"):
+        if ep_axis is None:
+            y = routed_experts(experts, xf, r.indices, r.weights)
+        else:
+            with jax.named_scope("dispatch"):
+                rows, sizes, plan = ep.dispatch(xf, r.indices, n_experts=cfg.n_routed_experts,
+                                                axis=ep_axis, impl=impl)
+            ys = grouped_swiglu(experts, rows, sizes)
+            with jax.named_scope("combine"):
+                y = ep.combine(ys, r.weights, plan, axis=ep_axis, impl=impl)
+    indices = r.indices.reshape(b, t, -1)
+    counts = expert_counts(indices, mask, cfg.n_routed_experts)
+    terms = sequence_balance_terms(r.scores.reshape(b, t, -1), counts, mask, cfg)
+    return y.reshape(b, t, d), counts, terms, indices
+
+
+def _moe_local(p, x, bias, token_mask, cfg, forced):
+    y, counts, (per_seq, has), indices = _route_and_compute(
+        p["router"], p["experts"], x, bias, token_mask, forced, cfg, None, None)
+    balance = (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
+    return y, counts.sum(0), balance, indices
+
+
+def _moe_sharded(p, x, bias, token_mask, cfg: Config, forced, shard: ShardingContext):
+    batch = shard.batch_axes or None
+    ep_axis = shard.expert_axis
+    tp = shard.tensor_axis if "tensor" in dict(shard.strategy.params)["expert_mlp"] else None
+    w_in, w_out = P(ep_axis, None, tp), P(ep_axis, tp, None)  # full D inside: gathered over fsdp
+    expert_specs = {"w_gate": w_in, "w_up": w_in, "w_down": w_out}
+    sum_axes = shard.batch_axes
+
+    def local(x, mask, forced, w_router, bias, experts):
+        y, counts, (per_seq, has), indices = _route_and_compute(
+            w_router, experts, x, bias, mask, forced, cfg, ep_axis, shard.dispatch)
+        if tp:  # each tensor rank summed its slice of the expert width
+            y = jax.lax.psum(y, tp)
+        load = jax.lax.psum(counts.sum(0), sum_axes) if sum_axes else counts.sum(0)
+        total = jnp.stack([(per_seq * has).sum(), has.sum()])
+        total = jax.lax.psum(total, sum_axes) if sum_axes else total
+        return y, load, total[0] / jnp.maximum(total[1], 1.0), indices
+
+    tok = P(batch, None, None)
+    fn = jax.shard_map(
+        local, mesh=shard.mesh,
+        in_specs=(tok, P(batch, None), None if forced is None else tok, P(),
+                  None if bias is None else P(), expert_specs),
+        out_specs=(tok, P(), P(), tok), check_vma=False)
+    return fn(x, token_mask, forced, p["router"], bias, p["experts"])
 
 
 def moe(p: dict, x: jnp.ndarray, bias: jnp.ndarray | None, token_mask: jnp.ndarray, cfg: Config,
-        forced: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
+        forced: jnp.ndarray | None = None, shard: ShardingContext | None = None):
     """x [B, T, D] -> (y [B, T, D], aux).
 
-    aux: `load` [E] tokens per expert (masked tokens excluded), `balance` the unscaled
-    sequence-wise balance loss, `indices` [B, T, A] the experts used (for routing replay).
+    aux: `load` [E] tokens per expert over the whole batch (masked tokens excluded), `balance`
+    the unscaled sequence-wise balance loss, `indices` [B, T, A] the experts used (for replay).
     """
-    b, t, d = x.shape
-    xf = x.reshape(b * t, d)
-    forced_flat = None if forced is None else forced.reshape(b * t, -1)
-    with jax.named_scope("router"):
-        r = route(xf, p["router"], bias, cfg, forced_flat)
-    with jax.named_scope("experts"):
-        y = routed_experts(p["experts"], xf, r.indices, r.weights)
+    if shard is None:
+        y, load, balance, indices = _moe_local(p, x, bias, token_mask, cfg, forced)
+    else:
+        y, load, balance, indices = _moe_sharded(p, x, bias, token_mask, cfg, forced, shard)
+    y = constrain(y.astype(x.dtype), ("batch", "seq", "embed"), shard, "moe combine")
     if "shared" in p:
         with jax.named_scope("shared_experts"):
             s = p["shared"]
-            y = y + swiglu(xf, s["w_gate"], s["w_up"], s["w_down"])
-    indices = r.indices.reshape(b, t, -1)
-    counts = expert_counts(indices, token_mask, cfg.n_routed_experts)  # [B, E]
-    balance = sequence_balance_loss(r.scores.reshape(b, t, -1), counts, token_mask, cfg)
-    return y.reshape(b, t, d), {"load": counts.sum(0), "balance": balance, "indices": indices}
+            y = y + swiglu(x, s["w_gate"], s["w_up"], s["w_down"], shard, "expert_mlp")
+    return y, {"load": load, "balance": balance, "indices": indices}

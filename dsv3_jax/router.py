@@ -68,21 +68,26 @@ def expert_counts(indices: jnp.ndarray, token_mask: jnp.ndarray, n_experts: int)
     return jnp.zeros((indices.shape[0], n_experts), jnp.float32).at[b, indices].add(weight)
 
 
-def sequence_balance_loss(scores: jnp.ndarray, counts: jnp.ndarray, token_mask: jnp.ndarray,
-                          cfg: Config) -> jnp.ndarray:
-    """Sum_i f_i P_i per sequence, averaged over sequences ([PAPER] eqs 17-20), without alpha.
+def sequence_balance_terms(scores: jnp.ndarray, counts: jnp.ndarray, token_mask: jnp.ndarray,
+                           cfg: Config) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per sequence: (Sum_i f_i P_i [B], whether the sequence has tokens [B]) ([PAPER] eqs 17-20).
 
     scores [B, T, E] unbiased affinities, counts [B, E] from `expert_counts`, token_mask [B, T].
     f_i = E / (A T) * (tokens choosing i) carries no gradient; P_i = mean_t s'_{i,t} with s
-    normalised over all E experts (reference §5.2, gotcha 15).
+    normalised over all E experts (reference §5.2, gotcha 15). Alpha is applied by the loss.
     """
     mask = token_mask.astype(jnp.float32)
     n_tok = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)  # [B, 1]
     f = jax.lax.stop_gradient(counts * cfg.n_routed_experts / (cfg.n_activated_experts * n_tok))
     s_norm = scores / scores.sum(-1, keepdims=True)
     p = (s_norm * mask[..., None]).sum(1) / n_tok  # [B, E]
-    per_seq = (f * p).sum(-1)
-    has_tokens = (mask.sum(-1) > 0).astype(jnp.float32)
+    return (f * p).sum(-1), (mask.sum(-1) > 0).astype(jnp.float32)
+
+
+def sequence_balance_loss(scores: jnp.ndarray, counts: jnp.ndarray, token_mask: jnp.ndarray,
+                          cfg: Config) -> jnp.ndarray:
+    """The sequence-wise balance loss averaged over sequences that have tokens, without alpha."""
+    per_seq, has_tokens = sequence_balance_terms(scores, counts, token_mask, cfg)
     return (per_seq * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
 
 

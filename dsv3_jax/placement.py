@@ -1,0 +1,48 @@
+"""Placing the model state and batches on a mesh (the model side of sharding/).
+
+The specs come from the parameter declarations' logical names (`params.logical_axes_tree`)
+through the strategy's parameter table (`sharding.rules`); nothing is replicated unless a rule
+says so.
+"""
+
+import functools
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsv3_jax.config import Config
+from dsv3_jax.params import _init_jit, abstract_params, logical_axes_tree
+from sharding.context import ShardingContext
+
+
+def param_specs(cfg: Config, shard: ShardingContext) -> dict:
+    """PartitionSpec tree of the model state (same structure as `init_params`)."""
+    return shard.param_specs(abstract_params(cfg), logical_axes_tree(cfg))
+
+
+def param_shardings(cfg: Config, shard: ShardingContext) -> dict:
+    return jax.tree.map(shard.named, param_specs(cfg, shard), is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params: dict, cfg: Config, shard: ShardingContext) -> dict:
+    """Move an existing state onto the mesh."""
+    return jax.device_put(params, param_shardings(cfg, shard))
+
+
+def init_params_sharded(cfg: Config, key: jax.Array, shard: ShardingContext) -> dict:
+    """`init_params` computed directly into its shards: each device draws only its part (per-leaf
+    keys with partitionable threefry), so no device ever holds the whole state."""
+    shapes_only = cfg.replace(init_std=1.0, dtype="float32", remat="none", mtp_loss_weight=0.0,
+                              balance_loss_alpha=0.0, bias_update_speed=0.0, name="")
+    fn = jax.jit(functools.partial(_init_jit.__wrapped__, shapes_only),
+                 out_shardings=param_shardings(cfg, shard))
+    return fn(key, jax.numpy.float32(cfg.init_std))
+
+
+def batch_sharding(shard: ShardingContext, ndim: int = 2) -> NamedSharding:
+    """[B, ...] arrays split over the strategy's batch axes."""
+    return shard.named(P(shard.batch_axes or None, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: dict, shard: ShardingContext) -> dict:
+    return {k: jax.device_put(v, batch_sharding(shard, v.ndim)) for k, v in batch.items()}

@@ -1,0 +1,79 @@
+"""What a sharded program needs to know: the mesh, the strategy, the expert dispatch.
+
+A `ShardingContext` is a frozen, hashable value passed explicitly to the model functions (and
+used as a static jit argument), so a program traced for one mesh is never reused for another.
+`constrain` turns logical activation names into a `with_sharding_constraint`; with no context
+(one device) it does nothing because there is nothing to shard.
+"""
+
+import dataclasses
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sharding.ep import DISPATCH_IMPLS
+from sharding.rules import Strategy, get_strategy, spec_for, tree_specs
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingContext:
+    mesh: Mesh  # or an AbstractMesh for plans
+    strategy: Strategy
+    dispatch: str = "allgather"  # expert-parallel dispatch: see sharding.ep
+
+    def __post_init__(self):
+        if isinstance(self.strategy, str):
+            object.__setattr__(self, "strategy", get_strategy(self.strategy))
+        sizes = self.sizes
+        if sizes.get("pipeline", 1) > 1:
+            raise ValueError("mesh axis pipeline > 1: pipeline parallelism is not available yet "
+                             "(it arrives with the pipeline issue); use pipeline=1")
+        if self.dispatch not in DISPATCH_IMPLS:
+            raise ValueError(f"dispatch={self.dispatch!r} is not one of {DISPATCH_IMPLS}")
+        for axis in self.strategy.expert_axes:
+            if sizes.get(axis, 1) > 1 and axis not in self.strategy.batch_axes:
+                raise ValueError(f"strategy {self.strategy.name}: experts are split over {axis!r}, "
+                                 "which must also split the batch (tokens travel along it)")
+        unused = [a for a, n in sizes.items() if n > 1 and not self._uses(a)]
+        if unused:
+            raise ValueError(f"mesh axes {unused} have size > 1 but strategy "
+                             f"{self.strategy.name} shards nothing over them")
+
+    def _uses(self, axis: str) -> bool:
+        return any(axis in axes for _, axes in self.strategy.params + self.strategy.activations)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(self.mesh.shape)
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """Batch axes of size > 1, in mesh order."""
+        return tuple(a for a in self.strategy.batch_axes if self.sizes.get(a, 1) > 1)
+
+    @property
+    def expert_axis(self) -> str | None:
+        axes = [a for a in self.strategy.expert_axes if self.sizes.get(a, 1) > 1]
+        if len(axes) > 1:
+            raise ValueError(f"experts split over several mesh axes {axes}: not supported")
+        return axes[0] if axes else None
+
+    @property
+    def tensor_axis(self) -> str | None:
+        return "tensor" if self.sizes.get("tensor", 1) > 1 else None
+
+    def activation_spec(self, names, shape, what: str) -> P:
+        return spec_for(tuple(names), tuple(shape), self.strategy.activations, self.sizes, what)
+
+    def param_specs(self, shapes, names):
+        return tree_specs(shapes, names, self.strategy.params, self.sizes)
+
+    def named(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+
+def constrain(x: jax.Array, names: tuple, ctx: ShardingContext | None, what: str = "activation"):
+    """Constrain x's sharding by logical names (None entries: never split). No-op without a mesh."""
+    if ctx is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, ctx.named(ctx.activation_spec(names, x.shape, what)))

@@ -1,0 +1,147 @@
+"""Dropless expert-parallel dispatch and combine, for use inside `shard_map`.
+
+Tokens live on the devices of a mesh axis (`axis`, the expert axis); routed experts are split
+contiguously over the same axis (device i holds experts [i*E_l, (i+1)*E_l)). `dispatch` moves
+every (token, expert) pair to the device holding its expert and returns the received rows
+sorted by local expert, ready for one grouped matmul; `combine` brings the results back and
+sums them with the routing weights. Nothing is ever dropped: receive buffers are sized for the
+worst case (every pair of every peer landing on one device), so overflow is impossible.
+
+Implementations (one interface, chosen by name; none is picked behind the caller's back):
+  allgather            all-gather the tokens over the axis, compute the local experts' pairs,
+                       reduce-scatter the weighted results back ("ring of experts"). Exact
+                       buffers; runs everywhere, XLA:CPU included.
+  ragged_a2a           `jax.lax.ragged_all_to_all` both ways (send only the pairs each peer
+                       needs). GPU only: XLA:CPU does not implement it.
+  ragged_a2a_emulated  the same bookkeeping with the ragged exchange emulated by a padded
+                       `all_to_all`, so the ragged path's offsets and layouts are tested on CPU.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+DISPATCH_IMPLS = ("allgather", "ragged_a2a", "ragged_a2a_emulated")
+
+
+def _inverse(perm: jax.Array) -> jax.Array:
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+class Plan(NamedTuple):
+    """What combine needs to undo a dispatch (all arrays; shapes static)."""
+    order: jax.Array  # local (token, expert) pairs sorted by expert
+    order_recv: jax.Array  # received rows sorted by local expert (ragged only)
+    valid: jax.Array  # allgather: which gathered pairs belong to this device's experts
+    send_sizes: jax.Array  # [ep] pairs sent to each peer (ragged)
+    recv_sizes: jax.Array  # [ep] pairs received from each peer (ragged)
+    sends: jax.Array  # [ep, ep] sender x receiver pair counts (ragged)
+
+
+def dispatch(x: jax.Array, experts: jax.Array, *, n_experts: int, axis: str, impl: str):
+    """x [M, D] local tokens, experts [M, A] global expert ids -> (rows [R, D] sorted by local
+    expert, group_sizes [E_local], plan). R is the static worst-case row count."""
+    if impl == "allgather":
+        return _dispatch_allgather(x, experts, n_experts, axis)
+    if impl in ("ragged_a2a", "ragged_a2a_emulated"):
+        return _dispatch_ragged(x, experts, n_experts, axis, impl)
+    raise ValueError(f"dispatch impl {impl!r} is not one of {DISPATCH_IMPLS}")
+
+
+def combine(y: jax.Array, weights: jax.Array, plan: Plan, *, axis: str, impl: str) -> jax.Array:
+    """y [R, D] expert outputs in dispatch order, weights [M, A] -> [M, D] (float32 sum)."""
+    if impl == "allgather":
+        return _combine_allgather(y, weights, plan, axis)
+    return _combine_ragged(y, weights, plan, axis, impl)
+
+
+# ---------------------------------------------------------------------------- all-gather
+def _dispatch_allgather(x, experts, n_experts, axis):
+    ep, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    e_local = n_experts // ep
+    a = experts.shape[1]
+    x_all = jax.lax.all_gather(x, axis, tiled=True)  # [ep*M, D]
+    local = jax.lax.all_gather(experts, axis, tiled=True) - me * e_local  # [ep*M, A]
+    valid = (local >= 0) & (local < e_local)
+    key = jnp.where(valid, local, e_local).reshape(-1)  # other devices' experts sort last
+    order = jnp.argsort(key, stable=True)
+    rows = jnp.take(x_all, order // a, axis=0)  # [ep*M*A, D]; rows past the groups are unused
+    sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
+    none = jnp.zeros((0,), jnp.int32)
+    return rows, sizes, Plan(order, none, valid, none, none, none)
+
+
+def _combine_allgather(y, weights, plan, axis):
+    m, a = weights.shape
+    w_all = jnp.where(plan.valid, jax.lax.all_gather(weights, axis, tiled=True), 0.0)
+    pairs = jnp.take(y, _inverse(plan.order), axis=0).reshape(-1, a, y.shape[-1])
+    partial = jnp.einsum("mad,ma->md", pairs.astype(jnp.float32), w_all)  # [ep*M, D]
+    return jax.lax.psum_scatter(partial, axis, scatter_dimension=0, tiled=True)  # [M, D]
+
+
+# ---------------------------------------------------------------------------- ragged
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+    """`jax.lax.ragged_all_to_all`'s semantics from a padded all_to_all: chunk j of operand
+    (rows input_offsets[j] .. + send_sizes[j]) lands in peer j's output at output_offsets[j]."""
+    n, d = operand.shape
+    r = jnp.arange(n)
+    src = jnp.clip(input_offsets[:, None] + r[None], 0, n - 1)
+    chunks = jnp.where((r[None] < send_sizes[:, None])[..., None], jnp.take(operand, src, axis=0), 0)
+    got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # [ep, N, D], [i] from peer i
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where peer i writes
+    target = jnp.where(r[None] < recv_sizes[:, None], offsets[:, None] + r[None], output.shape[0])
+    return output.at[target.reshape(-1)].set(got.reshape(-1, d).astype(output.dtype), mode="drop")
+
+
+def _exchange(impl, operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis):
+    fn = jax.lax.ragged_all_to_all if impl == "ragged_a2a" else ragged_all_to_all_emulated
+    return fn(operand, output, input_offsets.astype(jnp.int32), send_sizes.astype(jnp.int32),
+              output_offsets.astype(jnp.int32), recv_sizes.astype(jnp.int32), axis_name=axis)
+
+
+def _dispatch_ragged(x, experts, n_experts, axis, impl):
+    ep, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    e_local = n_experts // ep
+    m, a = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # sorted by expert = grouped by destination device
+    xs = jnp.take(x, order // a, axis=0)  # [M*A, D]
+    per_expert = jnp.bincount(flat, length=n_experts).reshape(ep, e_local).astype(jnp.int32)
+    send_sizes = per_expert.sum(1)  # [ep]
+    recv_counts = jax.lax.all_to_all(per_expert, axis, 0, 0, tiled=True)  # [ep, E_l] per sender
+    recv_sizes = recv_counts.sum(1)
+    sends = jax.lax.all_gather(send_sizes, axis)  # [sender, receiver]
+    output_offsets = _exclusive_cumsum(sends, 0)[me]  # where my chunk lands in each receiver
+    buf = jnp.zeros((ep * m * a, x.shape[1]), x.dtype)  # worst case: every pair lands here
+    recv = _exchange(impl, xs, buf, _exclusive_cumsum(send_sizes), send_sizes, output_offsets,
+                     recv_sizes, axis)
+    # received rows come sender by sender, each sender's sorted by local expert
+    row = jnp.arange(buf.shape[0])
+    sender = jnp.searchsorted(jnp.cumsum(recv_sizes), row, side="right")
+    pos = row - _exclusive_cumsum(recv_sizes)[jnp.clip(sender, 0, ep - 1)]
+    bounds = jnp.cumsum(recv_counts, axis=1)[jnp.clip(sender, 0, ep - 1)]  # [R, E_l]
+    local = jnp.where(sender < ep, (pos[:, None] >= bounds).sum(1), e_local)
+    order_recv = jnp.argsort(local, stable=True)
+    rows = jnp.take(recv, order_recv, axis=0)
+    sizes = recv_counts.sum(0).astype(jnp.int32)
+    plan = Plan(order, order_recv, jnp.zeros((0,), bool), send_sizes, recv_sizes, sends)
+    return rows, sizes, plan
+
+
+def _combine_ragged(y, weights, plan, axis, impl):
+    me = jax.lax.axis_index(axis)
+    m, a = weights.shape
+    y_recv = jnp.take(y, _inverse(plan.order_recv), axis=0)  # back to sender-major layout
+    # my rows from sender i return to where sender i took them: its offset toward me
+    back_offsets = _exclusive_cumsum(plan.sends, 1)[:, me]
+    out = jnp.zeros((m * a, y.shape[1]), y.dtype)
+    back = _exchange(impl, y_recv, out, _exclusive_cumsum(plan.recv_sizes), plan.recv_sizes,
+                     back_offsets, plan.send_sizes, axis)
+    pairs = jnp.take(back, _inverse(plan.order), axis=0).reshape(m, a, -1)
+    return jnp.einsum("mad,ma->md", pairs.astype(jnp.float32), weights)

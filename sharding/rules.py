@@ -1,0 +1,147 @@
+"""Named sharding strategies: small tables from logical axis names to mesh axes.
+
+Each strategy has one table for parameters and one for activations (levanter's split of
+parameter and compute mappings). A table is an ordered tuple of (logical name, mesh axes); the
+order is the priority with which a tensor's dimensions claim mesh axes:
+
+  * a mesh axis shards at most one dimension of a tensor; dimensions claim in table order and
+    take those of their mesh axes that are still free (so an expert weight [E, D, f] under
+    fsdp_ep is [E_expert, D_fsdp, f], while a dense weight [D, F] is [D_(fsdp,expert), F]);
+  * a logical name with no rule, or a dimension whose size the product of its mesh axes does not
+    divide, is an error naming the tensor, never a silent replication;
+  * size-1 mesh axes are dropped from specs (they shard nothing).
+
+Two kinds of leaves are replicated by rule, in every strategy, and the plan shows them: the
+router's correction bias (`router_state`: every device routes with the whole bias, and it must
+stay bitwise identical everywhere), and gain vectors (RMSNorm weights: one dimension besides the
+layer stack; a few KiB per layer, and splitting them would force their widths to divide every
+mesh axis).
+"""
+
+import dataclasses
+import math
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+Table = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    name: str
+    description: str
+    params: Table
+    activations: Table
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        return dict(self.activations)["batch"]
+
+    @property
+    def expert_axes(self) -> tuple[str, ...]:
+        """Mesh axes the routed experts are split over (expert parallelism when 'expert')."""
+        return dict(self.params)["experts"]
+
+
+# Dimensions that are never split (per-head widths, top-k, layer stacks until pipelining).
+_NEVER = (("layers", ()), ("qk_nope", ()), ("qk_rope", ()), ("v_head", ()), ("topk", ()),
+          ("expert_groups", ()), ("seq", ()), ("kv_seq", ()), ("tokens", ()))
+
+FSDP = Strategy(
+    name="fsdp",
+    description="pure FSDP (ZeRO-3): every parameter split over fsdp, gathered per layer; "
+                "batch over data x fsdp; experts computed locally after the gather",
+    params=(("experts", ("fsdp",)), ("embed", ("fsdp",)), ("q_latent", ("fsdp",)),
+            ("kv_latent", ("fsdp",)), ("mlp", ("fsdp",)), ("expert_mlp", ("fsdp",)),
+            ("mtp_in", ("fsdp",)), ("vocab", ("fsdp",)), ("heads", ())) + _NEVER,
+    activations=(("batch", ("data", "fsdp")), ("embed", ()), ("heads", ()), ("mlp", ()),
+                 ("expert_mlp", ()), ("vocab", ()), ("experts", ()), ("q_latent", ()),
+                 ("kv_latent", ()), ("mtp_in", ())) + _NEVER,
+)
+
+FSDP_EP = Strategy(
+    name="fsdp_ep",
+    description="FSDP + expert parallelism: routed experts split over expert (dropless "
+                "dispatch/combine), their D over fsdp; other parameters over fsdp x expert; "
+                "batch over data x fsdp x expert",
+    params=(("experts", ("expert",)), ("embed", ("fsdp", "expert")),
+            ("q_latent", ("fsdp", "expert")), ("kv_latent", ("fsdp", "expert")),
+            ("mlp", ("fsdp", "expert")), ("expert_mlp", ("fsdp",)), ("mtp_in", ("fsdp", "expert")),
+            ("vocab", ("fsdp", "expert")), ("heads", ())) + _NEVER,
+    activations=(("batch", ("data", "fsdp", "expert")), ("embed", ()), ("heads", ()),
+                 ("mlp", ()), ("expert_mlp", ()), ("vocab", ()), ("experts", ()),
+                 ("q_latent", ()), ("kv_latent", ()), ("mtp_in", ())) + _NEVER,
+)
+
+FSDP_EP_TP = Strategy(
+    name="fsdp_ep_tp",
+    description="FSDP + EP + tensor parallelism: attention heads, FFN and expert widths and the "
+                "vocabulary split over tensor; experts over expert; the rest over fsdp x expert",
+    # the latents also take the tensor axis where the model width has claimed fsdp x expert, so
+    # the down-projections [D, Q|C] are not replicated over tensor ranks
+    params=(("experts", ("expert",)), ("heads", ("tensor",)), ("mlp", ("tensor",)),
+            ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)), ("embed", ("fsdp", "expert")),
+            ("q_latent", ("fsdp", "expert", "tensor")), ("kv_latent", ("fsdp", "expert", "tensor")),
+            ("mtp_in", ("fsdp", "expert", "tensor"))) + _NEVER,
+    activations=(("batch", ("data", "fsdp", "expert")), ("heads", ("tensor",)),
+                 ("mlp", ("tensor",)), ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)),
+                 ("embed", ()), ("experts", ()), ("q_latent", ()), ("kv_latent", ()),
+                 ("mtp_in", ())) + _NEVER,
+)
+
+STRATEGIES = {s.name: s for s in (FSDP, FSDP_EP, FSDP_EP_TP)}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown sharding strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], table: Table,
+             sizes: dict[str, int], what: str) -> P:
+    """PartitionSpec for a tensor with logical `names` per dimension (None: never split)."""
+    if len(names) != len(shape):
+        raise ValueError(f"{what}: {len(names)} logical names {names} for shape {shape}")
+    rules = dict(table)
+    priority = {name: i for i, (name, _) in enumerate(table)}
+    for n in names:
+        if n is not None and n not in rules:
+            raise ValueError(f"{what}: logical axis {n!r} has no rule in this strategy "
+                             f"(rules: {sorted(rules)})")
+    claimed: set[str] = set()
+    out: list = [None] * len(names)
+    order = sorted((i for i, n in enumerate(names) if n is not None), key=lambda i: priority[names[i]])
+    for i in order:
+        axes = tuple(a for a in rules[names[i]] if a not in claimed and sizes.get(a, 1) > 1)
+        ways = math.prod(sizes[a] for a in axes)
+        if shape[i] % ways:
+            raise ValueError(f"{what}: dimension {i} ({names[i]}, size {shape[i]}) is not "
+                             f"divisible by mesh axes {axes} ({ways} ways); choose a mesh whose "
+                             "axes divide it, or another strategy")
+        claimed.update(axes)
+        out[i] = axes[0] if len(axes) == 1 else (axes or None)
+    return P(*out)
+
+
+def tree_specs(shapes, names, table: Table, sizes: dict[str, int],
+               replicated: tuple[str, ...] = ("router_state",)):
+    """PartitionSpec tree for a tree of shapes (anything with `.shape`) and a matching tree of
+    logical-name tuples; subtrees whose path starts with a `replicated` prefix, and vectors
+    (one logical dimension besides `layers`), get P()."""
+
+    def one(path, leaf):
+        where = jax.tree_util.keystr(path, simple=True, separator="/")
+        logical = _get(names, path)
+        if where.startswith(replicated) or len([n for n in logical if n != "layers"]) <= 1:
+            return P()  # replicated state and gain vectors: see the module docstring
+        return spec_for(logical, tuple(leaf.shape), table, sizes, where)
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree

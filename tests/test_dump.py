@@ -1,0 +1,87 @@
+"""The sharding plan dump tool: full-size plans without memory, golden plans, compiled facts."""
+
+import json
+import math
+import pathlib
+
+import pytest
+
+from sharding import dump
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+TINY_MESHES = {"fsdp": "fsdp=8", "fsdp_ep": "fsdp=2,expert=4", "fsdp_ep_tp": "fsdp=2,expert=2,tensor=2"}
+
+
+@pytest.mark.parametrize("mesh, strategy", [
+    ("fsdp=16,expert=16", "fsdp_ep"),  # 256 devices
+    ("data=8,fsdp=16,expert=16", "fsdp_ep"),  # 2048 devices
+    ("fsdp=8,expert=32,tensor=8", "fsdp_ep_tp"),  # 2048 devices with tensor parallelism
+])
+def test_v3_671b_plan_on_a_laptop(tmp_path, capsys, mesh, strategy):
+    out = tmp_path / "plan.json"
+    plan = dump.main(["--preset", "v3_671b", "--mesh", mesh, "--strategy", strategy,
+                      "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "weights/moe_layers/moe/experts/w_gate" in printed and "per device:" in printed
+    saved = json.loads(out.read_text())
+    for entry in saved["params"]:
+        assert {"path", "shape", "spec", "bytes_per_device"} <= set(entry)
+    assert {"params", "grads", "optimizer"} <= set(saved["per_device_bytes"])
+    devices = saved["devices"]
+    data = dict(item.split("=") for item in mesh.split(",")).get("data", "1")
+    matrices = [e for e in saved["params"] if e["path"].startswith("weights")
+                and len([n for n in e["logical"] if n != "layers"]) > 1]  # gains are replicated
+    total = sum(math.prod(e["shape"]) * 4 for e in matrices)  # fp32 master weights
+    # no matrix replicated except over the pure data axis (and, under tensor parallelism, those
+    # with no tensor-split dimension: the router, the rope key): < 1% extra bytes
+    stored = sum(e["bytes_per_device"] for e in matrices) * devices
+    assert total * int(data) <= stored <= 1.01 * total * int(data)
+    if "tensor" not in mesh:
+        assert stored == total * int(data)
+    assert saved["expert_placement"]["max_ranks_per_token"] <= 8
+
+
+@pytest.mark.parametrize("strategy", sorted(TINY_MESHES))
+def test_golden_plans(strategy, tmp_path):
+    """A change in any parameter's plan shows as a per-leaf diff. To accept a change:
+    python -m sharding.dump --preset tiny --mesh MESH --strategy S --batch 8 --seq 32 --json
+    tests/golden/plan_tiny_S.json"""
+    golden = json.loads((GOLDEN / f"plan_tiny_{strategy}.json").read_text())
+    plan = dump.main(["--preset", "tiny", "--mesh", TINY_MESHES[strategy], "--strategy", strategy,
+                      "--batch", "8", "--seq", "32"])
+    want = {e["path"]: (e["shape"], e["spec"], e["bytes_per_device"]) for e in golden["params"]}
+    got = {e["path"]: (e["shape"], e["spec"], e["bytes_per_device"]) for e in plan["params"]}
+    diff = [f"{p}: golden {want.get(p)} -> now {got.get(p)}"
+            for p in sorted(set(want) | set(got)) if want.get(p) != got.get(p)]
+    assert not diff, "sharding plan changed:\n" + "\n".join(diff)
+    assert plan["per_device_bytes"] == golden["per_device_bytes"]
+
+
+@pytest.mark.parametrize("dispatch", ["allgather", "ragged_a2a_emulated"])
+def test_compiled_collectives(dispatch):
+    """HLO facts of forward + loss + grad on 8 fake devices (tiny, fsdp=2 x expert=4)."""
+    report = dump.main(["--preset", "tiny", "--mesh", "fsdp=2,expert=4", "--strategy", "fsdp_ep",
+                        "--dispatch", dispatch, "--batch", "8", "--seq", "24", "--compile"])["compile"]
+    moe = report["collectives_per_layer_kind"]["moe_layers"]  # one MoE layer, fwd + bwd
+    dense = report["collectives_per_layer_kind"]["dense_layers"]
+    assert "all-to-all" not in dense and "all-gather" in dense  # FSDP weight gathers per layer
+    if dispatch == "ragged_a2a_emulated":
+        # forward: counts, rows and their offsets out; rows and offsets back; backward: the
+        # transposes of the two row exchanges
+        assert moe["all-to-all"] == 7
+    else:
+        assert "all-to-all" not in moe and moe.get("reduce-scatter", 0) + moe.get("all-reduce", 0) > 0
+    shapes = [tuple(s) for s in report["all_gather_shapes"]]
+    d, tokens = 64, 8 * 24
+    # no activation of the whole batch is ever gathered ...
+    assert (tokens, d) not in shapes and (8, 24, d) not in shapes
+    # ... and tokens travel over the expert axis only by the designed route
+    assert ((4 * tokens // 8, d) in shapes) == (dispatch == "allgather")
+    assert report["memory_analysis"]["temp_size_in_bytes"] > 0
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="unknown axis 'gpu'"):
+        dump.main(["--preset", "tiny", "--mesh", "gpu=8"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        dump.main(["--preset", "v9", "--mesh", "fsdp=8"])
