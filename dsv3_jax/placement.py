@@ -8,6 +8,7 @@ says so.
 import functools
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import Config
@@ -24,9 +25,16 @@ def param_shardings(cfg: Config, shard: ShardingContext) -> dict:
     return jax.tree.map(shard.named, param_specs(cfg, shard), is_leaf=lambda x: isinstance(x, P))
 
 
+def _place(x, sharding: NamedSharding) -> jax.Array:
+    """A global array from a value every process holds whole: each device takes its slice, so
+    this works on meshes that span several processes."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_params(params: dict, cfg: Config, shard: ShardingContext) -> dict:
-    """Move an existing state onto the mesh."""
-    return jax.device_put(params, param_shardings(cfg, shard))
+    """Move an existing state (the same on every process) onto the mesh."""
+    return jax.tree.map(_place, params, param_shardings(cfg, shard))
 
 
 def init_params_sharded(cfg: Config, key: jax.Array, shard: ShardingContext) -> dict:
@@ -45,4 +53,5 @@ def batch_sharding(shard: ShardingContext, ndim: int = 2) -> NamedSharding:
 
 
 def shard_batch(batch: dict, shard: ShardingContext) -> dict:
-    return {k: jax.device_put(v, batch_sharding(shard, v.ndim)) for k, v in batch.items()}
+    """Split a global batch (the same on every process) over the batch axes."""
+    return {k: _place(v, batch_sharding(shard, np.ndim(v))) for k, v in batch.items()}
