@@ -53,27 +53,31 @@ def validate_tokens(tokens, config: Config, *, name: str = "tokens"):
     return jnp.asarray(arr, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "collect_hidden"))
-def _forward_jit(params, tokens, cfg, positions, segment_ids, forced_experts, collect_hidden):
+@functools.partial(jax.jit, static_argnames=("cfg", "collect_hidden", "shard"))
+def _forward_jit(params, tokens, cfg, positions, segment_ids, forced_experts, collect_hidden,
+                 shard):
     return _model.forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
-                          forced_experts=forced_experts, collect_hidden=collect_hidden)
+                          forced_experts=forced_experts, collect_hidden=collect_hidden,
+                          shard=shard)
 
 
 def forward(params: dict, tokens, config: Config, *, positions=None, segment_ids=None,
-            forced_experts: dict | None = None, collect_hidden: bool = False):
-    """Main-model logits [B, T, V] (float32) and an aux dict (see `model.forward`), jitted."""
+            forced_experts: dict | None = None, collect_hidden: bool = False, shard=None):
+    """Main-model logits [B, T, V] (float32) and an aux dict (see `model.forward`), jitted;
+    `shard` (a `sharding.context.ShardingContext`) runs it on a mesh."""
     tokens = validate_tokens(tokens, config)
     return _forward_jit(params, tokens, config, positions, segment_ids, forced_experts,
-                        collect_hidden)
+                        collect_hidden, shard)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "absorbed"))
-def _forward_cached_jit(params, tokens, cache, cfg, absorbed, n_valid):
-    return _model.forward_cached(params, tokens, cache, cfg, absorbed=absorbed, n_valid=n_valid)
+@functools.partial(jax.jit, static_argnames=("cfg", "absorbed", "shard"))
+def _forward_cached_jit(params, tokens, cache, cfg, absorbed, n_valid, shard):
+    return _model.forward_cached(params, tokens, cache, cfg, absorbed=absorbed, n_valid=n_valid,
+                                 shard=shard)
 
 
 def forward_cached(params: dict, tokens, cache: dict, config: Config, *, absorbed: bool = True,
-                   n_valid=None):
+                   n_valid=None, shard=None):
     """(logits, new cache, aux) for tokens continuing each cached sequence (see
     `model.forward_cached`); raises if the tokens would run past the cache."""
     tokens = validate_tokens(tokens, config)
@@ -84,4 +88,4 @@ def forward_cached(params: dict, tokens, cache: dict, config: Config, *, absorbe
         if end > room:
             raise ValueError(f"{tokens.shape[1]} new tokens after {end - tokens.shape[1]} cached "
                              f"ones exceed the cache length {room}")
-    return _forward_cached_jit(params, tokens, cache, config, absorbed, n_valid)
+    return _forward_cached_jit(params, tokens, cache, config, absorbed, n_valid, shard)

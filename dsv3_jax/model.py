@@ -47,6 +47,7 @@ class Context(NamedTuple):
     token_mask: jnp.ndarray  # [B, T] tokens counted in router statistics
     shard: ShardingContext | None  # the mesh and strategy; None on one device
 
+
 _RESIDUAL = ("batch", "seq", "embed")  # x: [B_(batch axes), T, D]
 
 

@@ -15,7 +15,6 @@ Our matrices are stored input-first (`x @ w`), PyTorch `Linear` weights are `[ou
 """
 
 import dataclasses
-import functools
 import hashlib
 import itertools
 from collections.abc import Iterator
@@ -264,21 +263,28 @@ def _init_leaf(d: Decl, cfg: Config, key: jax.Array, std) -> jax.Array:
 
 def init_params(cfg: Config, key: jax.Array) -> dict:
     """Fresh model state {"weights", "router_state"}: matrices ~ N(0, cfg.init_std) (V3 report
-    §4.2: 0.006), norm gains 1, router bias 0. Jitted (one compile per config); works under
-    `jax.eval_shape` without allocating."""
-    # Compile once per set of shapes: fields that cannot change a leaf are reset for the jit key
-    # (on CPU, XLA spends ~50 ms per leaf compiling the random draws).
-    shapes_only = cfg.replace(init_std=1.0, dtype="float32", remat="none", mtp_loss_weight=0.0,
-                              balance_loss_alpha=0.0, bias_update_speed=0.0, name="")
-    return _init_jit(shapes_only, key, jnp.float32(cfg.init_std))
+    §4.2: 0.006), norm gains 1, router bias 0. Jitted (one compile per set of shapes); works
+    under `jax.eval_shape` without allocating."""
+    return _init_jit(shapes_key(cfg), key, jnp.float32(cfg.init_std))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_jit(cfg: Config, key: jax.Array, std: jax.Array) -> dict:
+def shapes_key(cfg: Config) -> Config:
+    """`cfg` with every field that cannot change a leaf reset: the jit key of `init_tree`, so
+    configs that differ only in such fields share one compile (on CPU, XLA spends ~50 ms per
+    leaf compiling the random draws)."""
+    return cfg.replace(init_std=1.0, dtype="float32", remat="none", mtp_loss_weight=0.0,
+                       balance_loss_alpha=0.0, bias_update_speed=0.0, name="")
+
+
+def init_tree(cfg: Config, key: jax.Array, std: jax.Array) -> dict:
+    """The state with standard deviation `std` for the normal leaves (traceable)."""
     tree = _empty_state()
     for d in declarations(cfg):
         _set(tree, d.path, _init_leaf(d, cfg, key, std))
     return tree
+
+
+_init_jit = jax.jit(init_tree, static_argnums=0)
 
 
 def abstract_params(cfg: Config) -> dict:

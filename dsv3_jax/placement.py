@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import Config
-from dsv3_jax.params import _init_jit, abstract_params, logical_axes_tree
+from dsv3_jax.params import abstract_params, init_tree, logical_axes_tree, shapes_key
 from sharding.context import ShardingContext
 
 
@@ -40,11 +40,9 @@ def shard_params(params: dict, cfg: Config, shard: ShardingContext) -> dict:
 def init_params_sharded(cfg: Config, key: jax.Array, shard: ShardingContext) -> dict:
     """`init_params` computed directly into its shards: each device draws only its part (per-leaf
     keys with partitionable threefry), so no device ever holds the whole state."""
-    shapes_only = cfg.replace(init_std=1.0, dtype="float32", remat="none", mtp_loss_weight=0.0,
-                              balance_loss_alpha=0.0, bias_update_speed=0.0, name="")
-    fn = jax.jit(functools.partial(_init_jit.__wrapped__, shapes_only),
+    fn = jax.jit(functools.partial(init_tree, shapes_key(cfg)),
                  out_shardings=param_shardings(cfg, shard))
-    return fn(key, jax.numpy.float32(cfg.init_std))
+    return fn(key, np.float32(cfg.init_std))
 
 
 def batch_sharding(shard: ShardingContext, ndim: int = 2) -> NamedSharding:

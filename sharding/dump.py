@@ -155,8 +155,8 @@ def expert_placement(cfg, shard) -> dict:
     for g in range(cfg.n_expert_groups):
         lo = g * cfg.experts_per_group
         hi = lo + cfg.experts_per_group - 1
-        groups.append({"group": g, "experts": [lo, hi], "ranks": sorted({lo // per_rank, hi // per_rank}
-                                                                         | set(range(lo // per_rank, hi // per_rank + 1)))})
+        groups.append({"group": g, "experts": [lo, hi],
+                       "ranks": list(range(lo // per_rank, hi // per_rank + 1))})
     ranks_per_group = max(len(x["ranks"]) for x in groups)
     reach = min(ep, cfg.n_activated_experts, cfg.n_limited_groups * ranks_per_group)
     return {"axis": axis, "ranks": ep, "experts_per_rank": per_rank, "groups": groups,
@@ -207,8 +207,7 @@ def compile_report(cfg, shard, batch: int, seq: int, *, keep_hlo: bool = False) 
         return jax.value_and_grad(lambda p: loss_fn(p, b, cfg, shard=shard)[0])(p)
 
     t = time.perf_counter()
-    with jax.sharding.use_mesh(shard.mesh) if hasattr(jax.sharding, "use_mesh") else _null():
-        compiled = jax.jit(grads, out_shardings=(None, shardings)).lower(*args).compile()
+    compiled = jax.jit(grads, out_shardings=(None, shardings)).lower(*args).compile()
     seconds = time.perf_counter() - t
     mem = compiled.memory_analysis()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
@@ -222,14 +221,6 @@ def compile_report(cfg, shard, batch: int, seq: int, *, keep_hlo: bool = False) 
     if keep_hlo:
         report["hlo"] = text
     return report
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def print_plan(plan: dict) -> None:
