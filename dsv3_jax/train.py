@@ -1,0 +1,198 @@
+"""The training step: one jitted pure function (state, batch) -> (state, metrics).
+
+state = {"params": {"weights", "router_state"}, "opt_state", "step", "rng"}. The step computes
+the V3 loss (main + lambda MTP + alpha balance, `loss.loss_fn`) and its gradient (optionally
+accumulated over micro-batches), clips and applies AdamW with bf16 moments (`optim.adamw_v3`),
+then moves each router bias by +/- gamma from the step's *global* per-expert load ([PAPER]
+§2.1.2: the bias update follows the optimizer step). A non-finite loss or gradient norm never
+reaches the state: the update is selected away inside the step, so a poisoned state cannot
+exist, let alone be checkpointed; the metrics say so and the loop decides to skip or stop.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsv3_jax.config import Config
+from dsv3_jax.loss import loss_fn
+from dsv3_jax.optim import adamw_v3
+from dsv3_jax.params import abstract_params, init_params
+from dsv3_jax.placement import init_params_sharded, param_shardings
+from dsv3_jax.router import update_router_bias
+
+# V3 schedule shape ([PAPER] §4.2, 14.8T tokens): warmup; constant to 10T; cosine to 10% over
+# 4.3T; 10% for 333B; 7.3e-6 / 2.2e-4 = 3.3% for the last 167B. Fractions of the run:
+V3_CONSTANT_END = 10.0 / 14.8
+V3_COSINE_END = 14.3 / 14.8
+V3_FIRST_TAIL_END = (14.3 + 0.333) / 14.8
+V3_FINAL_RATIO = 7.3e-6 / 2.2e-4
+
+
+def v3_schedule(peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """The V3 learning-rate shape scaled to `total_steps` (warmup given in steps)."""
+    if total_steps < 1 or not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < steps ({total_steps})")
+    const_end = max(warmup_steps, round(V3_CONSTANT_END * total_steps))
+    cos_end = max(const_end, round(V3_COSINE_END * total_steps))
+    tail_end = max(cos_end, round(V3_FIRST_TAIL_END * total_steps))
+    pieces = [optax.linear_schedule(0.0, peak_lr, max(warmup_steps, 1)),
+              optax.constant_schedule(peak_lr),
+              optax.cosine_decay_schedule(peak_lr, max(cos_end - const_end, 1), alpha=0.1),
+              optax.constant_schedule(0.1 * peak_lr),
+              optax.constant_schedule(V3_FINAL_RATIO * peak_lr)]
+    return optax.join_schedules(pieces, [max(warmup_steps, 1), const_end, cos_end, tail_end])
+
+
+def init_state(cfg: Config, key: jax.Array, optimizer, shard=None) -> dict:
+    """A fresh training state (sharded straight onto the mesh when `shard` is given)."""
+    params = (init_params(cfg, key) if shard is None else init_params_sharded(cfg, key, shard))
+    opt_state = jax.jit(optimizer.init, out_shardings=_opt_shardings(cfg, optimizer, shard))(
+        params["weights"]) if shard else optimizer.init(params["weights"])
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(key, 1))}
+
+
+def _opt_shardings(cfg: Config, optimizer, shard):
+    """Optimizer-state shardings mirror the weights' (ZeRO: moments split like parameters)."""
+    weights = param_shardings(cfg, shard)["weights"]
+    state = jax.eval_shape(optimizer.init, abstract_params(cfg)["weights"])
+    replicated = NamedSharding(shard.mesh, P())
+    return optax.tree_map_params(optimizer, lambda _, s: s, state, weights,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def state_shardings(cfg: Config, optimizer, shard) -> dict:
+    """NamedSharding tree of the training state (the restore target on a new mesh)."""
+    replicated = NamedSharding(shard.mesh, P())
+    return {"params": param_shardings(cfg, shard), "opt_state": _opt_shardings(cfg, optimizer, shard),
+            "step": replicated, "rng": replicated}
+
+
+def abstract_state(cfg: Config, optimizer, shard=None) -> dict:
+    """ShapeDtypeStructs (with shardings on a mesh) of the training state: nothing allocated."""
+    params = abstract_params(cfg)
+    tree = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params["weights"]),
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    if shard is None:
+        return tree
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                        state_shardings(cfg, optimizer, shard))
+
+
+def _grads(cfg: Config, shard, params: dict, batch: dict, accum: int, poison=None):
+    """(loss, metrics, grads of the weights), averaged over `accum` micro-batches.
+
+    Micro-batch j takes rows j, j + accum, j + 2 accum, ...: a [B] axis split over devices in
+    contiguous blocks reshapes to [B / accum, accum] with no data movement. `poison` (a scalar,
+    0 or NaN) multiplies into the loss: the fault-injection hook of the NaN guard's tests.
+    """
+
+    def one(micro):
+        def f(weights):
+            loss, metrics = loss_fn({"weights": weights, "router_state": params["router_state"]},
+                                    micro, cfg, shard=shard)
+            if poison is not None:
+                loss = loss * (1.0 + poison)
+            return loss, {k: v for k, v in metrics.items() if k != "indices"}
+
+        return jax.value_and_grad(f, has_aux=True)(params["weights"])
+
+    if accum == 1:
+        (loss, metrics), grads = one(batch)
+        return loss, metrics, grads
+    micro = jax.tree.map(
+        lambda x: jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0), batch)
+
+    def body(carry, mb):
+        (loss, metrics), grads = one(mb)
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+    shapes = jax.eval_shape(lambda mb: (lambda r: (r[0][0], r[0][1], r[1]))(one(mb)),
+                            jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+    # losses and gradients average; per-expert loads are counts and add up
+    metrics = {k: (v if k in ("load", "mtp_load") else v / accum) for k, v in metrics.items()}
+    return loss / accum, metrics, jax.tree.map(lambda g: g / accum, grads)
+
+
+def make_train_step(cfg: Config, optimizer, schedule, shard=None, *, grad_accum: int = 1,
+                    donate: bool = True):
+    """The jitted step. Its metrics: loss parts, grad_norm, lr, finite, per-layer expert load
+    (counts [L, E]) and router-bias magnitudes."""
+
+    def step(state, batch):
+        params = state["params"]
+        batch = dict(batch)
+        poison = batch.pop("poison", None)
+        loss, metrics, grads = _grads(cfg, shard, params, batch, grad_accum, poison)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params["weights"])
+        weights = optax.apply_updates(params["weights"], updates)
+        router = _update_biases(params["router_state"], metrics, cfg.bias_update_speed)
+        fresh = {"params": {"weights": weights, "router_state": router}, "opt_state": opt_state}
+        kept = {"params": params, "opt_state": state["opt_state"]}
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), fresh, kept)
+        new.update(step=state["step"] + 1, rng=state["rng"])
+        out = {"loss": loss, "main_loss": metrics["main_loss"],
+               "balance_loss": metrics["balance_loss"], "grad_norm": grad_norm,
+               "lr": schedule(_schedule_count(state["opt_state"])), "finite": finite,
+               "load": metrics["load"]}
+        if "mtp_loss" in metrics:
+            out.update(mtp_loss=metrics["mtp_loss"], mtp_load=metrics["mtp_load"])
+        if "moe_layers" in router:
+            out["bias_abs_max"] = jnp.abs(new["params"]["router_state"]["moe_layers"]["bias"]).max(-1)
+        return new, out
+
+    if shard is None:
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
+    shardings = state_shardings(cfg, optimizer, shard)
+    # metrics replicated: every process can read them without a gather
+    return jax.jit(step, in_shardings=(shardings, None),
+                   out_shardings=(shardings, NamedSharding(shard.mesh, P())),
+                   donate_argnums=(0,) if donate else ())
+
+
+def _schedule_count(opt_state) -> jax.Array:
+    """The optimizer's own step count (a skipped step does not advance it, so the learning rate
+    reported is the one applied)."""
+    found = [s.count for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+        if isinstance(s, optax.ScaleByScheduleState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimizer state, found {len(found)}")
+    return found[0]
+
+
+def _update_biases(router_state: dict, metrics: dict, gamma: float) -> dict:
+    out = dict(router_state)
+    for key, load in (("moe_layers", "load"), ("mtp", "mtp_load")):
+        if key in router_state:
+            out[key] = {"bias": update_router_bias(router_state[key]["bias"], metrics[load], gamma)}
+    return out
+
+
+def make_optimizer(schedule, *, weight_decay: float = 0.1, clip_norm: float = 1.0,
+                   b1: float = 0.9, b2: float = 0.95):
+    return adamw_v3(schedule, b1=b1, b2=b2, weight_decay=weight_decay, clip_norm=clip_norm)
+
+
+@jax.jit
+def checksums(tree) -> jax.Array:
+    """One uint32 per leaf: the wrap-around sum of its bits. Integer addition is exact in any
+    order, so the value does not depend on the mesh or process count that holds the leaf."""
+    def one(x):
+        x = jnp.asarray(x)
+        if x.dtype.itemsize == 4:
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        elif x.dtype.itemsize == 2:
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        else:
+            bits = x.astype(jnp.uint32)
+        return jnp.sum(bits, dtype=jnp.uint32)
+
+    return jnp.stack([one(x) for x in jax.tree.leaves(tree)])
