@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dsv3-jax developer entry point: sets up a Python >= 3.12 virtualenv, then runs a job.
 #
-#   ./dev.sh run  [flags]   set up, then run the main job (the tiny-model demo; --help for flags)
+#   ./dev.sh run  [flags]   set up, then run the main job: pretrain `tiny` on the CPU (--help for flags)
 #   ./dev.sh test [pytest args]   set up, then run the test suite (what CI runs)
 #   ./dev.sh setup          only set up
 #
@@ -62,7 +62,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
-  run)   setup; exec "$VENV/bin/python" experiments/demo.py "$@" ;;
+  run)   setup; exec "$VENV/bin/python" experiments/pretrain.py "$@" ;;
   test)  setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *)     sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

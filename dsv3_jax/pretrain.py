@@ -65,6 +65,12 @@ class Settings:
                                "~1M steps; short runs need a faster one to balance the experts")
     remat: str | None = _field(None, "rematerialisation per layer: none, full, dots, "
                                "dots_no_batch (default: the preset's)")
+    grouped_impl: str = _field("auto", "routed-expert GEMMs: auto (our Pallas grouped kernel on "
+                               "GPU in bf16, ragged_dot otherwise), ragged_dot, pallas",
+                               choices=("auto", "ragged_dot", "pallas"))
+    attention_impl: str = _field("auto", "attention core: auto (cuDNN fused attention on GPU in "
+                                 "bf16, XLA otherwise), xla, cudnn",
+                                 choices=("auto", "xla", "cudnn"))
     # --- devices ---
     mesh: str = _field("auto", "device mesh, e.g. 'fsdp=4,expert=2'; 'none' = the first device, "
                        "no mesh; 'auto' = 'none' with one device, fsdp over all when several")
@@ -78,7 +84,7 @@ class Settings:
     num_processes: int | None = _field(None, "manual: number of processes")
     process_id: int | None = _field(None, "manual: this process's index")
     # --- optimisation ---
-    steps: int = _field(300, "optimizer steps in the whole run (a resume continues to this)")
+    steps: int = _field(600, "optimizer steps in the whole run (a resume continues to this)")
     global_batch: int = _field(16, "sequences per optimizer step, over all devices")
     seq_len: int = _field(128, "tokens per sequence")
     grad_accum: int = _field(1, "micro-batches per step (splits --global_batch)")
@@ -142,7 +148,8 @@ def init_distributed(s: Settings) -> None:
 
 
 def build_config(s: Settings) -> Config:
-    over: dict[str, Any] = {"bias_update_speed": s.bias_gamma}
+    over: dict[str, Any] = {"bias_update_speed": s.bias_gamma, "grouped_impl": s.grouped_impl,
+                            "attention_impl": s.attention_impl}
     if s.precision != "preset":
         over["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[s.precision]
     for flag, field in (("mtp_depth", "mtp_depth"), ("mtp_weight", "mtp_loss_weight"),
@@ -385,8 +392,9 @@ def _check_resume(meta: dict, dataset, cfg: Config) -> None:
                              "--checkpoint_dir")
     saved_cfg = meta.get("config", {})
     for key, value in dataclasses.asdict(cfg).items():
-        if key in ("bias_update_speed", "mtp_loss_weight", "balance_loss_alpha", "remat"):
-            continue  # may change between stages of a run
+        if key in ("bias_update_speed", "mtp_loss_weight", "balance_loss_alpha", "remat",
+                   "grouped_impl", "attention_impl"):
+            continue  # may change between stages of a run (kernels: between machines)
         if key in saved_cfg and saved_cfg[key] != (list(value) if isinstance(value, tuple) else value):
             raise ValueError(f"the checkpoint's model differs in {key} ({saved_cfg[key]!r}, now "
                              f"{value!r}): resume with the same --preset and model flags")

@@ -76,8 +76,9 @@ def abstract_state(cfg: Config, optimizer, shard=None) -> dict:
     tree = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params["weights"]),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    if shard is None:
-        return tree
+    if shard is None:  # one device: say so, or orbax would try the writer's topology
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), tree)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
                         state_shardings(cfg, optimizer, shard))
 
@@ -131,9 +132,10 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *, grad_accum:
         loss, metrics, grads = _grads(cfg, shard, params, batch, grad_accum, poison)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params["weights"])
-        weights = optax.apply_updates(params["weights"], updates)
-        router = _update_biases(params["router_state"], metrics, cfg.bias_update_speed)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, state["opt_state"], params["weights"])
+            weights = optax.apply_updates(params["weights"], updates)
+            router = _update_biases(params["router_state"], metrics, cfg.bias_update_speed)
         fresh = {"params": {"weights": weights, "router_state": router}, "opt_state": opt_state}
         kept = {"params": params, "opt_state": state["opt_state"]}
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), fresh, kept)

@@ -327,3 +327,16 @@ def test_plot_script_writes_pngs(tmp_path):
     loss_png, load_png = plot_metrics.main([str(met), "--out", str(tmp_path / "run")])
     for png in (loss_png, load_png):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- the main job
+
+
+def test_script_learns_and_ends_with_a_greedy_sample(tmp_path):
+    """`./dev.sh run` is this script with its defaults; here shorter and smaller."""
+    met = tmp_path / "m.jsonl"
+    out = _finish(_script("--steps", "40", "--sample_tokens", "8", "--metrics_file", str(met)))
+    losses = [loss for _, loss in _losses(met)]
+    assert len(losses) == 40 and np.mean(losses[-5:]) < losses[0] - 1.5, losses
+    assert "greedy sample: 'def " in out
+    assert f"loss {losses[0]:.3f} at step 1 -> {losses[-1]:.3f} at step 40" in out
