@@ -24,6 +24,12 @@ Remat = Literal["none", "full", "dots", "dots_no_batch"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+def _backend() -> str:
+    import jax  # the config itself stays importable without initialising a backend
+
+    return jax.default_backend()
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature sqrt(t) = 0.1 * m * ln(s) + 1 ([PAPER] §4.3; HF `yarn_get_mscale`)."""
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
@@ -81,6 +87,10 @@ class Config:
     dtype: DType = "bfloat16"  # activations and matmul inputs
     param_dtype: DType = "float32"  # master weights
     remat: Remat = "none"  # jax.checkpoint policy on each layer
+    # Kernels, resolved at trace time: "auto" = the fast path of the default backend (GPU with a
+    # 16-bit dtype: the Pallas grouped matmul, cuDNN attention; otherwise ragged_dot, XLA).
+    grouped_impl: str = "auto"  # routed-expert GEMMs: auto, ragged_dot, pallas
+    attention_impl: str = "auto"  # training/prefill attention core: auto, xla, cudnn
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -105,6 +115,8 @@ class Config:
         self._check_choice("remat", ("none", "full", "dots", "dots_no_batch"))
         self._check_choice("dtype", ("float32", "bfloat16", "float16"))
         self._check_choice("param_dtype", ("float32", "bfloat16", "float16"))
+        self._check_choice("grouped_impl", ("auto", "ragged_dot", "pallas"))
+        self._check_choice("attention_impl", ("auto", "xla", "cudnn"))
         self._validate_routing()
         self._validate_rope()
         for f in ("route_scale", "rms_norm_eps", "init_std"):
@@ -113,6 +125,20 @@ class Config:
         for f in ("mtp_loss_weight", "balance_loss_alpha", "bias_update_speed"):
             if not getattr(self, f) >= 0:
                 raise ValueError(f"Config.{f} must be >= 0, got {getattr(self, f)!r}")
+
+    def resolved_grouped_impl(self) -> str:
+        """grouped_impl with "auto" decided by the default backend (pallas on GPU)."""
+        if self.grouped_impl != "auto":
+            return self.grouped_impl
+        fast = _backend() == "gpu" and self.dtype != "float32"  # both kernels are 16-bit
+        return "pallas" if fast else "ragged_dot"
+
+    def resolved_attention_impl(self) -> str:
+        """attention_impl with "auto" decided by the default backend (cudnn on GPU)."""
+        if self.attention_impl != "auto":
+            return self.attention_impl
+        fast = _backend() == "gpu" and self.dtype != "float32"
+        return "cudnn" if fast else "xla"
 
     def _check_choice(self, field: str, choices: tuple[str, ...]):
         if getattr(self, field) not in choices:

@@ -1,12 +1,18 @@
-"""The grouped matmul behind every routed-expert FFN: one function, one switch.
+"""The grouped matmuls behind every routed-expert FFN: one interface, two implementations.
 
-Rows of x are sorted by group (expert); group e multiplies its own weight matrix w[e]. On CPU
-`jax.lax.ragged_dot` is the right primitive. On GPU XLA lowers `ragged_dot` to a dense masked
-product costing about (number of groups) x the useful work (measured on an H100: 25 TFLOP/s at
-32 groups against 760 for the same work as a dense batched einsum; ../shared/reference/gpu_facts.md),
-so GPU runs must switch to a Pallas grouped kernel: that kernel plugs in here as another `impl`
-(the bf16 one with the pretraining benchmark, the FP8 one with the FP8 issue). Until then a GPU
-run says plainly, once, that it is on the slow path.
+Rows of x are sorted by group (expert); group e multiplies its own weight matrix w[e].
+
+- `ragged_dot`: `jax.lax.ragged_dot`, the right primitive on CPU. On GPU XLA lowers it to a
+  dense masked product costing about (number of groups) x the useful work (measured on an H100:
+  25 TFLOP/s at 32 groups against 760 for the same work as a dense batched einsum;
+  ../shared/reference/gpu_facts.md), so GPU runs must not use it for speed.
+- `pallas`: our Mosaic GPU grouped kernel (`pallas_kernels.grouped_matmul`, Hopper). Its rows
+  live in a padded layout where each group starts on a tile boundary; `grouped_swiglu` pads once
+  for the three matmuls of an expert FFN (the padding rows are zeros and stay zeros through
+  SwiGLU), `grouped_matmul` pads per call.
+
+`Config.grouped_impl` chooses ("auto": pallas on GPU in 16-bit, ragged_dot otherwise).
+`ragged_dot` on a GPU says so once, as a warning.
 """
 
 import logging
@@ -14,7 +20,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("ragged_dot",)
+IMPLS = ("ragged_dot", "pallas")
 _log = logging.getLogger(__name__)
 _warned = False
 
@@ -24,21 +30,53 @@ def _warn_if_gpu() -> None:
     if not _warned and jax.default_backend() == "gpu":
         _warned = True
         _log.warning("grouped_matmul: jax.lax.ragged_dot on GPU costs about (experts) x the "
-                     "useful FLOPs; fine for correctness, not for speed")
+                     "useful FLOPs; use grouped_impl='pallas' (the default 'auto' does in bf16)")
 
 
-def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray, *,
-                   impl: str = "ragged_dot") -> jnp.ndarray:
-    """x [M, K] (rows sorted by group), w [E, K, N], group_sizes [E] int32 summing to M -> [M, N].
-
-    Output in x's dtype, accumulated in float32.
-    """
+def _check(x, w, group_sizes, impl):
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul impl={impl!r} is not one of {IMPLS}")
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or group_sizes.shape != w.shape[:1]:
         raise ValueError(f"grouped_matmul shapes: x {x.shape} must be [M, K], w {w.shape} "
                          f"[E, K, N], group_sizes {group_sizes.shape} [E]")
+
+
+def _ragged(x, w, group_sizes):
     _warn_if_gpu()
     out = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
                              preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
+
+
+def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray, *,
+                   impl: str = "ragged_dot") -> jnp.ndarray:
+    """x [M, K] (rows sorted by group), w [E, K, N], group_sizes [E] int32 summing to at most
+    M -> [M, N] (rows past the groups are zeros). Output in x's dtype, accumulated in float32."""
+    _check(x, w, group_sizes, impl)
+    if impl == "ragged_dot":
+        return _ragged(x, w, group_sizes)
+    from pallas_kernels import grouped_matmul as gk
+
+    plan = gk.pad_plan(group_sizes, x.shape[0], gk.TileConfig().block_m)
+    y = gk.grouped_matmul_padded(gk.pad_rows(x, plan), w.astype(x.dtype), plan)
+    return gk.unpad_rows(y, plan)
+
+
+def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
+                   impl: str = "ragged_dot") -> jnp.ndarray:
+    """Each expert's SwiGLU over its contiguous rows: p {w_gate, w_up [E, D, F], w_down
+    [E, F, D]}, rows [M, D] sorted by expert, sizes [E] -> [M, D]."""
+    _check(rows, p["w_gate"], sizes, impl)
+    if impl == "ragged_dot":
+        h = jax.nn.silu(_ragged(rows, p["w_gate"], sizes)) * _ragged(rows, p["w_up"], sizes)
+        return _ragged(h, p["w_down"], sizes)
+    from pallas_kernels import grouped_matmul as gk
+
+    plan = gk.pad_plan(sizes, rows.shape[0], gk.TileConfig().block_m)
+    x = gk.pad_rows(rows, plan)
+
+    def mm(a, w):
+        return gk.grouped_matmul_padded(a, w.astype(a.dtype), plan)
+
+    h = jax.nn.silu(mm(x, p["w_gate"])) * mm(x, p["w_up"])
+    return gk.unpad_rows(mm(h, p["w_down"]), plan)

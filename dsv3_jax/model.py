@@ -46,6 +46,8 @@ class Context(NamedTuple):
     positions: jnp.ndarray  # [B, T]
     token_mask: jnp.ndarray  # [B, T] tokens counted in router statistics
     shard: ShardingContext | None  # the mesh and strategy; None on one device
+    causal: bool = False  # mask is exactly "key position <= query position" (default positions,
+    # no segments): attention kernels may then use their built-in causal mask instead of `mask`
 
 
 _RESIDUAL = ("batch", "seq", "embed")  # x: [B_(batch axes), T, D]
@@ -67,7 +69,7 @@ def block(lp: dict, h: jnp.ndarray, ctx: Context, cfg: Config, bias=None, forced
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     with jax.named_scope("mla"):
         if layer_cache is None:
-            a = mla(lp["attn"], x, ctx.cos, ctx.sin, ctx.mask, cfg, ctx.shard)
+            a = mla(lp["attn"], x, ctx.cos, ctx.sin, ctx.mask, cfg, ctx.shard, causal=ctx.causal)
             new_cache = None
         else:
             a, new_cache = mla_cached(lp["attn"], x, ctx.cos, ctx.sin, ctx.positions,
@@ -102,10 +104,11 @@ def _stack_bias(params: dict, key: str):
     return params["router_state"].get(key, {}).get("bias")
 
 
-def _context(cfg: Config, positions, segment_ids, token_mask, shard, with_mask=True) -> Context:
+def _context(cfg: Config, positions, segment_ids, token_mask, shard, with_mask=True,
+             causal=False) -> Context:
     cos, sin = rope_tables(positions, cfg)
     mask = causal_mask(positions, segment_ids) if with_mask else None
-    return Context(cos, sin, mask, positions, token_mask, shard)
+    return Context(cos, sin, mask, positions, token_mask, shard, causal)
 
 
 def _default_positions(tokens: jnp.ndarray) -> jnp.ndarray:
@@ -124,9 +127,10 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: Config, *, positions=None, s
     (each layer's output before the final norm). `shard` runs it on a mesh (see sharding/).
     """
     w = compute_weights(params["weights"], cfg)
+    causal = positions is None and segment_ids is None
     positions = _default_positions(tokens) if positions is None else positions
     token_mask = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
-    ctx = _context(cfg, positions, segment_ids, token_mask, shard)
+    ctx = _context(cfg, positions, segment_ids, token_mask, shard, causal=causal)
     forced = (forced_experts or {}).get("moe_layers")
     h = constrain(embed(w["embed"], tokens), _RESIDUAL, shard, "embedding")
     hidden = []
@@ -173,6 +177,7 @@ def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Co
     targets[i + k + 1]. Each module's normalised output feeds the next (transformers' chain).
     """
     w = compute_weights(params["weights"], cfg)
+    causal = positions is None and segment_ids is None
     positions = _default_positions(targets) if positions is None else positions
     target_mask = jnp.ones(targets.shape, bool) if target_mask is None else target_mask
     biases = _stack_bias(params, "mtp")
@@ -180,7 +185,8 @@ def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Co
     h = hidden
     for k in range(cfg.mtp_depth):
         lp = jax.tree.map(lambda a: a[k], w["mtp"])
-        ctx = _context(cfg, positions, segment_ids, shift_left(target_mask, k, False), shard)
+        ctx = _context(cfg, positions, segment_ids, shift_left(target_mask, k, False), shard,
+                       causal=causal)
         e = constrain(embed(w["embed"], shift_left(targets, k)), _RESIDUAL, shard, "MTP embedding")
         x = jnp.concatenate([rms_norm(e, lp["enorm"], cfg.rms_norm_eps),
                              rms_norm(h, lp["hnorm"], cfg.rms_norm_eps)], axis=-1)

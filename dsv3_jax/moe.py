@@ -3,7 +3,7 @@
 y = sum_a w_a Expert_{i_a}(x) + Shared(x). No capacity factor and no token dropping, in training
 or inference ([PAPER] §2.1.2): the M0*A (token, expert) pairs are sorted by expert into
 contiguous groups of whatever size routing produced, and each expert's SwiGLU runs as one
-grouped matmul (`grouped.grouped_matmul`) over exactly its rows.
+grouped matmul (`grouped`: ragged_dot, or our Pallas kernel on GPU) over exactly its rows.
 
 On a mesh (`shard` given) the routed part runs inside `shard_map`: each device routes its own
 tokens (a global sort of all tokens would force XLA to gather them), then either computes its
@@ -21,30 +21,34 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import Config
-from dsv3_jax.grouped import grouped_matmul
+from dsv3_jax import grouped
 from dsv3_jax.layers import swiglu
 from dsv3_jax.router import expert_counts, route, sequence_balance_terms
 from sharding import ep
 from sharding.context import ShardingContext, constrain
 
 
-def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray) -> jnp.ndarray:
+def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, impl: str = "ragged_dot") -> jnp.ndarray:
     """Each expert's SwiGLU over its contiguous rows: rows [M, D], sizes [E] -> [M, D]."""
-    h = jax.nn.silu(grouped_matmul(rows, p["w_gate"], sizes)) * grouped_matmul(rows, p["w_up"], sizes)
-    return grouped_matmul(h, p["w_down"], sizes)
+    with jax.named_scope("expert_gemms"):  # benchmarks attribute profile time by scope
+        return grouped.grouped_swiglu(p, rows, sizes, impl=impl)
 
 
-def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.ndarray,
+                   impl: str = "ragged_dot") -> jnp.ndarray:
     """Dropless expert FFN on one device: x [M0, D], indices/weights [M0, A] -> [M0, D] (fp32)."""
     m0, a = indices.shape
-    flat = indices.reshape(-1)  # [M] with M = M0 * A
-    order = jnp.argsort(flat, stable=True)  # rows grouped by expert
-    sizes = jnp.bincount(flat, length=p["w_gate"].shape[0]).astype(jnp.int32)
-    ys = grouped_swiglu(p, jnp.take(x, order // a, axis=0), sizes)  # [M, D]
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    y = jnp.take(ys, inverse, axis=0).reshape(m0, a, -1)
-    # combine in float32 (HF does; the official code and V3 training combine in BF16)
-    return jnp.einsum("mad,ma->md", y.astype(jnp.float32), weights)
+    with jax.named_scope("dispatch"):
+        flat = indices.reshape(-1)  # [M] with M = M0 * A
+        order = jnp.argsort(flat, stable=True)  # rows grouped by expert
+        sizes = jnp.bincount(flat, length=p["w_gate"].shape[0]).astype(jnp.int32)
+        rows = jnp.take(x, order // a, axis=0)
+    ys = grouped_swiglu(p, rows, sizes, impl)  # [M, D]
+    with jax.named_scope("combine"):
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        y = jnp.take(ys, inverse, axis=0).reshape(m0, a, -1)
+        # combine in float32 (HF does; the official code and V3 training combine in BF16)
+        return jnp.einsum("mad,ma->md", y.astype(jnp.float32), weights)
 
 
 def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, ep_axis, impl):
@@ -56,12 +60,12 @@ def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, ep
         r = route(xf, p_router, bias, cfg, None if forced is None else forced.reshape(b * t, -1))
     with jax.named_scope("experts"):
         if ep_axis is None:
-            y = routed_experts(experts, xf, r.indices, r.weights)
+            y = routed_experts(experts, xf, r.indices, r.weights, cfg.resolved_grouped_impl())
         else:
             with jax.named_scope("dispatch"):
                 rows, sizes, plan = ep.dispatch(xf, r.indices, n_experts=cfg.n_routed_experts,
                                                 axis=ep_axis, impl=impl)
-            ys = grouped_swiglu(experts, rows, sizes)
+            ys = grouped_swiglu(experts, rows, sizes, cfg.resolved_grouped_impl())
             with jax.named_scope("combine"):
                 y = ep.combine(ys, r.weights, plan, axis=ep_axis, impl=impl)
     indices = r.indices.reshape(b, t, -1)

@@ -1,0 +1,163 @@
+"""Train-step throughput, MFU and where the time goes, on one device.
+
+Command:   python experiments/bench_train.py                 (the `small` preset in bf16, one GPU)
+           python experiments/bench_train.py --preset tiny --batch 2 --seq_len 64 --steps 2 \
+               --json /tmp/bench.json                          (a CPU smoke run; no MFU there)
+Hardware:  one NVIDIA H100/H200 for the numbers in experiments/results/; any CPU for the smoke run.
+What it measures: the full jitted pretraining step of `dsv3_jax.train` (forward with MTP, loss,
+backward, AdamW with bf16 moments, router-bias update) on synthetic token ids, timed over
+--steps steps after --warmup, each waited for. MFU = flops_per_token(seq_len) x tokens/s over the
+device's dense bf16 peak (the datasheet's; --peak_tflops overrides). Then a profile of
+--profile_steps steps, attributed to model parts through the scopes the model names
+(`dsv3_jax.profiling`): attention core, expert GEMMs, MoE route/dispatch/combine, dense and
+shared FFN, optimizer, the rest. The expert GEMMs run through --grouped_impl (auto: the Pallas
+grouped kernel on GPU, ragged_dot on CPU).
+Output: a table on stdout and a JSON record (--json) with the command, device, date and numbers.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax import profiling, train
+from dsv3_jax.config import get_config
+from dsv3_jax.pretrain import PEAK_BF16_TFLOPS
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small", help="config preset")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                    help="activation/matmul dtype (master weights fp32, moments bf16)")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile included)")
+    ap.add_argument("--profile_steps", type=int, default=3,
+                    help="steps under the profiler for the per-part breakdown (0: no profile)")
+    ap.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"),
+                    help="per-layer rematerialisation (default: the preset's)")
+    ap.add_argument("--grouped_impl", default="auto", choices=("auto", "ragged_dot", "pallas"),
+                    help="expert GEMMs: auto = pallas on GPU, ragged_dot elsewhere")
+    ap.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
+                    help="attention core: auto = cudnn on GPU, xla elsewhere")
+    ap.add_argument("--peak_tflops", type=float, default=None,
+                    help="device peak for MFU (default: the dense bf16 datasheet peak)")
+    ap.add_argument("--json", default=None,
+                    help="where to write the record (default: experiments/results/"
+                         "train_<preset>_<device>.json)")
+    return ap.parse_args(argv)
+
+
+def device_peak(device, override: float | None) -> float | None:
+    if override is not None:
+        return override
+    kind = getattr(device, "device_kind", "")
+    for name, peak in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name in kind:
+            return peak
+    return None
+
+
+def synthetic_batch(cfg, batch: int, seq_len: int) -> dict:
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, cfg.vocab_size,
+                                jnp.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def time_steps(step, state, batch, n: int) -> tuple[dict, list[float]]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return state, times
+
+
+def profile_parts(step, state, batch, n: int) -> tuple[dict, dict]:
+    """(state, {part: ms per step}) from a profile of n steps."""
+    scopes = profiling.op_scopes(step.lower(state, batch).compile().as_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            state, _ = time_steps(step, state, batch, n)
+        ops = profiling.device_op_times(tmp, "step")
+    parts = profiling.breakdown(ops, scopes)
+    return state, {k: v / 1e6 / n for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    dev = jax.devices()[0]
+    on_gpu = dev.platform == "gpu"
+    over = {"dtype": "bfloat16" if a.precision == "bf16" else "float32",
+            "grouped_impl": a.grouped_impl, "attention_impl": a.attention_impl}
+    if a.remat:
+        over["remat"] = a.remat
+    cfg = get_config(a.preset, **over)
+    schedule = train.v3_schedule(1e-4, 1000, 10)
+    optimizer = train.make_optimizer(schedule)
+    state = train.init_state(cfg, jax.random.key(0), optimizer)
+    step = train.make_train_step(cfg, optimizer, schedule)
+    batch = synthetic_batch(cfg, a.batch, a.seq_len)
+    counts = cfg.param_count()
+    print(f"bench_train: {a.preset} ({counts['main'] / 1e6:,.1f}M params, {counts['activated'] / 1e6:,.1f}M activated) on {dev.device_kind}, "
+          f"batch {a.batch} x {a.seq_len}, {a.precision}, remat {cfg.remat}, grouped "
+          f"{cfg.resolved_grouped_impl()}, attention {cfg.resolved_attention_impl()}", flush=True)
+
+    t0 = time.perf_counter()
+    state, warm = time_steps(step, state, batch, a.warmup)
+    print(f"warmup {a.warmup} steps (compile included): {time.perf_counter() - t0:.1f} s", flush=True)
+    state, times = time_steps(step, state, batch, a.steps)
+    sec = statistics.median(times)
+    tokens = a.batch * a.seq_len
+    flops = cfg.flops_per_token(a.seq_len) * tokens
+    peak = device_peak(dev, a.peak_tflops)
+    record = {
+        "command": "python experiments/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.date.today().isoformat(), "device": dev.device_kind,
+        "platform": dev.platform, "jax": jax.__version__, "host": platform.machine(),
+        "preset": a.preset, "precision": a.precision, "batch": a.batch, "seq_len": a.seq_len,
+        "remat": cfg.remat, "grouped_impl": cfg.resolved_grouped_impl(),
+        "attention_impl": cfg.resolved_attention_impl(),
+        "params": counts, "flops_per_token": cfg.flops_per_token(a.seq_len),
+        "step_ms_median": sec * 1e3, "step_ms_all": [t * 1e3 for t in times],
+        "tokens_per_s": tokens / sec, "model_tflops_per_s": flops / sec / 1e12,
+        "peak_tflops": peak, "mfu": (flops / sec / 1e12 / peak) if peak else None,
+    }
+    if a.profile_steps:
+        state, parts = profile_parts(step, state, batch, a.profile_steps)
+        record["profile_ms_per_step"] = parts
+
+    print(f"\n{'step (median)':<52}{sec * 1e3:>10.1f} ms")
+    print(f"{'tokens/s':<52}{tokens / sec:>10.0f}")
+    print(f"{'model TFLOP/s':<52}{flops / sec / 1e12:>10.1f}")
+    print(f"{'MFU':<52}{'n/a (no peak for this device)' if not peak else f'{record['mfu']:>10.1%}'}")
+    if a.profile_steps:
+        total = sum(parts.values())
+        print(f"\nprofile, device time per step ({total:.1f} ms in ops):")
+        for part, ms in parts.items():
+            print(f"  {part:<50}{ms:>8.1f} ms {ms / total:>6.1%}")
+    out = pathlib.Path(a.json) if a.json else RESULTS / (
+        f"train_{a.preset}_{dev.device_kind.replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
