@@ -49,21 +49,22 @@ def _ragged(x, w, group_sizes):
 
 
 def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray, *,
-                   impl: str = "ragged_dot") -> jnp.ndarray:
+                   impl: str = "ragged_dot", interpret: bool = False) -> jnp.ndarray:
     """x [M, K] (rows sorted by group), w [E, K, N], group_sizes [E] int32 summing to at most
-    M -> [M, N] (rows past the groups are zeros). Output in x's dtype, accumulated in float32."""
+    M -> [M, N] (rows past the groups are zeros). Output in x's dtype, accumulated in float32.
+    `interpret`: run the Pallas kernel in GPU interpret mode (CPU tests)."""
     _check(x, w, group_sizes, impl)
     if impl == "ragged_dot":
         return _ragged(x, w, group_sizes)
     from pallas_kernels import grouped_matmul as gk
 
     plan = gk.pad_plan(group_sizes, x.shape[0], gk.TileConfig().block_m)
-    y = gk.grouped_matmul_padded(gk.pad_rows(x, plan), w.astype(x.dtype), plan)
+    y = gk.grouped_matmul_padded(gk.pad_rows(x, plan), w.astype(x.dtype), plan, interpret=interpret)
     return gk.unpad_rows(y, plan)
 
 
 def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
-                   impl: str = "ragged_dot") -> jnp.ndarray:
+                   impl: str = "ragged_dot", interpret: bool = False) -> jnp.ndarray:
     """Each expert's SwiGLU over its contiguous rows: p {w_gate, w_up [E, D, F], w_down
     [E, F, D]}, rows [M, D] sorted by expert, sizes [E] -> [M, D]."""
     _check(rows, p["w_gate"], sizes, impl)
@@ -76,7 +77,7 @@ def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
     x = gk.pad_rows(rows, plan)
 
     def mm(a, w):
-        return gk.grouped_matmul_padded(a, w.astype(a.dtype), plan)
+        return gk.grouped_matmul_padded(a, w.astype(a.dtype), plan, interpret=interpret)
 
     h = jax.nn.silu(mm(x, p["w_gate"])) * mm(x, p["w_up"])
     return gk.unpad_rows(mm(h, p["w_down"]), plan)

@@ -31,10 +31,35 @@ def embed(table: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
     """Rows of table [V, D] for tokens [B, T]. An id outside [0, V) gives NaN, not a clamped row:
     inside jit we cannot raise, so a bad id must poison the result visibly (the public API checks
     concrete inputs and raises before this)."""
-    return jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+    with jax.named_scope("embedding"):
+        return jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
 
 
+@jax.custom_vjp
 def head(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """Logits [B, T, V] in float32 from x [B, T, D] and w [D, V] (the head stays in BF16 or
-    better in V3; logits in fp32 for a stable softmax)."""
+    better in V3; logits in fp32 for a stable softmax).
+
+    The backward pass casts the float32 logit gradient to x's dtype before its two matmuls, as
+    the forward's inputs are: left to autodiff they would run as float32 x 16-bit GEMMs, which
+    XLA executes in TF32 (measured on an H200 for `small`: 13 ms of a 184 ms step)."""
+    return _head(x, w)
+
+
+def _head(x, w):
     return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_fwd(x, w):
+    return _head(x, w), (x, w)
+
+
+def _head_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("btv,dv->btd", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    dw = jnp.einsum("btd,btv->dv", x, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+head.defvjp(_head_fwd, _head_bwd)

@@ -16,9 +16,10 @@ from dsv3_jax.model import forward, mtp_forward, shift_left
 
 def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
     """Per-position -log p(target): logits [..., V] float32, targets [...] -> [...]."""
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return logz - picked
+    with jax.named_scope("head"):  # profiles count the softmax with the head matmul
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return logz - picked
 
 
 def loss_fn(params: dict, batch: dict, cfg: Config, *, forced_experts: dict | None = None,

@@ -155,7 +155,8 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: Config, *, positions=None, s
 
 
 def _logits(h, w_head, shard):
-    return constrain(head(h, w_head), ("batch", "seq", "vocab"), shard, "logits")
+    with jax.named_scope("head"):
+        return constrain(head(h, w_head), ("batch", "seq", "vocab"), shard, "logits")
 
 
 def shift_left(x: jnp.ndarray, k: int, fill=0) -> jnp.ndarray:

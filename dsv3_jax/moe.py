@@ -24,6 +24,7 @@ from dsv3_jax.config import Config
 from dsv3_jax import grouped
 from dsv3_jax.layers import swiglu
 from dsv3_jax.router import expert_counts, route, sequence_balance_terms
+from pallas_kernels.rows import gather_rows
 from sharding import ep
 from sharding.context import ShardingContext, constrain
 
@@ -40,13 +41,14 @@ def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.n
     m0, a = indices.shape
     with jax.named_scope("dispatch"):
         flat = indices.reshape(-1)  # [M] with M = M0 * A
-        order = jnp.argsort(flat, stable=True)  # rows grouped by expert
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # rows grouped by expert
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         sizes = jnp.bincount(flat, length=p["w_gate"].shape[0]).astype(jnp.int32)
-        rows = jnp.take(x, order // a, axis=0)
+        # pair j of token j // A: repeat, then permute; both directions are gathers (rows.py)
+        rows = gather_rows(jnp.repeat(x, a, axis=0), order, inverse)
     ys = grouped_swiglu(p, rows, sizes, impl)  # [M, D]
     with jax.named_scope("combine"):
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        y = jnp.take(ys, inverse, axis=0).reshape(m0, a, -1)
+        y = gather_rows(ys, inverse, order).reshape(m0, a, -1)
         # combine in float32 (HF does; the official code and V3 training combine in BF16)
         return jnp.einsum("mad,ma->md", y.astype(jnp.float32), weights)
 

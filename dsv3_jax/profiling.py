@@ -4,9 +4,11 @@ A `jax.profiler.trace` of a few steps records one event per executed HLO op (its
 `hlo_module` stats); the compiled module's text names each op's source scope in its metadata
 (`op_name="jit(step)/.../moe_layers/moe/experts/expert_gemms/dot_general"`, backward and remat
 copies included, since JAX keeps the name stack through `jvp`/`transpose`/`checkpoint`). Joining
-the two gives time per scope, and `PARTS` folds scopes into the parts a reader asks about. The
+the two gives time per scope, and `PARTS` folds scopes into the parts a reader asks about. On
+GPU, XLA's command buffers (CUDA graphs) report a whole graph of kernels as one op with no scope:
+profile with `--xla_gpu_enable_command_buffer=` in XLA_FLAGS (bench_train.py does). The
 model's scopes (`attention_core`, `router`, `dispatch`, `combine`, `expert_gemms`,
-`shared_experts`, `ffn`, `optimizer`) exist for this.
+`shared_experts`, `ffn`, `head`, `mla`, `embedding`, `optimizer`) exist for this.
 """
 
 import collections
@@ -22,8 +24,11 @@ PARTS = (
     ("expert GEMMs", ("expert_gemms",)),
     ("MoE route/dispatch/combine", ("router", "dispatch", "combine")),
     ("dense + shared FFN", ("shared_experts", "ffn")),
+    ("output head + softmax", ("head",)),
+    ("MLA projections, norms, RoPE", ("mla",)),
+    ("embedding", ("embedding",)),
 )
-OTHER = "other (projections, norms, embedding, head, loss)"
+OTHER = "other (residual norms, MTP projection, loss sums, glue)"
 UNATTRIBUTED = "unattributed (no scope in the HLO)"
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
@@ -39,8 +44,21 @@ def op_scopes(hlo_text: str) -> dict[str, str]:
     return out
 
 
+_WRAPPED = re.compile(r"^[\w.]+\((.*)\)$")
+
+
+def _scope_names(op_name: str) -> set[str]:
+    """The scope names of a path; autodiff wraps the outermost, e.g. `transpose(jvp(head))`."""
+    names = set()
+    for part in op_name.split("/"):
+        while (m := _WRAPPED.match(part)) is not None:
+            part = m.group(1)
+        names.add(part)
+    return names
+
+
 def part_of(op_name: str) -> str:
-    scopes = set(op_name.split("/"))
+    scopes = _scope_names(op_name)
     for part, names in PARTS:
         if scopes.intersection(names):
             return part
@@ -51,8 +69,9 @@ def _stats(event) -> dict:
     return {k: v for k, v in event.stats}
 
 
-def device_op_times(trace_dir: str, module_substring: str) -> dict[str, float]:
-    """Total nanoseconds per HLO op of the modules whose name contains `module_substring`, from
+def device_op_times(trace_dir: str, module_substring: str) -> tuple[dict[str, float], dict[str, str]]:
+    """(total nanoseconds per HLO op, the scope path the profiler itself recorded for an op
+    where it did: the `name` stat of GPU kernel events) for the modules whose name contains `module_substring`, from
     the newest `.xplane.pb` under `trace_dir`. GPU: the device planes' per-op line ("XLA Ops"),
     or their kernel events when a plane has no such line. CPU: the host threads' op events."""
     from jax.profiler import ProfileData
@@ -63,6 +82,7 @@ def device_op_times(trace_dir: str, module_substring: str) -> dict[str, float]:
         raise FileNotFoundError(f"no .xplane.pb profile under {trace_dir}")
     data = ProfileData.from_file(paths[-1])
     times: dict[str, float] = collections.defaultdict(float)
+    recorded: dict[str, str] = {}
     device_planes = [p for p in data.planes if p.name.startswith("/device:")]
     for plane in device_planes or [p for p in data.planes if p.name.startswith("/host:CPU")]:
         lines = list(plane.lines)
@@ -70,13 +90,16 @@ def device_op_times(trace_dir: str, module_substring: str) -> dict[str, float]:
         for line in ops_lines or [ln for ln in lines if ln.name not in ("XLA Modules", "Steps")]:
             for ev in line.events:
                 st = _stats(ev)
-                op, module = st.get("hlo_op"), str(st.get("hlo_module", ""))
-                if op and module_substring in module:
+                op, module = st.get("hlo_op") or (ev.name if ops_lines else None), \
+                    str(st.get("hlo_module", ""))
+                if op and (module_substring in module or (ops_lines and not module)):
                     times[str(op)] += float(ev.duration_ns)
+                    if st.get("name"):  # GPU kernel events carry their op's scope path
+                        recorded[str(op)] = str(st["name"])
     if not times:
         raise ValueError(f"the profile in {trace_dir} has no op events of a module matching "
                          f"{module_substring!r}")
-    return dict(times)
+    return dict(times), recorded
 
 
 def breakdown(op_times: dict[str, float], scopes: dict[str, str]) -> dict[str, float]:
@@ -86,3 +109,9 @@ def breakdown(op_times: dict[str, float], scopes: dict[str, str]) -> dict[str, f
         name = scopes.get(op)
         out[UNATTRIBUTED if name is None else part_of(name)] += ns
     return dict(out)
+
+
+def unattributed(op_times: dict[str, float], scopes: dict[str, str], n: int = 10) -> list:
+    """The n slowest ops with no scope: [(op, ns)], for a reader to see what they are."""
+    rest = [(op, ns) for op, ns in op_times.items() if op not in scopes]
+    return sorted(rest, key=lambda kv: -kv[1])[:n]

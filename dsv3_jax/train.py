@@ -136,9 +136,9 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *, grad_accum:
             updates, opt_state = optimizer.update(grads, state["opt_state"], params["weights"])
             weights = optax.apply_updates(params["weights"], updates)
             router = _update_biases(params["router_state"], metrics, cfg.bias_update_speed)
-        fresh = {"params": {"weights": weights, "router_state": router}, "opt_state": opt_state}
-        kept = {"params": params, "opt_state": state["opt_state"]}
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), fresh, kept)
+            fresh = {"params": {"weights": weights, "router_state": router}, "opt_state": opt_state}
+            kept = {"params": params, "opt_state": state["opt_state"]}
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), fresh, kept)
         new.update(step=state["step"] + 1, rng=state["rng"])
         out = {"loss": loss, "main_loss": metrics["main_loss"],
                "balance_loss": metrics["balance_loss"], "grad_norm": grad_norm,

@@ -18,6 +18,7 @@ Output: a table on stdout and a JSON record (--json) with the command, device, d
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -26,6 +27,12 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# XLA's GPU command buffers (CUDA graphs) report a graph of kernels as one op with no scope, which
+# would hide where the time goes; --command_buffers turns them back on (for timing only).
+if "--command_buffers" not in sys.argv:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
 
 import jax
 import jax.numpy as jnp
@@ -48,12 +55,17 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile included)")
     ap.add_argument("--profile_steps", type=int, default=3,
                     help="steps under the profiler for the per-part breakdown (0: no profile)")
+    ap.add_argument("--profile_dir", default=None,
+                    help="keep the profile here (TensorBoard / Perfetto); default: a temporary folder")
     ap.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"),
                     help="per-layer rematerialisation (default: the preset's)")
     ap.add_argument("--grouped_impl", default="auto", choices=("auto", "ragged_dot", "pallas"),
                     help="expert GEMMs: auto = pallas on GPU, ragged_dot elsewhere")
     ap.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
                     help="attention core: auto = cudnn on GPU, xla elsewhere")
+    ap.add_argument("--command_buffers", action="store_true",
+                    help="keep XLA's GPU command buffers (CUDA graphs); off by default so the "
+                         "profile can name every kernel's scope (read before jax starts)")
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="device peak for MFU (default: the dense bf16 datasheet peak)")
     ap.add_argument("--json", default=None,
@@ -88,15 +100,19 @@ def time_steps(step, state, batch, n: int) -> tuple[dict, list[float]]:
     return state, times
 
 
-def profile_parts(step, state, batch, n: int) -> tuple[dict, dict]:
-    """(state, {part: ms per step}) from a profile of n steps."""
+def profile_parts(step, state, batch, n: int, keep_dir: str | None) -> tuple[dict, dict, list]:
+    """(state, {part: ms per step}, slowest unattributed ops) from a profile of n steps."""
     scopes = profiling.op_scopes(step.lower(state, batch).compile().as_text())
     with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
+        trace_dir = keep_dir or tmp
+        with jax.profiler.trace(trace_dir):
             state, _ = time_steps(step, state, batch, n)
-        ops = profiling.device_op_times(tmp, "step")
+        ops, recorded = profiling.device_op_times(trace_dir, "step")
+    scopes = {**scopes, **recorded}  # the profiler's own record of an op's scope wins
     parts = profiling.breakdown(ops, scopes)
-    return state, {k: v / 1e6 / n for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+    parts = {k: v / 1e6 / n for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+    rest = [(op, ns / 1e6 / n) for op, ns in profiling.unattributed(ops, scopes)]
+    return state, parts, rest
 
 
 def main(argv=None) -> dict:
@@ -131,7 +147,7 @@ def main(argv=None) -> dict:
         "date": datetime.date.today().isoformat(), "device": dev.device_kind,
         "platform": dev.platform, "jax": jax.__version__, "host": platform.machine(),
         "preset": a.preset, "precision": a.precision, "batch": a.batch, "seq_len": a.seq_len,
-        "remat": cfg.remat, "grouped_impl": cfg.resolved_grouped_impl(),
+        "remat": cfg.remat, "xla_command_buffers": a.command_buffers, "grouped_impl": cfg.resolved_grouped_impl(),
         "attention_impl": cfg.resolved_attention_impl(),
         "params": counts, "flops_per_token": cfg.flops_per_token(a.seq_len),
         "step_ms_median": sec * 1e3, "step_ms_all": [t * 1e3 for t in times],
@@ -139,8 +155,9 @@ def main(argv=None) -> dict:
         "peak_tflops": peak, "mfu": (flops / sec / 1e12 / peak) if peak else None,
     }
     if a.profile_steps:
-        state, parts = profile_parts(step, state, batch, a.profile_steps)
+        state, parts, rest = profile_parts(step, state, batch, a.profile_steps, a.profile_dir)
         record["profile_ms_per_step"] = parts
+        record["slowest_unattributed_ops_ms"] = rest
 
     print(f"\n{'step (median)':<52}{sec * 1e3:>10.1f} ms")
     print(f"{'tokens/s':<52}{tokens / sec:>10.0f}")
@@ -151,6 +168,8 @@ def main(argv=None) -> dict:
         print(f"\nprofile, device time per step ({total:.1f} ms in ops):")
         for part, ms in parts.items():
             print(f"  {part:<50}{ms:>8.1f} ms {ms / total:>6.1%}")
+        if rest:
+            print("slowest ops without a scope: " + ", ".join(f"{op} {ms:.1f} ms" for op, ms in rest[:6]))
     out = pathlib.Path(a.json) if a.json else RESULTS / (
         f"train_{a.preset}_{dev.device_kind.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -92,32 +92,37 @@ def test_cudnn_attention_equals_the_xla_path(causal):
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     seg = None if causal else (jnp.arange(t) >= t // 3).astype(jnp.int32)[None].repeat(b, 0) + 1
     mask = causal_mask(pos, seg)
-    args = (p, q_nope, q_rope, c_kv, k_rope, mask, cfg)
-    ref = jax.jit(lambda *a: attend_expanded(*a))(*args).astype(jnp.float32)
-    got = jax.jit(lambda *a: attend_cudnn(*a, causal=causal))(*args).astype(jnp.float32)
+    args = (p, q_nope, q_rope, c_kv, k_rope, mask)
+    ref = jax.jit(lambda *a: attend_expanded(*a, cfg))(*args).astype(jnp.float32)
+    got = jax.jit(lambda *a: attend_cudnn(*a, cfg, causal=causal))(*args).astype(jnp.float32)
     scale = float(jnp.abs(ref).max())
     assert float(jnp.abs(got - ref).max()) < 2e-2 * scale
 
 
 def test_gpu_kernels_train_like_the_reference_paths():
     """The `small` structure (3 layers) in bf16: loss and gradients with the Pallas grouped
-    matmul + cuDNN attention against ragged_dot + XLA attention. Same routing is not
-    guaranteed (bf16 differences can flip near-tied experts), so the bound is loose but far
-    below what a wrong group or mask gives (O(1) relative)."""
+    matmul + cuDNN attention against ragged_dot + XLA attention, both with the routing of the
+    reference run replayed (bf16 differences could otherwise flip near-tied experts). A wrong
+    group, mask or layout gives O(1) relative errors; bf16 rounding gives about 1e-2."""
     base = dsv3_jax.get_config("small", n_layers=3, n_dense_layers=1)
     toks = jax.random.randint(jax.random.key(1), (2, 513), 0, base.vocab_size)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
     params = dsv3_jax.init_params(base, jax.random.key(0))
+    ref_cfg = base.replace(grouped_impl="ragged_dot", attention_impl="xla")
+    forced = jax.jit(lambda p: loss_fn(p, batch, ref_cfg)[1]["indices"])(params)
 
-    def run(**impls):
-        cfg = base.replace(**impls)
-        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, cfg)[0]))(params)
+    def run(cfg):
+        f = lambda p: loss_fn(p, batch, cfg, forced_experts=forced)[0]
+        return jax.jit(jax.value_and_grad(f))(params)
 
-    loss_ref, g_ref = run(grouped_impl="ragged_dot", attention_impl="xla")
-    loss, g = run(grouped_impl="pallas", attention_impl="cudnn")
-    assert abs(float(loss) - float(loss_ref)) < 1e-2 * abs(float(loss_ref))
-    for path, a, r in zip(jax.tree_util.tree_leaves_with_path(g["weights"]),
-                          jax.tree.leaves(g["weights"]), jax.tree.leaves(g_ref["weights"])):
+    loss_ref, g_ref = run(ref_cfg)
+    loss, g = run(base.replace(grouped_impl="pallas", attention_impl="cudnn"))
+    errs = {}
+    for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(g["weights"]),
+                            jax.tree.leaves(g_ref["weights"])):
         a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
-        err = np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-12)
-        assert err < 0.1, (jax.tree_util.keystr(path[0]), err)
+        errs[jax.tree_util.keystr(path)] = float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+    print(f"loss {float(loss):.6f} vs {float(loss_ref):.6f}; worst gradient errors:",
+          sorted(errs.items(), key=lambda kv: -kv[1])[:6])
+    assert abs(float(loss) - float(loss_ref)) < 2e-3 * abs(float(loss_ref))
+    assert max(errs.values()) < 0.05, errs
