@@ -94,7 +94,7 @@ def device_op_times(trace_dir: str, module_substring: str) -> tuple[dict[str, fl
                     str(st.get("hlo_module", ""))
                 if op and (module_substring in module or (ops_lines and not module)):
                     times[str(op)] += float(ev.duration_ns)
-                    if st.get("name"):  # GPU kernel events carry their op's scope path
+                    if st.get("name"):  # GPU kernel events carry a scope path (coarse)
                         recorded[str(op)] = str(st["name"])
     if not times:
         raise ValueError(f"the profile in {trace_dir} has no op events of a module matching "
@@ -115,3 +115,21 @@ def unattributed(op_times: dict[str, float], scopes: dict[str, str], n: int = 10
     """The n slowest ops with no scope: [(op, ns)], for a reader to see what they are."""
     rest = [(op, ns) for op, ns in op_times.items() if op not in scopes]
     return sorted(rest, key=lambda kv: -kv[1])[:n]
+
+
+def top_scopes(op_times: dict[str, float], scopes: dict[str, str], part: str, *,
+               depth: int = 6, n: int = 12) -> list:
+    """Inside one part, the n costliest scope paths cut to `depth` components (autodiff
+    wrappers removed): [(path, ns)]. Says what a coarse part such as OTHER is made of."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for op, ns in op_times.items():
+        name = scopes.get(op)
+        if name is None or part_of(name) != part:
+            continue
+        comps = []
+        for c in name.split("/")[:depth]:
+            while (m := _WRAPPED.match(c)) is not None:
+                c = m.group(1)
+            comps.append(c)
+        out["/".join(comps)] += ns
+    return sorted(out.items(), key=lambda kv: -kv[1])[:n]
