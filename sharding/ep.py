@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.rows import gather_rows
+
 DISPATCH_IMPLS = ("allgather", "ragged_a2a", "ragged_a2a_emulated")
 
 
@@ -69,8 +71,9 @@ def _dispatch_allgather(x, experts, n_experts, axis):
     local = jax.lax.all_gather(experts, axis, tiled=True) - me * e_local  # [ep*M, A]
     valid = (local >= 0) & (local < e_local)
     key = jnp.where(valid, local, e_local).reshape(-1)  # other devices' experts sort last
-    order = jnp.argsort(key, stable=True)
-    rows = jnp.take(x_all, order // a, axis=0)  # [ep*M*A, D]; rows past the groups are unused
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    # pair j of token j // A: repeat, then permute (gathers both ways: pallas_kernels/rows.py)
+    rows = gather_rows(jnp.repeat(x_all, a, axis=0), order, _inverse(order))  # [ep*M*A, D]
     sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
     none = jnp.zeros((0,), jnp.int32)
     return rows, sizes, Plan(order, none, valid, none, none, none)
@@ -79,7 +82,7 @@ def _dispatch_allgather(x, experts, n_experts, axis):
 def _combine_allgather(y, weights, plan, axis):
     m, a = weights.shape
     w_all = jnp.where(plan.valid, jax.lax.all_gather(weights, axis, tiled=True), 0.0)
-    pairs = jnp.take(y, _inverse(plan.order), axis=0).reshape(-1, a, y.shape[-1])
+    pairs = gather_rows(y, _inverse(plan.order), plan.order).reshape(-1, a, y.shape[-1])
     partial = jnp.einsum("mad,ma->md", pairs.astype(jnp.float32), w_all)  # [ep*M, D]
     return jax.lax.psum_scatter(partial, axis, scatter_dimension=0, tiled=True)  # [M, D]
 
@@ -110,8 +113,8 @@ def _dispatch_ragged(x, experts, n_experts, axis, impl):
     e_local = n_experts // ep
     m, a = experts.shape
     flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # sorted by expert = grouped by destination device
-    xs = jnp.take(x, order // a, axis=0)  # [M*A, D]
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # by expert = by destination
+    xs = gather_rows(jnp.repeat(x, a, axis=0), order, _inverse(order))  # [M*A, D]
     per_expert = jnp.bincount(flat, length=n_experts).reshape(ep, e_local).astype(jnp.int32)
     send_sizes = per_expert.sum(1)  # [ep]
     recv_counts = jax.lax.all_to_all(per_expert, axis, 0, 0, tiled=True)  # [ep, E_l] per sender
@@ -127,8 +130,8 @@ def _dispatch_ragged(x, experts, n_experts, axis, impl):
     pos = row - _exclusive_cumsum(recv_sizes)[jnp.clip(sender, 0, ep - 1)]
     bounds = jnp.cumsum(recv_counts, axis=1)[jnp.clip(sender, 0, ep - 1)]  # [R, E_l]
     local = jnp.where(sender < ep, (pos[:, None] >= bounds).sum(1), e_local)
-    order_recv = jnp.argsort(local, stable=True)
-    rows = jnp.take(recv, order_recv, axis=0)
+    order_recv = jnp.argsort(local, stable=True).astype(jnp.int32)
+    rows = gather_rows(recv, order_recv, _inverse(order_recv))
     sizes = recv_counts.sum(0).astype(jnp.int32)
     plan = Plan(order, order_recv, jnp.zeros((0,), bool), send_sizes, recv_sizes, sends)
     return rows, sizes, plan
@@ -137,11 +140,11 @@ def _dispatch_ragged(x, experts, n_experts, axis, impl):
 def _combine_ragged(y, weights, plan, axis, impl):
     me = jax.lax.axis_index(axis)
     m, a = weights.shape
-    y_recv = jnp.take(y, _inverse(plan.order_recv), axis=0)  # back to sender-major layout
+    y_recv = gather_rows(y, _inverse(plan.order_recv), plan.order_recv)  # sender-major again
     # my rows from sender i return to where sender i took them: its offset toward me
     back_offsets = _exclusive_cumsum(plan.sends, 1)[:, me]
     out = jnp.zeros((m * a, y.shape[1]), y.dtype)
     back = _exchange(impl, y_recv, out, _exclusive_cumsum(plan.recv_sizes), plan.recv_sizes,
                      back_offsets, plan.send_sizes, axis)
-    pairs = jnp.take(back, _inverse(plan.order), axis=0).reshape(m, a, -1)
+    pairs = gather_rows(back, _inverse(plan.order), plan.order).reshape(m, a, -1)
     return jnp.einsum("mad,ma->md", pairs.astype(jnp.float32), weights)
