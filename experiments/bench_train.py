@@ -13,6 +13,10 @@ device's dense bf16 peak (the datasheet's; --peak_tflops overrides). Then a prof
 shared FFN, optimizer, the rest. The expert GEMMs run through --grouped_impl (auto: the Pallas
 grouped kernel on GPU, ragged_dot on CPU).
 Output: a table on stdout and a JSON record (--json) with the command, device, date and numbers.
+Result (one H200, 2026-12-01, defaults): 157 ms per step, 104k tokens/s, 222 model TFLOP/s, MFU
+22.5% (target 35%); attention core 35.5 ms, expert GEMMs 30.4 ms, scan/glue 35.7 ms per step
+(experiments/results/train_small_h200.json; the README's table). At 4 x 1024 tokens the grouped
+kernel's step is 11x faster than ragged_dot's (59.8 against 660.7 ms).
 """
 
 import argparse

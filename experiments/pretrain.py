@@ -10,7 +10,9 @@ auxiliary-loss-free router-bias update, on packed byte-level text (the Python st
 sources unless --data names files); writes a JSONL record per step (--metrics_file), saves orbax
 checkpoints (--checkpoint_dir: resumes from the newest complete one; SIGTERM/SIGINT save first),
 and ends with a short greedy sample decoded over the latent cache.
-Result (2-core CPU, 2026-11-22, defaults): see README "Pretraining".
+Result (2-core CPU, 2026-12-01, defaults): about 3 minutes (13 s compiling); total loss 8.18 at
+step 1 -> 2.05-2.1 over the last 60 steps (main next-byte loss 6.31 -> 1.6); max/mean expert load
+near 1.2 at the end. README "Quick start" and "Pretraining" have the details.
 """
 
 import pathlib
