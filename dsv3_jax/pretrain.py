@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -370,12 +371,15 @@ def _record(step: int, m: dict, seconds: float, tokens: int, flops_per_token: fl
     return rec
 
 
-def peak_tflops(s: Settings) -> float | None:
-    if s.peak_tflops is not None:
-        return s.peak_tflops
-    kind = jax.devices()[0].device_kind
+def peak_tflops(override: float | None = None, device=None) -> float | None:
+    """The MFU denominator: `override`, else the dense bf16 datasheet peak of `device` (default
+    the first device) when its kind names a known GPU as a whole word, else None (CPUs)."""
+    if override is not None:
+        return override
+    kind = (device or jax.devices()[0]).device_kind
+    words = set(re.split(r"[^A-Za-z0-9]+", kind))  # "NVIDIA A100-SXM4-80GB" -> ..., "A100", ...
     for name, value in PEAK_BF16_TFLOPS.items():
-        if name in kind.split() or kind.endswith(name) or f" {name} " in f" {kind} ":
+        if name in words:
             return value
     return None
 
@@ -453,7 +457,7 @@ def run(s: Settings) -> dict:
     metrics = MetricsFile(s.metrics_file, start)
     progress = Progress(s.steps, start, s.progress)
     fpt = cfg.flops_per_token(s.seq_len)
-    peak = peak_tflops(s)
+    peak = peak_tflops(s.peak_tflops)
     tokens_per_step = s.global_batch * s.seq_len
     n_dev = jax.device_count()
     history, skips_in_row = [], 0

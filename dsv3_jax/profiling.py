@@ -47,18 +47,18 @@ def op_scopes(hlo_text: str) -> dict[str, str]:
 _WRAPPED = re.compile(r"^[\w.]+\((.*)\)$")
 
 
-def _scope_names(op_name: str) -> set[str]:
+def _scope_names(op_name: str) -> list[str]:
     """The scope names of a path; autodiff wraps the outermost, e.g. `transpose(jvp(head))`."""
-    names = set()
+    names = []
     for part in op_name.split("/"):
         while (m := _WRAPPED.match(part)) is not None:
             part = m.group(1)
-        names.add(part)
+        names.append(part)
     return names
 
 
 def part_of(op_name: str) -> str:
-    scopes = _scope_names(op_name)
+    scopes = set(_scope_names(op_name))
     for part, names in PARTS:
         if scopes.intersection(names):
             return part
@@ -126,10 +126,5 @@ def top_scopes(op_times: dict[str, float], scopes: dict[str, str], part: str, *,
         name = scopes.get(op)
         if name is None or part_of(name) != part:
             continue
-        comps = []
-        for c in name.split("/")[:depth]:
-            while (m := _WRAPPED.match(c)) is not None:
-                c = m.group(1)
-            comps.append(c)
-        out["/".join(comps)] += ns
+        out["/".join(_scope_names(name)[:depth])] += ns
     return sorted(out.items(), key=lambda kv: -kv[1])[:n]

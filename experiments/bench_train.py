@@ -2,7 +2,7 @@
 
 Command:   python experiments/bench_train.py                 (the `small` preset in bf16, one GPU)
            python experiments/bench_train.py --preset tiny --batch 2 --seq_len 64 --steps 2 \
-               --json /tmp/bench.json                          (a CPU smoke run; no MFU there)
+               --json bench_tiny.json                          (a CPU smoke run; no MFU there)
 Hardware:  one NVIDIA H100/H200 for the numbers in experiments/results/; any CPU for the smoke run.
 What it measures: the full jitted pretraining step of `dsv3_jax.train` (forward with MTP, loss,
 backward, AdamW with bf16 moments, router-bias update) on synthetic token ids, timed over
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from dsv3_jax import profiling, train
 from dsv3_jax.config import get_config
-from dsv3_jax.pretrain import PEAK_BF16_TFLOPS
+from dsv3_jax.pretrain import peak_tflops
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -76,16 +76,6 @@ def parse_args(argv=None):
                     help="where to write the record (default: experiments/results/"
                          "train_<preset>_<device>.json)")
     return ap.parse_args(argv)
-
-
-def device_peak(device, override: float | None) -> float | None:
-    if override is not None:
-        return override
-    kind = getattr(device, "device_kind", "")
-    for name, peak in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if name in kind:
-            return peak
-    return None
 
 
 def synthetic_batch(cfg, batch: int, seq_len: int) -> dict:
@@ -153,7 +143,7 @@ def main(argv=None) -> dict:
     sec = statistics.median(times)
     tokens = a.batch * a.seq_len
     flops = cfg.flops_per_token(a.seq_len) * tokens
-    peak = device_peak(dev, a.peak_tflops)
+    peak = peak_tflops(a.peak_tflops, dev)
     record = {
         "command": "python experiments/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "device": dev.device_kind,

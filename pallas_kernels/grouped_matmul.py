@@ -532,13 +532,7 @@ def gmm(x_pad: jax.Array, w: jax.Array, plan: PadPlan, *, transpose_w: bool = Fa
     Rows of tiles that belong to no group (past the last group) are zeros.
     """
     cfg = config or TileConfig()
-    _check_plan(plan, cfg)
-    _check_kernel_dtype("x_pad", x_pad)
-    _check_kernel_dtype("w", w)
-    if w.dtype != x_pad.dtype:
-        raise ValueError(f"w: dtype {w.dtype} must equal x_pad's dtype {x_pad.dtype}")
-    _check_rank("x_pad", x_pad, 2)
-    _check_rank("w", w, 3)
+    _check_operands(plan, cfg, ("x_pad", x_pad, 2), ("w", w, 3))
     mp, k = x_pad.shape
     g, wk, wn = w.shape
     k_w, n = (wn, wk) if transpose_w else (wk, wn)
@@ -630,13 +624,7 @@ def tgmm(x_pad: jax.Array, dy_pad: jax.Array, plan: PadPlan, num_groups: int, *,
     kernel writes and saves a cast pass.
     """
     cfg = config or TileConfig()
-    _check_plan(plan, cfg)
-    _check_kernel_dtype("x_pad", x_pad)
-    _check_kernel_dtype("dy_pad", dy_pad)
-    if dy_pad.dtype != x_pad.dtype:
-        raise ValueError(f"dy_pad: dtype {dy_pad.dtype} must equal x_pad's dtype {x_pad.dtype}")
-    _check_rank("x_pad", x_pad, 2)
-    _check_rank("dy_pad", dy_pad, 2)
+    _check_operands(plan, cfg, ("x_pad", x_pad, 2), ("dy_pad", dy_pad, 2))
     _check_rows("x_pad", x_pad.shape[0], plan)
     _check_rows("dy_pad", dy_pad.shape[0], plan)
     if num_groups != plan.num_groups:
@@ -656,6 +644,19 @@ def tgmm(x_pad: jax.Array, dy_pad: jax.Array, plan: PadPlan, num_groups: int, *,
 # --------------------------------------------------------------------------------------------
 # Validation (no silent fallbacks: every message names the tensor and the field)
 # --------------------------------------------------------------------------------------------
+
+
+def _check_operands(plan: PadPlan, cfg: TileConfig, first: tuple, second: tuple) -> None:
+    """The checks both kernels share: the plan, then (name, array, rank) of two operands that
+    must have one kernel dtype between them."""
+    _check_plan(plan, cfg)
+    (name_a, a, rank_a), (name_b, b, rank_b) = first, second
+    _check_kernel_dtype(name_a, a)
+    _check_kernel_dtype(name_b, b)
+    if b.dtype != a.dtype:
+        raise ValueError(f"{name_b}: dtype {b.dtype} must equal {name_a}'s dtype {a.dtype}")
+    _check_rank(name_a, a, rank_a)
+    _check_rank(name_b, b, rank_b)
 
 
 def _check_kernel_dtype(name: str, a: jax.Array) -> None:

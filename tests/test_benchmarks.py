@@ -47,3 +47,15 @@ def test_bench_train_runs_and_attributes_the_profile(tmp_path):
         assert parts.get(part, 0) > 0, parts
     # almost all op time carries a scope of ours
     assert parts.get(profiling.UNATTRIBUTED, 0) < 0.2 * sum(parts.values()), parts
+
+
+def test_peak_tflops_reads_the_device_kind_by_whole_words():
+    from types import SimpleNamespace as NS
+
+    from dsv3_jax.pretrain import peak_tflops
+
+    assert peak_tflops(None, NS(device_kind="NVIDIA H100 80GB HBM3")) == 989.0
+    assert peak_tflops(None, NS(device_kind="NVIDIA A100-SXM4-80GB")) == 312.0
+    assert peak_tflops(None, NS(device_kind="NVIDIA H20")) == 148.0  # not H200's 989
+    assert peak_tflops(None, NS(device_kind="cpu")) is None
+    assert peak_tflops(500.0, NS(device_kind="NVIDIA H200")) == 500.0
