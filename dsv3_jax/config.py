@@ -87,6 +87,10 @@ class Config:
     dtype: DType = "bfloat16"  # activations and matmul inputs
     param_dtype: DType = "float32"  # master weights
     remat: Remat = "none"  # jax.checkpoint policy on each layer
+    # Layers of a stack run as one lax.scan (compile time flat in depth) or unrolled (each layer
+    # its own code: no stacking of saved activations into [L, ...] buffers in the backward pass;
+    # measured faster on a GPU for `small`, see experiments/bench_train.py).
+    scan_layers: bool = True
     # Kernels, resolved at trace time: "auto" = the fast path of the default backend (GPU with a
     # 16-bit dtype: the Pallas grouped matmul, cuDNN attention; otherwise ragged_dot, XLA).
     grouped_impl: str = "auto"  # routed-expert GEMMs: auto, ragged_dot, pallas
@@ -113,6 +117,8 @@ class Config:
         self._check_choice("group_score", ("top2_sum", "max"))
         self._check_choice("rope_scaling", ("yarn", "none"))
         self._check_choice("remat", ("none", "full", "dots", "dots_no_batch"))
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"Config.scan_layers must be a bool, got {self.scan_layers!r}")
         self._check_choice("dtype", ("float32", "bfloat16", "float16"))
         self._check_choice("param_dtype", ("float32", "bfloat16", "float16"))
         self._check_choice("grouped_impl", ("auto", "ragged_dot", "pallas"))

@@ -14,12 +14,34 @@ from dsv3_jax.config import Config
 from dsv3_jax.model import forward, mtp_forward, shift_left
 
 
+@jax.custom_vjp
 def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-    """Per-position -log p(target): logits [..., V] float32, targets [...] -> [...]."""
+    """Per-position -log p(target): logits [..., V] float32, targets [...] -> [...].
+
+    The gradient is written out, softmax - one_hot, in one elementwise pass over the logits:
+    autodiff of `take_along_axis` would scatter-add into a zero [..., V] buffer and add that
+    to the softmax term (two more passes over the largest tensor of the step; measured on an
+    H200 for `small`, about 1 ms per head at 16k tokens)."""
+    return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
     with jax.named_scope("head"):  # profiles count the softmax with the head matmul
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return logz - picked
+        return logz - picked, (logits, logz, targets)
+
+
+def _cross_entropy_bwd(res, g):
+    logits, logz, targets = res
+    with jax.named_scope("head"):
+        one_hot = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1) \
+            == targets[..., None]
+        d = (jnp.exp(logits - logz[..., None]) - one_hot) * g[..., None]
+        return d.astype(logits.dtype), None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def loss_fn(params: dict, batch: dict, cfg: Config, *, forced_experts: dict | None = None,

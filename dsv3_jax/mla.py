@@ -97,9 +97,10 @@ def attend_cudnn(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard
                  causal: bool = False) -> jnp.ndarray:
     """attend_expanded through cuDNN's fused attention (GPU): the same math, no [T, S] scores
     in memory. Queries and keys become [nope | rope] heads of width K + R (the rope key part
-    broadcast over heads); cuDNN in jax 0.11.2 wants the value width equal to that, so values
-    are zero-padded to K + R and the output sliced back to H (measured on an H100 at T=4096,
-    causal: 494 TFLOP/s forward against XLA's 51; ../shared/reference/gpu_facts.md)."""
+    broadcast over heads); values keep their own width H. cuDNN >= 9.10 runs qk != v widths
+    ("MLA") on Hopper, forward and backward; jax 0.11.2's public `jax.nn.dot_product_attention`
+    refuses them (it checks value against key shape), so we call the cuDNN primitive it wraps.
+    """
     kv_heads = ("batch", "kv_seq", "heads", None)
     k_nope = constrain(jnp.einsum("bsc,cnk->bsnk", c_kv, p["w_uk"]), kv_heads, shard, "k_nope")
     v = constrain(jnp.einsum("bsc,cnh->bsnh", c_kv, p["w_uv"]), kv_heads, shard, "v")
@@ -107,15 +108,19 @@ def attend_cudnn(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3]
                                                        + k_rope.shape[-1:])], axis=-1)
-        width, h = q.shape[-1], v.shape[-1]
-        if h > width:
-            raise ValueError(f"attention_impl='cudnn' needs v_head_dim ({h}) <= qk_head_dim "
-                             f"({width})")
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, width - h)))
-        out = jax.nn.dot_product_attention(
-            q, k, v, scale=cfg.softmax_scale, is_causal=causal,
-            mask=None if causal else mask[:, None], implementation="cudnn")[..., :h]
+        out = _cudnn_attention(q, k, v, None if causal else mask[:, None], cfg.softmax_scale)
     return _output(p, out, shard)
+
+
+def _cudnn_attention(q, k, v, mask, scale: float) -> jnp.ndarray:
+    """cuDNN flash attention, BTNH layout; mask None = causal. v's width may differ from q's
+    (measured on an H200 for `small`: 10 ms of a 157 ms step saved against padding V to 192)."""
+    # jax 0.11.2's cuDNN primitive (pinned in constraints.txt); it raises a clear error when
+    # the installed cuDNN is older than 9.10 or the GPU older than Hopper.
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    return dot_product_attention(q, k, v, None, mask, scale=scale,
+                                 mask_type=MaskType.CAUSAL if mask is None else MaskType.NO_MASK)
 
 
 def mla(p: dict, x: jnp.ndarray, cos, sin, mask: jnp.ndarray, cfg: Config,

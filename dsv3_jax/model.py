@@ -4,8 +4,10 @@
     for each layer: h += MLA(RMSNorm(h)); h += FFN(RMSNorm(h))   # dense SwiGLU, then MoE
     logits = Head(RMSNorm(h))
 
-Layers of one kind are stacked and run with `jax.lax.scan` (`dense_layers`, then `moe_layers`), so
-compile time does not grow with depth. MTP modules ([PAPER] §2.2) follow the main model: module k
+Layers of one kind are stacked (`dense_layers`, then `moe_layers`) and run with `jax.lax.scan`,
+so compile time does not grow with depth, or unrolled (`Config.scan_layers=False`), which on a
+GPU saves the scan's stacking of saved activations (`small` on an H200: 112 against 147 ms per
+step, experiments/bench_train.py). MTP modules ([PAPER] §2.2) follow the main model: module k
 combines the previous depth's hidden state with the embedding of token i+k+1, runs its own MoE
 block and predicts token i+k+2 through the shared head.
 
@@ -97,7 +99,19 @@ def run_stack(stack: dict, h: jnp.ndarray, ctx: Context, cfg: Config, *, biases=
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
-    return jax.lax.scan(body, h, (stack, biases, forced, cache))
+    xs = (stack, biases, forced, cache)
+    if cfg.scan_layers:
+        return jax.lax.scan(body, h, xs)
+    # Unrolled: `unstack` (not L slices) so the weight gradients come back as one `stack`
+    # rather than L zero-padded full-size adds.
+    n = jax.tree.leaves(stack)[0].shape[0]
+    leaves, treedef = jax.tree.flatten(xs)
+    columns = [jnp.unstack(a) for a in leaves]
+    ys = []
+    for i in range(n):
+        h, y = body(h, jax.tree.unflatten(treedef, [c[i] for c in columns]))
+        ys.append(y)
+    return h, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def _stack_bias(params: dict, key: str):

@@ -66,6 +66,9 @@ class Settings:
                                "~1M steps; short runs need a faster one to balance the experts")
     remat: str | None = _field(None, "rematerialisation per layer: none, full, dots, "
                                "dots_no_batch (default: the preset's)")
+    scan_layers: bool = _field(True, "run each layer stack as one lax.scan (fast compile); "
+                               "--no-scan_layers unrolls it: faster steps on a GPU (small on an "
+                               "H200: 112 against 147 ms) at a longer compile")
     grouped_impl: str = _field("auto", "routed-expert GEMMs: auto (our Pallas grouped kernel on "
                                "GPU in bf16, ragged_dot otherwise), ragged_dot, pallas",
                                choices=("auto", "ragged_dot", "pallas"))
@@ -150,7 +153,7 @@ def init_distributed(s: Settings) -> None:
 
 def build_config(s: Settings) -> Config:
     over: dict[str, Any] = {"bias_update_speed": s.bias_gamma, "grouped_impl": s.grouped_impl,
-                            "attention_impl": s.attention_impl}
+                            "attention_impl": s.attention_impl, "scan_layers": s.scan_layers}
     if s.precision != "preset":
         over["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[s.precision]
     for flag, field in (("mtp_depth", "mtp_depth"), ("mtp_weight", "mtp_loss_weight"),
@@ -397,7 +400,7 @@ def _check_resume(meta: dict, dataset, cfg: Config) -> None:
     saved_cfg = meta.get("config", {})
     for key, value in dataclasses.asdict(cfg).items():
         if key in ("bias_update_speed", "mtp_loss_weight", "balance_loss_alpha", "remat",
-                   "grouped_impl", "attention_impl"):
+                   "grouped_impl", "attention_impl", "scan_layers"):
             continue  # may change between stages of a run (kernels: between machines)
         if key in saved_cfg and saved_cfg[key] != (list(value) if isinstance(value, tuple) else value):
             raise ValueError(f"the checkpoint's model differs in {key} ({saved_cfg[key]!r}, now "

@@ -107,6 +107,7 @@ def test_flops_per_token_band():
     (dict(score_func="relu"), "score_func"),
     (dict(group_score="mean"), "group_score"),
     (dict(remat="some"), "remat"),
+    (dict(scan_layers="no"), "scan_layers"),
     (dict(dtype="int8"), "dtype"),
     (dict(rope_factor=0.5), "rope_factor"),
     (dict(beta_fast=0.5), "beta_fast"),

@@ -74,8 +74,9 @@ def test_expert_parallel_step_on_gpus_equals_one_gpu(dispatch):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_attention_equals_the_xla_path(causal):
-    """attend_cudnn (fused, values zero-padded to the qk width) against attend_expanded, bf16,
-    V3 head dims; causal=False passes an explicit segment mask instead of cuDNN's own."""
+    """attend_cudnn (cuDNN's MLA mode: qk width 192, value width 128) against attend_expanded,
+    bf16, V3 head dims, forward and gradients; causal=False passes an explicit segment mask
+    instead of cuDNN's own."""
     from dsv3_jax.mla import attend_cudnn, attend_expanded, causal_mask
 
     cfg = dsv3_jax.get_config("small")
@@ -97,6 +98,15 @@ def test_cudnn_attention_equals_the_xla_path(causal):
     got = jax.jit(lambda *a: attend_cudnn(*a, cfg, causal=causal))(*args).astype(jnp.float32)
     scale = float(jnp.abs(ref).max())
     assert float(jnp.abs(got - ref).max()) < 2e-2 * scale
+    # gradients of every input through the fused backward, against autodiff of the XLA path
+    cot = jax.random.normal(ks[1], ref.shape, jnp.float32)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: (f(*a).astype(jnp.float32) * cot).sum(),
+                                      argnums=(0, 1, 2, 3, 4)))(*args)
+    g_ref = grad(lambda *a: attend_expanded(*a, cfg))
+    g_got = grad(lambda *a: attend_cudnn(*a, cfg, causal=causal))
+    for a, r in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.linalg.norm(a - r) <= 3e-2 * np.linalg.norm(r)
 
 
 def test_gpu_kernels_train_like_the_reference_paths():
@@ -116,7 +126,8 @@ def test_gpu_kernels_train_like_the_reference_paths():
         return jax.jit(jax.value_and_grad(f))(params)
 
     loss_ref, g_ref = run(ref_cfg)
-    loss, g = run(base.replace(grouped_impl="pallas", attention_impl="cudnn"))
+    # unrolled layers too: the fast configuration of experiments/bench_train.py
+    loss, g = run(base.replace(grouped_impl="pallas", attention_impl="cudnn", scan_layers=False))
     errs = {}
     for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(g["weights"]),
                             jax.tree.leaves(g_ref["weights"])):
