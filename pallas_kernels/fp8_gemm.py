@@ -1,0 +1,266 @@
+"""Block-scaled FP8 GEMMs, DeepSeek-V3's recipe ([PAPER] §3.3; ../shared/reference/kernels.md §2).
+
+Every product here is y = a @ b^T with both operands K-major (Hopper's FP8 wgmma takes no other
+layout), e4m3 data and float32 scales over tiles of the contraction axis K:
+
+  gemm_1d2d   a [M, K] in 1 x 128 tiles (s_a [M, K/128]), b [N, K] in 128 x 128 blocks
+              (s_b [N/128, K/128]). The forward pass (a = activations, b = weight) and the data
+              gradient (a = dy, b = the transposed weight, `fp8_quant.transpose_blocks`).
+  gemm_1d1d   both in 1 x 128 tiles (s_b [N, K/128]). The weight gradient, where K is the token
+              axis: a = dy^T and b = x^T, from `fp8_quant.quantize_cols`.
+
+The accumulation is float32, "promoted" every 128 of K: each K-block's partial product is scaled
+by s_a[m, kb] * s_b[n | n-block, kb] and added to the float32 result (Hopper's FP8 tensor cores
+keep about 14 bits, so accumulating a long K inside them loses precision; the V3 report §3.3.2).
+
+`impl` picks the implementation: "xla" dequantizes and multiplies in float32 (the reference:
+exact products of the quantized values, any backend), "pallas" our Mosaic GPU kernel (Hopper).
+
+**The kernel** (`gemm_kernel`) is persistent (one CTA per SM looping over output tiles) and
+warp-specialized like our grouped bf16 kernel (pallas_kernels/grouped_matmul.py, whose
+pipeline, epilogue and launch helpers it reuses): a TMA warpgroup streams, per K-block of 128,
+the a tile [block_m, 128], the b tile [block_n, 128] (e4m3, 128-byte swizzle, both K-major) and
+the two scale rows; two compute warpgroups each own half of the tile's columns. Per K-block a
+warpgroup runs the FP8 wgmma into a fresh fp32 accumulator and adds it, times
+s_a[row] * s_b[col], to its carried fp32 result. 128 x 128 weight blocks are passed as one
+scale per column (the block scale repeated: exact), so the data-gradient and weight-gradient
+scalings use the same kernel.
+
+**Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-01): correct on the device
+(calc_diff 1.2e-6 to 1.4e-6 against the exact product), but 408-557 TFLOP/s at M = 4096 and
+421 at 8192^3, 0.5-0.7x XLA's bf16 dot and a quarter of the raw FP8 ceiling (1582). The
+promotion reads each K-block's accumulator right after issuing its wgmma, so every K-block
+waits for its tensor-core work before the CUDA cores scale it, and the other way round.
+Next: keep two accumulators in flight (issue K-block k+1's wgmma, then promote k: the V3
+report's "two WGMMAs in flight", DeepGEMM's schedule), one promotion multiply per element
+(fold s_a into a per-row factor once per K-block), and retune tiles (block_m 64 per warpgroup
+splitting M instead of N, deeper pipelines) on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import fp8_quant as q8
+from pallas_kernels import grouped_matmul as gm
+
+IMPLS = ("xla", "pallas")
+
+
+def _check(a, s_a, b, s_b, b_scale: str) -> None:
+    for name, x in (("a", a), ("b", b)):
+        if x.ndim != 2 or x.dtype != q8.FP8:
+            raise ValueError(f"fp8 gemm: {name} must be a 2-D float8_e4m3fn array, got "
+                             f"{x.dtype}{list(x.shape)}")
+    (m, k), (n, kb) = a.shape, b.shape
+    if k != kb:
+        raise ValueError(f"fp8 gemm: a is [M={m}, K={k}] but b is [N={n}, K={kb}]: K must match")
+    if k % q8.BLOCK:
+        raise ValueError(f"fp8 gemm: K={k} must be a multiple of {q8.BLOCK}")
+    want_b = (n // q8.BLOCK, k // q8.BLOCK) if b_scale == "blocks" else (n, k // q8.BLOCK)
+    if b_scale == "blocks" and n % q8.BLOCK:
+        raise ValueError(f"fp8 gemm: N={n} must be a multiple of {q8.BLOCK} (128 x 128 weight blocks)")
+    for name, s, want in (("s_a", s_a, (m, k // q8.BLOCK)), ("s_b", s_b, want_b)):
+        if s.shape != want or s.dtype != jnp.float32:
+            raise ValueError(f"fp8 gemm: {name} must be float32{list(want)}, got "
+                             f"{s.dtype}{list(s.shape)}")
+
+
+def _reference(a, s_a, b_deq, out_dtype):
+    a_deq = q8.dequantize_rows(a, s_a)
+    y = jnp.einsum("mk,nk->mn", a_deq, b_deq, precision=jax.lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
+
+
+def gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array, *,
+              out_dtype=jnp.bfloat16, impl: str = "xla", interpret: bool = False) -> jax.Array:
+    """y [M, N] = dequant(a) @ dequant(b)^T; a 1 x 128-scaled, b 128 x 128-scaled."""
+    _check(a, s_a, b, s_b, "blocks")
+    if impl == "xla":
+        return _reference(a, s_a, q8.dequantize_blocks(b, s_b), out_dtype)
+    if impl == "pallas":
+        return _pallas_gemm(a, s_a, b, s_b, "blocks", out_dtype, interpret)
+    raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
+
+
+def gemm_1d1d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array, *,
+              out_dtype=jnp.float32, impl: str = "xla", interpret: bool = False) -> jax.Array:
+    """y [M, N] = dequant(a) @ dequant(b)^T; both 1 x 128-scaled along K (the weight gradient)."""
+    _check(a, s_a, b, s_b, "rows")
+    if impl == "xla":
+        return _reference(a, s_a, q8.dequantize_rows(b, s_b), out_dtype)
+    if impl == "pallas":
+        return _pallas_gemm(a, s_a, b, s_b, "rows", out_dtype, interpret)
+    raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
+
+
+# --------------------------------------------------------------------------------------------
+# The Mosaic GPU kernel
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fp8Config:
+    """Tiles of the FP8 kernel. block_k is the scale tile (128) and is not a choice.
+
+    block_m: rows of a CTA's output tile; both compute warpgroups take all of them.
+    block_n: columns of a CTA's output tile, split in halves between the two compute
+      warpgroups; multiple of 128 (each half whole 64-column wgmma N steps).
+    max_concurrent_steps: SMEM stages of the K pipeline (a stage: a [block_m, 128] + b
+      [block_n, 128] e4m3 tile and their scale rows).
+    chain_tiles: let the TMA warpgroup run on into a CTA's next tile (see grouped_matmul).
+    """
+    block_m: int = 128
+    block_n: int = 256
+    max_concurrent_steps: int = 3
+    chain_tiles: bool = True
+    epilogue_slots: int = 2
+
+    def __post_init__(self):
+        if self.block_m <= 0 or self.block_m % 64:
+            raise ValueError(f"Fp8Config.block_m={self.block_m} must be a positive multiple of 64")
+        if self.block_n <= 0 or self.block_n % 128:
+            raise ValueError(f"Fp8Config.block_n={self.block_n} must be a positive multiple of 128")
+        if self.max_concurrent_steps < 2:
+            raise ValueError(f"Fp8Config.max_concurrent_steps={self.max_concurrent_steps} must "
+                             "be >= 2")
+        if self.smem_bytes(4) > gm.SMEM_BYTES:
+            raise ValueError(f"Fp8Config: {self.smem_bytes(4)} bytes of shared memory needed, more "
+                             f"than {gm.SMEM_BYTES}; lower max_concurrent_steps or the blocks")
+
+    def smem_bytes(self, out_itemsize: int) -> int:
+        stage = (self.block_m + self.block_n) * (q8.BLOCK + 4)  # fp8 tiles + f32 scale rows
+        return self.max_concurrent_steps * stage + gm._epilogue_bytes(self.epilogue_slots)
+
+
+def default_config(m: int, n: int) -> Fp8Config:
+    """256-wide tiles where N allows (3 stages fit in SMEM), else 128 (4 stages)."""
+    if n % 256 == 0:
+        return Fp8Config(block_n=256, max_concurrent_steps=3)
+    return Fp8Config(block_n=128, max_concurrent_steps=4)
+
+
+def _specs(cfg: Fp8Config) -> list:
+    """One K-block per pipeline step: a [bm, 128], b [bn, 128] (e4m3, 128-byte swizzle: one row
+    of a tile is exactly 128 bytes) and the two scale rows [1, bm], [1, bn] (f32, from the
+    transposed scale arrays so each row is contiguous for TMA)."""
+    bm, bn, bk = cfg.block_m, cfg.block_n, q8.BLOCK
+    fp8 = jnp.dtype(q8.FP8)
+    return [
+        plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8)),
+        plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8)),
+        plgpu.BlockSpec((1, bm), lambda k: (k, 0)),
+        plgpu.BlockSpec((1, bn), lambda k: (k, 0)),
+    ]
+
+
+def _promoting_mma(half: int):
+    """Pipeline step of one compute warpgroup over one K-block of 128: the FP8 wgmma runs into a
+    fresh fp32 accumulator, which is then scaled by s_a[row] * s_b[col] and added to the carried
+    fp32 result (the V3 report's promotion every 128 of K; kernels.md §2.3 DeepGEMM)."""
+    def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
+        wg = lax.axis_index("wg")
+        cols = pl.ds(wg * half, half)
+
+        def product(acc):
+            plgpu.wgmma(acc, a_smem, b_smem.at[cols, :].T)  # both operands K-major
+            return acc[...]
+
+        part = pl.run_scoped(product, plgpu.ACC(carry.shape, jnp.float32))
+        sa = plgpu.load(sa_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+        sb = plgpu.load(sb_smem.at[0, cols], layout=plgpu.Layout.WGMMA.reduce(0))
+        scale = (lax.broadcast_in_dim(sa, carry.shape, [0])
+                 * lax.broadcast_in_dim(sb, carry.shape, [1]))
+        return carry + part * scale
+    return mma
+
+
+def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config):
+    """a_ref [M, K], b_ref [N, K] (e4m3); sa_ref [K/128, M], sb_ref [K/128, N] (f32);
+    y_ref [M, N]. Persistent: each CTA loops over (m-tile, n-tile) work items."""
+    bm, bn = cfg.block_m, cfg.block_n
+    half = bn // gm.NUM_COMPUTE_WGS
+    m_tiles, n_tiles = y_ref.shape[0] // bm, y_ref.shape[1] // bn
+    k_steps = a_ref.shape[1] // q8.BLOCK
+    chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
+    in_specs = _specs(cfg)
+    mma = _promoting_mma(half)
+
+    def pipeline(store_to, state=None):
+        def context(run):
+            zeros = plgpu.layout_cast(jnp.zeros((bm, half), jnp.float32), plgpu.Layout.WGMMA)
+            store_to(run(zeros))
+        return plgpu.emit_pipeline_warp_specialized(
+            mma, grid=(k_steps,), in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
+            memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS,
+            wg_axis="wg", compute_context=context, pipeline_state=state)
+
+    def scoped(allocs, epi):
+        wg = lax.axis_index("wg")
+        num_sms = lax.axis_size("sm")
+        total = m_tiles * n_tiles
+
+        @plgpu.nd_loop((total,), collective_axes="sm")
+        def _tile(info):
+            lin = info.index[0]
+            # N minor: CTAs working at one time share the a tile and neighbouring b tiles (L2)
+            m_idx, n_idx = lax.div(lin, jnp.int32(n_tiles)), lax.rem(lin, jnp.int32(n_tiles))
+            rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
+            cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
+            y_tile = y_ref.at[rows, cols].at[:, pl.ds(wg * half, half)]
+            store = functools.partial(gm._store_tile, slots=epi.at[wg], dst=y_tile)
+            gm._run_tile(lambda state=None: pipeline(store, state),
+                         (a_ref.at[rows, :], b_ref.at[cols, :], sa_ref.at[:, rows],
+                          sb_ref.at[:, cols]),
+                         allocs, chain=chain, first=info.local_index == 0,
+                         last=lin + num_sms >= total)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    allocs = pipeline(None).get_allocations(
+        a_ref.at[pl.ds(0, bm), :], b_ref.at[pl.ds(0, bn), :], sa_ref.at[:, pl.ds(0, bm)],
+        sb_ref.at[:, pl.ds(0, bn)])
+    pl.run_scoped(scoped, allocs=allocs, epi=gm._epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
+                  collective_axes="wg")
+
+
+def kernel_scales(s_a: jax.Array, s_b: jax.Array, b_scale: str) -> tuple[jax.Array, jax.Array]:
+    """The scale layout the kernel reads: s_a^T [K/128, M] and one scale per b row, transposed,
+    [K/128, N] (so each K-block's scales are one contiguous row for TMA). 128 x 128 weight
+    blocks become one scale per output column: the block's scale repeated over its 128 rows,
+    exact, so one kernel serves both scalings. Quantizers can emit this layout directly."""
+    s_b_rows = jnp.repeat(s_b, q8.BLOCK, axis=0) if b_scale == "blocks" else s_b
+    return s_a.T, s_b_rows.T
+
+
+def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
+                out_dtype=jnp.bfloat16, config: Fp8Config | None = None,
+                interpret: bool = False) -> jax.Array:
+    """The Mosaic GPU kernel alone: a [M, K], b [N, K] e4m3; sa_t [K/128, M], sb_t [K/128, N]
+    float32 (`kernel_scales`) -> a @ b^T [M, N] with fp32 promotion every 128 of K."""
+    (m, k), n = a.shape, b.shape[0]
+    cfg = config or default_config(m, n)
+    for name, size, block in (("M (a.shape[0])", m, cfg.block_m), ("N (b.shape[0])", n, cfg.block_n)):
+        if size % block:
+            raise ValueError(f"fp8 gemm (pallas): {name} = {size} must be a multiple of the "
+                             f"{block}-wide tile; pad it explicitly (the reference path takes any)")
+    for name, x, want in (("sa_t", sa_t, (k // q8.BLOCK, m)), ("sb_t", sb_t, (k // q8.BLOCK, n))):
+        if x.shape != want:
+            raise ValueError(f"fp8 gemm (pallas): {name} must be [K/128, rows] = {list(want)}, "
+                             f"got {list(x.shape)}")
+    run = gm._launch(functools.partial(_body, cfg=cfg),
+                     jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
+    return run(a, b, sa_t, sb_t)
+
+
+def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Config | None = None):
+    sa_t, sb_t = kernel_scales(s_a, s_b, b_scale)
+    return gemm_kernel(a, b, sa_t, sb_t, out_dtype=out_dtype, config=config, interpret=interpret)

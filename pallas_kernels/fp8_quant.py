@@ -1,0 +1,98 @@
+"""DeepSeek-V3's tile-wise FP8 quantization ([PAPER] §3.3.2; ../shared/reference/kernels.md §2.1).
+
+Every FP8 GEMM input is e4m3 with float32 scales over small tiles, so one outlier spoils only
+its own tile:
+  * activations: 1 x 128 tiles (one token, 128 consecutive channels of the contraction axis);
+  * weights:     128 x 128 blocks;
+  * the weight gradient contracts over tokens, so its operands are quantized along the token
+    axis: `quantize_cols` transposes and quantizes in one pass (the report's "128 x 1" tiles).
+scale = amax / 448 (e4m3's largest finite value), amax floored at `AMAX_FLOOR` so an all-zero
+tile gets a finite scale (DeepSeek-V3's inference/kernel.py floors at 1e-4); `pow2=True` rounds
+each scale up to a power of two (the report's option; DeepSeek's `ue8m0` format), so applying it
+is exact.
+
+These are plain jnp functions: XLA fuses the reduction, the division and the cast into one pass
+over the input (the route kernels.md §8 recommends for a memory-bound op), and the transpose
+of `quantize_cols` into the same fusion. x q/s are what the FP8 GEMMs in `fp8_gemm` take.
+Shapes whose quantized axis is not a multiple of 128 raise, naming the axis: padding is the
+caller's explicit choice, never implicit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FP8 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+BLOCK = 128
+AMAX_FLOOR = 1e-4
+
+
+def _check_axis(name: str, x: jax.Array, axis: int, what: str) -> None:
+    size = x.shape[axis]
+    if size % BLOCK:
+        raise ValueError(f"{name}: {what} (shape[{axis % x.ndim}] = {size} of {x.shape}) must be a "
+                         f"multiple of {BLOCK} for FP8 tile scales; pad it explicitly")
+
+
+def _scale(amax: jax.Array, pow2: bool) -> jax.Array:
+    s = jnp.maximum(amax.astype(jnp.float32), AMAX_FLOOR) / E4M3_MAX
+    if pow2:
+        # round up so q = x / s stays within e4m3's range
+        s = jnp.exp2(jnp.ceil(jnp.log2(s)))
+    return s
+
+
+def quantize_rows(x: jax.Array, *, pow2: bool = False, name: str = "x") -> tuple[jax.Array, jax.Array]:
+    """1 x 128 tiles along the last axis: x [..., K] -> (q [..., K] e4m3, s [..., K/128] fp32),
+    x ~= q * s (s repeated over each tile)."""
+    _check_axis(name, x, -1, "the quantized (last) axis")
+    k = x.shape[-1]
+    tiles = x.astype(jnp.float32).reshape(*x.shape[:-1], k // BLOCK, BLOCK)
+    s = _scale(jnp.max(jnp.abs(tiles), axis=-1), pow2)
+    q = (tiles / s[..., None]).astype(FP8)
+    return q.reshape(x.shape), s
+
+
+def quantize_cols(x: jax.Array, *, pow2: bool = False, name: str = "x") -> tuple[jax.Array, jax.Array]:
+    """Transpose + quantize: x [M, K] -> (q [K, M] e4m3, s [K, M/128]): 128 x 1 tiles of x (128
+    consecutive rows of one column), laid out K-major for a GEMM that contracts over M."""
+    if x.ndim != 2:
+        raise ValueError(f"{name}: quantize_cols takes [M, K], got shape {x.shape}")
+    _check_axis(name, x, 0, "the contraction (first) axis")
+    return quantize_rows(x.T, pow2=pow2, name=name)
+
+
+def quantize_blocks(w: jax.Array, *, pow2: bool = False, name: str = "w") -> tuple[jax.Array, jax.Array]:
+    """128 x 128 blocks: w [..., N, K] -> (q [..., N, K] e4m3, s [..., N/128, K/128] fp32)."""
+    if w.ndim < 2:
+        raise ValueError(f"{name}: quantize_blocks takes [..., N, K], got shape {w.shape}")
+    _check_axis(name, w, -2, "N (the second-to-last axis)")
+    _check_axis(name, w, -1, "K (the last axis)")
+    *lead, n, k = w.shape
+    blocks = w.astype(jnp.float32).reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    s = _scale(jnp.max(jnp.abs(blocks), axis=(-3, -1)), pow2)
+    q = (blocks / s[..., :, None, :, None]).astype(FP8)
+    return q.reshape(w.shape), s
+
+
+def dequantize_rows(q: jax.Array, s: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Inverse of `quantize_rows`: q [..., K], s [..., K/128] -> [..., K] in `dtype`."""
+    k = q.shape[-1]
+    tiles = q.astype(jnp.float32).reshape(*q.shape[:-1], k // BLOCK, BLOCK) * s[..., None]
+    return tiles.reshape(q.shape).astype(dtype)
+
+
+def dequantize_blocks(q: jax.Array, s: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Inverse of `quantize_blocks`: q [..., N, K], s [..., N/128, K/128] -> [..., N, K]."""
+    *lead, n, k = q.shape
+    blocks = q.astype(jnp.float32).reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    return (blocks * s[..., :, None, :, None]).reshape(q.shape).astype(dtype)
+
+
+def transpose_blocks(q: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A 128 x 128 block-quantized [..., N, K] as the same quantization of its transpose
+    [..., K, N] (exact: blocks map to blocks). The data gradient contracts over N, and Hopper's
+    FP8 wgmma wants K-major operands, so it takes this copy of the weight."""
+    return jnp.swapaxes(q, -1, -2), jnp.swapaxes(s, -1, -2)
