@@ -16,6 +16,8 @@ iteration by rewriting a 256 MiB buffer whose kernel is left out of the sum):
   xla_dequant_bf16  dequantize the same FP8 tiles to bf16 and dot, in one jit: what a JAX user
                     gets today for the recipe
   triton_fp8        a jax-triton block-scaled kernel: not written yet (recorded as not run)
+and grouped cases (G experts x ROWS rows, the MoE layout): pallas_fp8_grouped (our grouped FP8
+kernel) against pallas_bf16_grouped (our bf16 grouped kernel, the baseline).
 TFLOP/s = 2 M N K / time; the fraction of the FP8 dense peak (1979 on H100/H200 datasheets) and
 ratios to xla_bf16 are printed. The kernel's error against the exact product of the quantized
 values is checked per shape (DeepGEMM's calc_diff, and max relative error).
@@ -53,6 +55,8 @@ FP8_PEAK = 1979.0
 # useful FLOPs counted).
 DEEPSEEK_NK = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
 DEFAULT_SHAPES = [(8192, 8192, 8192)] + [(m, n, k) for m in (4096, 128) for n, k in DEEPSEEK_NK]
+DEFAULT_GROUPED = [(g, rows, n, k) for g, rows in ((4, 8192), (8, 4096))
+                   for n, k in ((4096, 7168), (7168, 2048))]
 
 
 def parse_args(argv=None):
@@ -61,6 +65,9 @@ def parse_args(argv=None):
                     help="MxNxK shapes (default: 8192^3 and DeepSeek-V3's at M = 4096 and 128)")
     ap.add_argument("--impls", nargs="*", default=None,
                     help="subset of pallas_fp8 xla_bf16 xla_fp8_unscaled xla_dequant_bf16")
+    ap.add_argument("--grouped", nargs="*", default=None,
+                    help="GxROWSxNxK grouped cases (default: 4x8192 and 8x4096 rows with (N, K) "
+                         "in {(4096, 7168), (7168, 2048)}; pass none to skip: --grouped)")
     ap.add_argument("--iterations", type=int, default=20, help="timed iterations per case")
     ap.add_argument("--interpret", action="store_true",
                     help="run the kernel in Pallas' GPU interpret mode (CPU smoke test)")
@@ -156,6 +163,39 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool) ->
     return rows
 
 
+def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpret: bool) -> list[dict]:
+    """g experts of `rows` rows each (the contiguous layout, already sorted and 128-aligned):
+    our grouped FP8 kernel against our grouped bf16 kernel (pallas_kernels/grouped_matmul.py,
+    the bf16 grouped baseline) on the same rows and weights."""
+    from pallas_kernels import grouped_matmul as gm
+
+    m = g * rows
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (g, n, k), jnp.bfloat16)  # [E, N, K]: K-major, as FP8 needs
+    plan = gm.pad_plan(jnp.full((g,), rows, jnp.int32), m, 128)
+    x_pad = gm.pad_rows(x, plan)
+    aq, sa = jax.jit(q8.quantize_rows)(x_pad)
+    bq, sb = jax.jit(q8.quantize_blocks)(w)
+    fns = {
+        "pallas_fp8_grouped": (lambda a, s1, b, s2: fg.grouped_gemm_1d2d(
+            a, s1, b, s2, plan, impl="pallas", interpret=interpret), (aq, sa, bq, sb)),
+        "pallas_bf16_grouped": (lambda a, b: gm.gmm(a, b, plan, transpose_w=True,
+                                                    interpret=interpret), (x_pad, w)),
+    }
+    flops = 2 * m * n * k
+    out = []
+    for impl, (fn, args) in fns.items():
+        try:
+            ms = _time_ms(fn, args, iterations, interpret)
+            out.append({"shape": [m, n, k], "groups": g, "impl": impl, "tflops": flops / ms / 1e9,
+                        "ms": ms})
+        except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
+            out.append({"shape": [m, n, k], "groups": g, "impl": impl, "tflops": None,
+                        "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    return out
+
+
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     shapes = [_shape(s) for s in a.shapes] if a.shapes else DEFAULT_SHAPES
@@ -177,6 +217,18 @@ def main(argv=None) -> list[dict]:
                          + (f", calc_diff {r['calc_diff']:.1e}" if "calc_diff" in r else ""))
             print(f"  {m:>5}x{n:>5}x{k:>5}  {r['impl']:<17} "
                   f"{'-' if t is None else f'{t:8.1f}':>8} TFLOP/s  {extra}", flush=True)
+    grouped = ([tuple(int(v) for v in c.lower().split("x")) for c in a.grouped]
+               if a.grouped is not None else DEFAULT_GROUPED)
+    for g, rows, n, k in grouped:
+        recs = run_grouped_case(g, rows, n, k, a.iterations, a.interpret)
+        records += recs
+        base = recs[1]["tflops"]
+        for r in recs:
+            t = r["tflops"]
+            extra = r.get("error", "") if t is None else (
+                f"{t / FP8_PEAK:6.1%} of FP8 peak" + (f", {t / base:4.2f}x bf16 grouped" if base else ""))
+            print(f"  {g}x{rows}x{n}x{k} {r['impl']:<20} {'-' if t is None else f'{t:8.1f}':>8} "
+                  f"TFLOP/s  {extra}", flush=True)
     records[0]["run"] = {
         "command": "python experiments/bench_fp8_gemm.py " + " ".join(
             argv if argv is not None else sys.argv[1:]),

@@ -264,3 +264,118 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
 def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Config | None = None):
     sa_t, sb_t = kernel_scales(s_a, s_b, b_scale)
     return gemm_kernel(a, b, sa_t, sb_t, out_dtype=out_dtype, config=config, interpret=interpret)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped (MoE experts): rows sorted by expert in the padded-group layout of grouped_matmul
+# --------------------------------------------------------------------------------------------
+
+
+def _check_grouped(a, s_a, b, s_b, plan) -> None:
+    if b.ndim != 3 or b.dtype != q8.FP8:
+        raise ValueError(f"grouped fp8 gemm: b must be float8_e4m3fn[E, N, K], got "
+                         f"{b.dtype}{list(b.shape)}")
+    e, n, k = b.shape
+    if e != plan.num_groups:
+        raise ValueError(f"grouped fp8 gemm: b has {e} experts (shape[0]) but the plan has "
+                         f"{plan.num_groups} groups")
+    if a.ndim != 2 or a.shape[0] != plan.padded_rows:
+        raise ValueError(f"grouped fp8 gemm: a must be [padded_rows={plan.padded_rows}, K], got "
+                         f"{list(a.shape)}")
+    if plan.block_m % q8.BLOCK and q8.BLOCK % plan.block_m:
+        raise ValueError(f"grouped fp8 gemm: the plan's block_m={plan.block_m} must divide or be "
+                         f"a multiple of {q8.BLOCK}")
+    _check(a, s_a, b[0], s_b[0] if s_b.ndim == 3 else s_b, "blocks")
+    if s_b.shape != (e, n // q8.BLOCK, k // q8.BLOCK):
+        raise ValueError(f"grouped fp8 gemm: s_b must be float32[{e}, {n // q8.BLOCK}, "
+                         f"{k // q8.BLOCK}], got {list(s_b.shape)}")
+
+
+def grouped_gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array, plan, *,
+                      out_dtype=jnp.bfloat16, impl: str = "xla", interpret: bool = False,
+                      config: Fp8Config | None = None) -> jax.Array:
+    """y_pad[rows of expert g] = dequant(a rows) @ dequant(b[g])^T in the padded-group layout
+    (`grouped_matmul.pad_plan`; every M-tile belongs to one expert, unused tiles give zeros).
+
+    a [padded_rows, K] e4m3 in 1 x 128 tiles (s_a [padded_rows, K/128]); b [E, N, K] e4m3 in
+    128 x 128 blocks per expert (s_b [E, N/128, K/128]). The forward pass of the experts (b =
+    the expert weights) and their data gradient (b = the transposed weights). The kernel's
+    tiles are the plan's: its block_m must equal the kernel's (128 by default)."""
+    _check_grouped(a, s_a, b, s_b, plan)
+    if impl == "xla":
+        t = plan.tile_group.shape[0]
+        a_deq = q8.dequantize_rows(a, s_a).reshape(t, plan.block_m, -1)
+        b_deq = q8.dequantize_blocks(b, s_b)[jnp.maximum(plan.tile_group, 0)]  # [T, N, K]
+        y = jnp.einsum("tmk,tnk->tmn", a_deq, b_deq, precision=lax.Precision.HIGHEST)
+        y = jnp.where((plan.tile_group >= 0)[:, None, None], y, 0.0)
+        return y.reshape(plan.padded_rows, -1).astype(out_dtype)
+    if impl != "pallas":
+        raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
+    cfg = config or default_config(plan.padded_rows, b.shape[1])
+    if cfg.block_m != plan.block_m:
+        raise ValueError(f"grouped fp8 gemm (pallas): the plan's block_m={plan.block_m} must equal "
+                         f"the kernel's block_m={cfg.block_m}; build the plan with it")
+    if b.shape[1] % cfg.block_n:
+        raise ValueError(f"grouped fp8 gemm (pallas): N = {b.shape[1]} must be a multiple of "
+                         f"block_n = {cfg.block_n}")
+    sb_t = jnp.swapaxes(jnp.repeat(s_b, q8.BLOCK, axis=1), 1, 2)  # [E, K/128, N]
+    run = gm._launch(functools.partial(_grouped_body, cfg=cfg),
+                     jax.ShapeDtypeStruct((plan.padded_rows, b.shape[1]), out_dtype), interpret)
+    return run(plan.num_tiles.reshape(1), plan.tile_group, a, b, s_a.T, sb_t)
+
+
+def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y_ref, *,
+                  cfg: Fp8Config):
+    """As `_body`, with the b tile and its scales taken from the tile's expert; the tiles past
+    the last group store zeros."""
+    bm, bn = cfg.block_m, cfg.block_n
+    half = bn // gm.NUM_COMPUTE_WGS
+    n_tiles = y_ref.shape[1] // bn
+    k_steps = a_ref.shape[1] // q8.BLOCK
+    chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
+    in_specs = _specs(cfg)
+    mma = _promoting_mma(half)
+
+    def pipeline(store_to, state=None):
+        def context(run):
+            zeros = plgpu.layout_cast(jnp.zeros((bm, half), jnp.float32), plgpu.Layout.WGMMA)
+            store_to(run(zeros))
+        return plgpu.emit_pipeline_warp_specialized(
+            mma, grid=(k_steps,), in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
+            memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS,
+            wg_axis="wg", compute_context=context, pipeline_state=state)
+
+    def scoped(allocs, epi):
+        wg = lax.axis_index("wg")
+        num_sms = lax.axis_size("sm")
+        used = num_tiles_ref[0] * n_tiles
+
+        @plgpu.nd_loop((tile_group_ref.shape[0] * n_tiles,), collective_axes="sm")
+        def _tile(info):
+            lin = info.index[0]
+            m_idx, n_idx = lax.div(lin, jnp.int32(n_tiles)), lax.rem(lin, jnp.int32(n_tiles))
+            rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
+            cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
+            y_tile = y_ref.at[rows, cols].at[:, pl.ds(wg * half, half)]
+
+            @pl.when(lin < used)
+            def _compute():
+                g = tile_group_ref[m_idx]
+                store = functools.partial(gm._store_tile, slots=epi.at[wg], dst=y_tile)
+                gm._run_tile(lambda state=None: pipeline(store, state),
+                             (a_ref.at[rows, :], b_ref.at[g, cols, :], sa_ref.at[:, rows],
+                              sb_ref.at[g, :, cols]),
+                             allocs, chain=chain, first=info.local_index == 0,
+                             last=lin + num_sms >= used)
+
+            @pl.when(jnp.logical_and(lin >= used, wg < gm.NUM_COMPUTE_WGS))
+            def _zeros():
+                gm._zero_tile((bm, half), epi.at[wg], y_tile)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    allocs = pipeline(None).get_allocations(
+        a_ref.at[pl.ds(0, bm), :], b_ref.at[0, pl.ds(0, bn), :], sa_ref.at[:, pl.ds(0, bm)],
+        sb_ref.at[0, :, pl.ds(0, bn)])
+    pl.run_scoped(scoped, allocs=allocs, epi=gm._epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
+                  collective_axes="wg")

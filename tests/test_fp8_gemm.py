@@ -91,13 +91,66 @@ def test_bench_fp8_gemm_smoke_in_interpret_mode(tmp_path):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
     import bench_fp8_gemm
 
-    recs = bench_fp8_gemm.main(["--interpret", "--shapes", "128x200x128", "--iterations", "1",
+    recs = bench_fp8_gemm.main(["--interpret", "--shapes", "128x200x128", "--grouped",
+                                "2x128x256x128", "--iterations", "1",
                                 "--json", str(tmp_path / "r.json")])
     impls = {r["impl"] for r in recs}
     assert impls == {"pallas_fp8", "xla_bf16", "xla_fp8_unscaled", "xla_dequant_bf16",
-                     "triton_fp8"}
+                     "triton_fp8", "pallas_fp8_grouped", "pallas_bf16_grouped"}
+    assert all(r["tflops"] for r in recs if r["impl"] != "triton_fp8")
     kernel = next(r for r in recs if r["impl"] == "pallas_fp8")
     assert kernel["n_padded_to"] == 256 and kernel["calc_diff"] < 1e-4
+
+
+def _grouped_operands(sizes, n, k, seed=0):
+    from pallas_kernels import grouped_matmul as gm
+
+    sizes = jnp.asarray(sizes, jnp.int32)
+    m, e = int(sizes.sum()) + 7, sizes.shape[0]  # 7 rows past the last group: no group's
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (m, k)) * jnp.exp2(jnp.arange(k) // q8.BLOCK * 2.0 - 2)
+    w = jax.random.normal(kw, (e, n, k)) * jnp.exp2(jnp.arange(e) - 1.0)[:, None, None]
+    plan = gm.pad_plan(sizes, m, 128)
+    aq, sa = q8.quantize_rows(gm.pad_rows(x, plan))
+    bq, sb = q8.quantize_blocks(w)
+    return aq, sa, bq, sb, plan
+
+
+def test_grouped_kernel_equals_the_reference_in_interpret_mode():
+    """Experts of 100, 0 (empty), 150 and 50 rows: each M-tile must use its own expert's
+    weights and scales, and the unused tiles at the end must be zeros."""
+    from pallas_kernels import grouped_matmul as gm
+
+    aq, sa, bq, sb, plan = _grouped_operands([100, 0, 150, 50], 256, 256)
+    ref = fg.grouped_gemm_1d2d(aq, sa, bq, sb, plan, out_dtype=jnp.float32)
+    want = gm.gmm_reference(q8.dequantize_rows(aq, sa), q8.dequantize_blocks(bq, sb), plan,
+                            transpose_w=True)
+    np.testing.assert_allclose(ref, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
+    got = fg.grouped_gemm_1d2d(aq, sa, bq, sb, plan, out_dtype=jnp.float32, impl="pallas",
+                               interpret=True)
+    assert plan.padded_rows > int(plan.num_tiles) * 128  # zero tiles are exercised
+    assert _rel(got, ref) < 1e-5
+    assert float(jnp.abs(got[int(plan.num_tiles) * 128:]).max()) == 0.0
+
+
+def test_grouped_kernel_checks_the_plan():
+    from pallas_kernels import grouped_matmul as gm
+
+    aq, sa, bq, sb, plan = _grouped_operands([100, 60], 256, 128)
+    with pytest.raises(ValueError, match="2 groups"):
+        fg.grouped_gemm_1d2d(aq, sa, bq[:1], sb[:1], plan)
+    plan64 = gm.pad_plan(jnp.asarray([100, 60], jnp.int32), 167, 64)
+    aq64, sa64 = q8.quantize_rows(jnp.zeros((plan64.padded_rows, 128)))
+    with pytest.raises(ValueError, match="block_m=64 must equal the kernel's block_m=128"):
+        fg.grouped_gemm_1d2d(aq64, sa64, bq, sb, plan64, impl="pallas", interpret=True)
+
+
+@pytest.mark.gpu
+def test_grouped_kernel_on_the_gpu():
+    aq, sa, bq, sb, plan = _grouped_operands([1000, 0, 3000, 96, 4000], 512, 2048, seed=5)
+    got = fg.grouped_gemm_1d2d(aq, sa, bq, sb, plan, impl="pallas").astype(jnp.float32)
+    want = fg.grouped_gemm_1d2d(aq, sa, bq, sb, plan, out_dtype=jnp.float32)
+    assert _rel(got, want) < 2e-2
 
 
 @pytest.mark.gpu
