@@ -8,6 +8,10 @@ layout), e4m3 data and float32 scales over tiles of the contraction axis K:
               gradient (a = dy, b = the transposed weight, `fp8_quant.transpose_blocks`).
   gemm_1d1d   both in 1 x 128 tiles (s_b [N, K/128]). The weight gradient, where K is the token
               axis: a = dy^T and b = x^T, from `fp8_quant.quantize_cols`.
+  grouped_gemm_1d2d, grouped_wgrad_1d1d
+              the MoE experts in grouped_matmul's padded-group layout: per-expert weights and
+              block scales (forward, data gradient), and the weight gradient contracting over
+              each expert's own 128-token tiles.
 
 The accumulation is float32, "promoted" every 128 of K: each K-block's partial product is scaled
 by s_a[m, kb] * s_b[n | n-block, kb] and added to the float32 result (Hopper's FP8 tensor cores
@@ -377,5 +381,102 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
     allocs = pipeline(None).get_allocations(
         a_ref.at[pl.ds(0, bm), :], b_ref.at[0, pl.ds(0, bn), :], sa_ref.at[:, pl.ds(0, bm)],
         sb_ref.at[0, :, pl.ds(0, bn)])
+    pl.run_scoped(scoped, allocs=allocs, epi=gm._epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
+                  collective_axes="wg")
+
+
+def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.Array, plan, *,
+                       out_dtype=jnp.float32, impl: str = "xla", interpret: bool = False,
+                       config: Fp8Config | None = None) -> jax.Array:
+    """The experts' weight gradient, contracting over each expert's own tokens:
+    dw[g] [N, K] = dequant(a_t[:, rows of g]) @ dequant(b_t[:, rows of g])^T.
+
+    a_t [N, padded_rows] (dy transposed) and b_t [K, padded_rows] (x transposed), e4m3 in
+    1 x 128 tiles along the token axis (`fp8_quant.quantize_cols` of the padded rows: the plan's
+    128-row tiles never straddle two experts, so neither do the scale tiles); s_a [N,
+    padded_rows/128], s_b [K, padded_rows/128]. Experts with no rows get exact zeros."""
+    if plan.block_m != q8.BLOCK:
+        raise ValueError(f"grouped fp8 wgrad: the plan's block_m={plan.block_m} must be "
+                         f"{q8.BLOCK}, the token tile of the scales")
+    for name, x in (("a_t", a_t), ("b_t", b_t)):
+        if x.ndim != 2 or x.shape[1] != plan.padded_rows:
+            raise ValueError(f"grouped fp8 wgrad: {name} must be [rows, padded_rows="
+                             f"{plan.padded_rows}] (tokens last), got {list(x.shape)}")
+    _check(a_t, s_a, b_t, s_b, "rows")
+    e = plan.num_groups
+    if impl == "xla":
+        t = plan.tile_group.shape[0]
+        a = q8.dequantize_rows(a_t, s_a).reshape(a_t.shape[0], t, q8.BLOCK)
+        b = q8.dequantize_rows(b_t, s_b).reshape(b_t.shape[0], t, q8.BLOCK)
+        per_tile = jnp.einsum("ntm,ktm->tnk", a, b, precision=lax.Precision.HIGHEST)
+        seg = jnp.where(plan.tile_group >= 0, plan.tile_group, e)
+        return jax.ops.segment_sum(per_tile, seg, num_segments=e + 1)[:e].astype(out_dtype)
+    if impl != "pallas":
+        raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
+    n, k = a_t.shape[0], b_t.shape[0]
+    cfg = config or default_config(n, k)
+    for name, size, block in (("N (a_t.shape[0])", n, cfg.block_m), ("K (b_t.shape[0])", k, cfg.block_n)):
+        if size % block:
+            raise ValueError(f"grouped fp8 wgrad (pallas): {name} = {size} must be a multiple of "
+                             f"the {block}-wide tile")
+    # longest experts first, as grouped_matmul.tgmm does (skewed routing)
+    order = jnp.argsort(-plan.group_tile_count, stable=True).astype(jnp.int32)
+    run = gm._launch(functools.partial(_kgrouped_body, cfg=cfg),
+                     jax.ShapeDtypeStruct((e, n, k), out_dtype), interpret)
+    return run(order, plan.group_tile_start, plan.group_tile_count, a_t, b_t, s_a.T, s_b.T)
+
+
+def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref, y_ref, *,
+                   cfg: Fp8Config):
+    """Work items (expert, n-tile, k-tile); each runs the K pipeline over its expert's own
+    token blocks (a dynamic length: the index maps add the expert's first block)."""
+    bm, bn = cfg.block_m, cfg.block_n
+    half = bn // gm.NUM_COMPUTE_WGS
+    e, n, k = y_ref.shape
+    m_tiles, n_tiles = n // bm, k // bn
+    fp8 = jnp.dtype(q8.FP8)
+    mma = _promoting_mma(half)
+
+    def pipeline(first, steps, store_to):
+        in_specs = [
+            plgpu.BlockSpec((bm, q8.BLOCK), lambda s: (0, first + s),
+                            transforms=gm._swizzled(q8.BLOCK, fp8)),
+            plgpu.BlockSpec((bn, q8.BLOCK), lambda s: (0, first + s),
+                            transforms=gm._swizzled(q8.BLOCK, fp8)),
+            plgpu.BlockSpec((1, bm), lambda s: (first + s, 0)),
+            plgpu.BlockSpec((1, bn), lambda s: (first + s, 0)),
+        ]
+
+        def context(run):
+            zeros = plgpu.layout_cast(jnp.zeros((bm, half), jnp.float32), plgpu.Layout.WGMMA)
+            store_to(run(zeros))
+        return plgpu.emit_pipeline_warp_specialized(
+            mma, grid=(steps,), in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
+            memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS,
+            wg_axis="wg", compute_context=context)
+
+    def scoped(allocs, epi):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((e * m_tiles * n_tiles,), collective_axes="sm")
+        def _tile(info):
+            lin = info.index[0]
+            g = order_ref[lax.div(lin, jnp.int32(m_tiles * n_tiles))]
+            mn = lax.rem(lin, jnp.int32(m_tiles * n_tiles))
+            m_idx, n_idx = lax.div(mn, jnp.int32(n_tiles)), lax.rem(mn, jnp.int32(n_tiles))
+            rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
+            cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
+            y_tile = y_ref.at[g, rows, cols].at[:, pl.ds(wg * half, half)]
+            store = functools.partial(gm._store_tile, slots=epi.at[wg], dst=y_tile)
+            pipeline(start_ref[g], count_ref[g], store)(
+                a_ref.at[rows, :], b_ref.at[cols, :], sa_ref.at[:, rows], sb_ref.at[:, cols],
+                allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    # a static grid of max_concurrent_steps keeps the stage count the dynamic pipelines use
+    allocs = pipeline(0, cfg.max_concurrent_steps, None).get_allocations(
+        a_ref.at[pl.ds(0, bm), :], b_ref.at[pl.ds(0, bn), :], sa_ref.at[:, pl.ds(0, bm)],
+        sb_ref.at[:, pl.ds(0, bn)])
     pl.run_scoped(scoped, allocs=allocs, epi=gm._epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
                   collective_axes="wg")
