@@ -15,6 +15,7 @@ import numpy as np
 
 from dsv3_jax import model as _model
 from dsv3_jax.config import PRESETS, Config, get_config
+from dsv3_jax.generate import generate
 from dsv3_jax.hf import load_hf_checkpoint, save_hf_checkpoint
 from dsv3_jax.loss import loss_fn
 from dsv3_jax.model import cache_bytes_per_token, init_cache
@@ -25,6 +26,7 @@ __all__ = [
     "Config", "PRESETS", "get_config", "init_params", "abstract_params", "logical_axes_tree",
     "split_state", "load_hf_checkpoint", "save_hf_checkpoint", "forward", "forward_cached",
     "init_cache", "cache_bytes_per_token", "loss_fn", "update_router_bias", "validate_tokens",
+    "generate",
 ]
 
 
