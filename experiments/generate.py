@@ -1,0 +1,147 @@
+"""Generate text or token ids with `dsv3_jax.generate` from a trained, a Hugging Face or a
+randomly initialised model.
+
+Command:   python experiments/generate.py --checkpoint_dir runs/a --prompt "def " --max_new_tokens 64
+           python experiments/generate.py --hf path/to/DeepSeek-V3 --prompt_ids 0,1,2 --max_new_tokens 8
+           python experiments/generate.py --preset small --prompt_ids 5,6,7 --batch_size 8   (random init)
+Hardware:  any: the CPU for tiny models, one GPU for `small`.
+What it does: loads the model (the newest verified checkpoint of `experiments/pretrain.py`,
+a Hugging Face folder, or random weights of a preset), encodes the prompts (text with the
+project's byte tokenizer, for models whose vocabulary holds its 259 ids; or comma-separated ids),
+generates with the latent cache (prefill on the expanded MLA path, decode on the absorbed one),
+prints each continuation (decoded text where a text prompt was given) and the throughput:
+generated tokens per second of the generate call, compile included in the first call, so it
+runs --repeats times and reports the last.
+Output: the continuations and a line of tokens/s on stdout; --json writes them with the settings.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dsv3_jax
+from dsv3_jax.config import Config, get_config
+from dsv3_jax.data import ByteTokenizer
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint_dir", help="an experiments/pretrain.py checkpoint folder")
+    src.add_argument("--hf", help="a Hugging Face DeepSeek-V3 folder (config.json + safetensors)")
+    ap.add_argument("--preset", default="tiny", help="random init of this preset when neither "
+                    "--checkpoint_dir nor --hf is given")
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="a text prompt (byte tokenizer); repeat for several")
+    ap.add_argument("--prompt_ids", action="append", default=None,
+                    help="a prompt as comma-separated token ids; repeat for several")
+    ap.add_argument("--prompt_file", default=None, help="one text prompt per line")
+    ap.add_argument("--batch_size", type=int, default=None,
+                    help="repeat the prompts to this many rows (throughput runs)")
+    ap.add_argument("--max_new_tokens", type=int, default=32, help="tokens to generate per prompt")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top_k", type=int, default=None, help="sample among the k most likely")
+    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (and random-init seed)")
+    ap.add_argument("--stop_ids", default="", help="comma-separated stop token ids")
+    ap.add_argument("--speculative", action="store_true",
+                    help="MTP speculative decoding (not built yet: an error)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="generate calls; tokens/s is from the last (the first compiles)")
+    ap.add_argument("--json", default=None, help="write the continuations and numbers here")
+    return ap.parse_args(argv)
+
+
+def _ids(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: {text!r} is not comma-separated integers") from None
+
+
+def load_model(a) -> tuple[dict, Config]:
+    if a.hf:
+        cfg, params = dsv3_jax.load_hf_checkpoint(a.hf)
+        return params, cfg
+    if a.checkpoint_dir:
+        return _load_pretrain_checkpoint(a.checkpoint_dir)
+    cfg = get_config(a.preset)
+    return dsv3_jax.init_params(cfg, jax.random.key(a.seed)), cfg
+
+
+def _load_pretrain_checkpoint(directory: str) -> tuple[dict, Config]:
+    from dsv3_jax import train
+    from dsv3_jax.checkpoint import Checkpoints
+
+    path = pathlib.Path(directory)
+    steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()), reverse=True)
+    if not steps:
+        raise SystemExit(f"--checkpoint_dir {directory}: no checkpoint steps in it")
+    meta_files = [path / str(s) / "meta" / "metadata" for s in steps]
+    meta = next((json.loads(m.read_text()) for m in meta_files if m.exists()), None)
+    if meta is None or "config" not in meta:
+        raise SystemExit(f"--checkpoint_dir {directory}: no readable metadata with a config")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()
+                    if k in fields})
+    optimizer = train.make_optimizer(train.v3_schedule(1e-4, 100, 1))  # structure only
+    ckpt = Checkpoints(directory, async_save=False)
+    try:
+        restored = ckpt.restore_latest(train.abstract_state(cfg, optimizer))
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise SystemExit(f"--checkpoint_dir {directory}: no checkpoint to restore")
+    print(f"restored step {restored.step} of {directory}", flush=True)
+    return restored.state["params"], cfg
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    params, cfg = load_model(a)
+    tok = ByteTokenizer()
+    texts = list(a.prompt or [])
+    if a.prompt_file:
+        texts += [ln for ln in pathlib.Path(a.prompt_file).read_text().splitlines() if ln]
+    if texts and cfg.vocab_size < tok.vocab_size:
+        raise SystemExit(f"text prompts need the byte tokenizer's {tok.vocab_size} ids; this model "
+                         f"has vocab_size {cfg.vocab_size}: use --prompt_ids")
+    prompts = [tok.encode(t).tolist() for t in texts]
+    prompts += [_ids(p, "--prompt_ids") for p in (a.prompt_ids or [])]
+    if not prompts:
+        prompts = [tok.encode("def ").tolist()] if cfg.vocab_size >= tok.vocab_size else [[1]]
+        texts = ["def "] if cfg.vocab_size >= tok.vocab_size else []
+    if a.batch_size:
+        prompts = [prompts[i % len(prompts)] for i in range(a.batch_size)]
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+              stop_tokens=_ids(a.stop_ids, "--stop_ids"), speculative=a.speculative)
+    for _ in range(max(1, a.repeats)):
+        t0 = time.perf_counter()
+        outs = dsv3_jax.generate(params, cfg, prompts, a.max_new_tokens, **kw)
+        seconds = time.perf_counter() - t0
+    n_new = sum(len(o) for o in outs)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        shown = repr(tok.decode(p + o)) if i < len(texts) or (texts and a.batch_size) else o
+        print(f"[{i}] {shown}")
+    print(f"{n_new} tokens in {seconds:.3f} s: {n_new / seconds:,.1f} tokens/s "
+          f"({len(prompts)} rows, {jax.devices()[0].device_kind})")
+    record = {"settings": vars(a), "prompts": prompts, "outputs": outs, "tokens": n_new,
+              "seconds": seconds, "tokens_per_s": n_new / seconds,
+              "device": jax.devices()[0].device_kind}
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
