@@ -55,7 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (and random-init seed)")
     ap.add_argument("--stop_ids", default="", help="comma-separated stop token ids")
     ap.add_argument("--speculative", action="store_true",
-                    help="MTP speculative decoding (not built yet: an error)")
+                    help="MTP speculative decoding: the MTP module drafts one token per step, "
+                         "the main model verifies it (same output as without, for greedy)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="generate calls; tokens/s is from the last (the first compiles)")
     ap.add_argument("--json", default=None, help="write the continuations and numbers here")
@@ -138,6 +139,14 @@ def main(argv=None) -> dict:
     record = {"settings": vars(a), "prompts": prompts, "outputs": outs, "tokens": n_new,
               "seconds": seconds, "tokens_per_s": n_new / seconds,
               "device": jax.devices()[0].device_kind}
+    if a.speculative:
+        from dsv3_jax.generate import LAST_STATS
+
+        stats = dict(LAST_STATS)
+        rate = stats["accepted"] / max(stats["drafted"], 1)
+        print(f"speculative: {stats['accepted']} of {stats['drafted']} drafts accepted "
+              f"({rate:.1%}), {stats['steps']} verification steps")
+        record["speculative"] = {**stats, "acceptance_rate": rate}
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
     return record

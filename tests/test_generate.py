@@ -101,3 +101,42 @@ def test_generate_script_from_a_pretrain_checkpoint(tmp_path):
     assert rec["outputs"][0] == rec["outputs"][1]  # the same prompt, greedy
     with pytest.raises(SystemExit, match="not comma-separated integers"):
         script.main(["--prompt_ids", "5,x"])
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "oracle", "wrong"])
+def test_speculative_greedy_equals_plain_greedy(params, drafter):
+    """MTP drafts (mostly rejected at random init), an oracle that drafts the true greedy token
+    (every draft accepted: two tokens per step) and one that is always wrong (every draft
+    rejected, the cache rolled back): the output is the plain greedy output each time."""
+    from dsv3_jax.generate import LAST_STATS as stats
+
+    n = 9
+    plain = generate(params, CFG, PROMPTS, n, cache_dtype=jnp.float32)
+    oracle = None
+    if drafter != "mtp":
+        oracle = np.array([row + [0] * 4 for row in plain])
+        if drafter == "wrong":
+            oracle = (oracle + 1) % CFG.vocab_size
+    spec = generate(params, CFG, PROMPTS, n, speculative=True, cache_dtype=jnp.float32,
+                    _draft_oracle=oracle)
+    assert spec == plain
+    if drafter == "oracle":
+        assert stats["accepted"] == stats["drafted"] > 0
+        assert stats["steps"] <= (n + 1) // 2  # two tokens per verification step
+    if drafter == "wrong":
+        assert stats["accepted"] == 0 and stats["steps"] == n - 1
+
+
+def test_speculative_stops_and_samples(params):
+    plain = generate(params, CFG, PROMPTS, 8, cache_dtype=jnp.float32)
+    stop = plain[0][2]
+    oracle = np.array([row + [0] * 4 for row in plain])
+    spec = generate(params, CFG, PROMPTS, 8, speculative=True, stop_tokens=[stop],
+                    cache_dtype=jnp.float32, _draft_oracle=oracle)
+    assert spec == generate(params, CFG, PROMPTS, 8, stop_tokens=[stop], cache_dtype=jnp.float32)
+    a = generate(params, CFG, PROMPTS, 6, temperature=1.0, seed=2, speculative=True)
+    b = generate(params, CFG, PROMPTS, 6, temperature=1.0, seed=2, speculative=True)
+    assert a == b and all(len(r) == 6 for r in a)
+    with pytest.raises(ValueError, match="mtp_depth is 0"):
+        generate(dsv3_jax.init_params(CFG.replace(mtp_depth=0), jax.random.key(0)),
+                 CFG.replace(mtp_depth=0), PROMPTS, 4, speculative=True)
