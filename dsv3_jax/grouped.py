@@ -12,6 +12,10 @@ Rows of x are sorted by group (expert); group e multiplies its own weight matrix
   SwiGLU), `grouped_matmul` pads per call.
 
 `Config.grouped_impl` chooses ("auto": pallas on GPU in 16-bit, ragged_dot otherwise).
+With `Config.fp8`, `grouped_swiglu` quantizes the GEMM inputs to FP8
+(`dsv3_jax.fp8.fp8_grouped_matmul`): `fp8_impl="pallas"` multiplies them with the FP8 grouped
+kernels of `pallas_kernels.fp8_gemm`, "xla" multiplies the dequantized values with the choice
+above.
 `ragged_dot` on a GPU says so once, as a warning.
 """
 
@@ -64,10 +68,14 @@ def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray, *,
 
 
 def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
-                   impl: str = "ragged_dot", interpret: bool = False) -> jnp.ndarray:
+                   impl: str = "ragged_dot", interpret: bool = False,
+                   fp8_impl: str | None = None) -> jnp.ndarray:
     """Each expert's SwiGLU over its contiguous rows: p {w_gate, w_up [E, D, F], w_down
-    [E, F, D]}, rows [M, D] sorted by expert, sizes [E] -> [M, D]."""
+    [E, F, D]}, rows [M, D] sorted by expert, sizes [E] -> [M, D]. `fp8_impl`
+    (`Config.fp8_gemm_impl()`): FP8 GEMM inputs (`fp8.fp8_grouped_matmul`); None: as before."""
     _check(rows, p["w_gate"], sizes, impl)
+    if fp8_impl is not None:
+        return _grouped_swiglu_fp8(p, rows, sizes, impl, fp8_impl, interpret)
     if impl == "ragged_dot":
         h = jax.nn.silu(_ragged(rows, p["w_gate"], sizes)) * _ragged(rows, p["w_up"], sizes)
         return _ragged(h, p["w_down"], sizes)
@@ -85,4 +93,27 @@ def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
     f = p["w_gate"].shape[-1]
     gate_up = mm(x, jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1))
     h = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
+    return gk.unpad_rows(mm(h, p["w_down"]), plan)
+
+
+def _grouped_swiglu_fp8(p: dict, rows, sizes, impl: str, fp8_impl: str,
+                        interpret: bool) -> jnp.ndarray:
+    """grouped_swiglu with FP8 GEMM inputs, in the padded-group layout whatever the impl: the
+    weight gradient quantizes x and dy in 128-row tiles along tokens, and a layout in which
+    every expert starts on a 128-row tile is one where no tile straddles two experts. Gate and
+    up stay two products (not the bf16 path's fused [E, D, 2F] one) so that each weight gets its
+    own 128 x 128 blocks and dy its own 1 x 128 tiles whatever F is, as in the dense FFN."""
+    from dsv3_jax.fp8 import BLOCK, fp8_grouped_matmul
+    from pallas_kernels import grouped_matmul as gk
+
+    if impl == "ragged_dot" and fp8_impl == "xla":
+        _warn_if_gpu()
+    plan = gk.pad_plan(sizes, rows.shape[0], BLOCK)
+    x = gk.pad_rows(rows, plan)
+
+    def mm(a, w):
+        return fp8_grouped_matmul(a, w, plan, fp8_impl=fp8_impl, grouped_impl=impl,
+                                  interpret=interpret)
+
+    h = jax.nn.silu(mm(x, p["w_gate"])) * mm(x, p["w_up"])
     return gk.unpad_rows(mm(h, p["w_down"]), plan)

@@ -12,12 +12,17 @@ gotcha 5). Softmax in float32 with the YaRN-corrected scale on the whole logit (
 `p` is one layer's attention weights: w_dq [D, Q], q_norm [Q] (absent when q_lora_rank = 0),
 w_uq [Q|D, N, K], w_qr [Q|D, N, R], w_dkv [D, C], w_kr [D, R], kv_norm [C], w_uk [C, N, K],
 w_uv [C, N, H], w_o [N, H, D].
+
+With `Config.fp8` the projections (w_dq, w_uq, w_qr, w_dkv, w_kr, w_uk, w_uv of the expanded and
+cuDNN forms, and w_o) take FP8 inputs (`dsv3_jax.fp8`); the attention core does not (the V3
+report keeps it in BF16, §3.3.1), nor do the absorbed form's folded w_uk / w_uv products.
 """
 
 import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import Config
+from dsv3_jax.fp8 import matmul
 from dsv3_jax.layers import rms_norm
 from dsv3_jax.rope import apply_rope
 from sharding.context import ShardingContext, constrain
@@ -27,18 +32,20 @@ _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays 
 
 def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """q_nope [B, T, N, K] and rotated q_rope [B, T, N, R] from x [B, T, D]."""
+    fp8 = cfg.fp8_gemm_impl()
     if cfg.q_lora_rank:
-        x = rms_norm(jnp.einsum("btd,dq->btq", x, p["w_dq"]), p["q_norm"], cfg.rms_norm_eps)
+        x = rms_norm(matmul("btd,dq->btq", x, p["w_dq"], fp8), p["q_norm"], cfg.rms_norm_eps)
     heads = ("batch", "seq", "heads", None)  # tensor parallelism splits the heads
-    q_nope = constrain(jnp.einsum("btq,qnk->btnk", x, p["w_uq"]), heads, shard, "q_nope")
-    q_rope = constrain(jnp.einsum("btq,qnr->btnr", x, p["w_qr"]), heads, shard, "q_rope")
+    q_nope = constrain(matmul("btq,qnk->btnk", x, p["w_uq"], fp8), heads, shard, "q_nope")
+    q_rope = constrain(matmul("btq,qnr->btnr", x, p["w_qr"], fp8), heads, shard, "q_rope")
     return q_nope, apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
 
 
 def latent(p: dict, x: jnp.ndarray, cos, sin, cfg: Config) -> tuple[jnp.ndarray, jnp.ndarray]:
     """What the cache stores: normalised c_kv [B, S, C] and rotated shared k_rope [B, S, R]."""
-    c_kv = rms_norm(jnp.einsum("bsd,dc->bsc", x, p["w_dkv"]), p["kv_norm"], cfg.rms_norm_eps)
-    k_rope = jnp.einsum("bsd,dr->bsr", x, p["w_kr"])
+    fp8 = cfg.fp8_gemm_impl()
+    c_kv = rms_norm(matmul("bsd,dc->bsc", x, p["w_dkv"], fp8), p["kv_norm"], cfg.rms_norm_eps)
+    k_rope = matmul("bsd,dr->bsr", x, p["w_kr"], fp8)
     return c_kv, apply_rope(k_rope, cos, sin, interleave=cfg.rope_interleave)
 
 
@@ -48,25 +55,26 @@ def _softmax(scores: jnp.ndarray, mask: jnp.ndarray, cfg: Config, dtype) -> jnp.
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
-def _output(p: dict, out: jnp.ndarray, shard) -> jnp.ndarray:
+def _output(p: dict, out: jnp.ndarray, cfg: Config, shard) -> jnp.ndarray:
     """[B, T, N, H] -> [B, T, D]; with heads split, XLA reduces the partial sums here."""
     out = constrain(out, ("batch", "seq", "heads", None), shard, "attention output")
-    return constrain(jnp.einsum("btnh,nhd->btd", out, p["w_o"]), ("batch", "seq", "embed"), shard,
-                     "attention projection")
+    return constrain(matmul("btnh,nhd->btd", out, p["w_o"], cfg.fp8_gemm_impl()),
+                     ("batch", "seq", "embed"), shard, "attention projection")
 
 
 def attend_expanded(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard=None) -> jnp.ndarray:
     """Training / prefill form: per-head keys and values from the latent. Returns [B, T, D]."""
     kv_heads = ("batch", "kv_seq", "heads", None)
-    k_nope = constrain(jnp.einsum("bsc,cnk->bsnk", c_kv, p["w_uk"]), kv_heads, shard, "k_nope")
-    v = constrain(jnp.einsum("bsc,cnh->bsnh", c_kv, p["w_uv"]), kv_heads, shard, "v")
+    fp8 = cfg.fp8_gemm_impl()
+    k_nope = constrain(matmul("bsc,cnk->bsnk", c_kv, p["w_uk"], fp8), kv_heads, shard, "k_nope")
+    v = constrain(matmul("bsc,cnh->bsnh", c_kv, p["w_uv"], fp8), kv_heads, shard, "v")
     f32 = jnp.float32
     with jax.named_scope("attention_core"):  # benchmarks attribute profile time by scope
         scores = (jnp.einsum("btnk,bsnk->bnts", q_nope, k_nope, preferred_element_type=f32)
                   + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
         probs = _softmax(scores, mask, cfg, v.dtype)
         out = jnp.einsum("bnts,bsnh->btnh", probs, v)
-    return _output(p, out, shard)
+    return _output(p, out, cfg, shard)
 
 
 def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard=None) -> jnp.ndarray:
@@ -78,7 +86,7 @@ def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, sh
                   + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
         probs = _softmax(scores, mask, cfg, c_kv.dtype)
         o_lat = jnp.einsum("bnts,bsc->btnc", probs, c_kv)
-    return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), shard)
+    return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), cfg, shard)
 
 
 def causal_mask(positions: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
@@ -102,14 +110,15 @@ def attend_cudnn(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard
     refuses them (it checks value against key shape), so we call the cuDNN primitive it wraps.
     """
     kv_heads = ("batch", "kv_seq", "heads", None)
-    k_nope = constrain(jnp.einsum("bsc,cnk->bsnk", c_kv, p["w_uk"]), kv_heads, shard, "k_nope")
-    v = constrain(jnp.einsum("bsc,cnh->bsnh", c_kv, p["w_uv"]), kv_heads, shard, "v")
+    fp8 = cfg.fp8_gemm_impl()
+    k_nope = constrain(matmul("bsc,cnk->bsnk", c_kv, p["w_uk"], fp8), kv_heads, shard, "k_nope")
+    v = constrain(matmul("bsc,cnh->bsnh", c_kv, p["w_uv"], fp8), kv_heads, shard, "v")
     with jax.named_scope("attention_core"):
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3]
                                                        + k_rope.shape[-1:])], axis=-1)
         out = _cudnn_attention(q, k, v, None if causal else mask[:, None], cfg.softmax_scale)
-    return _output(p, out, shard)
+    return _output(p, out, cfg, shard)
 
 
 def _cudnn_attention(q, k, v, mask, scale: float) -> jnp.ndarray:

@@ -84,7 +84,8 @@ def block(lp: dict, h: jnp.ndarray, ctx: Context, cfg: Config, bias=None, forced
     else:
         with jax.named_scope("ffn"):
             ffn = lp["ffn"]
-            f, aux = swiglu(x, ffn["w_gate"], ffn["w_up"], ffn["w_down"], ctx.shard), None
+            f, aux = swiglu(x, ffn["w_gate"], ffn["w_up"], ffn["w_down"], ctx.shard,
+                            fp8_impl=cfg.fp8_gemm_impl()), None
     return constrain(h + f, _RESIDUAL, ctx.shard, "layer output"), aux, new_cache
 
 

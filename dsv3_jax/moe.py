@@ -14,6 +14,7 @@ every device sees the global per-expert load and the bias update stays identical
 
 `p` is one layer's MoE weights: router [D, E], shared {w_gate, w_up [D, s], w_down [s, D]}
 (absent with no shared experts), experts {w_gate, w_up [E, D, f], w_down [E, f, D]}.
+With `Config.fp8` the shared and routed experts' GEMMs take FP8 inputs; the router does not.
 """
 
 import jax
@@ -29,14 +30,15 @@ from sharding import ep
 from sharding.context import ShardingContext, constrain
 
 
-def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, impl: str = "ragged_dot") -> jnp.ndarray:
+def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, impl: str = "ragged_dot",
+                   fp8_impl: str | None = None) -> jnp.ndarray:
     """Each expert's SwiGLU over its contiguous rows: rows [M, D], sizes [E] -> [M, D]."""
     with jax.named_scope("expert_gemms"):  # benchmarks attribute profile time by scope
-        return grouped.grouped_swiglu(p, rows, sizes, impl=impl)
+        return grouped.grouped_swiglu(p, rows, sizes, impl=impl, fp8_impl=fp8_impl)
 
 
 def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.ndarray,
-                   impl: str = "ragged_dot") -> jnp.ndarray:
+                   impl: str = "ragged_dot", fp8_impl: str | None = None) -> jnp.ndarray:
     """Dropless expert FFN on one device: x [M0, D], indices/weights [M0, A] -> [M0, D] (fp32)."""
     m0, a = indices.shape
     with jax.named_scope("dispatch"):
@@ -46,7 +48,7 @@ def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.n
         sizes = jnp.bincount(flat, length=p["w_gate"].shape[0]).astype(jnp.int32)
         # pair j of token j // A: repeat, then permute; both directions are gathers (rows.py)
         rows = gather_rows(jnp.repeat(x, a, axis=0), order, inverse)
-    ys = grouped_swiglu(p, rows, sizes, impl)  # [M, D]
+    ys = grouped_swiglu(p, rows, sizes, impl, fp8_impl)  # [M, D]
     with jax.named_scope("combine"):
         y = gather_rows(ys, inverse, order).reshape(m0, a, -1)
         # combine in float32 (HF does; the official code and V3 training combine in BF16)
@@ -62,12 +64,14 @@ def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, ep
         r = route(xf, p_router, bias, cfg, None if forced is None else forced.reshape(b * t, -1))
     with jax.named_scope("experts"):
         if ep_axis is None:
-            y = routed_experts(experts, xf, r.indices, r.weights, cfg.resolved_grouped_impl())
+            y = routed_experts(experts, xf, r.indices, r.weights, cfg.resolved_grouped_impl(),
+                               cfg.fp8_gemm_impl())
         else:
             with jax.named_scope("dispatch"):
                 rows, sizes, plan = ep.dispatch(xf, r.indices, n_experts=cfg.n_routed_experts,
                                                 axis=ep_axis, impl=impl)
-            ys = grouped_swiglu(experts, rows, sizes, cfg.resolved_grouped_impl())
+            ys = grouped_swiglu(experts, rows, sizes, cfg.resolved_grouped_impl(),
+                                cfg.fp8_gemm_impl())
             with jax.named_scope("combine"):
                 y = ep.combine(ys, r.weights, plan, axis=ep_axis, impl=impl)
     indices = r.indices.reshape(b, t, -1)
@@ -125,5 +129,6 @@ def moe(p: dict, x: jnp.ndarray, bias: jnp.ndarray | None, token_mask: jnp.ndarr
     if "shared" in p:
         with jax.named_scope("shared_experts"):
             s = p["shared"]
-            y = y + swiglu(x, s["w_gate"], s["w_up"], s["w_down"], shard, "expert_mlp")
+            y = y + swiglu(x, s["w_gate"], s["w_up"], s["w_down"], shard, "expert_mlp",
+                           fp8_impl=cfg.fp8_gemm_impl())
     return y, {"load": load, "balance": balance, "indices": indices}

@@ -273,7 +273,8 @@ def shapes_key(cfg: Config) -> Config:
     configs that differ only in such fields share one compile (on CPU, XLA spends ~50 ms per
     leaf compiling the random draws)."""
     return cfg.replace(init_std=1.0, dtype="float32", remat="none", mtp_loss_weight=0.0,
-                       balance_loss_alpha=0.0, bias_update_speed=0.0, name="")
+                       balance_loss_alpha=0.0, bias_update_speed=0.0, name="", fp8=False,
+                       fp8_impl="auto")
 
 
 def init_tree(cfg: Config, key: jax.Array, std: jax.Array) -> dict:

@@ -56,8 +56,12 @@ class Settings:
     # --- model ---
     preset: str = _field("tiny", "config preset: tiny, small, v2_lite_16b, v2_236b, v3_671b")
     precision: str = _field("preset", "activation/matmul precision: preset (its own dtype: fp32 "
-                            "for tiny, bf16 otherwise), fp32 or bf16; master weights stay fp32",
-                            choices=("preset", "fp32", "bf16"))
+                            "for tiny, bf16 otherwise), fp32, bf16, or fp8 (= bf16 activations "
+                            "+ DeepSeek-V3's FP8 GEMM inputs in the MLA projections, dense FFN "
+                            "and experts; they run on the XLA reference path, dequantize + fp32 "
+                            "matmul, unless --fp8_impl pallas: FP8 numerics, not FP8 speed; on "
+                            "CPU always); master weights stay fp32",
+                            choices=("preset", "fp32", "bf16", "fp8"))
     mtp_depth: int | None = _field(None, "MTP modules (default: the preset's; 0 turns MTP off)")
     mtp_weight: float | None = _field(None, "lambda, the MTP loss weight (default: preset's, 0.3)")
     balance_alpha: float | None = _field(None, "alpha of the sequence-wise balance loss "
@@ -75,6 +79,10 @@ class Settings:
     attention_impl: str = _field("auto", "attention core: auto (cuDNN fused attention on GPU in "
                                  "bf16, XLA otherwise), xla, cudnn",
                                  choices=("auto", "xla", "cudnn"))
+    fp8_impl: str = _field("auto", "FP8 GEMMs under --precision fp8: auto (xla until the "
+                           "Pallas FP8 kernels are ready), xla (dequantize + fp32 matmul "
+                           "reference), pallas (our Mosaic GPU FP8 kernels, Hopper)",
+                           choices=("auto", "xla", "pallas"))
     # --- devices ---
     mesh: str = _field("auto", "device mesh, e.g. 'fsdp=4,expert=2'; 'none' = the first device, "
                        "no mesh; 'auto' = 'none' with one device, fsdp over all when several")
@@ -153,9 +161,10 @@ def init_distributed(s: Settings) -> None:
 
 def build_config(s: Settings) -> Config:
     over: dict[str, Any] = {"bias_update_speed": s.bias_gamma, "grouped_impl": s.grouped_impl,
-                            "attention_impl": s.attention_impl, "scan_layers": s.scan_layers}
+                            "attention_impl": s.attention_impl, "scan_layers": s.scan_layers,
+                            "fp8": s.precision == "fp8", "fp8_impl": s.fp8_impl}
     if s.precision != "preset":
-        over["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[s.precision]
+        over["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}[s.precision]
     for flag, field in (("mtp_depth", "mtp_depth"), ("mtp_weight", "mtp_loss_weight"),
                         ("balance_alpha", "balance_loss_alpha"), ("remat", "remat")):
         if getattr(s, flag) is not None:
@@ -400,8 +409,10 @@ def _check_resume(meta: dict, dataset, cfg: Config) -> None:
     saved_cfg = meta.get("config", {})
     for key, value in dataclasses.asdict(cfg).items():
         if key in ("bias_update_speed", "mtp_loss_weight", "balance_loss_alpha", "remat",
-                   "grouped_impl", "attention_impl", "scan_layers"):
-            continue  # may change between stages of a run (kernels: between machines)
+                   "grouped_impl", "attention_impl", "scan_layers", "fp8", "fp8_impl"):
+            # may change between stages of a run (kernels: between machines; FP8 GEMMs are a
+            # compute choice over the same fp32 master weights, so bf16 <-> fp8 may switch)
+            continue
         if key in saved_cfg and saved_cfg[key] != (list(value) if isinstance(value, tuple) else value):
             raise ValueError(f"the checkpoint's model differs in {key} ({saved_cfg[key]!r}, now "
                              f"{value!r}): resume with the same --preset and model flags")
@@ -423,7 +434,8 @@ def run(s: Settings) -> dict:
     counts = cfg.param_count()
     main = jax.process_index() == 0
     if main:
-        print(f"preset {cfg.name} ({cfg.dtype}): {counts['main']:,} parameters, "
+        fp8 = f" + fp8 GEMMs ({cfg.resolved_fp8_impl()})" if cfg.fp8 else ""
+        print(f"preset {cfg.name} ({cfg.dtype}{fp8}): {counts['main']:,} parameters, "
               f"{counts['activated']:,} activated per token, {counts['mtp']:,} MTP; "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
               f"{'' if shard is None else ', mesh ' + str(dict(shard.mesh.shape))}; corpus "

@@ -53,8 +53,13 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small", help="config preset")
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
-                    help="activation/matmul dtype (master weights fp32, moments bf16)")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "fp8"),
+                    help="activation/matmul dtype (master weights fp32, moments bf16); fp8 = bf16 "
+                         "activations + FP8 GEMM inputs (Config.fp8; the XLA reference path "
+                         "unless --fp8_impl pallas: FP8 numerics, not yet FP8 speed)")
+    ap.add_argument("--fp8_impl", default="auto", choices=("auto", "xla", "pallas"),
+                    help="FP8 GEMMs under --precision fp8 (auto = xla for now; pallas = our Mosaic "
+                         "GPU FP8 kernels)")
     ap.add_argument("--batch", type=int, default=16,
                     help="sequences per step (16 x 2048 fits an 80 GB H100: 56 GiB measured)")
     ap.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
@@ -146,7 +151,8 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"
-    over = {"dtype": "bfloat16" if a.precision == "bf16" else "float32",
+    over = {"dtype": "float32" if a.precision == "fp32" else "bfloat16",
+            "fp8": a.precision == "fp8", "fp8_impl": a.fp8_impl,
             "grouped_impl": a.grouped_impl, "attention_impl": a.attention_impl}
     if a.remat:
         over["remat"] = a.remat
@@ -159,7 +165,8 @@ def main(argv=None) -> dict:
     batch = synthetic_batch(cfg, a.batch, a.seq_len)
     counts = cfg.param_count()
     print(f"bench_train: {a.preset} ({counts['main'] / 1e6:,.1f}M params, {counts['activated'] / 1e6:,.1f}M activated) on {dev.device_kind}, "
-          f"batch {a.batch} x {a.seq_len}, {a.precision}, remat {cfg.remat}, grouped "
+          f"batch {a.batch} x {a.seq_len}, {a.precision}"
+          f"{f' ({cfg.resolved_fp8_impl()})' if cfg.fp8 else ''}, remat {cfg.remat}, grouped "
           f"{cfg.resolved_grouped_impl()}, attention {cfg.resolved_attention_impl()}", flush=True)
 
     t0 = time.perf_counter()
@@ -174,7 +181,9 @@ def main(argv=None) -> dict:
         "command": "python experiments/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "device": dev.device_kind,
         "platform": dev.platform, "jax": jax.__version__, "host": platform.machine(),
-        "preset": a.preset, "precision": a.precision, "batch": a.batch, "seq_len": a.seq_len,
+        "preset": a.preset, "precision": a.precision,
+        "fp8_impl": cfg.resolved_fp8_impl() if cfg.fp8 else None,
+        "batch": a.batch, "seq_len": a.seq_len,
         "remat": cfg.remat, "scan_layers": cfg.scan_layers, "xla_command_buffers": a.command_buffers, "grouped_impl": cfg.resolved_grouped_impl(),
         "attention_impl": cfg.resolved_attention_impl(),
         "params": counts, "flops_per_token": cfg.flops_per_token(a.seq_len),

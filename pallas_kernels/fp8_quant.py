@@ -39,8 +39,10 @@ def _check_axis(name: str, x: jax.Array, axis: int, what: str) -> None:
 def _scale(amax: jax.Array, pow2: bool) -> jax.Array:
     s = jnp.maximum(amax.astype(jnp.float32), AMAX_FLOOR) / E4M3_MAX
     if pow2:
-        # round up so q = x / s stays within e4m3's range
-        s = jnp.exp2(jnp.ceil(jnp.log2(s)))
+        # round up to a power of two so q = x / s stays within e4m3's range; frexp/ldexp are
+        # exact where exp2(ceil(log2(s))) is not (XLA's exp2(-15.0) is 2^-15 (1 + 5e-7) on CPU)
+        m, e = jnp.frexp(s)  # s = m 2^e with m in [0.5, 1)
+        s = jnp.ldexp(jnp.float32(1.0), jnp.where(m == 0.5, e - 1, e))
     return s
 
 

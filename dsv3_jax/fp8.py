@@ -1,0 +1,252 @@
+"""FP8 mixed-precision linear layers: DeepSeek-V3's training recipe ([PAPER] §3.3).
+
+Every GEMM of a linear layer takes e4m3 inputs with float32 scales over small tiles and
+accumulates in float32 (`pallas_kernels.fp8_quant`, `pallas_kernels.fp8_gemm`):
+
+  forward   y  = x @ w         x in 1 x 128 tiles along K, w in 128 x 128 blocks  (gemm_1d2d)
+  dgrad     dx = dy @ w^T      dy in 1 x 128 tiles along N, the same weight blocks (gemm_1d2d)
+  wgrad     dw = x^T @ dy      contracts over tokens, so both operands are re-quantized in
+                               128 x 1 tiles along the token axis                  (gemm_1d1d)
+
+The backward pass reads the *FP8* x cached by the forward (the report caches FP8 activations and
+converts their 1 x 128 tiles to 128 x 1 tiles for the wgrad, §3.3.4), and the FP8 weight blocks
+(the dgrad's operand, `transpose_blocks` of the forward's: blocks map to blocks, so no second
+quantization). Kept in higher precision by the model, not here: embedding, output head, MoE
+router, norms, the attention core, the MTP projection and the optimizer.
+
+`fp8_linear` is the dense op (MLA projections, dense FFN, shared experts); `fp8_grouped_matmul`
+the routed experts' grouped GEMM. `matmul` is what the model's call sites use: an einsum of a
+linear layer, plain (`fp8_impl=None`, bit-for-bit the non-FP8 model) or in FP8.
+
+Axes that are not multiples of 128 (tokens, K, N; the `tiny` preset has D = 64) are zero-padded
+explicitly around the op: a zero row or column of x or w adds nothing to any product and leaves
+every tile's amax (so its scale) unchanged, and the padded outputs are sliced off; autodiff
+slices the gradients back. Real shapes (`small`, V3) need none except the shared rope key's
+projection w_kr [D, R = 64], which runs padded to N = 128.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import fp8_gemm
+from pallas_kernels import fp8_quant as q8
+
+BLOCK = q8.BLOCK
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(key: str, message: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        _log.warning(message)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pad `axis` of `a` up to `size` (a no-op when it is already that long)."""
+    extra = size - a.shape[axis]
+    if extra == 0:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(a, widths)
+
+
+# ------------------------------------------------------------------------------ dense linear
+
+
+def fp8_linear(x: jax.Array, w: jax.Array, impl: str = "xla") -> jax.Array:
+    """x [..., K] @ w [K, N] (our [in, out] layout) with FP8 GEMMs both ways -> [..., N] in
+    x's dtype; the weight gradient comes back in w's dtype. `impl` is fp8_gemm's ("xla": the
+    dequantize + fp32 matmul reference, any backend; "pallas": the Mosaic GPU kernel)."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"fp8_linear: x {x.shape} must be [..., K] and w {w.shape} [K, N]")
+    if impl == "xla":
+        _log_once("xla", "fp8: dense GEMMs use the XLA reference path (dequantize + float32 "
+                         "matmul): FP8 numerics, not FP8 speed")
+    lead, (k, n) = x.shape[:-1], w.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    # Tokens are padded too: the wgrad quantizes along them in 128-row tiles, and the Pallas
+    # kernel takes whole 128-row tiles (real runs have B * T a multiple of 128: no copy).
+    x2 = _pad_axis(_pad_axis(x2, 0, _round_up(m)), 1, _round_up(k))  # [Mp, Kp]
+    wp = _pad_axis(_pad_axis(w, 0, _round_up(k)), 1, _round_up(n))  # [Kp, Np]
+    y = _fp8_matmul(x2, wp, impl, jnp.dtype(w.dtype).name)
+    return y[:m, :n].reshape(*lead, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fp8_matmul(x, w, impl, w_dtype):
+    """x [Mp, Kp] @ w [Kp, Np], every axis a multiple of 128."""
+    return _fp8_matmul_fwd(x, w, impl, w_dtype)[0]
+
+
+def _fp8_matmul_fwd(x, w, impl, w_dtype):
+    qx, sx = q8.quantize_rows(x, name="x")  # 1 x 128 tiles along K
+    qw, sw = q8.quantize_blocks(w.T, name="w^T")  # [Np, Kp]: K-major, as the GEMM reads it
+    y = fp8_gemm.gemm_1d2d(qx, sx, qw, sw, out_dtype=x.dtype, impl=impl)
+    return y, (qx, sx, qw, sw)
+
+
+def _fp8_matmul_bwd(impl, w_dtype, res, dy):
+    qx, sx, qw, sw = res
+    # dgrad dx [Mp, Kp] = dy [Mp, Np] @ w^T: dy in 1 x 128 tiles along N; the weight's blocks
+    # as the [Kp, Np] operand.
+    qdy, sdy = q8.quantize_rows(dy, name="dy")
+    qwt, swt = q8.transpose_blocks(qw, sw)
+    dx = fp8_gemm.gemm_1d2d(qdy, sdy, qwt, swt, out_dtype=dy.dtype, impl=impl)
+    # wgrad dw^T [Np, Kp] = dy^T @ x, contracting over the Mp tokens: the cached FP8 x (its
+    # exact values) and dy, re-quantized in 128 x 1 tiles along the tokens.
+    a, sa = q8.quantize_cols(dy, name="dy")  # [Np, Mp]
+    b, sb = q8.quantize_cols(q8.dequantize_rows(qx, sx), name="x")  # [Kp, Mp]
+    dw_t = fp8_gemm.gemm_1d1d(a, sa, b, sb, out_dtype=jnp.float32, impl=impl)
+    return dx, dw_t.T.astype(w_dtype)
+
+
+_fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
+def _linear_spec(spec: str, x: jax.Array, w: jax.Array) -> int:
+    """How many trailing axes of x the einsum `spec` contracts with the leading axes of w, after
+    checking that it is a linear layer: x[..., in...] @ w[in..., out...] -> [..., out...]."""
+    ins, out = spec.replace(" ", "").split("->")
+    lhs, rhs = ins.split(",")
+    n_in = len([c for c in rhs if c in lhs and c not in out])
+    if (not 0 < n_in <= min(len(lhs), len(rhs)) or lhs[len(lhs) - n_in:] != rhs[:n_in]
+            or out != lhs[:len(lhs) - n_in] + rhs[n_in:]
+            or (x.ndim, w.ndim) != (len(lhs), len(rhs))):
+        raise ValueError(f"fp8 matmul: {spec!r} (x {x.shape}, w {w.shape}) is not a linear layer "
+                         "x[..., in...] @ w[in..., out...] -> [..., out...]")
+    return n_in
+
+
+def matmul(spec: str, x: jax.Array, w: jax.Array, fp8_impl: str | None = None) -> jax.Array:
+    """A linear layer written as an einsum (`"btq,qnk->btnk"`): `jnp.einsum(spec, x, w)` when
+    `fp8_impl` is None, else `fp8_linear` with x and w flattened to 2-D around the call."""
+    if fp8_impl is None:
+        return jnp.einsum(spec, x, w)
+    n_in = _linear_spec(spec, x, w)
+    lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    k, n = math.prod(ins), math.prod(outs)
+    y = fp8_linear(x.reshape(*lead, k), w.reshape(k, n), fp8_impl)
+    return y.reshape(*lead, *outs)
+
+
+# ------------------------------------------------------------------------------ grouped (MoE)
+
+
+def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *, fp8_impl: str = "xla",
+                       grouped_impl: str = "ragged_dot", interpret: bool = False) -> jax.Array:
+    """The routed experts' GEMM with FP8 inputs both ways, in the padded-group layout of
+    `pallas_kernels.grouped_matmul` (each expert's rows start on a 128-row tile): x_pad [Mp, K],
+    w [E, K, N], plan from `pad_plan(..., block_m=128)` -> y_pad [Mp, N] in x's dtype.
+
+    Quantized exactly as the dense op: rows of x and dy in 1 x 128 tiles, each expert's weight
+    in 128 x 128 blocks, and for the wgrad x and dy in 128 x 1 tiles along tokens, which in this
+    layout never straddle two experts. The products:
+      fp8_impl="pallas": fp8_gemm's grouped Mosaic GPU kernels (grouped_gemm_1d2d forward and
+        dgrad, grouped_wgrad_1d1d wgrad), reading the e4m3 operands;
+      fp8_impl="xla": the dequantized values multiplied by `grouped_impl` (the reference until
+        the FP8 grouped kernels are ready): "ragged_dot" in float32 (exact products of the
+        quantized values, like fp8_gemm's "xla"), or "pallas", our bf16 grouped kernel (each
+        dequantized value rounded to x's 16-bit dtype: a relative 2^-9 in bf16, 1/32 of e4m3's
+        own step).
+    K and N are zero-padded to multiples of 128 around the op, as in `fp8_linear`."""
+    if fp8_impl not in fp8_gemm.IMPLS or grouped_impl not in ("ragged_dot", "pallas"):
+        raise ValueError(f"fp8_grouped_matmul: fp8_impl={fp8_impl!r} must be one of "
+                         f"{fp8_gemm.IMPLS} and grouped_impl={grouped_impl!r} one of "
+                         "('ragged_dot', 'pallas')")
+    if plan.block_m != BLOCK:
+        raise ValueError(f"fp8_grouped_matmul: plan.block_m={plan.block_m} must be {BLOCK}, the "
+                         "token tile of the wgrad scales (no tile may straddle two experts)")
+    if x_pad.ndim != 2 or w.ndim != 3 or x_pad.shape[1] != w.shape[1]:
+        raise ValueError(f"fp8_grouped_matmul: x_pad {x_pad.shape} must be [Mp, K] and w "
+                         f"{w.shape} [E, K, N]")
+    if fp8_impl == "xla":
+        _log_once("grouped", "fp8: routed experts quantize their GEMM inputs to FP8 and multiply "
+                             f"the dequantized values with grouped_impl={grouped_impl!r} (the "
+                             "reference path until the FP8 grouped kernels are ready)")
+    _, k, n = w.shape
+    xp = _pad_axis(x_pad, 1, _round_up(k))
+    wp = _pad_axis(_pad_axis(w, 1, _round_up(k)), 2, _round_up(n))
+    mm = (fp8_impl, grouped_impl, interpret, jnp.dtype(w.dtype).name)
+    return _fp8_gmm(xp, wp, plan, mm)[:, :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_gmm(x_pad, w, plan, mm):
+    """x_pad [Mp, Kp] @ w[expert] [E, Kp, Np]; `mm` = (fp8_impl, grouped_impl, interpret, w
+    dtype), static."""
+    return _fp8_gmm_fwd(x_pad, w, plan, mm)[0]
+
+
+def _fp8_gmm_fwd(x_pad, w, plan, mm):
+    qx, sx = q8.quantize_rows(x_pad, name="expert rows")
+    qw, sw = q8.quantize_blocks(jnp.swapaxes(w, 1, 2), name="expert weights")  # [E, Np, Kp]
+    y = _grouped_1d2d(qx, sx, qw, sw, plan, mm, x_pad.dtype)
+    # residuals: the FP8 rows (as V3 caches activations) and the FP8 weight blocks
+    return y, (qx, sx, qw, sw, plan)
+
+
+def _fp8_gmm_bwd(mm, res, dy):
+    qx, sx, qw, sw, plan = res
+    qdy, sdy = q8.quantize_rows(dy, name="expert dy")
+    qwt, swt = q8.transpose_blocks(qw, sw)  # [E, Kp, Np]: the dgrad's K-major weight
+    dx = _grouped_1d2d(qdy, sdy, qwt, swt, plan, mm, dy.dtype)
+    a_t, s_a = q8.quantize_cols(dy, name="expert dy")  # [Np, Mp], 128 x 1 tiles along tokens
+    b_t, s_b = q8.quantize_cols(q8.dequantize_rows(qx, sx), name="expert rows")  # [Kp, Mp]
+    dw_t = _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, dy.dtype)  # [E, Np, Kp] float32
+    return dx, jnp.swapaxes(dw_t, 1, 2).astype(mm[3]), jax.tree.map(lambda _: None, plan)
+
+
+_fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
+
+
+def _grouped_1d2d(qa, sa, qb, sb, plan, mm, out_dtype):
+    """y_pad = a @ b[expert]^T: a [Mp, K] in 1 x 128 tiles, b [E, N, K] in 128 x 128 blocks."""
+    fp8_impl, grouped_impl, interpret, _ = mm
+    if fp8_impl == "pallas":
+        return fp8_gemm.grouped_gemm_1d2d(qa, sa, qb, sb, plan, out_dtype=out_dtype,
+                                          impl="pallas", interpret=interpret)
+    a, b = q8.dequantize_rows(qa, sa), q8.dequantize_blocks(qb, sb)
+    if grouped_impl == "ragged_dot":
+        sizes = plan.group_tile_count * plan.block_m  # padded groups: whole tiles
+        y = jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2), sizes,
+                               precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+        return y.astype(out_dtype)
+    from pallas_kernels import grouped_matmul as gk
+
+    return gk.gmm(a.astype(out_dtype), b.astype(out_dtype), plan, transpose_w=True,
+                  interpret=interpret)
+
+
+def _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, act_dtype):
+    """dw^T [E, N, K] = a_t[:, rows of e] @ b_t[:, rows of e]^T in float32; a_t [N, Mp] and
+    b_t [K, Mp] in 1 x 128 tiles along the tokens."""
+    fp8_impl, grouped_impl, interpret, _ = mm
+    if fp8_impl == "pallas":
+        return fp8_gemm.grouped_wgrad_1d1d(a_t, s_a, b_t, s_b, plan, out_dtype=jnp.float32,
+                                           impl="pallas", interpret=interpret)
+    dy, x = q8.dequantize_rows(a_t, s_a).T, q8.dequantize_rows(b_t, s_b).T  # [Mp, N], [Mp, K]
+    if grouped_impl == "ragged_dot":
+        dims = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
+            rhs_group_dimensions=[])
+        return jax.lax.ragged_dot_general(dy, x, plan.group_tile_count * plan.block_m, dims,
+                                          precision=jax.lax.Precision.HIGHEST,
+                                          preferred_element_type=jnp.float32)
+    from pallas_kernels import grouped_matmul as gk
+
+    return gk.tgmm(dy.astype(act_dtype), x.astype(act_dtype), plan, plan.num_groups,
+                   out_dtype=jnp.float32, interpret=interpret)

@@ -1,0 +1,215 @@
+"""FP8 against BF16 training: the same model, init and batches, two precisions, loss curves.
+
+Command:   python experiments/fp8_vs_bf16.py                  (tiny, 250 steps of 8 x 128 tokens)
+           python experiments/fp8_vs_bf16.py --preset small --steps 500 --batch 8 --seq_len 2048
+Hardware:  any CPU for `tiny` (the result below); a GPU for larger presets.
+What it measures: two runs of `dsv3_jax.train`'s step (the pretraining loop's optimizer, schedule
+and router-bias settings, as `experiments/pretrain.py --precision ...` builds them) from one
+initialisation on the same batches of the embedded corpus (`dsv3_jax.data`): `bf16` (bf16
+activations and matmul inputs) and `fp8` (the same, with e4m3 GEMM inputs in the MLA
+projections, dense FFN, shared and routed experts: `Config.fp8`, dsv3_jax/fp8.py). It reports
+the training loss of both at a few steps and the relative difference |fp8 - bf16| / bf16 at the
+last step and averaged over the last 10% of steps (the V3 report §3.3 claims under 0.25% for
+its FP8 runs against BF16, at 16B and 230B over ~1T tokens). On CPU the FP8 GEMMs run on the
+XLA reference path (dequantize + float32 matmul): the numerics of FP8, not its speed.
+With --fp32 (default) a third run in fp32 gives the yardstick: how far bf16 itself lands from
+fp32 on the same batches, i.e. how much any change of GEMM precision moves the loss at this size.
+Output: the table on stdout, a JSON record (--json) and a PNG of both loss curves (--png).
+Result (2026-12-01, this project's 2-core CPU, jax 0.11.2, defaults):
+experiments/results/fp8_vs_bf16_tiny_cpu.json and .png; 9 min wall (bf16 64 s, fp8 347 s on
+the XLA reference path, fp32 110 s, compile included, while CI shared the 2 cores):
+
+    step   bf16 loss  fp8 loss  fp8/bf16   fp32 loss  bf16/fp32
+       1   8.1585     8.1583    0.003%     8.1586     0.001%
+      25   4.2506     4.2675    0.398%     4.2637     0.308%
+     125   3.0463     3.0119    1.131%     3.0414     0.160%
+     250   2.9662     2.9238    1.428%     2.9512     0.508%
+    mean of the last 25 steps: fp8 1.30% off bf16; bf16 0.60% off fp32
+
+The 0.25% of the V3 report does not hold here: the two runs agree within 0.45% (fp8 slightly
+above) for the first 28 steps, then separate as any change of rounding makes them at this size
+and learning rate (bf16 against fp32 too, up to 2.6% on single steps), and single steps differ
+by up to 6% either way. Over the last 100 steps fp8's mean loss is 1.1% *below* bf16's, not
+above; a second seed (--seed 1,
+no fp32 run, an earlier revision of the grouped path with the same quantization) gave 0.30% at
+step 250 and 0.93% below bf16 over the last 25 steps. One tiny model on a CPU says FP8 does not
+hurt this training; it cannot confirm a 0.25% bound, which needs larger models and long runs.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax import train
+from dsv3_jax.data import build_dataset
+from dsv3_jax.pretrain import Settings, build_config
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny", help="config preset")
+    ap.add_argument("--steps", type=int, default=250, help="optimizer steps of each run")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--lr", type=float, default=3e-3,
+                    help="peak learning rate (pretrain's default)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the init and the data order")
+    ap.add_argument("--mtp_depth", type=int, default=None,
+                    help="MTP modules (default: the preset's; 0 compiles faster)")
+    ap.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train in fp32 and report bf16's own distance from it: the yardstick "
+                         "for how far a change of GEMM precision moves the loss at this size")
+    ap.add_argument("--embedded_bytes", type=int, default=1_000_000,
+                    help="bytes of the embedded corpus (the standard library's sources) to read")
+    ap.add_argument("--json", default=None, help="where to write the record (default: "
+                    "experiments/results/fp8_vs_bf16_<preset>_<platform>.json)")
+    ap.add_argument("--png", default=None, help="where to plot the loss curves (default: the "
+                    "--json path with .png; 'none': no plot)")
+    return ap.parse_args(argv)
+
+
+def train_run(precision: str, a, dataset) -> dict:
+    """Loss, main loss and grad norm per step of one run; the config built as pretrain's is."""
+    s = Settings(preset=a.preset, precision=precision, steps=a.steps, global_batch=a.batch,
+                 seq_len=a.seq_len, lr=a.lr, seed=a.seed, mtp_depth=a.mtp_depth)
+    cfg = build_config(s)
+    schedule = train.v3_schedule(s.lr, s.steps, max(1, round(0.05 * s.steps)))
+    optimizer = train.make_optimizer(schedule, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
+    state = train.init_state(cfg, jax.random.key(s.seed), optimizer)
+    step = train.make_train_step(cfg, optimizer, schedule)
+    out = {"loss": [], "main_loss": [], "grad_norm": []}
+    t0 = time.perf_counter()
+    for i in range(s.steps):
+        batch = {k: jnp.asarray(v) for k, v in dataset.rows(i).items()}
+        state, m = step(state, batch)
+        for k in out:
+            out[k].append(float(m[k]))
+    out["seconds"] = time.perf_counter() - t0
+    out["config"] = {"dtype": cfg.dtype, "fp8": cfg.fp8, "fp8_impl": cfg.resolved_fp8_impl(),
+                     "grouped_impl": cfg.resolved_grouped_impl(), "mtp_depth": cfg.mtp_depth}
+    return out
+
+
+def rel_diff(a, b) -> float:
+    return abs(a - b) / abs(b)
+
+
+def compare(runs: dict, steps: int, run: str = "fp8", ref: str = "bf16") -> dict:
+    """Relative differences of `run` against `ref`: last step, and mean of the last 10%."""
+    tail = max(1, steps // 10)
+    out = {"tail_steps": tail}
+    for key in ("loss", "main_loss"):
+        f, b = runs[run][key], runs[ref][key]
+        out[f"{key}_rel_diff_last"] = rel_diff(f[-1], b[-1])
+        out[f"{key}_rel_diff_tail_mean"] = rel_diff(np.mean(f[-tail:]), np.mean(b[-tail:]))
+        out[f"{key}_rel_diff_max_over_tail"] = max(rel_diff(x, y) for x, y in
+                                                   zip(f[-tail:], b[-tail:]))
+    return out
+
+
+def table(runs: dict, steps: int) -> list[dict]:
+    marks = sorted({1, max(1, steps // 10), steps // 4, steps // 2, 3 * steps // 4, steps} - {0})
+    rows = []
+    for k in marks:
+        row = {"step": k, **{p: r["loss"][k - 1] for p, r in runs.items()}}
+        row["rel_diff"] = rel_diff(row["fp8"], row["bf16"])
+        if "fp32" in runs:
+            row["bf16_vs_fp32"] = rel_diff(row["bf16"], row["fp32"])
+        rows.append(row)
+    return rows
+
+
+def plot(runs: dict, out: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_d) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    steps = np.arange(1, len(runs["bf16"]["loss"]) + 1)
+    for name, style in (("fp32", ":"), ("bf16", "-"), ("fp8", "--")):
+        if name in runs:
+            ax.plot(steps, runs[name]["loss"], style, lw=1.0, label=f"{name}: total loss")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    f, b = np.array(runs["fp8"]["loss"]), np.array(runs["bf16"]["loss"])
+    ax_d.plot(steps, 100 * (f - b) / b, lw=0.8, label="fp8 vs bf16")
+    if "fp32" in runs:
+        r = np.array(runs["fp32"]["loss"])
+        ax_d.plot(steps, 100 * (b - r) / r, lw=0.6, alpha=0.7, label="bf16 vs fp32")
+    ax_d.axhline(0.25, color="r", lw=0.6, ls=":")
+    ax_d.axhline(-0.25, color="r", lw=0.6, ls=":", label="V3 report: 0.25%")
+    ax_d.set_ylabel("relative difference (%)")
+    ax_d.set_xlabel("step")
+    ax_d.legend(fontsize=8)
+    ax_d.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    cfg = build_config(Settings(preset=a.preset))
+    dataset, _ = build_dataset(None, seq_len=a.seq_len, global_batch=a.batch, seed=a.seed,
+                               vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
+                               embedded_bytes=a.embedded_bytes)
+    dev = jax.devices()[0]
+    print(f"fp8_vs_bf16: {a.preset}, {a.steps} steps of {a.batch} x {a.seq_len} tokens on "
+          f"{dev.device_kind}", flush=True)
+    runs = {p: train_run(p, a, dataset) for p in ("bf16", "fp8") + (("fp32",) if a.fp32 else ())}
+    rows, diff = table(runs, a.steps), compare(runs, a.steps)
+    yard = {"bf16_vs_fp32": compare(runs, a.steps, "bf16", "fp32")} if a.fp32 else {}
+    head = f"{'step':>6} {'bf16 loss':>10} {'fp8 loss':>10} {'fp8/bf16':>9}"
+    print("\n" + head + (f" {'fp32 loss':>10} {'bf16/fp32':>9}" if a.fp32 else ""))
+    for r in rows:
+        print(f"{r['step']:>6} {r['bf16']:>10.4f} {r['fp8']:>10.4f} {r['rel_diff']:>9.3%}"
+              + (f" {r['fp32']:>10.4f} {r['bf16_vs_fp32']:>9.3%}" if a.fp32 else ""))
+    print(f"relative difference of the loss: last step {diff['loss_rel_diff_last']:.3%}, mean of "
+          f"the last {diff['tail_steps']} steps {diff['loss_rel_diff_tail_mean']:.3%} (main loss: "
+          f"{diff['main_loss_rel_diff_last']:.3%}, {diff['main_loss_rel_diff_tail_mean']:.3%})")
+    if a.fp32:
+        y = yard["bf16_vs_fp32"]
+        print(f"yardstick, bf16 against fp32: last step {y['loss_rel_diff_last']:.3%}, mean of "
+              f"the last {y['tail_steps']} steps {y['loss_rel_diff_tail_mean']:.3%}")
+    print("run time (compile included): " + ", ".join(f"{p} {r['seconds']:.0f} s"
+                                                      for p, r in runs.items()))
+    record = {
+        "command": "python experiments/fp8_vs_bf16.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
+        "date": datetime.date.today().isoformat(), "device": dev.device_kind,
+        "platform": dev.platform, "jax": jax.__version__, "host": platform.machine(),
+        "preset": a.preset, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len, "lr": a.lr,
+        "seed": a.seed, "data": f"embedded corpus, {a.embedded_bytes} bytes",
+        "table": rows, **diff, **yard, "runs": runs,
+    }
+    out = (pathlib.Path(a.json) if a.json
+           else RESULTS / f"fp8_vs_bf16_{a.preset}_{dev.platform}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    if a.png != "none":
+        png = pathlib.Path(a.png) if a.png else out.with_suffix(".png")
+        plot(runs, png, f"{a.preset}, {a.batch} x {a.seq_len} tokens/step, {dev.device_kind}; "
+                        f"last step: fp8 {diff['loss_rel_diff_last']:.3%} off bf16")
+        print(f"wrote {png}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
