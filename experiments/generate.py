@@ -136,9 +136,15 @@ def main(argv=None) -> dict:
         print(f"[{i}] {shown}")
     print(f"{n_new} tokens in {seconds:.3f} s: {n_new / seconds:,.1f} tokens/s "
           f"({len(prompts)} rows, {jax.devices()[0].device_kind})")
+    latent = dsv3_jax.cache_bytes_per_token(cfg, jnp.bfloat16)
+    # what per-head keys and values (qk and v widths) of every layer would take, in bf16
+    expanded = cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
+    print(f"latent cache: {latent:,} bytes per token in bf16 against {expanded:,} for expanded "
+          f"keys and values ({expanded / latent:.1f}x smaller)")
     record = {"settings": vars(a), "prompts": prompts, "outputs": outs, "tokens": n_new,
               "seconds": seconds, "tokens_per_s": n_new / seconds,
-              "device": jax.devices()[0].device_kind}
+              "device": jax.devices()[0].device_kind,
+              "cache_bytes_per_token": latent, "expanded_bytes_per_token": expanded}
     if a.speculative:
         from dsv3_jax.generate import LAST_STATS
 

@@ -98,6 +98,8 @@ def test_generate_script_from_a_pretrain_checkpoint(tmp_path):
     rec = script.main(["--preset", "tiny", "--prompt_ids", "5,6,7", "--batch_size", "3",
                        "--max_new_tokens", "4", "--repeats", "1"])
     assert [len(o) for o in rec["outputs"]] == [4, 4, 4]
+    # tiny: 4 layers x (32 + 16) numbers x 2 bytes, against 4 x 4 heads x (32 + 12) x 2
+    assert (rec["cache_bytes_per_token"], rec["expanded_bytes_per_token"]) == (384, 1408)
     assert rec["outputs"][0] == rec["outputs"][1]  # the same prompt, greedy
     with pytest.raises(SystemExit, match="not comma-separated integers"):
         script.main(["--prompt_ids", "5,x"])
