@@ -30,11 +30,9 @@ from dsv3_jax import model as _model
 from dsv3_jax.config import Config
 
 
-def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
-           top_p: float | None) -> jax.Array:
-    """Next tokens [B] from logits [B, V] (float32)."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _filtered_logits(logits: jax.Array, temperature: float, top_k: int | None,
+                     top_p: float | None) -> jax.Array:
+    """logits / temperature with the tokens outside top_k and outside the top_p mass masked."""
     logits = logits / temperature
     masked = jnp.finfo(logits.dtype).min
     if top_k is not None and top_k < logits.shape[-1]:
@@ -42,14 +40,22 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | N
         logits = jnp.where(logits < kth, masked, logits)
     if top_p is not None and top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         # keep a token if the mass before it is below top_p (the most likely is always kept)
         keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         keep = jnp.zeros_like(keep_sorted).at[
             jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
         logits = jnp.where(keep, logits, masked)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+           top_p: float | None) -> jax.Array:
+    """Next tokens [B] from logits [B, V] (float32)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, _filtered_logits(logits, temperature, top_k, top_p),
+                                  axis=-1).astype(jnp.int32)
 
 
 def _validate(prompts, cfg: Config, max_new_tokens: int, max_len: int | None) -> tuple[list, int]:
@@ -223,19 +229,7 @@ def _mtp_step(params, hidden, next_tokens, mtp_cache, n_valid, cfg: Config, abso
 
 def _probs(logits, temperature, top_k, top_p):
     """The distribution `sample` draws from, as probabilities [B, V]."""
-    logits = logits / temperature
-    masked = jnp.finfo(logits.dtype).min
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, masked, logits)
-    if top_p is not None and top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-        keep_sorted = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, masked)
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(_filtered_logits(logits, temperature, top_k, top_p), axis=-1)
 
 
 def _verify(logits_p, logits_p1, draft, q_draft, key, temperature, top_k, top_p):
