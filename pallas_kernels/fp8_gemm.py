@@ -187,6 +187,20 @@ def _promoting_mma(half: int):
     return mma
 
 
+def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, half: int, store_to, state=None):
+    """The warp-specialized K pipeline of every FP8 kernel here: each compute warpgroup carries
+    a zero-initialised fp32 [block_m, half] result through `_promoting_mma` and hands it to
+    `store_to` (the epilogue); `state` chains a CTA's consecutive tiles (grouped_matmul)."""
+    def context(run):
+        zeros = plgpu.layout_cast(jnp.zeros((cfg.block_m, half), jnp.float32), plgpu.Layout.WGMMA)
+        store_to(run(zeros))
+    return plgpu.emit_pipeline_warp_specialized(
+        _promoting_mma(half), grid=grid, in_specs=in_specs,
+        max_concurrent_steps=cfg.max_concurrent_steps, memory_registers=gm.MEMORY_REGISTERS,
+        num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg", compute_context=context,
+        pipeline_state=state)
+
+
 def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config):
     """a_ref [M, K], b_ref [N, K] (e4m3); sa_ref [K/128, M], sb_ref [K/128, N] (f32);
     y_ref [M, N]. Persistent: each CTA loops over (m-tile, n-tile) work items."""
@@ -196,16 +210,9 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config):
     k_steps = a_ref.shape[1] // q8.BLOCK
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _specs(cfg)
-    mma = _promoting_mma(half)
 
     def pipeline(store_to, state=None):
-        def context(run):
-            zeros = plgpu.layout_cast(jnp.zeros((bm, half), jnp.float32), plgpu.Layout.WGMMA)
-            store_to(run(zeros))
-        return plgpu.emit_pipeline_warp_specialized(
-            mma, grid=(k_steps,), in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
-            memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS,
-            wg_axis="wg", compute_context=context, pipeline_state=state)
+        return _promoting_pipeline(cfg, in_specs, (k_steps,), half, store_to, state)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -338,16 +345,9 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
     k_steps = a_ref.shape[1] // q8.BLOCK
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _specs(cfg)
-    mma = _promoting_mma(half)
 
     def pipeline(store_to, state=None):
-        def context(run):
-            zeros = plgpu.layout_cast(jnp.zeros((bm, half), jnp.float32), plgpu.Layout.WGMMA)
-            store_to(run(zeros))
-        return plgpu.emit_pipeline_warp_specialized(
-            mma, grid=(k_steps,), in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
-            memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS,
-            wg_axis="wg", compute_context=context, pipeline_state=state)
+        return _promoting_pipeline(cfg, in_specs, (k_steps,), half, store_to, state)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -435,7 +435,6 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
     e, n, k = y_ref.shape
     m_tiles, n_tiles = n // bm, k // bn
     fp8 = jnp.dtype(q8.FP8)
-    mma = _promoting_mma(half)
 
     def pipeline(first, steps, store_to):
         in_specs = [
@@ -447,13 +446,7 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
             plgpu.BlockSpec((1, bn), lambda s: (first + s, 0)),
         ]
 
-        def context(run):
-            zeros = plgpu.layout_cast(jnp.zeros((bm, half), jnp.float32), plgpu.Layout.WGMMA)
-            store_to(run(zeros))
-        return plgpu.emit_pipeline_warp_specialized(
-            mma, grid=(steps,), in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
-            memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS,
-            wg_axis="wg", compute_context=context)
+        return _promoting_pipeline(cfg, in_specs, (steps,), half, store_to)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
