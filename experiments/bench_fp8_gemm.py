@@ -55,6 +55,8 @@ FP8_PEAK = 1979.0
 # useful FLOPs counted).
 DEEPSEEK_NK = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
 DEFAULT_SHAPES = [(8192, 8192, 8192)] + [(m, n, k) for m in (4096, 128) for n, k in DEEPSEEK_NK]
+DEFAULT_WGRAD = [(4096, 7168, 8192), (7168, 2048, 8192), (2176, 7168, 8192)]
+DEFAULT_QUANT = [(8192, 7168), (16384, 2048)]
 DEFAULT_GROUPED = [(g, rows, n, k) for g, rows in ((4, 8192), (8, 4096))
                    for n, k in ((4096, 7168), (7168, 2048))]
 
@@ -64,10 +66,24 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", nargs="*", default=None,
                     help="MxNxK shapes (default: 8192^3 and DeepSeek-V3's at M = 4096 and 128)")
     ap.add_argument("--impls", nargs="*", default=None,
-                    help="subset of pallas_fp8 xla_bf16 xla_fp8_unscaled xla_dequant_bf16")
+                    help="subset of pallas_fp8 xla_bf16 xla_fp8_unscaled xla_dequant_bf16 triton_fp8")
     ap.add_argument("--grouped", nargs="*", default=None,
                     help="GxROWSxNxK grouped cases (default: 4x8192 and 8x4096 rows with (N, K) "
                          "in {(4096, 7168), (7168, 2048)}; pass none to skip: --grouped)")
+    ap.add_argument("--configs", nargs="*", default=[],
+                    help="extra kernel tile configs to time next to the default, as "
+                         "BMxBNxSTAGES[xSPLITS] (e.g. 128x128x5x2 128x256x3); recorded as "
+                         "impl 'pallas_fp8[BMxBNxSTAGESxSPLITS]'")
+    ap.add_argument("--wgrad", nargs="*", default=None,
+                    help="weight-gradient cases NxKxTOKENS: dw [N, K] = dy^T x over TOKENS, "
+                         "fp32 out (default: (N, K) in {(4096, 7168), (7168, 2048), "
+                         "(2176, 7168)} over 8192 tokens; pass none to skip: --wgrad)")
+    ap.add_argument("--quant", nargs="*", default=None,
+                    help="quantizer cases MxK (bf16 in): quantize_rows, quantize_cols and "
+                         "quantize_blocks against a bf16 copy, in GB/s (default: 8192x7168 "
+                         "and 16384x2048; pass none to skip: --quant); written to --quant_json")
+    ap.add_argument("--quant_json", default=str(RESULTS / "fp8_quant.json"),
+                    help="where to write the quantizer records")
     ap.add_argument("--iterations", type=int, default=20, help="timed iterations per case")
     ap.add_argument("--interpret", action="store_true",
                     help="run the kernel in Pallas' GPU interpret mode (CPU smoke test)")
@@ -81,6 +97,19 @@ def _shape(text: str) -> tuple[int, int, int]:
     except ValueError:
         raise SystemExit(f"--shapes: {text!r} is not MxNxK") from None
     return m, n, k
+
+
+def _config(text: str) -> "fg.Fp8Config":
+    try:
+        bm, bn, stages, *splits = (int(v) for v in text.lower().split("x"))
+        return fg.Fp8Config(block_m=bm, block_n=bn, max_concurrent_steps=stages,
+                            splits=splits[0] if splits else 1)
+    except (ValueError, IndexError) as e:
+        raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS])") from None
+
+
+def _tag(cfg) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.max_concurrent_steps}x{cfg.splits}"
 
 
 def _pad128(v: int) -> int:
@@ -116,7 +145,8 @@ def calc_diff(x, y) -> float:
     return float(1 - 2 * jnp.sum(x * y) / (jnp.sum(x * x) + jnp.sum(y * y)))
 
 
-def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool) -> list[dict]:
+def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool,
+             configs=()) -> list[dict]:
     n_pad = _pad128(n)
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
@@ -125,10 +155,13 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool) ->
     bq, sb = jax.jit(q8.quantize_blocks)(w)
     sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
     cfg = fg.default_config(m, n_pad)
+
+    def kernel(c):
+        return (lambda a, b, s1, s2: fg.gemm_kernel(a, b, s1, s2, config=c, b_blocks=True,
+                                                    interpret=interpret), (aq, bq, sa_t, sb_t))
+
     fns = {
-        "pallas_fp8": (lambda a, b, s1, s2: fg.gemm_kernel(a, b, s1, s2, config=cfg,
-                                                           interpret=interpret),
-                       (aq, bq, sa_t, sb_t)),
+        "pallas_fp8": kernel(cfg),
         "xla_bf16": (lambda a, b: jnp.einsum("mk,nk->mn", a, b), (x, w)),
         "xla_fp8_unscaled": (lambda a, b: jax.lax.dot_general(
             a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16), (aq, bq)),
@@ -138,29 +171,112 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool) ->
     }
     rows = []
     flops = 2 * m * n * k
-    if "pallas_fp8" in impls:
-        got = jax.jit(fns["pallas_fp8"][0])(*fns["pallas_fp8"][1]).astype(jnp.float32)
-        want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
-        err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-        check = {"calc_diff": calc_diff(got, want), "max_rel_err": err}
-    for impl in impls:
+    want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
+    kernels = {"pallas_fp8": cfg} if "pallas_fp8" in impls else {}
+    for c in configs:
+        if n_pad % c.block_n or m % c.block_m:
+            continue  # the sweep covers the shapes each tile divides
+        fns[f"pallas_fp8[{_tag(c)}]"] = kernel(c)
+        kernels[f"pallas_fp8[{_tag(c)}]"] = c
+    for impl in [i for i in impls if i != "triton_fp8"] + [i for i in kernels if i != "pallas_fp8"]:
         if impl not in fns:
-            raise SystemExit(f"--impls: unknown {impl!r}; choose from {sorted(fns)}")
+            raise SystemExit(f"--impls: unknown {impl!r}; choose from "
+                             f"{sorted(fns) + ['triton_fp8']}")
         fn, args = fns[impl]
         try:
+            if impl in kernels:  # correctness first: a wrong kernel's time means nothing
+                got = jax.jit(fn)(*args).astype(jnp.float32)
+                err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                check = {"calc_diff": calc_diff(got, want), "max_rel_err": err,
+                         "config": _tag(kernels[impl])}
             ms = _time_ms(fn, args, iterations, interpret)
             rec = {"shape": [m, n, k], "impl": impl, "tflops": flops / ms / 1e9, "ms": ms}
+            if impl in kernels:
+                rec.update(check)
         except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
             rec = {"shape": [m, n, k], "impl": impl, "tflops": None,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        if impl == "pallas_fp8":
-            rec.update(check, config=str(cfg))
         if n_pad != n:
             rec["n_padded_to"] = n_pad
         rows.append(rec)
-    rows.append({"shape": [m, n, k], "impl": "triton_fp8", "tflops": None,
-                 "note": "not run: the jax-triton kernel is not written yet"})
+    if "triton_fp8" in impls:
+        rows.append(_triton_case(m, n, k, aq, sa, bq, sb, want, iterations, interpret))
     return rows
+
+
+def _triton_case(m, n, k, aq, sa, bq, sb, want, iterations, interpret) -> dict:
+    """The jax-triton kernel (pallas_kernels/fp8_triton.py) on the same operands; it needs a GPU
+    and jax_triton, and a run without them records why it did not run."""
+    rec = {"shape": [m, n, k], "impl": "triton_fp8", "tflops": None}
+    if interpret or jax.devices()[0].platform != "gpu":
+        return {**rec, "note": "not run: jax-triton kernels need a GPU"}
+    try:
+        from pallas_kernels import fp8_triton
+
+        fn = lambda a, s1, b, s2: fp8_triton.gemm_1d2d_triton(a, s1, b, s2)  # noqa: E731
+        got = jax.jit(fn)(aq, sa, bq, sb).astype(jnp.float32)
+        check = {"calc_diff": calc_diff(got, want),
+                 "max_rel_err": float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))}
+        ms = _time_ms(fn, (aq, sa, bq, sb), iterations, interpret)
+        return {**rec, "tflops": 2 * m * n * k / ms / 1e9, "ms": ms, **check}
+    except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
+        return {**rec, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool) -> list[dict]:
+    """dw [N, K] = dy^T x over t tokens, fp32 out: our kernel on 1 x 128 tiles along tokens
+    (`quantize_cols` of dy and x) against XLA's bf16 dot with fp32 output."""
+    kd, kx = jax.random.split(jax.random.key(2))
+    dy = jax.random.normal(kd, (t, n), jnp.bfloat16)
+    x = jax.random.normal(kx, (t, k), jnp.bfloat16)
+    aq, sa = jax.jit(q8.quantize_cols)(dy)  # [N, T], [N, T/128]
+    bq, sb = jax.jit(q8.quantize_cols)(x)   # [K, T], [K, T/128]
+    sa_t, sb_t = fg.kernel_scales(sa, sb, "rows")
+    want = fg.gemm_1d1d(aq, sa, bq, sb)
+    fns = {
+        "pallas_fp8_wgrad": (lambda a, b, s1, s2: fg.gemm_kernel(
+            a, b, s1, s2, out_dtype=jnp.float32, interpret=interpret), (aq, bq, sa_t, sb_t)),
+        "xla_bf16_wgrad": (lambda d, v: jnp.einsum("tn,tk->nk", d, v,
+                                                   preferred_element_type=jnp.float32), (dy, x)),
+    }
+    out = []
+    for impl, (fn, args) in fns.items():
+        rec = {"shape": [n, k, t], "impl": impl, "tflops": None}
+        try:
+            if impl == "pallas_fp8_wgrad":
+                got = jax.jit(fn)(*args)
+                rec["calc_diff"] = calc_diff(got, want)
+            ms = _time_ms(fn, args, iterations, interpret)
+            rec.update(tflops=2 * n * k * t / ms / 1e9, ms=ms)
+        except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
+            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out.append(rec)
+    return out
+
+
+def run_quant_case(m: int, k: int, iterations: int, interpret: bool) -> list[dict]:
+    """The quantizers' bandwidth (bytes read + written / time) against a bf16 copy (x + 1: read
+    and write the same bytes as the input twice), the ceiling for a one-pass op."""
+    x = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
+    n_in = m * k * 2
+    cases = {
+        "copy_bf16": (lambda v: v + 1, 2 * n_in),
+        "quantize_rows": (q8.quantize_rows, n_in + m * k + m * k // q8.BLOCK * 4),
+        "quantize_cols": (q8.quantize_cols, n_in + m * k + m * k // q8.BLOCK * 4),
+        "quantize_blocks": (q8.quantize_blocks, n_in + m * k + m * k // q8.BLOCK**2 * 4),
+    }
+    out = []
+    for impl, (fn, nbytes) in cases.items():
+        try:
+            ms = _time_ms(fn, (x,), iterations, interpret)
+            out.append({"shape": [m, k], "impl": impl, "ms": ms, "gbps": nbytes / ms / 1e6})
+        except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
+            out.append({"shape": [m, k], "impl": impl, "gbps": None,
+                        "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    copy = out[0]["gbps"]
+    for r in out:
+        r["fraction_of_copy"] = r["gbps"] / copy if r["gbps"] and copy else None
+    return out
 
 
 def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpret: bool) -> list[dict]:
@@ -199,14 +315,31 @@ def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpr
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     shapes = [_shape(s) for s in a.shapes] if a.shapes else DEFAULT_SHAPES
-    impls = a.impls or ["pallas_fp8", "xla_bf16", "xla_fp8_unscaled", "xla_dequant_bf16"]
+    impls = a.impls or ["pallas_fp8", "xla_bf16", "xla_fp8_unscaled", "xla_dequant_bf16",
+                        "triton_fp8"]
+    configs = [_config(c) for c in a.configs]
     dev = jax.devices()[0]
     print(f"bench_fp8_gemm on {dev.device_kind}{' (interpret mode)' if a.interpret else ''}, "
           f"{len(shapes)} shapes, {a.iterations} iterations", flush=True)
+    run = {"command": "python experiments/bench_fp8_gemm.py " + " ".join(
+               argv if argv is not None else sys.argv[1:]),
+           "date": datetime.date.today().isoformat(), "device": dev.device_kind,
+           "jax": jax.__version__, "interpret": a.interpret, "iterations": a.iterations}
+
+    def save(records, quant_records=()):
+        """Written after every case, so a run cut short keeps what it measured."""
+        for path, recs in ((a.json, records), (a.quant_json, quant_records)):
+            if recs:
+                recs[0]["run"] = run
+                path = pathlib.Path(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(recs, indent=1) + "\n")
+
     records = []
     for m, n, k in shapes:
-        rows = run_case(m, n, k, impls, a.iterations, a.interpret)
+        rows = run_case(m, n, k, impls, a.iterations, a.interpret, configs)
         records += rows
+        save(records)
         by = {r["impl"]: r for r in rows}
         bf16 = (by.get("xla_bf16") or {}).get("tflops")
         for r in rows:
@@ -222,6 +355,7 @@ def main(argv=None) -> list[dict]:
     for g, rows, n, k in grouped:
         recs = run_grouped_case(g, rows, n, k, a.iterations, a.interpret)
         records += recs
+        save(records)
         base = recs[1]["tflops"]
         for r in recs:
             t = r["tflops"]
@@ -229,15 +363,34 @@ def main(argv=None) -> list[dict]:
                 f"{t / FP8_PEAK:6.1%} of FP8 peak" + (f", {t / base:4.2f}x bf16 grouped" if base else ""))
             print(f"  {g}x{rows}x{n}x{k} {r['impl']:<20} {'-' if t is None else f'{t:8.1f}':>8} "
                   f"TFLOP/s  {extra}", flush=True)
-    records[0]["run"] = {
-        "command": "python experiments/bench_fp8_gemm.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "date": datetime.date.today().isoformat(), "device": dev.device_kind,
-        "jax": jax.__version__, "interpret": a.interpret, "iterations": a.iterations}
-    out = pathlib.Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"wrote {out}")
+    wgrad = ([tuple(int(v) for v in c.lower().split("x")) for c in a.wgrad]
+             if a.wgrad is not None else DEFAULT_WGRAD)
+    for n, k, t in wgrad:
+        recs = run_wgrad_case(n, k, t, a.iterations, a.interpret)
+        records += recs
+        save(records)
+        base = recs[1]["tflops"]
+        for r in recs:
+            tf = r["tflops"]
+            extra = r.get("error", "") if tf is None else (
+                f"{tf / FP8_PEAK:6.1%} of FP8 peak" + (f", {tf / base:4.2f}x bf16" if base else "")
+                + (f", calc_diff {r['calc_diff']:.1e}" if "calc_diff" in r else ""))
+            print(f"  wgrad {n}x{k} over {t} tokens {r['impl']:<17} "
+                  f"{'-' if tf is None else f'{tf:8.1f}':>8} TFLOP/s  {extra}", flush=True)
+    quant = ([tuple(int(v) for v in c.lower().split("x")) for c in a.quant]
+             if a.quant is not None else DEFAULT_QUANT)
+    quant_records = []
+    for m, k in quant:
+        recs = run_quant_case(m, k, a.iterations, a.interpret)
+        quant_records += recs
+        save(records, quant_records)
+        for r in recs:
+            extra = r.get("error", "") if r["gbps"] is None else (
+                f"{r['fraction_of_copy']:6.1%} of the copy's bandwidth")
+            gbps = "-" if r["gbps"] is None else f"{r['gbps']:8.1f}"
+            print(f"  quant {m}x{k} {r['impl']:<16} {gbps:>8} GB/s  {extra}", flush=True)
+    save(records, quant_records)
+    print(f"wrote {a.json}" + (f" and {a.quant_json}" if quant_records else ""))
     return records
 
 

@@ -121,18 +121,31 @@ class Fp8Config:
     max_concurrent_steps: SMEM stages of the K pipeline (a stage: a [block_m, 128] + b
       [block_n, 128] e4m3 tile and their scale rows).
     chain_tiles: let the TMA warpgroup run on into a CTA's next tile (see grouped_matmul).
+    splits: 2 cuts a warpgroup's [block_m, block_n / 2] result into two row halves with their
+      own wgmmas in flight: the first half is promoted while the second's wgmma still runs
+      (the overlap of tensor-core and CUDA-core work the V3 report describes, §3.3.2).
+      Each half is 64 rows or more, so block_m must be 128 or more.
+
+    Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
+    accumulator (two with splits=2), block_m * block_n / 2 numbers each over 128 threads, in at
+    most 232 registers a thread (emit_pipeline_warp_specialized's share with 40 for the TMA
+    warpgroup). 128 x 256 tiles need 256 and spill; 128 x 128 need 128.
     """
     block_m: int = 128
-    block_n: int = 256
-    max_concurrent_steps: int = 3
+    block_n: int = 128
+    max_concurrent_steps: int = 4
     chain_tiles: bool = True
     epilogue_slots: int = 2
+    splits: int = 1
 
     def __post_init__(self):
         if self.block_m <= 0 or self.block_m % 64:
             raise ValueError(f"Fp8Config.block_m={self.block_m} must be a positive multiple of 64")
         if self.block_n <= 0 or self.block_n % 128:
             raise ValueError(f"Fp8Config.block_n={self.block_n} must be a positive multiple of 128")
+        if self.splits not in (1, 2) or self.block_m // self.splits < 64:
+            raise ValueError(f"Fp8Config.splits={self.splits} must be 1 or 2, with block_m / "
+                             f"splits >= 64 (block_m={self.block_m})")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"Fp8Config.max_concurrent_steps={self.max_concurrent_steps} must "
                              "be >= 2")
@@ -146,10 +159,13 @@ class Fp8Config:
 
 
 def default_config(m: int, n: int) -> Fp8Config:
-    """256-wide tiles where N allows (3 stages fit in SMEM), else 128 (4 stages)."""
-    if n % 256 == 0:
-        return Fp8Config(block_n=256, max_concurrent_steps=3)
-    return Fp8Config(block_n=128, max_concurrent_steps=4)
+    """128 x 128 tiles (wider ones spill the compute warpgroups' registers: Fp8Config's note)
+    and 4 stages, so that K's 128-blocks come in whole rounds of stages for DeepSeek-V3's K
+    (multiples of 512) and the TMA warpgroup runs on into a CTA's next tile (`chain_tiles`).
+    Measured side by side on an H200 (2026-12-01): 4 stages beat 5, which cannot chain, by
+    4-15% (965 against 886 TFLOP/s at 8192^3)."""
+    del m, n
+    return Fp8Config()
 
 
 def _specs(cfg: Fp8Config) -> list:
@@ -166,42 +182,81 @@ def _specs(cfg: Fp8Config) -> list:
     ]
 
 
-def _promoting_mma(half: int):
+def _promoting_mma(cfg: Fp8Config, half: int, b_blocks: bool):
     """Pipeline step of one compute warpgroup over one K-block of 128: the FP8 wgmma runs into a
     fresh fp32 accumulator, which is then scaled by s_a[row] * s_b[col] and added to the carried
-    fp32 result (the V3 report's promotion every 128 of K; kernels.md §2.3 DeepGEMM)."""
+    fp32 result (the V3 report's promotion every 128 of K; kernels.md §2.3 DeepGEMM).
+
+    The carry is a tuple of `cfg.splits` row blocks of the warpgroup's result. All their wgmmas
+    are issued first; block j is promoted once at most splits - 1 - j wgmma groups are still in
+    flight, so the promotion of the first block overlaps the second block's tensor-core work.
+    `b_blocks`: b's scales are 128 x 128 blocks and this warpgroup's columns lie in one block
+    (`_b_scalar_ok`), so the column scale is one number, folded into the row scales: one FMA per
+    element instead of a multiply and an FMA."""
+    rows = cfg.block_m // cfg.splits
+
     def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
         wg = lax.axis_index("wg")
         cols = pl.ds(wg * half, half)
 
-        def product(acc):
-            plgpu.wgmma(acc, a_smem, b_smem.at[cols, :].T)  # both operands K-major
-            return acc[...]
+        def products(*accs):
+            for j, acc in enumerate(accs):
+                plgpu.wgmma(acc, a_smem.at[pl.ds(j * rows, rows)], b_smem.at[cols, :].T)
+            out = []
+            for j, (acc, result) in enumerate(zip(accs, carry)):
+                sa = plgpu.load(sa_smem.at[0, pl.ds(j * rows, rows)],
+                                layout=plgpu.Layout.WGMMA.reduce(1))
+                part = plgpu.wgmma_accumulator_load(acc, wait_n=cfg.splits - 1 - j)
+                if b_blocks:
+                    scale = lax.broadcast_in_dim(sa * sb_smem[0, wg * half], result.shape, [0])
+                else:
+                    sb = plgpu.load(sb_smem.at[0, cols], layout=plgpu.Layout.WGMMA.reduce(0))
+                    scale = (lax.broadcast_in_dim(sa, result.shape, [0])
+                             * lax.broadcast_in_dim(sb, result.shape, [1]))
+                out.append(result + part * scale)
+            return tuple(out)
 
-        part = pl.run_scoped(product, plgpu.ACC(carry.shape, jnp.float32))
-        sa = plgpu.load(sa_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
-        sb = plgpu.load(sb_smem.at[0, cols], layout=plgpu.Layout.WGMMA.reduce(0))
-        scale = (lax.broadcast_in_dim(sa, carry.shape, [0])
-                 * lax.broadcast_in_dim(sb, carry.shape, [1]))
-        return carry + part * scale
+        return pl.run_scoped(products, *[plgpu.ACC((rows, half), jnp.float32)
+                                         for _ in range(cfg.splits)])
     return mma
 
 
-def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, half: int, store_to, state=None):
+def _b_scalar_ok(cfg: Fp8Config) -> bool:
+    """A compute warpgroup's columns (block_n / 2 wide, at a multiple of that) lie within one
+    128-column weight block."""
+    half = cfg.block_n // gm.NUM_COMPUTE_WGS
+    return q8.BLOCK % half == 0
+
+
+def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, half: int, store_to, state=None, *,
+                        b_blocks: bool = False):
     """The warp-specialized K pipeline of every FP8 kernel here: each compute warpgroup carries
-    a zero-initialised fp32 [block_m, half] result through `_promoting_mma` and hands it to
-    `store_to` (the epilogue); `state` chains a CTA's consecutive tiles (grouped_matmul)."""
+    its zero-initialised fp32 [block_m, half] result (in `cfg.splits` row blocks) through
+    `_promoting_mma` and hands the blocks to `store_to(block, row0)` (the epilogue); `state`
+    chains a CTA's consecutive tiles (grouped_matmul)."""
+    rows = cfg.block_m // cfg.splits
+
     def context(run):
-        zeros = plgpu.layout_cast(jnp.zeros((cfg.block_m, half), jnp.float32), plgpu.Layout.WGMMA)
-        store_to(run(zeros))
+        zeros = tuple(plgpu.layout_cast(jnp.zeros((rows, half), jnp.float32), plgpu.Layout.WGMMA)
+                      for _ in range(cfg.splits))
+        for j, block in enumerate(run(zeros)):
+            store_to(block, j * rows)
     return plgpu.emit_pipeline_warp_specialized(
-        _promoting_mma(half), grid=grid, in_specs=in_specs,
+        _promoting_mma(cfg, half, b_blocks and _b_scalar_ok(cfg)), grid=grid, in_specs=in_specs,
         max_concurrent_steps=cfg.max_concurrent_steps, memory_registers=gm.MEMORY_REGISTERS,
         num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg", compute_context=context,
         pipeline_state=state)
 
 
-def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config):
+def _store(slots, dst):
+    """`store_to` for `_promoting_pipeline`: row block `block` at row `row0` of the
+    warpgroup's output tile `dst`."""
+    def store_to(block, row0):
+        gm._store_tile(block, slots, dst.at[pl.ds(row0, block.shape[0])])
+    return store_to
+
+
+def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool):
     """a_ref [M, K], b_ref [N, K] (e4m3); sa_ref [K/128, M], sb_ref [K/128, N] (f32);
     y_ref [M, N]. Persistent: each CTA loops over (m-tile, n-tile) work items."""
     bm, bn = cfg.block_m, cfg.block_n
@@ -212,7 +267,8 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config):
     in_specs = _specs(cfg)
 
     def pipeline(store_to, state=None):
-        return _promoting_pipeline(cfg, in_specs, (k_steps,), half, store_to, state)
+        return _promoting_pipeline(cfg, in_specs, (k_steps,), half, store_to, state,
+                                   b_blocks=b_blocks)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -227,7 +283,7 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config):
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
             y_tile = y_ref.at[rows, cols].at[:, pl.ds(wg * half, half)]
-            store = functools.partial(gm._store_tile, slots=epi.at[wg], dst=y_tile)
+            store = _store(epi.at[wg], y_tile)
             gm._run_tile(lambda state=None: pipeline(store, state),
                          (a_ref.at[rows, :], b_ref.at[cols, :], sa_ref.at[:, rows],
                           sb_ref.at[:, cols]),
@@ -253,10 +309,13 @@ def kernel_scales(s_a: jax.Array, s_b: jax.Array, b_scale: str) -> tuple[jax.Arr
 
 
 def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
-                out_dtype=jnp.bfloat16, config: Fp8Config | None = None,
+                out_dtype=jnp.bfloat16, config: Fp8Config | None = None, b_blocks: bool = False,
                 interpret: bool = False) -> jax.Array:
     """The Mosaic GPU kernel alone: a [M, K], b [N, K] e4m3; sa_t [K/128, M], sb_t [K/128, N]
-    float32 (`kernel_scales`) -> a @ b^T [M, N] with fp32 promotion every 128 of K."""
+    float32 (`kernel_scales`) -> a @ b^T [M, N] with fp32 promotion every 128 of K.
+
+    b_blocks=True promises that sb_t's columns repeat in runs of 128 (`kernel_scales` of 128 x
+    128 weight blocks); the kernel then reads one b scale per warpgroup and K-block."""
     (m, k), n = a.shape, b.shape[0]
     cfg = config or default_config(m, n)
     for name, size, block in (("M (a.shape[0])", m, cfg.block_m), ("N (b.shape[0])", n, cfg.block_n)):
@@ -267,14 +326,15 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
         if x.shape != want:
             raise ValueError(f"fp8 gemm (pallas): {name} must be [K/128, rows] = {list(want)}, "
                              f"got {list(x.shape)}")
-    run = gm._launch(functools.partial(_body, cfg=cfg),
+    run = gm._launch(functools.partial(_body, cfg=cfg, b_blocks=b_blocks),
                      jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
     return run(a, b, sa_t, sb_t)
 
 
 def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Config | None = None):
     sa_t, sb_t = kernel_scales(s_a, s_b, b_scale)
-    return gemm_kernel(a, b, sa_t, sb_t, out_dtype=out_dtype, config=config, interpret=interpret)
+    return gemm_kernel(a, b, sa_t, sb_t, out_dtype=out_dtype, config=config,
+                       b_blocks=b_scale == "blocks", interpret=interpret)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +407,8 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
     in_specs = _specs(cfg)
 
     def pipeline(store_to, state=None):
-        return _promoting_pipeline(cfg, in_specs, (k_steps,), half, store_to, state)
+        return _promoting_pipeline(cfg, in_specs, (k_steps,), half, store_to, state,
+                                   b_blocks=True)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -365,7 +426,7 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
             @pl.when(lin < used)
             def _compute():
                 g = tile_group_ref[m_idx]
-                store = functools.partial(gm._store_tile, slots=epi.at[wg], dst=y_tile)
+                store = _store(epi.at[wg], y_tile)
                 gm._run_tile(lambda state=None: pipeline(store, state),
                              (a_ref.at[rows, :], b_ref.at[g, cols, :], sa_ref.at[:, rows],
                               sb_ref.at[g, :, cols]),
@@ -460,7 +521,7 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
             y_tile = y_ref.at[g, rows, cols].at[:, pl.ds(wg * half, half)]
-            store = functools.partial(gm._store_tile, slots=epi.at[wg], dst=y_tile)
+            store = _store(epi.at[wg], y_tile)
             pipeline(start_ref[g], count_ref[g], store)(
                 a_ref.at[rows, :], b_ref.at[cols, :], sa_ref.at[:, rows], sb_ref.at[:, cols],
                 allocations=allocs)

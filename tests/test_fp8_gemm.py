@@ -6,6 +6,8 @@ which multiplies the dequantized values exactly. GPU (marker `gpu`): the same at
 sizes on the device, where the tensor cores' FP8 accumulation is real.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +20,11 @@ from pallas_kernels import fp8_quant as q8
 def _operands(m, n, k, seed=0, b_scale="blocks"):
     ka, kb = jax.random.split(jax.random.key(seed))
     # a wide dynamic range across K-blocks and rows, so a scale applied to the wrong K-block,
-    # row or column moves the result by far more than the tolerance
-    x = jax.random.normal(ka, (m, k)) * jnp.exp2(jnp.arange(k) // q8.BLOCK * 2.0 - 3)
+    # row or column moves the result by far more than the tolerance; cycled so that large K
+    # and N stay inside float32 (2^(2 kb) over 56 K-blocks would overflow)
+    x = jax.random.normal(ka, (m, k)) * jnp.exp2(jnp.arange(k) // q8.BLOCK % 6 * 2.0 - 3)
     x = x * jnp.exp2(jnp.arange(m) % 5 - 2.0)[:, None]
-    w = jax.random.normal(kb, (n, k)) * jnp.exp2(jnp.arange(n) // q8.BLOCK - 1.0)[:, None]
+    w = jax.random.normal(kb, (n, k)) * jnp.exp2(jnp.arange(n) // q8.BLOCK % 8 - 1.0)[:, None]
     aq, sa = q8.quantize_rows(x)
     bq, sb = q8.quantize_blocks(w) if b_scale == "blocks" else q8.quantize_rows(w)
     return aq, sa, bq, sb
@@ -36,6 +39,9 @@ def _rel(got, want):
     (128, 256, 256, None),  # one tile, two K-blocks
     (384, 512, 384, None),  # 3 x 2 tiles on 3 simulated SMs: the persistent loop, chained
     (256, 384, 512, fg.Fp8Config(block_n=128, max_concurrent_steps=2)),  # 128-wide, 2 stages
+    (256, 256, 384, fg.Fp8Config(splits=2)),  # two row blocks in flight per warpgroup
+    (128, 512, 256, fg.Fp8Config(block_n=256, max_concurrent_steps=3)),  # 128-column halves
+    (128, 512, 256, fg.Fp8Config(block_m=64, block_n=256, max_concurrent_steps=4)),
 ])
 @pytest.mark.parametrize("b_scale", ["blocks", "rows"])
 def test_kernel_equals_the_reference_in_interpret_mode(m, n, k, config, b_scale):
@@ -92,14 +98,26 @@ def test_bench_fp8_gemm_smoke_in_interpret_mode(tmp_path):
     import bench_fp8_gemm
 
     recs = bench_fp8_gemm.main(["--interpret", "--shapes", "128x200x128", "--grouped",
-                                "2x128x256x128", "--iterations", "1",
-                                "--json", str(tmp_path / "r.json")])
+                                "2x128x256x128", "--configs", "128x128x2x2", "128x256x2",
+                                "--wgrad", "128x256x256", "--quant", "128x256",
+                                "--iterations", "1", "--json", str(tmp_path / "r.json"),
+                                "--quant_json", str(tmp_path / "q.json")])
     impls = {r["impl"] for r in recs}
-    assert impls == {"pallas_fp8", "xla_bf16", "xla_fp8_unscaled", "xla_dequant_bf16",
-                     "triton_fp8", "pallas_fp8_grouped", "pallas_bf16_grouped"}
+    assert impls == {"pallas_fp8", "pallas_fp8[128x128x2x2]", "pallas_fp8[128x256x2x1]",
+                     "xla_bf16", "xla_fp8_unscaled", "xla_dequant_bf16", "triton_fp8",
+                     "pallas_fp8_wgrad", "xla_bf16_wgrad", "pallas_fp8_grouped",
+                     "pallas_bf16_grouped"}
     assert all(r["tflops"] for r in recs if r["impl"] != "triton_fp8")
-    kernel = next(r for r in recs if r["impl"] == "pallas_fp8")
-    assert kernel["n_padded_to"] == 256 and kernel["calc_diff"] < 1e-4
+    assert "not run" in next(r for r in recs if r["impl"] == "triton_fp8")["note"]
+    for impl in ("pallas_fp8", "pallas_fp8[128x128x2x2]", "pallas_fp8[128x256x2x1]",
+                 "pallas_fp8_wgrad"):
+        kernel = next(r for r in recs if r["impl"] == impl)
+        assert kernel["calc_diff"] < 1e-4
+    assert next(r for r in recs if r["impl"] == "pallas_fp8")["n_padded_to"] == 256
+    quant = json.loads((tmp_path / "q.json").read_text())
+    assert {r["impl"] for r in quant} == {"copy_bf16", "quantize_rows", "quantize_cols",
+                                          "quantize_blocks"}
+    assert all(r["gbps"] > 0 and r["fraction_of_copy"] > 0 for r in quant)
 
 
 def _grouped_operands(sizes, n, k, seed=0):
@@ -145,7 +163,7 @@ def test_grouped_kernel_checks_the_plan():
         fg.grouped_gemm_1d2d(aq64, sa64, bq, sb, plan64, impl="pallas", interpret=True)
 
 
-@pytest.mark.parametrize("config", [None, fg.Fp8Config(block_n=128, max_concurrent_steps=2)])
+@pytest.mark.parametrize("config", [None, fg.Fp8Config(splits=2, max_concurrent_steps=2)])
 def test_grouped_wgrad_kernel_equals_the_reference_in_interpret_mode(config):
     """dw[g] = dy_g^T x_g over each expert's own tokens (quantized along tokens); an empty
     expert gets exact zeros."""
@@ -177,13 +195,18 @@ def test_grouped_kernel_on_the_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, fg.Fp8Config(splits=2),
+                                    fg.Fp8Config(block_n=256, max_concurrent_steps=3)])
 @pytest.mark.parametrize("m, n, k", [(4096, 4096, 7168), (128, 7168, 2048), (512, 2176, 7168)])
-def test_kernel_on_the_gpu(m, n, k):
+def test_kernel_on_the_gpu(m, n, k, config):
     """Real FP8 tensor cores: DeepGEMM's calc_diff < 1e-3 against the exact product of the
     quantized values (the benchmark's shapes gave 1.2e-6 to 1.4e-6 on an H200, 2026-12-01;
     this test itself has not run on a GPU yet)."""
     aq, sa, bq, sb = _operands(m, n, k, seed=7)
-    got = fg.gemm_1d2d(aq, sa, bq, sb, impl="pallas").astype(jnp.float32)
+    if config is not None and n % config.block_n:
+        pytest.skip(f"N={n} is not a multiple of block_n={config.block_n}")
+    got = fg._pallas_gemm(aq, sa, bq, sb, "blocks", jnp.bfloat16, False, config)
+    got = got.astype(jnp.float32)
     want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
     diff = 1 - 2 * jnp.sum(got * want) / (jnp.sum(got * got) + jnp.sum(want * want))
     assert float(diff) < 1e-3
