@@ -79,9 +79,9 @@ class Settings:
     attention_impl: str = _field("auto", "attention core: auto (cuDNN fused attention on GPU in "
                                  "bf16, XLA otherwise), xla, cudnn",
                                  choices=("auto", "xla", "cudnn"))
-    fp8_impl: str = _field("auto", "FP8 GEMMs under --precision fp8: auto (xla until the "
-                           "Pallas FP8 kernels are ready), xla (dequantize + fp32 matmul "
-                           "reference), pallas (our Mosaic GPU FP8 kernels, Hopper)",
+    fp8_impl: str = _field("auto", "FP8 GEMMs under --precision fp8: auto (pallas on a Hopper "
+                           "GPU, xla elsewhere), xla (dequantize + fp32 matmul reference), "
+                           "pallas (our Mosaic GPU FP8 kernels, Hopper)",
                            choices=("auto", "xla", "pallas"))
     # --- devices ---
     mesh: str = _field("auto", "device mesh, e.g. 'fsdp=4,expert=2'; 'none' = the first device, "

@@ -351,7 +351,7 @@ def test_config_fp8_fields_validate_and_resolve():
     cfg = get_config("tiny")
     assert not cfg.fp8 and cfg.fp8_gemm_impl() is None
     on = cfg.replace(fp8=True)
-    assert on.resolved_fp8_impl() == "xla" and on.fp8_gemm_impl() == "xla"  # no kernel yet
+    assert on.resolved_fp8_impl() == "xla" and on.fp8_gemm_impl() == "xla"  # CPU: the reference
     assert on.replace(fp8_impl="pallas").fp8_gemm_impl() == "pallas"
     with pytest.raises(ValueError, match=r"Config\.fp8 must be a bool"):
         cfg.replace(fp8="yes")
