@@ -15,21 +15,30 @@ iteration by rewriting a 256 MiB buffer whose kernel is left out of the sum):
                     DeepSeek's recipe
   xla_dequant_bf16  dequantize the same FP8 tiles to bf16 and dot, in one jit: what a JAX user
                     gets today for the recipe
-  triton_fp8        a jax-triton block-scaled kernel: not written yet (recorded as not run)
-and grouped cases (G experts x ROWS rows, the MoE layout): pallas_fp8_grouped (our grouped FP8
-kernel) against pallas_bf16_grouped (our bf16 grouped kernel, the baseline).
+  triton_fp8        our jax-triton block-scaled kernel (pallas_kernels/fp8_triton.py; needs
+                    jax-triton 0.3.1 next to triton 3.6, else recorded as not run)
+  pallas_fp8[BMxBNxSTAGESxSPLITS]  the kernel with the tile configs of --configs (a sweep)
+grouped cases (G experts x ROWS rows, the MoE layout): pallas_fp8_grouped (our grouped FP8
+kernel) against pallas_bf16_grouped (our bf16 grouped kernel, the baseline); weight-gradient
+cases (--wgrad): pallas_fp8_wgrad (1 x 128 tiles along tokens, fp32 out) against
+xla_bf16_wgrad; and the quantizers' bandwidth (--quant) against a bf16 copy, written to
+experiments/results/fp8_quant.json (records {"shape": [M, K], "impl", "gbps",
+"fraction_of_copy"}).
 TFLOP/s = 2 M N K / time; the fraction of the FP8 dense peak (1979 on H100/H200 datasheets) and
 ratios to xla_bf16 are printed. The kernel's error against the exact product of the quantized
 values is checked per shape (DeepGEMM's calc_diff, and max relative error).
 Output: a table and experiments/results/fp8_gemm.json, a list of records
 {"shape": [M, N, K], "impl": ..., "tflops": ...} plus run metadata in the first record's
 "run" field.
-Result (one H200, 2026-12-01, 10 iterations, six of the shapes; experiments/results/
-fp8_gemm.json): the kernel is correct on the device (calc_diff 1.2e-6 to 1.4e-6) but slow:
-421 TFLOP/s at 8192^3 against xla_bf16 826, xla_fp8_unscaled 1582, xla_dequant_bf16 739
-(0.51x bf16; the target is 1.6x); 408-557 at M = 4096 (0.49-0.68x bf16), 144 at M = 128. Its
-promotion waits for each K-block's wgmma before scaling it, so tensor cores and CUDA cores never
-overlap; that is the next thing to fix (pallas_kernels/fp8_gemm.py says how).
+Result (one H200, 2026-12-01; experiments/results/fp8_gemm.json, from the printed table in
+fp8_gemm_h200_table.txt: that run hit its time limit before writing JSON):
+  pallas_fp8 at 8192^3: 921 TFLOP/s = 1.14x xla_bf16 (810); xla_fp8_unscaled 1557,
+  xla_dequant_bf16 728, triton_fp8 861. M = 4096, DeepSeek-V3's six (N, K): 1.07-1.16x bf16
+  (797-942; triton_fp8 0.62-1.07x). M = 128: 1.02x at K = 16384, 0.52x at 128 x 2112 x 7168
+  (too few tiles: no split-K). Grouped 8 x 4096 rows, (4096, 7168): 1.26x our bf16 grouped
+  kernel (960 against 764). Weight gradient 4096 x 7168 over 8192 tokens: 0.99x bf16.
+  Quantizers (fp8_quant.json): 1.49-1.64 TB/s, 46-49% of the bf16 copy's 3.3 TB/s.
+  Targets not met: 1.6x dense, 1.1x wgrad, 1.3x grouped, 80% of copy bandwidth.
 """
 
 import argparse

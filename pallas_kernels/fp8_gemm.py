@@ -28,17 +28,22 @@ the two scale rows; two compute warpgroups each own half of the tile's columns. 
 warpgroup runs the FP8 wgmma into a fresh fp32 accumulator and adds it, times
 s_a[row] * s_b[col], to its carried fp32 result. 128 x 128 weight blocks are passed as one
 scale per column (the block scale repeated: exact), so the data-gradient and weight-gradient
-scalings use the same kernel.
+scalings use the same kernel; with weight blocks a warpgroup's 64 columns share one scale, which
+is folded into the row scales (one FMA per element).
 
-**Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-01): correct on the device
-(calc_diff 1.2e-6 to 1.4e-6 against the exact product), but 408-557 TFLOP/s at M = 4096 and
-421 at 8192^3, 0.5-0.7x XLA's bf16 dot and a quarter of the raw FP8 ceiling (1582). The
-promotion reads each K-block's accumulator right after issuing its wgmma, so every K-block
-waits for its tensor-core work before the CUDA cores scale it, and the other way round.
-Next: keep two accumulators in flight (issue K-block k+1's wgmma, then promote k: the V3
-report's "two WGMMAs in flight", DeepGEMM's schedule), one promotion multiply per element
-(fold s_a into a per-row factor once per K-block), and retune tiles (block_m 64 per warpgroup
-splitting M instead of N, deeper pipelines) on the device.
+**Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-01; experiments/results/
+fp8_gemm.json, the tile sweep in fp8_gemm_sweep.json): correct on the device (calc_diff 1.2e-6
+to 1.4e-6 against the exact product), 1.07-1.16x XLA's bf16 dot at M = 4096 (797-942 TFLOP/s),
+1.14x at 8192^3 (921 against 810; raw FP8 without scales 1557), 1.26x our bf16 grouped kernel
+for the experts (960 against 764), 0.99x bf16 for the weight gradient. The first version reached
+421 at 8192^3: its 128 x 256 tiles need 256 registers a thread for the result and the fresh
+accumulator, over the 232 a compute warpgroup gets, and spilled (the same tiles still measure
+384); 128 x 128 tiles with 4 stages, which chain tiles for K in multiples of 512, gave 965.
+Two row blocks in flight per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on
+others. Still short of the 1.6x target (about 1200 TFLOP/s; DeepGEMM 1550 on an H800): the
+next steps are a third compute warpgroup or 64-row wgmmas per warpgroup so that promotion and
+tensor-core work overlap across warpgroups as in DeepGEMM, and split-K for M = 128 (0.5x bf16
+at 128 x 2112 x 7168: 17 tiles for 132 SMs).
 """
 
 from __future__ import annotations
