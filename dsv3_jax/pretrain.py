@@ -328,6 +328,7 @@ class _Signals:
     def __init__(self):
         self.received = None
         self._old = {}
+        self._in_flight = None  # the last poll's cross-process max (several processes)
 
     def __enter__(self):
         import threading
@@ -348,15 +349,42 @@ class _Signals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def any_process(self) -> int | None:
-        """The signal number if any process received one (all processes agree on stopping)."""
+    def poll(self) -> int | None:
+        """The signal number to stop for, the same in every process, or None.
+
+        One process: the flag itself. Several: each call dispatches a max of every process's
+        flag over all devices and returns the previous call's result, so the host never waits
+        on a collective (the earlier version paid a blocking `process_allgather` every step).
+        The previous result was computed before the step just dispatched, so reading it costs
+        nothing more than reading that step's metrics; a signal stops every process after the
+        same step, one step later than in a single-process run."""
         mine = 0 if self.received is None else int(self.received)
         if jax.process_count() == 1:
             return mine or None
-        from jax.experimental import multihost_utils
+        previous, self._in_flight = self._in_flight, _process_max(mine)
+        if previous is None:
+            return None
+        return int(np.asarray(previous.addressable_data(0))) or None
 
-        got = multihost_utils.process_allgather(np.int32(mine))
-        return int(np.max(got)) or None
+
+def _process_max(value: int) -> jax.Array:
+    """max over processes of `value`, as a replicated device scalar (dispatched, not waited for):
+    one int32 per device in a global array, reduced by one jitted max."""
+    devices = np.array(jax.devices())
+    mesh = jax.sharding.Mesh(devices, ("p",))
+    local = np.full((jax.local_device_count(),), value, np.int32)
+    flags = jax.make_array_from_process_local_data(NamedSharding(mesh, P("p")), local)
+    return _max_fn(mesh)(flags)
+
+
+_MAX_FNS: dict = {}
+
+
+def _max_fn(mesh):
+    """One jitted max per mesh (one compile for the run)."""
+    if mesh not in _MAX_FNS:
+        _MAX_FNS[mesh] = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    return _MAX_FNS[mesh]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -538,7 +566,7 @@ def run(s: Settings) -> dict:
                 if pending is not None:
                     t_prev = finish(*pending, t_prev)
                 pending = (i + 1, m_dev, 0.0)
-                stop_sig = signals.any_process()
+                stop_sig = signals.poll()
                 if stop_sig is not None:
                     t_prev = finish(*pending, t_prev)
                     pending = None

@@ -29,6 +29,14 @@ batch = placement.shard_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, 
 loss, metrics = jax.jit(lambda p, b: loss_fn(p, b, cfg, shard=shard))(params, batch)
 # both are replicated over the mesh: this process's copy is the global value
 load = np.asarray(metrics["load"].addressable_data(0))
+# pretrain's stop agreement: only process 1 got SIGTERM (15); every process must read it, one
+# poll late (each poll returns the previous poll's cross-process max)
+from dsv3_jax.pretrain import _Signals  # noqa: E402
+
+signals = _Signals()
+signals.received = 15 if pid == 1 else None
+polls = [signals.poll(), signals.poll()]
 print(json.dumps({"pid": pid, "devices": jax.device_count(), "local": jax.local_device_count(),
-                  "loss": float(loss.addressable_data(0)), "load": load.tolist()}), flush=True)
+                  "loss": float(loss.addressable_data(0)), "load": load.tolist(),
+                  "signal_polls": polls}), flush=True)
 jax.distributed.shutdown()

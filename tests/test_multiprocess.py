@@ -52,6 +52,7 @@ def test_two_processes_equal_one(mesh_spec, strategy, dispatch):
     loss, metrics = jax.jit(lambda p, b: loss_fn(p, b, cfg, shard=shard))(params, batch)
     for out in outs:
         assert out["devices"] == 8 and out["local"] == 4
+        assert out["signal_polls"] == [None, 15]  # both processes stop for process 1's signal
         assert out["loss"] == pytest.approx(float(loss), rel=1e-6)
         np.testing.assert_array_equal(np.asarray(out["load"]).reshape(metrics["load"].shape),
                                       np.asarray(metrics["load"]))
