@@ -68,6 +68,9 @@ def parse_args(argv=None):
                     help="kernel splits of each row's cache (default: choose_num_splits)")
     ap.add_argument("--block_s", type=int, default=64, choices=(32, 64),
                     help="keys per cache block of the kernel")
+    ap.add_argument("--form", default="one", choices=("one", "split"),
+                    help="cache layout: one [B, S, 576] array (mla_decode) or the model's two, "
+                         "c_kv [B, S, 512] and k_rope [B, S, 64] (mla_decode_latent)")
     ap.add_argument("--iterations", type=int, default=20, help="timed iterations per case")
     ap.add_argument("--no_check", action="store_true",
                     help="skip the float32 reference (it needs B x Tq x H x s_k x 4 bytes)")
@@ -136,12 +139,23 @@ def run_case(b, s, tq, h, a) -> list[dict]:
     scale = 1.0 / math.sqrt(md.D_K)
     splits = a.num_splits or md.choose_num_splits(
         b, tq, h, s_max, a.block_s, md.DEFAULT_NUM_SMS if a.interpret else None)
-    fns = {
-        "pallas": lambda q, kv, n: md.mla_decode(q, kv, n, scale=scale, impl="pallas",
-                                                 num_splits=splits, block_s=a.block_s,
-                                                 interpret=a.interpret),
-        "xla": lambda q, kv, n: md.mla_decode(q, kv, n, scale=scale, impl="xla"),
-    }
+    if a.form == "split":  # sliced once here, outside the timed functions
+        c = md.V_DIM
+        args = (q[..., :c], q[..., c:], kv[..., :c], kv[..., c:], lengths)
+        fns = {
+            "pallas": lambda *x: md.mla_decode_latent(*x, scale=scale, impl="pallas",
+                                                      num_splits=splits, block_s=a.block_s,
+                                                      interpret=a.interpret),
+            "xla": lambda *x: md.mla_decode_latent(*x, scale=scale, impl="xla"),
+        }
+    else:
+        args = (q, kv, lengths)
+        fns = {
+            "pallas": lambda q, kv, n: md.mla_decode(q, kv, n, scale=scale, impl="pallas",
+                                                     num_splits=splits, block_s=a.block_s,
+                                                     interpret=a.interpret),
+            "xla": lambda q, kv, n: md.mla_decode(q, kv, n, scale=scale, impl="xla"),
+        }
     want = None
     if not a.no_check:
         want = jax.jit(lambda q, kv, n: md.mla_decode_reference(q, kv, n, scale)[0])(
@@ -150,20 +164,20 @@ def run_case(b, s, tq, h, a) -> list[dict]:
     nbytes = keys * md.D_K * 2 + q.size * 2 + b * tq * h * md.V_DIM * 2
     flops = 2 * tq * h * keys * (md.D_K + md.V_DIM)
     shape = {"batch": b, "seqlen": s, "s_max": s_max, "tq": tq, "heads": h,
-             "varlen": a.varlen, "mean_len": keys / b}
+             "varlen": a.varlen, "mean_len": keys / b, "form": a.form}
     records = []
     for impl in a.impls:
         rec = {**shape, "impl": impl, "num_splits": splits if impl == "pallas" else None}
         try:
             if want is not None:
-                rec.update(_errors(jax.jit(fns[impl])(q, kv, lengths), want))
-            ms = _time_ms(fns[impl], (q, kv, lengths), a.iterations, a.interpret)
+                rec.update(_errors(jax.jit(fns[impl])(*args), want))
+            ms = _time_ms(fns[impl], args, a.iterations, a.interpret)
             rec.update(ms=ms, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9)
         except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
             rec.update(ms=None, gbps=None, tflops=None,
                        error=f"{type(e).__name__}: {str(e)[:300]}")
         records.append(rec)
-    del want, q, kv
+    del want, q, kv, args
     return records
 
 

@@ -13,6 +13,16 @@ b, new token t of Tq and head h:
     o[b,t,h]     = softmax_j(s) @ kv[b, :limit, :512]          [B, Tq, H, 512]
     lse[b,t,h]   = log sum_j exp(s[b,t,h,j])                  [B, Tq, H] float32
 
+**Two cache layouts.** `mla_decode_latent(q_lat, q_rope, c_kv, k_rope, ...)` takes the cache
+as the model keeps it (dsv3_jax/mla.py `mla_cached`: c_kv [B, S, C] and k_rope [B, S, R], two
+arrays per layer) and the query split the same way (q_lat = q_nope @ W^UK [.., C], q_rope
+[.., R]); `mla_decode(q, kv, ...)` takes one [B, S, C + R] array with v_dim = C. Both run the
+same kernel, which loads each cache block as two TMA tiles (latent columns, rope columns) into
+two SMEM buffers and sums two wgmmas into one score accumulator; the one-array form points
+both loads at the same array (column ranges [0, C) and [C, C + R)), so neither form copies
+the cache. dsv3_jax/mla.py calls `mla_decode_latent` when `Config.decode_attention_impl`
+resolves to "pallas".
+
 **Empty windows.** A (b, t) whose window is empty (limit <= 0, e.g. lengths[b] = 0) has no
 softmax; we define its output as zeros and its lse as -inf (the log of an empty sum), in every
 implementation, so it is never NaN. `mla_decode` raises for concrete `lengths` outside
@@ -33,20 +43,31 @@ Mosaic GPU kernel (Hopper). `mla_decode_reference` is the float32 definition the
     cache blocks, three warpgroups per CTA. Warpgroup 2 streams the cache in blocks of
     `block_s` = 64 keys x 576 with TMA into a 2-stage SMEM ring (the 64 x 576 query block takes
     72 KiB, each stage another 72 KiB: 2 stages is what fits next to it in the 227 KiB of SMEM,
-    kernels.md §3.4 has FlashMLA's same budget), after loading the query block once.
+    kernels.md §3.4 has FlashMLA's same budget; `small`'s 256 + 64 gets 4 stages), after
+    loading the query block once. Each load is two TMA copies (latent and rope columns)
+    completing one barrier.
   * The two math warpgroups split the work as FlashMLA does (kernels.md §3.4): the 64 x 512
     fp32 output is 32,768 registers, half the SM, so each warpgroup owns one 64 x 256 half of O
     (256 is also the widest wgmma N). Per cache block, warpgroup w computes the scores of its
-    half of the keys, S_w = Q @ K[w-th 32 keys]^T over all 576 columns (no 512 + 64 split as
-    Triton needs: 576 is a whole number of swizzle tiles), masks keys past each row's causal
+    half of the keys, S_w = Q_c @ K_c[w-th 32 keys]^T + Q_r @ K_r[..]^T (two wgmmas into one
+    accumulator, one per SMEM tile), masks keys past each row's causal
     limit, and the two exchange their row maxima through SMEM so that both rescale by one
     running maximum (online softmax in fp32, exp2 with log2(e) folded into the scale). Each
     writes its probabilities P_w (bf16) into its half of the block's 64 x 64 P tile in SMEM;
-    after a second exchange both run O_w += P @ V[:, w-th 256 columns] with V the first 512
-    columns of the *same* SMEM tile (no second load of the values: FlashMLA's MQA mode).
+    after a second exchange both run O_w += P @ V[:, w-th C/2 columns] with V the *same*
+    latent SMEM tile (no second load of the values: FlashMLA's MQA mode).
     FlashMLA's finer schedule ("seesaw": each warpgroup scoring whole alternate blocks so one
     warpgroup's softmax overlaps the other's MMAs) is not reproduced: same dataflow, plain
     barriers, every wgmma waited for at once.
+  * Shapes. C (= the values' width) is a multiple of 64 up to 512: each math warpgroup owns a
+    C/2-wide half of O, whole 32-column swizzle tiles and at most a 256-wide wgmma N (V3 and
+    `small`: 512 and 256). R is a multiple of 64 (V3: 64): Mosaic GPU also lowers R = 16, 32
+    and 48 for CUDA, but interpret-mode runs at R = 32 did not finish on our 2-core CPU (nor
+    did some with 32-key blocks, which the one-tile version of commit 99b3a14 ran; one such
+    run finished with XLA's flag --xla_cpu_enable_concurrency_optimized_scheduler=false, so
+    we suspect the CPU interpreter's thread scheduling, not the kernel, but have not shown
+    it), so `kernel_refusal` admits only R that was checked numerically, and the model uses
+    64-key blocks only. SMEM: query block (C + R) x 64, stages of block_s x (C + R).
   * Swizzle. Mosaic GPU's wgmma takes a single swizzle for both SMEM operands, and each
     warpgroup's 32-key half of P must be whole swizzle tiles, so Q, the cache ring and P are
     64-byte swizzled (FlashMLA: 128). A 32-key P half cannot be a wgmma A operand by itself
@@ -69,10 +90,6 @@ layout inference, wgmma/TMA constraints and the SMEM budget all run at lowering)
 Requirement: cache entries at positions >= lengths[b] inside the last cache block that a row
 reads must be finite (masked keys get probability 0, but 0 * inf is NaN in the P @ V product,
 as in FlashMLA). dsv3_jax/generate.py zero-initialises its caches, so they are.
-
-Model integration is not done here: the model keeps c_kv [B, S, C] and k_rope [B, S, R] as
-two arrays, and this kernel reads one [B, S, C + R] cache (concatenating per step would copy
-the whole cache); the cache layout has to change first.
 """
 
 from __future__ import annotations
@@ -91,7 +108,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 IMPLS = ("xla", "pallas")
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# DeepSeek-V3's latent row: kv_lora_rank C = 512 values (= keys' nope part) + R = 64 rope dims.
+# DeepSeek-V3's latent row: kv_lora_rank C = 512 values (= keys' nope part) + R = 64 rope dims
+# (the one-array form's default v_dim).
 V_DIM = 512
 D_K = 576
 # Rows per wgmma / per CTA row block (Hopper's wgmma is 64 rows per warpgroup).
@@ -113,6 +131,10 @@ DEFAULT_NUM_SMS = 132
 # epilogue, combine), kernels.md §3.3.
 SPLIT_OVERHEAD_BLOCKS = 5
 MAX_SPLITS = 64
+# Widest half of O a math warpgroup owns (a wgmma N; 64 x 256 fp32 is 128 registers a thread),
+# so C <= 512. The rope width R must be whole swizzle tiles of the rope wgmma's K.
+MAX_HALF_V = 256
+R_MULTIPLE = 64
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -302,17 +324,35 @@ class _Cta:
     block_s: int
     stages: int
     interpret: bool
+    cols: "_Cols"
+
+
+class _Cols(NamedTuple):
+    """Where the latent and rope columns sit in the kernel's operands (static): q's latent part
+    is q_c_ref[..., q_c0 : q_c0 + c], its rope part q_r_ref[..., q_r0 : q_r0 + r], and the same
+    for the cache (kv_c0, kv_r0). The model's two-array cache passes c_kv and k_rope with
+    offsets 0; the one-array form passes the same [c_kv | k_rope] array twice with the rope
+    part at column c, so neither form copies the cache."""
+    c: int
+    r: int
+    q_c0: int
+    q_r0: int
+    kv_c0: int
+    kv_r0: int
 
 
 class _Smem(NamedTuple):
-    """The CTA's shared memory: q [64, D] (the query block), kv [stages, block_s, D] (the cache
-    ring) aliased with o [2, 64, V/2] (the output halves, written after the last block), p
-    [64, block_s] (the block's probabilities), stat [2, 64] f32 (row statistics exchanged
-    between the math warpgroups), lse [64] f32; barriers: q_bar (query loaded), ready[stages]
-    (a cache block loaded), free[stages] (both math warpgroups done with a stage), sync[2]
-    (the two exchanges between the math warpgroups)."""
+    """The CTA's shared memory: q [64, C] and q_r [64, R] (the query block's latent and rope
+    parts), kv [stages, block_s, C] and kv_r [stages, block_s, R] (the cache ring, two buffers
+    per stage) aliased with o [2, 64, C/2] (the output halves, written after the last block),
+    p [64, block_s] (the block's probabilities), stat [2, 64] f32 (row statistics exchanged
+    between the math warpgroups), lse [64] f32; barriers: q_bar (query loaded: two TMA
+    copies), ready[stages] (a cache block loaded: two TMA copies), free[stages] (both math
+    warpgroups done with a stage), sync[2] (the two exchanges between the math warpgroups)."""
     q: Any
+    q_r: Any
     kv: Any
+    kv_r: Any
     o: Any
     p: Any
     stat: Any
@@ -323,45 +363,54 @@ class _Smem(NamedTuple):
     sync: Any
 
 
-def _smem_types(dtype, out_dtype, d_k: int, v_dim: int, block_s: int, stages: int) -> list:
-    """Allocation order of `_Smem` (kv and o in one `RefUnion`: their lifetimes are disjoint)."""
-    half_s, half_v = block_s // 2, v_dim // NUM_COMPUTE_WGS
+def _smem_types(dtype, out_dtype, c: int, r: int, block_s: int, stages: int) -> list:
+    """Allocation order of `_Smem` (the ring and o in one `RefUnion`: their lifetimes are
+    disjoint)."""
+    half_s, half_v = block_s // 2, c // NUM_COMPUTE_WGS
     # Mosaic GPU's wgmma takes one swizzle for both SMEM operands (mosaic/gpu/wgmma.py), and
     # each math warpgroup writes its half_s keys of the P tile, which must be whole swizzle
-    # tiles: so every 16-bit tile an MMA reads is swizzled by half_s * 2 bytes (64 at
-    # block_s = 64; FlashMLA uses 128, which would need a P tile written in 64-key halves).
+    # tiles: so every 16-bit tile an MMA with P reads (P, and V: the latent ring) is swizzled
+    # by half_s * 2 bytes (64 at block_s = 64; FlashMLA uses 128, which would need a P tile
+    # written in 64-key halves). The latent scores Q_c @ K_c^T use the same swizzle; the rope
+    # scores Q_r @ K_r^T are their own wgmma, so q_r and the rope ring only agree with each
+    # other (the widest swizzle, up to the same cap, that divides an R-wide row).
     swz = half_s * jnp.dtype(dtype).itemsize
-    ring = plgpu.SMEM((stages, block_s, d_k), dtype, transforms=_swizzled(d_k, dtype, swz))
+    ring = (plgpu.SMEM((stages, block_s, c), dtype, transforms=_swizzled(c, dtype, swz)),
+            plgpu.SMEM((stages, block_s, r), dtype, transforms=_swizzled(r, dtype, swz)))
     out = plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_M, half_v), out_dtype,
                      transforms=_swizzled(half_v, out_dtype))
     return [
-        plgpu.SMEM((BLOCK_M, d_k), dtype, transforms=_swizzled(d_k, dtype, swz)),
+        plgpu.SMEM((BLOCK_M, c), dtype, transforms=_swizzled(c, dtype, swz)),
+        plgpu.SMEM((BLOCK_M, r), dtype, transforms=_swizzled(r, dtype, swz)),
         plgpu.RefUnion(ring, out),
         plgpu.SMEM((BLOCK_M, block_s), dtype, transforms=_swizzled(block_s, dtype, swz)),
         plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_M), jnp.float32),
         plgpu.SMEM((BLOCK_M,), jnp.float32),
-        plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=stages),
+        # A barrier that TMA copies complete counts one arrival per copy (as jax's own
+        # pipelines set num_arrivals = copies per step, pallas/mosaic_gpu/pipeline.py).
+        plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=2),
     ]
 
 
-def _body(lengths_ref, start_ref, count_ref, q_ref, kv_ref, o_ref, lse_ref, **static):
+def _body(lengths_ref, start_ref, count_ref, q_c_ref, q_r_ref, kv_c_ref, kv_r_ref, o_ref,
+          lse_ref, **static):
     """One CTA of the grid (rows, split, batch): warpgroups 0 and 1 do the math, 2 the TMA loads.
 
-    lengths_ref [B]; start_ref, count_ref [B, P] (cache blocks); q_ref [B, M_pad, D]; kv_ref
-    [B, S_max, D]; o_ref [B, P, M_pad, V] (float32 partials, or the final dtype when P = 1);
-    lse_ref [B, P, M_pad] float32.
+    lengths_ref [B]; start_ref, count_ref [B, P] (cache blocks); q_c_ref, q_r_ref [B, M_pad, .]
+    and kv_c_ref, kv_r_ref [B, S_max, .] (columns as `_Cols` says); o_ref [B, P, M_pad, C]
+    (float32 partials, or the final dtype when P = 1); lse_ref [B, P, M_pad] float32.
     """
     b, split = lax.axis_index("batch"), lax.axis_index("split")
     cta = _Cta(b=b, split=split, row0=pl.multiple_of(lax.axis_index("rows") * BLOCK_M, BLOCK_M),
-               length=jnp.clip(lengths_ref[b], 0, kv_ref.shape[1]),
+               length=jnp.clip(lengths_ref[b], 0, kv_c_ref.shape[1]),
                first_blk=start_ref[b, split], n_steps=count_ref[b, split], **static)
 
     def scoped(*refs):
-        q, (kv, o), *rest = refs
-        smem = _Smem(q, kv, o, *rest)
+        q, q_r, ((kv, kv_r), o), *rest = refs
+        smem = _Smem(q, q_r, kv, kv_r, o, *rest)
         wg = lax.axis_index("wg")
 
         @pl.when(wg < NUM_COMPUTE_WGS)
@@ -372,22 +421,29 @@ def _body(lengths_ref, start_ref, count_ref, q_ref, kv_ref, o_ref, lse_ref, **st
         @pl.when(wg == NUM_COMPUTE_WGS)
         def _memory():
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-            _memory_wg(cta, smem, q_ref, kv_ref)
+            _memory_wg(cta, smem, q_c_ref, q_r_ref, kv_c_ref, kv_r_ref)
 
-    pl.run_scoped(scoped, *_smem_types(q_ref.dtype, o_ref.dtype, q_ref.shape[-1],
-                                       o_ref.shape[-1], cta.block_s, cta.stages),
+    pl.run_scoped(scoped, *_smem_types(q_c_ref.dtype, o_ref.dtype, cta.cols.c, cta.cols.r,
+                                       cta.block_s, cta.stages),
                   collective_axes="wg")
 
 
-def _memory_wg(cta: _Cta, smem: _Smem, q_ref, kv_ref) -> None:
-    """TMA producer: the query block once, then the CTA's cache blocks through the ring."""
-    plgpu.copy_gmem_to_smem(q_ref.at[cta.b, pl.ds(cta.row0, BLOCK_M), :], smem.q, smem.q_bar)
+def _memory_wg(cta: _Cta, smem: _Smem, q_c_ref, q_r_ref, kv_c_ref, kv_r_ref) -> None:
+    """TMA producer: the query block once, then the CTA's cache blocks through the ring; each
+    is two copies (latent and rope columns), completing one barrier."""
+    cols, rows = cta.cols, pl.ds(cta.row0, BLOCK_M)
+    plgpu.copy_gmem_to_smem(q_c_ref.at[cta.b, rows, pl.ds(cols.q_c0, cols.c)], smem.q,
+                            smem.q_bar)
+    plgpu.copy_gmem_to_smem(q_r_ref.at[cta.b, rows, pl.ds(cols.q_r0, cols.r)], smem.q_r,
+                            smem.q_bar)
     stages, block_s = cta.stages, cta.block_s
 
     def load(step, slot):
-        s0 = pl.multiple_of((cta.first_blk + step) * block_s, block_s)
-        plgpu.copy_gmem_to_smem(kv_ref.at[cta.b, pl.ds(s0, block_s), :], smem.kv.at[slot],
-                                smem.ready.at[slot])
+        keys = pl.ds(pl.multiple_of((cta.first_blk + step) * block_s, block_s), block_s)
+        plgpu.copy_gmem_to_smem(kv_c_ref.at[cta.b, keys, pl.ds(cols.kv_c0, cols.c)],
+                                smem.kv.at[slot], smem.ready.at[slot])
+        plgpu.copy_gmem_to_smem(kv_r_ref.at[cta.b, keys, pl.ds(cols.kv_r0, cols.r)],
+                                smem.kv_r.at[slot], smem.ready.at[slot])
 
     for i in range(stages):
         pl.when(i < cta.n_steps)(functools.partial(load, i, i))
@@ -444,10 +500,12 @@ def _math_wg(cta: _Cta, smem: _Smem, w, o_ref, lse_ref) -> None:
         o, m, l = carry  # [64, V/2] f32; running max (log2 units) and this half's sum [64]
         slot = lax.rem(i, cta.stages)
         plgpu.barrier_wait(smem.ready.at[slot])
-        kv = smem.kv.at[slot]
+        kv, kv_r = smem.kv.at[slot], smem.kv_r.at[slot]
+        keys = pl.ds(w * half_s, half_s)
 
-        def scores(acc):  # S_w = Q @ K_w^T over all D_k columns (K-major B operand)
-            plgpu.wgmma(acc, smem.q, kv.at[pl.ds(w * half_s, half_s), :].T)
+        def scores(acc):  # S_w = Q_c @ K_c,w^T + Q_r @ K_r,w^T: two wgmmas, one accumulator
+            plgpu.wgmma(acc, smem.q, kv.at[keys, :].T)  # K-major B operands
+            plgpu.wgmma(acc, smem.q_r, kv_r.at[keys, :].T)
             return acc[...]
 
         s = pl.run_scoped(scores, plgpu.ACC((BLOCK_M, half_s), jnp.float32))
@@ -518,24 +576,15 @@ def _interpret_params(interpret):
     return plgpu.InterpretGPUParams() if interpret else None
 
 
-def mla_decode_kernel(q_rows: jax.Array, kv: jax.Array, lengths: jax.Array, start: jax.Array,
-                      count: jax.Array, *, tq: int, heads: int, scale: float, block_s: int = 64,
-                      out_dtype=None, interpret=False) -> tuple[jax.Array, jax.Array]:
-    """The Mosaic GPU kernel alone.
-
-    q_rows [B, M_pad, D_k] (row = t * H + h, zero rows past Tq * H, M_pad a multiple of 64);
-    kv [B, S_max, D_k]; lengths [B]; start, count [B, P] from `split_schedule`. Returns
-    (o [B, P, M_pad, 512], lse [B, P, M_pad] float32): per split, the output normalised over
-    the split's keys and its log-sum-exp. o is float32 unless `out_dtype` says otherwise (use
-    q's dtype when P = 1: then it is the final output).
-    """
-    bsz, m_pad, d_k = q_rows.shape
+def _launch(q_c, q_r, kv_c, kv_r, lengths, start, count, *, cols: _Cols, tq: int, heads: int,
+            scale: float, block_s: int, out_dtype, interpret) -> tuple[jax.Array, jax.Array]:
+    bsz, m_pad = q_c.shape[:2]
     splits = start.shape[1]
     out_dtype = jnp.dtype(out_dtype or jnp.float32)
-    stages = num_stages(d_k, block_s, q_rows.dtype.itemsize)
+    stages = num_stages(cols.c + cols.r, block_s, q_c.dtype.itemsize)
     body = functools.partial(_body, tq=tq, heads=heads, scale=float(scale), block_s=block_s,
-                             stages=stages, interpret=bool(interpret))
-    out_type = (jax.ShapeDtypeStruct((bsz, splits, m_pad, V_DIM), out_dtype),
+                             stages=stages, interpret=bool(interpret), cols=cols)
+    out_type = (jax.ShapeDtypeStruct((bsz, splits, m_pad, cols.c), out_dtype),
                 jax.ShapeDtypeStruct((bsz, splits, m_pad), jnp.float32))
     run = plgpu.kernel(
         body, out_type=out_type, grid=(m_pad // BLOCK_M, splits, bsz),
@@ -545,35 +594,68 @@ def mla_decode_kernel(q_rows: jax.Array, kv: jax.Array, lengths: jax.Array, star
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
             reduction_scratch_bytes=0),
         interpret=_interpret_params(interpret))
-    return run(lengths.astype(jnp.int32), start, count, q_rows, kv)
+    return run(lengths.astype(jnp.int32), start, count, q_c, q_r, kv_c, kv_r)
 
 
-def _pallas_decode(q, kv, lengths, scale, v_dim, num_splits, block_s, interpret, num_sms=None):
-    bsz, tq, heads, d_k = q.shape
-    s_max = kv.shape[1]
+def mla_decode_kernel(q_rows: jax.Array, kv: jax.Array, lengths: jax.Array, start: jax.Array,
+                      count: jax.Array, *, tq: int, heads: int, scale: float, block_s: int = 64,
+                      v_dim: int = V_DIM, out_dtype=None,
+                      interpret=False) -> tuple[jax.Array, jax.Array]:
+    """The Mosaic GPU kernel alone, one-array cache.
+
+    q_rows [B, M_pad, D_k] (row = t * H + h, zero rows past Tq * H, M_pad a multiple of 64);
+    kv [B, S_max, D_k] (C = v_dim latent columns, then R = D_k - v_dim rope columns); lengths
+    [B]; start, count [B, P] from `split_schedule`. Returns (o [B, P, M_pad, v_dim], lse
+    [B, P, M_pad] float32): per split, the output normalised over the split's keys and its
+    log-sum-exp. o is float32 unless `out_dtype` says otherwise (use q's dtype when P = 1: then
+    it is the final output). The same arrays feed both column ranges (no copy).
+    """
+    cols = _Cols(c=v_dim, r=kv.shape[-1] - v_dim, q_c0=0, q_r0=v_dim, kv_c0=0, kv_r0=v_dim)
+    return _launch(q_rows, q_rows, kv, kv, lengths, start, count, cols=cols, tq=tq, heads=heads,
+                   scale=scale, block_s=block_s, out_dtype=out_dtype, interpret=interpret)
+
+
+def mla_decode_kernel_latent(q_lat_rows, q_rope_rows, c_kv, k_rope, lengths, start, count, *,
+                             tq: int, heads: int, scale: float, block_s: int = 64,
+                             out_dtype=None, interpret=False) -> tuple[jax.Array, jax.Array]:
+    """The Mosaic GPU kernel alone, two-array cache (the model's): q_lat_rows [B, M_pad, C],
+    q_rope_rows [B, M_pad, R], c_kv [B, S_max, C], k_rope [B, S_max, R]; otherwise as
+    `mla_decode_kernel` (o [B, P, M_pad, C])."""
+    cols = _Cols(c=c_kv.shape[-1], r=k_rope.shape[-1], q_c0=0, q_r0=0, kv_c0=0, kv_r0=0)
+    return _launch(q_lat_rows, q_rope_rows, c_kv, k_rope, lengths, start, count, cols=cols,
+                   tq=tq, heads=heads, scale=scale, block_s=block_s, out_dtype=out_dtype,
+                   interpret=interpret)
+
+
+def _as_rows(q: jax.Array) -> jax.Array:
+    """[B, Tq, H, X] -> [B, M_pad, X]: row t * H + h, zero rows up to whole 64-row blocks."""
+    bsz, tq, heads, x = q.shape
+    rows, m_pad = tq * heads, row_blocks(tq, heads) * BLOCK_M
+    q_rows = q.reshape(bsz, rows, x)
+    return jnp.pad(q_rows, ((0, 0), (0, m_pad - rows), (0, 0))) if m_pad != rows else q_rows
+
+
+def _pallas_decode(q_shape, q_dtype, kernel, lengths, s_max, num_splits, block_s, interpret,
+                   num_sms=None):
+    """Runs `kernel(start, count, out_dtype)` over the split schedule and merges the splits:
+    -> (o [B, Tq, H, C] in q's dtype, lse [B, Tq, H])."""
+    bsz, tq, heads = q_shape[:3]
     if num_splits is None:
         num_splits = choose_num_splits(bsz, tq, heads, s_max, block_s, num_sms)
-    rows = tq * heads
-    m_pad = row_blocks(tq, heads) * BLOCK_M
-    q_rows = q.reshape(bsz, rows, d_k)
-    if m_pad != rows:
-        q_rows = jnp.pad(q_rows, ((0, 0), (0, m_pad - rows), (0, 0)))
     start, count = split_schedule(lengths, s_max, block_s, num_splits)
     single = num_splits == 1
-    o, lse = mla_decode_kernel(q_rows, kv, lengths, start, count, tq=tq, heads=heads,
-                               scale=scale, block_s=block_s,
-                               out_dtype=q.dtype if single else jnp.float32,
-                               interpret=interpret)
+    o, lse = kernel(start, count, q_dtype if single else jnp.float32)
     if single:
         o, lse = o[:, 0], lse[:, 0]
     else:
         o, lse = combine_splits(o, lse)
-    o = o[:, :rows, :v_dim].reshape(bsz, tq, heads, v_dim).astype(q.dtype)
+    rows = tq * heads
+    o = o[:, :rows].reshape(bsz, tq, heads, o.shape[-1]).astype(q_dtype)
     return o, lse[:, :rows].reshape(bsz, tq, heads)
 
 
 # --------------------------------------------------------------------------------------------
-# Validation and the public entry point
+# Validation and the public entry points
 # --------------------------------------------------------------------------------------------
 
 
@@ -594,26 +676,37 @@ def _check_inputs(q, kv, lengths, scale, v_dim, impl, num_splits, block_s) -> No
                          f"(shape[3]) = {d_k}")
     if q.dtype != kv.dtype:
         raise ValueError(f"mla_decode: q dtype {q.dtype} != kv dtype {kv.dtype}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"mla_decode: q dtype {q.dtype} is not a floating type")
-    if lengths.shape != (bsz,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"mla_decode: lengths must be an integer [B] = [{bsz}] array, got "
-                         f"{lengths.dtype}{list(lengths.shape)}")
-    if tq < 1 or heads < 1:
-        raise ValueError(f"mla_decode: q has Tq (shape[1]) = {tq}, H (shape[2]) = {heads}; "
-                         "both must be >= 1")
+    _check_common("mla_decode", q, lengths, kv.shape[1], scale)
     if not 0 < v_dim <= d_k:
         raise ValueError(f"mla_decode: v_dim = {v_dim} must be in (0, D_k = {d_k}]")
+    if impl == "pallas":
+        if v_dim == d_k:
+            raise ValueError(f"mla_decode (pallas): v_dim = {v_dim} = D_k leaves no rope columns; "
+                             "the kernel needs D_k - v_dim > 0")
+        why = kernel_refusal(v_dim, d_k - v_dim, kv.shape[1], q.dtype, block_s, num_splits,
+                             c_name="v_dim", r_name="D_k - v_dim (q/kv last dim minus v_dim)")
+        if why:
+            raise ValueError(f"mla_decode (pallas): {why}")
+
+
+def _check_common(fn: str, q, lengths, s_max: int, scale) -> None:
+    bsz, tq, heads = q.shape[:3]
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"{fn}: q dtype {q.dtype} is not a floating type")
+    if lengths.shape != (bsz,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"{fn}: lengths must be an integer [B] = [{bsz}] array, got "
+                         f"{lengths.dtype}{list(lengths.shape)}")
+    if tq < 1 or heads < 1:
+        raise ValueError(f"{fn}: q has Tq (shape[1]) = {tq}, H (shape[2]) = {heads}; "
+                         "both must be >= 1")
     _check_scale(scale)
     try:
         lv = np.asarray(lengths)
     except jax.errors.TracerArrayConversionError:  # traced: the kernel clamps to [0, S_max]
         lv = None
-    if lv is not None and lv.size and (lv.min() < 0 or lv.max() > kv.shape[1]):
-        raise ValueError(f"mla_decode: lengths must lie in [0, S_max = {kv.shape[1]}] "
+    if lv is not None and lv.size and (lv.min() < 0 or lv.max() > s_max):
+        raise ValueError(f"{fn}: lengths must lie in [0, S_max = {s_max}] "
                          f"(kv shape[1]); got min {lv.min()}, max {lv.max()}")
-    if impl == "pallas":
-        _check_kernel(q, kv, v_dim, num_splits, block_s)
 
 
 def _check_scale(scale) -> None:
@@ -627,38 +720,43 @@ def _check_scale(scale) -> None:
         raise ValueError(f"mla_decode: scale = {scale!r} must be positive and finite")
 
 
-def _check_kernel(q, kv, v_dim, num_splits, block_s) -> None:
-    d_k, s_max = q.shape[3], kv.shape[1]
-    if jnp.dtype(q.dtype) not in KERNEL_DTYPES:
-        raise ValueError(f"mla_decode (pallas): q/kv dtype {q.dtype} is not supported; use "
-                         "bfloat16 or float16")
-    if d_k % 64:
-        raise ValueError(f"mla_decode (pallas): q/kv D_k (last dim) = {d_k} must be a multiple "
-                         "of 64 (whole 64-column tiles for TMA and wgmma; DeepSeek's is "
-                         f"{D_K} = 512 + 64)")
-    if v_dim != V_DIM or d_k < V_DIM:
-        raise ValueError(f"mla_decode (pallas): v_dim = {v_dim} must be {V_DIM} (two 256-wide "
-                         f"halves of O) and <= D_k = {d_k}")
+def kernel_refusal(c: int, r: int, s_max: int, dtype, block_s: int = 64,
+                   num_splits: int | None = None, *, c_name: str = "C (c_kv last dim)",
+                   r_name: str = "R (k_rope last dim)") -> str | None:
+    """Why the kernel cannot run a cache of C latent (= value) columns and R rope columns,
+    S_max slots, in `dtype`, with `block_s`-key blocks; None when it can. The model's dispatch
+    (dsv3_jax/mla.py) asks this before choosing the kernel."""
+    if jnp.dtype(dtype) not in KERNEL_DTYPES:
+        return f"dtype {jnp.dtype(dtype)} is not supported; use bfloat16 or float16"
+    if c % 64 or not 64 <= c <= 2 * MAX_HALF_V:
+        return (f"{c_name} = {c} must be a multiple of 64 in [64, {2 * MAX_HALF_V}] (each "
+                f"math warpgroup owns a C/2-wide half of O: a wgmma N <= {MAX_HALF_V} made of "
+                "whole swizzle tiles)")
+    if r % R_MULTIPLE or r <= 0:
+        return (f"{r_name} = {r} must be a positive multiple of {R_MULTIPLE} (whole swizzle "
+                "tiles of the rope wgmma's K)")
     if block_s not in (32, 64):
-        raise ValueError(f"mla_decode (pallas): block_s = {block_s} must be 32 or 64 (each math "
-                         "warpgroup scores half of a block: a wgmma N of 16 or 32)")
+        return (f"block_s = {block_s} must be 32 or 64 (each math warpgroup scores half of a "
+                "block: a wgmma N of 16 or 32)")
     if s_max % block_s:
-        raise ValueError(f"mla_decode (pallas): kv S_max (shape[1]) = {s_max} must be a multiple "
-                         f"of block_s = {block_s}; allocate the cache in whole blocks")
+        return (f"kv S_max (shape[1]) = {s_max} must be a multiple of block_s = {block_s}; "
+                "allocate the cache in whole blocks")
     if num_splits is not None and not 1 <= num_splits <= max(1, s_max // block_s):
-        raise ValueError(f"mla_decode (pallas): num_splits = {num_splits} must be in [1, "
-                         f"S_max / block_s = {s_max // block_s}]")
-    stages = num_stages(d_k, block_s, q.dtype.itemsize)
-    need = smem_bytes(d_k, v_dim, block_s, max(stages, 2), 4, q.dtype.itemsize)
+        return (f"num_splits = {num_splits} must be in [1, S_max / block_s = "
+                f"{s_max // block_s}]")
+    itemsize = jnp.dtype(dtype).itemsize
+    stages = num_stages(c + r, block_s, itemsize)
+    need = smem_bytes(c + r, c, block_s, max(stages, 2), 4, itemsize)
     if stages < 2 or need > SMEM_BYTES:
-        raise ValueError(f"mla_decode (pallas): D_k = {d_k} with block_s = {block_s} needs "
-                         f"{need} bytes of shared memory for 2 stages, more than {SMEM_BYTES}")
+        return (f"C + R = {c + r} with block_s = {block_s} needs {need} bytes of shared memory "
+                f"for 2 stages, more than {SMEM_BYTES}")
+    return None
 
 
 def mla_decode(q: jax.Array, kv: jax.Array, lengths: jax.Array, *, scale: float,
                v_dim: int = V_DIM, impl: str = "xla", num_splits: int | None = None,
                block_s: int = 64, interpret=False, return_lse: bool = False):
-    """Absorbed MLA decode attention over the latent cache (see the module docstring).
+    """Absorbed MLA decode attention over a one-array latent cache (see the module docstring).
 
     q [B, Tq, H, D_k] (the absorbed query [q_nope @ W^UK | q_rope]), kv [B, S_max, D_k]
     (the latent cache [c_kv | k_rope], its first v_dim columns the values), lengths [B] int
@@ -670,8 +768,9 @@ def mla_decode(q: jax.Array, kv: jax.Array, lengths: jax.Array, *, scale: float,
     impl "xla": the einsum path of dsv3_jax.mla.attend_absorbed (any backend); "pallas": the
     Mosaic GPU kernel (Hopper; `interpret=True` or a `plgpu.InterpretGPUParams` runs it on the
     CPU), with `num_splits` splits of each row's cache (None: `choose_num_splits`) and cache
-    blocks of `block_s` keys (64, or 32). The kernel needs bf16/f16 inputs, D_k a multiple of
-    64, v_dim = 512 and S_max a multiple of block_s; any Tq >= 1 (rows t * H + h).
+    blocks of `block_s` keys (64, or 32). The kernel reads the latent (first v_dim) and rope
+    columns of kv as two tiles; its limits are `kernel_refusal`'s with C = v_dim and
+    R = D_k - v_dim (V3: 512 + 64); any Tq >= 1 (rows t * H + h).
     """
     lengths = jnp.asarray(lengths)
     _check_inputs(q, kv, lengths, scale, v_dim, impl, num_splits, block_s)
@@ -679,5 +778,85 @@ def mla_decode(q: jax.Array, kv: jax.Array, lengths: jax.Array, *, scale: float,
     if impl == "xla":
         o, lse = _xla_decode(q, kv, lengths, scale, v_dim)
     else:
-        o, lse = _pallas_decode(q, kv, lengths, scale, v_dim, num_splits, block_s, interpret)
+        q_rows, tq, heads = _as_rows(q), q.shape[1], q.shape[2]
+        kernel = lambda start, count, out_dtype: mla_decode_kernel(  # noqa: E731
+            q_rows, kv, lengths, start, count, tq=tq, heads=heads, scale=scale,
+            block_s=block_s, v_dim=v_dim, out_dtype=out_dtype, interpret=interpret)
+        o, lse = _pallas_decode(q.shape, q.dtype, kernel, lengths, kv.shape[1], num_splits,
+                                block_s, interpret)
+    return (o, lse) if return_lse else o
+
+
+def _check_latent_inputs(q_lat, q_rope, c_kv, k_rope, lengths, scale, impl, num_splits,
+                         block_s) -> None:
+    fn = "mla_decode_latent"
+    if impl not in IMPLS:
+        raise ValueError(f"{fn}: impl={impl!r} is not one of {IMPLS}")
+    for name, a, nd, dims in (("q_lat", q_lat, 4, "[B, Tq, H, C]"),
+                              ("q_rope", q_rope, 4, "[B, Tq, H, R]"),
+                              ("c_kv", c_kv, 3, "[B, S_max >= 1, C]"),
+                              ("k_rope", k_rope, 3, "[B, S_max >= 1, R]")):
+        if a.ndim != nd or (nd == 3 and a.shape[1] < 1):
+            raise ValueError(f"{fn}: {name} must be {dims}, got shape {a.shape}")
+    if q_rope.shape[:3] != q_lat.shape[:3]:
+        raise ValueError(f"{fn}: q_rope [B, Tq, H] = {q_rope.shape[:3]} but q_lat's = "
+                         f"{q_lat.shape[:3]}")
+    bsz = q_lat.shape[0]
+    for name, a in (("c_kv", c_kv), ("k_rope", k_rope)):
+        if a.shape[0] != bsz:
+            raise ValueError(f"{fn}: {name} batch (shape[0]) = {a.shape[0]} but q_lat batch "
+                             f"(shape[0]) = {bsz}")
+    if k_rope.shape[1] != c_kv.shape[1]:
+        raise ValueError(f"{fn}: k_rope S_max (shape[1]) = {k_rope.shape[1]} but c_kv's = "
+                         f"{c_kv.shape[1]}")
+    if c_kv.shape[2] != q_lat.shape[3]:
+        raise ValueError(f"{fn}: c_kv C (shape[2]) = {c_kv.shape[2]} but q_lat C (shape[3]) = "
+                         f"{q_lat.shape[3]}")
+    if k_rope.shape[2] != q_rope.shape[3]:
+        raise ValueError(f"{fn}: k_rope R (shape[2]) = {k_rope.shape[2]} but q_rope R "
+                         f"(shape[3]) = {q_rope.shape[3]}")
+    dtypes = {n: a.dtype for n, a in (("q_lat", q_lat), ("q_rope", q_rope), ("c_kv", c_kv),
+                                      ("k_rope", k_rope))}
+    if len(set(dtypes.values())) != 1:
+        raise ValueError(f"{fn}: q_lat, q_rope, c_kv and k_rope must share one dtype, got "
+                         f"{ {n: str(d) for n, d in dtypes.items()} }")
+    _check_common(fn, q_lat, lengths, c_kv.shape[1], scale)
+    if impl == "pallas":
+        why = kernel_refusal(c_kv.shape[2], k_rope.shape[2], c_kv.shape[1], c_kv.dtype,
+                             block_s, num_splits)
+        if why:
+            raise ValueError(f"{fn} (pallas): {why}")
+
+
+def _xla_decode_latent(q_lat, q_rope, c_kv, k_rope, lengths, scale):
+    """attend_absorbed's attention core: the latent and rope scores summed in fp32."""
+    f32 = jnp.float32
+    scores = (jnp.einsum("bthc,bsc->bths", q_lat, c_kv, preferred_element_type=f32)
+              + jnp.einsum("bthr,bsr->bths", q_rope, k_rope, preferred_element_type=f32)) * scale
+    limits = _limits(lengths, c_kv.shape[1], q_lat.shape[1])
+    return _masked_softmax_out(scores, c_kv, limits, q_lat.dtype, c_kv.dtype)
+
+
+def mla_decode_latent(q_lat: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
+                      lengths: jax.Array, *, scale: float, impl: str = "xla",
+                      num_splits: int | None = None, block_s: int = 64, interpret=False,
+                      return_lse: bool = False):
+    """`mla_decode` over the model's two-array latent cache (dsv3_jax/mla.py `mla_cached`):
+    q_lat [B, Tq, H, C] (q_nope @ W^UK), q_rope [B, Tq, H, R], c_kv [B, S_max, C] (the values
+    too), k_rope [B, S_max, R]. The same result as `mla_decode` on q = [q_lat | q_rope],
+    kv = [c_kv | k_rope], v_dim = C, without concatenating anything: the kernel loads a
+    latent and a rope tile per cache block into two SMEM buffers and sums two wgmmas into one
+    score accumulator. Returns o [B, Tq, H, C] (and lse [B, Tq, H] with `return_lse`)."""
+    lengths = jnp.asarray(lengths)
+    _check_latent_inputs(q_lat, q_rope, c_kv, k_rope, lengths, scale, impl, num_splits, block_s)
+    scale = float(scale)
+    if impl == "xla":
+        o, lse = _xla_decode_latent(q_lat, q_rope, c_kv, k_rope, lengths, scale)
+    else:
+        q_c, q_r, tq, heads = _as_rows(q_lat), _as_rows(q_rope), q_lat.shape[1], q_lat.shape[2]
+        kernel = lambda start, count, out_dtype: mla_decode_kernel_latent(  # noqa: E731
+            q_c, q_r, c_kv, k_rope, lengths, start, count, tq=tq, heads=heads, scale=scale,
+            block_s=block_s, out_dtype=out_dtype, interpret=interpret)
+        o, lse = _pallas_decode(q_lat.shape, q_lat.dtype, kernel, lengths, c_kv.shape[1],
+                                num_splits, block_s, interpret)
     return (o, lse) if return_lse else o

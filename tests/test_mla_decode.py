@@ -227,6 +227,131 @@ def test_gpu_kernel_lowers_for_cuda(b, tq, h, s, splits, block_s):
 
 
 # ------------------------------------------------------------------------------------------
+# The two-array form (the model's cache: c_kv [B, S, C], k_rope [B, S, R])
+# ------------------------------------------------------------------------------------------
+
+# V3 (C = 512, R = 64) and the `small` preset (C = 256, R = 64); C = 64 is the smallest the
+# kernel takes.
+SHAPES = {"v3": (512, 64), "small": (256, 64), "min": (64, 64)}
+
+
+def _latent_inputs(b, tq, h, s, c, r, lengths, seed=0, dtype=jnp.bfloat16):
+    """Split views of `_inputs`-style data: (q_lat, q_rope, c_kv, k_rope, lengths)."""
+    keys = jax.random.split(jax.random.key(seed), 2)
+    q = jax.random.normal(keys[0], (b, tq, h, c + r), jnp.float32)
+    kv = jax.random.normal(keys[1], (b, s, c + r), jnp.float32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    kv = jnp.where(jnp.arange(s)[None, :, None] >= lengths[:, None, None], POISON, kv)
+    q, kv = q.astype(dtype), kv.astype(dtype)
+    return q[..., :c], q[..., c:], kv[..., :c], kv[..., c:], lengths
+
+
+def _assert_latent_matches_reference(o, lse, q_lat, q_rope, c_kv, k_rope, lengths, scale):
+    q, kv = jnp.concatenate([q_lat, q_rope], -1), jnp.concatenate([c_kv, k_rope], -1)
+    ro, rl = md.mla_decode_reference(q, kv, lengths, scale, v_dim=c_kv.shape[-1])
+    o, lse, ro, rl = (np.asarray(a, np.float32) for a in (o, lse, ro, rl))
+    assert not np.isnan(o).any() and not np.isnan(lse).any()
+    np.testing.assert_allclose(o, ro, atol=O_ATOL, rtol=O_RTOL)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(rl))
+    finite = np.isfinite(rl)
+    np.testing.assert_allclose(lse[finite], rl[finite], atol=LSE_ATOL, rtol=0)
+
+
+def test_latent_xla_impl_is_the_reference():
+    c, r = SHAPES["small"]
+    args = _latent_inputs(2, 2, 16, 96, c, r, [96, 13], seed=3)
+    scale = 3.0 / math.sqrt(c + r)
+    o, lse = md.mla_decode_latent(*args, scale=scale, impl="xla", return_lse=True)
+    assert o.dtype == jnp.bfloat16 and o.shape == (2, 2, 16, c)
+    _assert_latent_matches_reference(o, lse, *args, scale)
+
+
+# Interpret mode runs these at 64-key blocks; see the module docstring of mla_decode.py on
+# the configurations (32-key blocks, R < 64) whose interpreted runs did not finish on a
+# 2-core CPU, which the kernel's limits and the model's dispatch leave out.
+@pytest.mark.parametrize("shape, b, tq, h, s, lengths, splits", [
+    ("v3", 2, 1, 16, 128, [128, 77], 1),  # one split, a full cache
+    ("v3", 2, 2, 16, 192, [150, 65], 2),  # Tq = 2, uneven splits, ring refills
+    ("small", 2, 2, 16, 256, [200, 1], 3),  # small's C: 4 stages; token 0 of row 1 sees nothing
+    ("small", 3, 1, 16, 128, [0, 64, 127], None),  # an empty row, auto splits
+    ("min", 1, 2, 40, 128, [99], 1),  # 80 rows: a padded second row block
+])
+def test_latent_kernel_equals_the_reference_in_interpret_mode(shape, b, tq, h, s, lengths,
+                                                             splits):
+    c, r = SHAPES[shape]
+    args = _latent_inputs(b, tq, h, s, c, r, lengths, seed=b * 10 + h + c)
+    scale = 3.0 / math.sqrt(c + r)
+    o, lse = md.mla_decode_latent(*args, scale=scale, impl="pallas", num_splits=splits,
+                                  interpret=True, return_lse=True)
+    assert o.dtype == jnp.bfloat16 and o.shape == (b, tq, h, c) and lse.shape == (b, tq, h)
+    _assert_latent_matches_reference(o, lse, *args, scale)
+
+
+def test_one_array_and_two_array_forms_agree_in_interpret_mode():
+    """The same kernel reading [c_kv | k_rope] as one array (two column ranges) or two."""
+    c, r = SHAPES["small"]
+    q_lat, q_rope, c_kv, k_rope, lengths = _latent_inputs(2, 2, 16, 128, c, r, [128, 40], 4)
+    kw = dict(scale=0.05, impl="pallas", num_splits=2, interpret=True, return_lse=True)
+    o2, l2 = md.mla_decode_latent(q_lat, q_rope, c_kv, k_rope, lengths, **kw)
+    o1, l1 = md.mla_decode(jnp.concatenate([q_lat, q_rope], -1),
+                           jnp.concatenate([c_kv, k_rope], -1), lengths, v_dim=c, **kw)
+    np.testing.assert_array_equal(np.asarray(o1, np.float32), np.asarray(o2, np.float32))
+    np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
+
+
+@pytest.mark.parametrize("b, tq, h, s, shape", [
+    (128, 1, 16, 4096, "v3"), (128, 2, 16, 8192, "v3"), (128, 1, 128, 4096, "v3"),
+    (128, 2, 128, 4096, "v3"), (32, 1, 16, 4096, "small"), (32, 2, 16, 4096, "small"),
+    (4, 3, 24, 1024, "min")])
+@pytest.mark.parametrize("block_s", [64, 32])
+def test_latent_gpu_kernel_lowers_for_cuda(b, tq, h, s, shape, block_s):
+    c, r = SHAPES[shape]
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    fn = jax.jit(lambda *a: md.mla_decode_latent(*a, scale=SCALE, impl="pallas",
+                                                 block_s=block_s, return_lse=True))
+    lowered = fn.trace(sds(b, tq, h, c), sds(b, tq, h, r), sds(b, s, c), sds(b, s, r),
+                       jax.ShapeDtypeStruct((b,), jnp.int32)).lower(
+                           lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("message, change", [
+    (r"c_kv C \(shape\[2\]\) = 256 but q_lat C \(shape\[3\]\) = 512",
+     dict(c_kv=jnp.zeros((2, 128, 256), jnp.bfloat16))),
+    (r"k_rope S_max \(shape\[1\]\) = 64 but c_kv's = 128",
+     dict(k_rope=jnp.zeros((2, 64, 64), jnp.bfloat16))),
+    (r"k_rope R \(shape\[2\]\) = 32 but q_rope R", dict(k_rope=jnp.zeros((2, 128, 32),
+                                                                          jnp.bfloat16))),
+    (r"q_rope \[B, Tq, H\] = \(2, 1, 8\)", dict(q_rope=jnp.zeros((2, 1, 8, 64), jnp.bfloat16))),
+    (r"must share one dtype", dict(k_rope=jnp.zeros((2, 128, 64), jnp.float16))),
+    (r"C \(c_kv last dim\) = 32 must be a multiple of 64",
+     dict(q_lat=jnp.zeros((2, 1, 16, 32), jnp.bfloat16),
+          c_kv=jnp.zeros((2, 128, 32), jnp.bfloat16))),
+    (r"R \(k_rope last dim\) = 16 must be a positive multiple of 64",
+     dict(q_rope=jnp.zeros((2, 1, 16, 16), jnp.bfloat16),
+          k_rope=jnp.zeros((2, 128, 16), jnp.bfloat16))),
+    (r"S_max \(shape\[1\]\) = 96 must be a multiple of block_s = 64",
+     dict(c_kv=jnp.zeros((2, 96, 512), jnp.bfloat16),
+          k_rope=jnp.zeros((2, 96, 64), jnp.bfloat16), lengths=jnp.array([96, 3]))),
+])
+def test_latent_bad_inputs_name_the_tensor_and_dimension(message, change):
+    q_lat, q_rope, c_kv, k_rope, lengths = _latent_inputs(2, 1, 16, 128, 512, 64, [128, 5])
+    args = {**dict(q_lat=q_lat, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope, lengths=lengths),
+            **change}
+    with pytest.raises(ValueError, match=message):
+        md.mla_decode_latent(**args, scale=SCALE, impl="pallas")
+
+
+def test_kernel_refusal_at_the_presets():
+    from dsv3_jax.config import get_config
+
+    for name, ok in (("v3_671b", True), ("small", True), ("v2_lite_16b", True), ("tiny", False)):
+        cfg = get_config(name)
+        why = md.kernel_refusal(cfg.kv_lora_rank, cfg.qk_rope_head_dim, 4096, jnp.bfloat16)
+        assert (why is None) == ok, (name, why)
+
+
+# ------------------------------------------------------------------------------------------
 # Bad inputs
 # ------------------------------------------------------------------------------------------
 
@@ -239,7 +364,7 @@ def _bad(message, impl="pallas", **change):
 
 
 @pytest.mark.parametrize("message, change", [
-    (r"D_k \(last dim\) = 560 must be a multiple of 64",
+    (r"D_k - v_dim \(q/kv last dim minus v_dim\) = 48 must be a positive multiple of 64",
      dict(q=jnp.zeros((2, 1, 16, 560), jnp.bfloat16), kv=jnp.zeros((2, 128, 560), jnp.bfloat16))),
     (r"q must be \[B, Tq, H, D_k\]", dict(q=jnp.zeros((2, 16, D), jnp.bfloat16))),
     (r"kv batch \(shape\[0\]\) = 3", dict(kv=jnp.zeros((3, 128, D), jnp.bfloat16))),
@@ -254,7 +379,8 @@ def _bad(message, impl="pallas", **change):
     (r"num_splits = 0 must be in \[1, S_max / block_s = 2\]", dict(num_splits=0)),
     (r"num_splits = 3 must be in", dict(num_splits=3)),
     (r"impl='triton' is not one of", dict(impl="triton")),
-    (r"v_dim = 256 must be 512", dict(v_dim=256)),
+    (r"v_dim = 96 must be a multiple of 64 in \[64, 512\]", dict(v_dim=96)),
+    (r"v_dim = 576 = D_k leaves no rope columns", dict(v_dim=576)),
     (r"dtype float32 is not supported",
      dict(q=jnp.zeros((2, 1, 16, D)), kv=jnp.zeros((2, 128, D)))),
     (r"q dtype bfloat16 != kv dtype float16", dict(kv=jnp.zeros((2, 128, D), jnp.float16))),
@@ -303,6 +429,23 @@ def _varlen(b, mean, s_max, seed):
     """FlashMLA's varlen lengths: ~N(mean, mean / 2), clipped to [2, s_max] (kernels.md §3.5)."""
     rng = np.random.default_rng(seed)
     return np.clip(rng.normal(mean, mean / 2, b).astype(np.int64), 2, s_max)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, b, tq, h, mean_s, splits", [
+    ("v3", 128, 1, 128, 4096, None), ("v3", 128, 2, 16, 8192, None),
+    ("small", 64, 2, 16, 4096, None), ("small", 16, 1, 16, 8192, 8),
+])
+def test_latent_kernel_on_the_gpu(shape, b, tq, h, mean_s, splits):
+    c, r = SHAPES[shape]
+    s_max = 2 * mean_s
+    lengths = _varlen(b, mean_s, s_max, seed=b + h + c)
+    lengths[0], lengths[-1] = s_max, 0
+    args = _latent_inputs(b, tq, h, s_max, c, r, lengths, seed=8)
+    scale = 3.0 / math.sqrt(c + r)
+    o, lse = jax.jit(lambda *a: md.mla_decode_latent(
+        *a, scale=scale, impl="pallas", num_splits=splits, return_lse=True))(*args)
+    _assert_latent_matches_reference(o, lse, *args, scale)
 
 
 @pytest.mark.gpu
