@@ -13,6 +13,10 @@ gotcha 5). Softmax in float32 with the YaRN-corrected scale on the whole logit (
 w_uq [Q|D, N, K], w_qr [Q|D, N, R], w_dkv [D, C], w_kr [D, R], kv_norm [C], w_uk [C, N, K],
 w_uv [C, N, H], w_o [N, H, D].
 
+The absorbed form's attention core runs as einsums ("xla") or, with
+`Config.resolved_decode_attention_impl()` = "pallas", as our Mosaic GPU kernel over the two
+cache arrays (pallas_kernels/mla_decode.py `mla_decode_latent`, Hopper); see `mla_cached`.
+
 With `Config.fp8` the projections (w_dq, w_uq, w_qr, w_dkv, w_kr, w_uk, w_uv of the expanded and
 cuDNN forms, and w_o) take FP8 inputs (`dsv3_jax.fp8`); the attention core does not (the V3
 report keeps it in BF16, §3.3.1), nor do the absorbed form's folded w_uk / w_uv products.
@@ -21,13 +25,20 @@ report keeps it in BF16, §3.3.1), nor do the absorbed form's folded w_uk / w_uv
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.config import Config
+from dsv3_jax.config import Config, _hopper_gpu
 from dsv3_jax.fp8 import matmul
 from dsv3_jax.layers import rms_norm
 from dsv3_jax.rope import apply_rope
 from sharding.context import ShardingContext, constrain
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays NaN-free
+
+# Test-only switch: run the Pallas decode kernel in Pallas' GPU interpret mode (on the CPU)
+# wherever decode_attention_impl resolves to "pallas", so CPU tests can check the model's
+# kernel path against "xla" (tests/test_mla.py). It is read at trace time: set it before
+# tracing (e.g. pytest's monkeypatch.setattr(mla, "_INTERPRET_DECODE_KERNEL", True)). With it
+# off, "pallas" needs a Hopper GPU.
+_INTERPRET_DECODE_KERNEL = False
 
 
 def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -86,6 +97,54 @@ def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, sh
                   + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
         probs = _softmax(scores, mask, cfg, c_kv.dtype)
         o_lat = jnp.einsum("bnts,bsc->btnc", probs, c_kv)
+    return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), cfg, shard)
+
+
+def _decode_kernel_plan(cfg: Config, c_kv, k_rope, shard) -> int | None:
+    """The cache block size the Pallas decode kernel runs with, or None for the XLA path.
+
+    "auto" takes the kernel only where it can run; "pallas" where it cannot is an error that
+    names the field and the reason (no silent fallback)."""
+    from pallas_kernels import mla_decode as kernel  # only the decode path needs it
+
+    if cfg.resolved_decode_attention_impl() != "pallas":
+        return None
+    # 64-key cache blocks, the size measured on the GPU (the kernel's 32-key blocks are not
+    # used here: not measured); so the cache length must be a multiple of 64.
+    s_max, block_s = c_kv.shape[1], 64
+    if not (_INTERPRET_DECODE_KERNEL or _hopper_gpu()):
+        why = ("the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x) as the "
+               "default device")
+    elif shard is not None and shard.mesh.size > 1:
+        why = (f"the kernel is not partitioned over a mesh yet (this one has "
+               f"{shard.mesh.size} devices)")
+    else:
+        why = kernel.kernel_refusal(c_kv.shape[2], k_rope.shape[2], s_max, c_kv.dtype, block_s,
+                                    c_name="kv_lora_rank", r_name="qk_rope_head_dim")
+    if why is None:
+        return block_s
+    if cfg.decode_attention_impl == "pallas":
+        raise ValueError(f"Config.decode_attention_impl='pallas' cannot run here: {why} "
+                         f"(latent cache c_kv {c_kv.dtype}{list(c_kv.shape)}, k_rope "
+                         f"{list(k_rope.shape)}); use 'auto' or 'xla'")
+    return None
+
+
+def attend_absorbed_kernel(p: dict, q_nope, q_rope, c_kv, k_rope, positions, cfg: Config,
+                           shard=None, *, block_s: int = 64) -> jnp.ndarray:
+    """attend_absorbed through the Pallas decode kernel: the same W^UK fold and W^UV / W^O
+    output, the attention core over the two cache arrays with no [S] mask. The mask
+    `slots <= positions` is the kernel's causal rule with lengths = positions[:, -1] + 1,
+    because each row's new tokens sit at consecutive positions (mla_cached writes them at
+    positions[:, 0] onwards). [B, T, D]."""
+    from pallas_kernels.mla_decode import mla_decode_latent
+
+    q_lat = jnp.einsum("btnk,cnk->btnc", q_nope, p["w_uk"])
+    with jax.named_scope("attention_core"):
+        o_lat = mla_decode_latent(
+            q_lat.astype(c_kv.dtype), q_rope.astype(c_kv.dtype), c_kv, k_rope,
+            positions[:, -1] + 1, scale=cfg.softmax_scale, impl="pallas", block_s=block_s,
+            interpret=_INTERPRET_DECODE_KERNEL)
     return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), cfg, shard)
 
 
@@ -155,7 +214,9 @@ def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_
 
     layer_cache = {"c_kv": [B, S_max, C], "k_rope": [B, S_max, R]}; cache slot s holds absolute
     position s, so writing at positions[:, 0] and masking slots > the query position is the whole
-    bookkeeping (a general [T, start + T] mask, reference gotcha 18).
+    bookkeeping (a general [T, start + T] mask, reference gotcha 18). The absorbed form runs
+    its attention core in the Pallas kernel when `cfg.resolved_decode_attention_impl()` is
+    "pallas" and the kernel takes these shapes (`_decode_kernel_plan`).
     """
     q_nope, q_rope = query(p, x, cos, sin, cfg, shard)
     c_new, k_new = latent(p, x, cos, sin, cfg)
@@ -165,5 +226,8 @@ def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_
     slots = jnp.arange(cache["c_kv"].shape[1])
     mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S_max]
     c_kv, k_rope = cache["c_kv"].astype(x.dtype), cache["k_rope"].astype(x.dtype)
+    if absorbed and (block_s := _decode_kernel_plan(cfg, c_kv, k_rope, shard)):
+        return attend_absorbed_kernel(p, q_nope, q_rope, c_kv, k_rope, positions, cfg, shard,
+                                      block_s=block_s), cache
     attend = attend_absorbed if absorbed else attend_expanded
     return attend(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard), cache

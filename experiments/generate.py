@@ -57,6 +57,10 @@ def parse_args(argv=None):
     ap.add_argument("--speculative", action="store_true",
                     help="MTP speculative decoding: the MTP module drafts one token per step, "
                          "the main model verifies it (same output as without, for greedy)")
+    ap.add_argument("--decode_attention_impl", default="auto", choices=("auto", "xla", "pallas"),
+                    help="absorbed decode attention: pallas = our Mosaic GPU MLA decode kernel "
+                         "(Hopper, bf16, cache length a multiple of 64), xla = einsums, auto = "
+                         "pallas where it runs (Config.decode_attention_impl)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="generate calls; tokens/s is from the last (the first compiles)")
     ap.add_argument("--json", default=None, help="write the continuations and numbers here")
@@ -110,6 +114,7 @@ def _load_pretrain_checkpoint(directory: str) -> tuple[dict, Config]:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     params, cfg = load_model(a)
+    cfg = cfg.replace(decode_attention_impl=a.decode_attention_impl)
     tok = ByteTokenizer()
     texts = list(a.prompt or [])
     if a.prompt_file:

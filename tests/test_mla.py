@@ -117,3 +117,109 @@ def test_cache_overflow_is_an_error():
     cache = dsv3_jax.init_cache(cfg, 1, 8, jnp.float32)
     with pytest.raises(ValueError, match="exceed the cache length 8"):
         dsv3_jax.forward_cached(params, np.zeros((1, 9), np.int32), cache, cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# The absorbed decode path through the Pallas kernel (pallas_kernels/mla_decode.py), run in
+# Pallas' GPU interpret mode on the CPU via the test-only switch mla._INTERPRET_DECODE_KERNEL.
+# ------------------------------------------------------------------------------------------
+
+# The smallest latent shapes the kernel takes (C = 64, R = 64), bf16, two layers (one dense,
+# one MoE), no MTP; `init_std` 0.1 keeps greedy choices away from ties.
+KCFG = CFG.replace(name="kernel", kv_lora_rank=64, qk_rope_head_dim=64, dtype="bfloat16",
+                   n_layers=2, n_dense_layers=1, mtp_depth=0, init_std=0.1)
+
+
+@pytest.fixture
+def interpret_kernel(monkeypatch):
+    from dsv3_jax import mla as mla_module
+
+    monkeypatch.setattr(mla_module, "_INTERPRET_DECODE_KERNEL", True)
+
+
+def _random_cache(cfg, b, s, lengths, seed):
+    cache = dsv3_jax.init_cache(cfg, b, s, jnp.bfloat16)
+    keys = iter(jax.random.split(jax.random.key(seed), 8))
+    for stack in ("dense_layers", "moe_layers"):
+        for name in ("c_kv", "k_rope"):
+            cache[stack][name] = jax.random.normal(next(keys), cache[stack][name].shape
+                                                   ).astype(jnp.bfloat16)
+    return {**cache, "length": jnp.asarray(lengths, jnp.int32)}
+
+
+@pytest.mark.parametrize("tq", [1, 2])
+def test_absorbed_decode_with_the_pallas_kernel_equals_xla(interpret_kernel, tq):
+    """forward_cached(absorbed=True) with decode_attention_impl "pallas" (the kernel in
+    interpret mode) against "xla", rows at different cache lengths (one at the start of a
+    64-key block, one ending it), Tq = 1 and 2: the same logits up to bf16 rounding."""
+    params = dsv3_jax.init_params(KCFG, jax.random.key(0))
+    cache = _random_cache(KCFG, 2, 128, [3, 64 - tq], seed=1)
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, tq), 0, KCFG.vocab_size))
+    out = {}
+    for impl, absorbed in (("xla", True), ("pallas", True), ("xla", False)):
+        cfg = KCFG.replace(decode_attention_impl=impl)
+        run = jax.jit(lambda p, t, c, cfg=cfg, a=absorbed: dsv3_jax.forward_cached(
+            p, t, c, cfg, absorbed=a)[:2])
+        out[impl, absorbed] = run(params, tokens, cache)
+    (lx, cx), (lp, cp) = out["xla", True], out["pallas", True]
+    lx, lp, le = (np.asarray(a, np.float32) for a in (lx, lp, out["xla", False][0]))
+    assert np.isfinite(lp).all()
+    # bf16 activations through two layers and the head: the paths round differently, so the
+    # yardstick is how far XLA's absorbed logits sit from its expanded ones (the same math,
+    # other rounding): observed max ~5e-2, mean ~8e-3 for both comparisons. A masking or
+    # scale error moves logits by O(1).
+    assert np.abs(lp - lx).max() < 2 * np.abs(le - lx).max() + 1e-2
+    assert np.abs(lp - lx).mean() < 2 * np.abs(le - lx).mean() + 1e-3
+    # the first layer's new latents do not depend on attention; later layers' do (rounding)
+    for a, b in zip(jax.tree.leaves(cx["dense_layers"]), jax.tree.leaves(cp["dense_layers"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(cx["length"]), np.asarray(cp["length"]))
+
+
+def test_generate_is_the_same_with_the_pallas_kernel(interpret_kernel):
+    from dsv3_jax.generate import generate
+
+    params = dsv3_jax.init_params(KCFG, jax.random.key(3))
+    prompts = [[5, 17, 3, 99, 41, 7, 2], [300, 12]]
+    got = {impl: generate(params, KCFG.replace(decode_attention_impl=impl), prompts, 4,
+                          max_len=64)
+           for impl in ("xla", "pallas")}
+    assert got["pallas"] == got["xla"]
+    assert all(len(r) == 4 for r in got["xla"])
+
+
+def test_decode_attention_impl_dispatch_and_errors(monkeypatch):
+    """"auto" takes XLA on the CPU; "pallas" where the kernel cannot run is an error naming the
+    field and the reason: no GPU (without interpret mode), shapes the kernel refuses (tiny's
+    C = 32, float32; a cache length not a multiple of 64)."""
+    from dsv3_jax import mla as mla_module
+
+    assert KCFG.resolved_decode_attention_impl() == "xla"  # CPU
+    params = dsv3_jax.init_params(KCFG, jax.random.key(0))
+    tokens = np.zeros((1, 1), np.int32)
+    cache = dsv3_jax.init_cache(KCFG, 1, 64, jnp.bfloat16)
+    pallas = KCFG.replace(decode_attention_impl="pallas")
+    assert pallas.resolved_decode_attention_impl() == "pallas"
+    with pytest.raises(ValueError, match=r"decode_attention_impl='pallas' cannot run here: .*"
+                                         r"Hopper GPU"):
+        dsv3_jax.forward_cached(params, tokens, cache, pallas)
+    monkeypatch.setattr(mla_module, "_INTERPRET_DECODE_KERNEL", True)
+    with pytest.raises(ValueError, match=r"decode_attention_impl='pallas'.*S_max \(shape\[1\]\) "
+                                         r"= 96 must be a multiple of block_s = 64"):
+        dsv3_jax.forward_cached(params, tokens, dsv3_jax.init_cache(KCFG, 1, 96), pallas)
+    tiny = CFG.replace(decode_attention_impl="pallas")
+    with pytest.raises(ValueError, match=r"decode_attention_impl='pallas'.*dtype float32"):
+        dsv3_jax.forward_cached(dsv3_jax.init_params(tiny, jax.random.key(0)), tokens,
+                                dsv3_jax.init_cache(tiny, 1, 64), tiny)
+    with pytest.raises(ValueError, match=r"decode_attention_impl='pallas'.*kv_lora_rank = 32 "
+                                         "must be a multiple of 64"):
+        bf16 = tiny.replace(dtype="bfloat16")
+        dsv3_jax.forward_cached(dsv3_jax.init_params(bf16, jax.random.key(0)), tokens,
+                                dsv3_jax.init_cache(bf16, 1, 64), bf16)
+    # "auto" never raises: on a "Hopper GPU" (patched) with the kernel available (interpret
+    # mode) but shapes it refuses, it takes XLA.
+    monkeypatch.setattr(dsv3_jax.config, "_hopper_gpu", lambda: True)
+    auto_tiny = CFG.replace(dtype="bfloat16")
+    assert auto_tiny.resolved_decode_attention_impl() == "pallas"
+    dsv3_jax.forward_cached(dsv3_jax.init_params(auto_tiny, jax.random.key(0)), tokens,
+                            dsv3_jax.init_cache(auto_tiny, 1, 64), auto_tiny)
