@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import latent_cache
 from dsv3_jax import model as _model
 from dsv3_jax.config import Config
 
@@ -79,7 +80,10 @@ def _validate(prompts, cfg: Config, max_new_tokens: int, max_len: int | None) ->
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     longest = max(len(r) for r in rows)
     need = longest + max_new_tokens
-    max_len = need if max_len is None else max_len
+    if max_len is None:
+        # whole 64-slot blocks, the cache tiles of the Pallas decode kernel (mla_decode), so
+        # that decode_attention_impl "auto" can use it; the extra slots stay masked
+        max_len = min(-(-need // CACHE_BLOCK) * CACHE_BLOCK, max(cfg.max_seq_len, need))
     if need > max_len:
         raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
                          f"({max_new_tokens}) = {need} exceeds the cache length max_len={max_len}")
@@ -129,7 +133,10 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
 
     prompts: token-id lists of any lengths. temperature 0 = greedy; top_k / top_p restrict the
     sampled set; `seed` makes sampling reproducible. max_len: the cache length (default: the
-    longest prompt + max_new_tokens). cache_dtype: the latent cache's dtype.
+    longest prompt + max_new_tokens, rounded up to a multiple of 64 within Config.max_seq_len).
+    cache_dtype: the latent cache's dtype: float32, bfloat16, float16, or float8_e4m3fn (the
+    latent in e4m3 with per-token scales, k_rope in bf16: 1.76x smaller than bf16 for V3;
+    dsv3_jax/latent_cache.py).
     speculative: draft one token per step with the MTP module and verify it with the main model
     (greedy: the output is the plain greedy output; sampled: standard speculative sampling, the
     same distribution); `LAST_STATS` then holds the drafted / accepted counts.
@@ -157,13 +164,17 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
     if not speculative:
         out, n_out = _run(*args, **static)
         return _rows(out, n_out, stop_tokens, max_new_tokens)
-    mtp_cache = _mtp_cache(config, len(rows), max_len + 1, cache_dtype)
+    # one slot more than the main cache (the draft's position), in whole 64-slot blocks too
+    mtp_cache = _mtp_cache(config, len(rows), -(-(max_len + 1) // CACHE_BLOCK) * CACHE_BLOCK,
+                           cache_dtype)
     oracle = None if _draft_oracle is None else jnp.asarray(_draft_oracle, jnp.int32)
     out, n_out, stats = _run_speculative(*args, mtp_cache, oracle, **static)
     LAST_STATS.clear()
     LAST_STATS.update({k: int(v) for k, v in stats.items()})
     return _rows(out, n_out, stop_tokens, max_new_tokens)
 
+
+CACHE_BLOCK = 64  # default cache lengths are multiples of this (the decode kernel's key block)
 
 # Draft statistics of the last speculative `generate` call: drafted and accepted tokens, and
 # verification steps (forward passes of the main model after the prefill).
@@ -201,8 +212,7 @@ def _rows(out, n_out, stop_tokens, max_new) -> list[list[int]]:
 
 def _mtp_cache(cfg: Config, batch: int, max_len: int, dtype) -> dict:
     return {"length": jnp.zeros((batch,), jnp.int32),
-            "c_kv": jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
-            "k_rope": jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype)}
+            **latent_cache.empty(cfg, (batch,), max_len, dtype)}
 
 
 def _mtp_step(params, hidden, next_tokens, mtp_cache, n_valid, cfg: Config, absorbed: bool):
@@ -219,7 +229,7 @@ def _mtp_step(params, hidden, next_tokens, mtp_cache, n_valid, cfg: Config, abso
     x = jnp.concatenate([_model.rms_norm(e, lp["enorm"], cfg.rms_norm_eps),
                          _model.rms_norm(hidden, lp["hnorm"], cfg.rms_norm_eps)], axis=-1)
     x = jnp.einsum("btp,pd->btd", x, lp["eh_proj"])
-    layer_cache = {"c_kv": mtp_cache["c_kv"], "k_rope": mtp_cache["k_rope"]}
+    layer_cache = {k: v for k, v in mtp_cache.items() if k != "length"}
     x, _, new = _model.block(lp, x, ctx, cfg, None if bias is None else bias[0], None,
                              layer_cache, absorbed)
     h = _model.rms_norm(x, lp["final_norm"], cfg.rms_norm_eps)

@@ -25,6 +25,7 @@ report keeps it in BF16, §3.3.1), nor do the absorbed form's folded w_uk / w_uv
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import latent_cache
 from dsv3_jax.config import Config, _hopper_gpu
 from dsv3_jax.fp8 import matmul
 from dsv3_jax.layers import rms_norm
@@ -202,17 +203,12 @@ def mla(p: dict, x: jnp.ndarray, cos, sin, mask: jnp.ndarray, cfg: Config,
     return attend_expanded(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard)
 
 
-def write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
-    """Write new [B, T, X] into cache [B, S, X] at per-sequence offsets start [B]."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))(
-        cache, new.astype(cache.dtype), start)
-
-
 def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_cache: dict,
                cfg: Config, *, absorbed: bool, shard=None) -> tuple[jnp.ndarray, dict]:
     """Attention of new tokens x [B, T, D] at `positions` [B, T] over a latent cache.
 
-    layer_cache = {"c_kv": [B, S_max, C], "k_rope": [B, S_max, R]}; cache slot s holds absolute
+    layer_cache = {"c_kv": [B, S_max, C], "k_rope": [B, S_max, R]} (plus "c_kv_scale" for an
+    FP8 cache, dsv3_jax/latent_cache.py); cache slot s holds absolute
     position s, so writing at positions[:, 0] and masking slots > the query position is the whole
     bookkeeping (a general [T, start + T] mask, reference gotcha 18). The absorbed form runs
     its attention core in the Pallas kernel when `cfg.resolved_decode_attention_impl()` is
@@ -221,11 +217,10 @@ def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_
     q_nope, q_rope = query(p, x, cos, sin, cfg, shard)
     c_new, k_new = latent(p, x, cos, sin, cfg)
     start = positions[:, 0]
-    cache = {"c_kv": write_cache(layer_cache["c_kv"], c_new, start),
-             "k_rope": write_cache(layer_cache["k_rope"], k_new, start)}
+    cache = latent_cache.store(layer_cache, c_new, k_new, start)  # FP8-quantized if stored so
     slots = jnp.arange(cache["c_kv"].shape[1])
     mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S_max]
-    c_kv, k_rope = cache["c_kv"].astype(x.dtype), cache["k_rope"].astype(x.dtype)
+    c_kv, k_rope = latent_cache.load(cache, x.dtype)
     if absorbed and (block_s := _decode_kernel_plan(cfg, c_kv, k_rope, shard)):
         return attend_absorbed_kernel(p, q_nope, q_rope, c_kv, k_rope, positions, cfg, shard,
                                       block_s=block_s), cache

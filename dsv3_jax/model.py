@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import latent_cache
 from dsv3_jax.config import Config
 from dsv3_jax.layers import embed, head, rms_norm, swiglu
 from dsv3_jax.mla import causal_mask, mla, mla_cached
@@ -220,24 +221,22 @@ def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Co
 # ---------------------------------------------------------------------------- latent cache
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
     """An empty latent cache: per layer c_kv [B, S, C] and k_rope [B, S, R] (C + R numbers per
-    token per layer: 576 for V3, against 40,960 for expanded keys and values)."""
+    token per layer: 576 for V3, against 40,960 for expanded keys and values). dtype
+    float8_e4m3fn stores c_kv in e4m3 with per-token scales (`c_kv_scale`) and k_rope in bf16
+    (dsv3_jax/latent_cache.py)."""
     if max_len > cfg.max_seq_len:
         raise ValueError(f"cache max_len={max_len} exceeds Config.max_seq_len={cfg.max_seq_len}")
-
-    def stack(n):
-        return {"c_kv": jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype),
-                "k_rope": jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dtype)}
-
     cache = {"length": jnp.zeros((batch,), jnp.int32)}
     if cfg.n_dense_layers:
-        cache["dense_layers"] = stack(cfg.n_dense_layers)
+        cache["dense_layers"] = latent_cache.empty(cfg, (cfg.n_dense_layers, batch), max_len, dtype)
     if cfg.n_moe_layers:
-        cache["moe_layers"] = stack(cfg.n_moe_layers)
+        cache["moe_layers"] = latent_cache.empty(cfg, (cfg.n_moe_layers, batch), max_len, dtype)
     return cache
 
 
 def cache_bytes_per_token(cfg: Config, dtype=jnp.bfloat16) -> int:
-    return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+    """Bytes of one token's latent cache over all main layers."""
+    return cfg.n_layers * latent_cache.bytes_per_token(cfg, dtype)
 
 
 def forward_cached(params: dict, tokens: jnp.ndarray, cache: dict, cfg: Config, *,
