@@ -45,17 +45,17 @@ import argparse
 import datetime
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels import fp8_quant as q8
+import timing  # noqa: E402 - experiments/timing.py, beside this script
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 FP8_PEAK = 1979.0
@@ -126,26 +126,8 @@ def _pad128(v: int) -> int:
 
 
 def _time_ms(fn, args, iterations: int, interpret: bool) -> float:
-    """Median kernel time (ms) of fn(*args), L2 flushed before each iteration."""
-    fn = jax.jit(fn)
-    if interpret or jax.devices()[0].platform != "gpu":
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(iterations):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    from jax.experimental.mosaic.gpu import profiler
-
-    flush_buf = jnp.zeros((64 * 2**20,), jnp.int32)  # 256 MiB, over 4x the L2
-    flush = jax.jit(lambda b: b + 1)
-    _, flush_kernels = profiler.measure(flush, aggregate=False)(flush_buf)
-    flush_names = {name for name, _ in flush_kernels}
-    both = jax.jit(lambda b, *a: (flush(b), fn(*a)))
-    _, per_iter = profiler.measure(both, aggregate=False, iterations=iterations)(flush_buf, *args)
-    return statistics.median(sum(t for name, t in it if name not in flush_names)
-                             for it in per_iter)
+    """Median kernel time (ms) of fn(*args): experiments/timing.py (CUPTI, L2 flushed)."""
+    return timing.kernel_ms(fn, args, iterations, interpret=interpret)
 
 
 def calc_diff(x, y) -> float:
