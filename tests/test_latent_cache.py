@@ -84,8 +84,10 @@ def test_generate_with_an_fp8_cache(params):
     plain = generate(params, CFG, prompts, 6, cache_dtype=FP8)
     assert [len(r) for r in plain] == [6, 6]
     assert all(0 <= t < CFG.vocab_size for r in plain for t in r)
+    # the cache quantizes each token by itself, so verifying two tokens at once stores what
+    # two one-token steps store: greedy speculative output equals plain greedy output
     spec = generate(params, CFG, prompts, 6, cache_dtype=FP8, speculative=True)
-    assert [len(r) for r in spec] == [6, 6]
+    assert spec == plain
 
 
 def test_generate_script_takes_the_fp8_cache():
