@@ -156,11 +156,25 @@ class Config:
                 raise ValueError(f"Config.{f} must be >= 0, got {getattr(self, f)!r}")
 
     def resolved_grouped_impl(self) -> str:
-        """grouped_impl with "auto" decided by the default backend (pallas on GPU)."""
+        """grouped_impl with "auto" decided: "pallas" (our grouped kernels,
+        pallas_kernels/grouped_matmul.py) on a GPU in 16-bit when the experts' widths fit its
+        tiles (dim and moe_inter_dim multiples of 256 with the default tiles: `small` and the
+        released models do; `tiny` does not), "ragged_dot" otherwise. "pallas" where the
+        widths do not fit raises naming the dimension."""
         if self.grouped_impl != "auto":
             return self.grouped_impl
-        fast = _backend() == "gpu" and self.dtype != "float32"  # both kernels are 16-bit
-        return "pallas" if fast else "ragged_dot"
+        if _backend() != "gpu" or self.dtype == "float32":  # both kernels are 16-bit
+            return "ragged_dot"
+        return "ragged_dot" if self.grouped_kernel_problem() else "pallas"
+
+    def grouped_kernel_problem(self) -> str | None:
+        """Why the grouped kernels cannot run the routed experts' SwiGLU, or None: gate and up
+        are [*, dim] @ [E, dim, moe_inter_dim] products (fused to 2 moe_inter_dim columns in
+        bf16), down [*, moe_inter_dim] @ [E, moe_inter_dim, dim]; the backward kernels take the
+        transposed problems, so both widths meet every tile."""
+        from pallas_kernels.grouped_matmul import unsupported_dims
+
+        return unsupported_dims(self.dim, self.moe_inter_dim, names=("dim", "moe_inter_dim"))
 
     def resolved_attention_impl(self) -> str:
         """attention_impl with "auto" decided by the default backend (cudnn on GPU)."""

@@ -181,6 +181,13 @@ def main(argv=None) -> list[dict]:
     dev = jax.devices()[0]
     print(f"bench_decode on {dev.device_kind}{' (interpret mode)' if a.interpret else ''}, "
           f"{a.iterations} iterations", flush=True)
+    run = {"command": "python experiments/bench_decode.py " + " ".join(
+               argv if argv is not None else sys.argv[1:]),
+           "date": datetime.date.today().isoformat(), "device": dev.device_kind,
+           "jax": jax.__version__, "interpret": a.interpret, "iterations": a.iterations,
+           "block_s": a.block_s, "form": a.form}
+    out = pathlib.Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for h in a.heads:
         for tq in a.tq:
@@ -188,15 +195,9 @@ def main(argv=None) -> list[dict]:
                 recs = run_case(a.batch, s, tq, h, a)
                 _print_case(recs)
                 records += recs
-    records[0]["run"] = {
-        "command": "python experiments/bench_decode.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "date": datetime.date.today().isoformat(), "device": dev.device_kind,
-        "jax": jax.__version__, "interpret": a.interpret, "iterations": a.iterations,
-        "block_s": a.block_s}
-    out = pathlib.Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1) + "\n")
+                # saved after every case: a run stopped by a time limit keeps what it measured
+                records[0]["run"] = run
+                out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {out}")
     return records
 

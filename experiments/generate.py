@@ -61,6 +61,10 @@ def parse_args(argv=None):
     ap.add_argument("--speculative", action="store_true",
                     help="MTP speculative decoding: the MTP module drafts one token per step, "
                          "the main model verifies it (same output as without, for greedy)")
+    ap.add_argument("--compare_speculative", action="store_true",
+                    help="also run the other mode (plain or speculative) on the same prompts in "
+                         "this process and report both tokens/s, the speed-up and the acceptance "
+                         "rate (greedy: the outputs must be identical, else an error)")
     ap.add_argument("--decode_attention_impl", default="auto", choices=("auto", "xla", "pallas"),
                     help="absorbed decode attention: pallas = our Mosaic GPU MLA decode kernel "
                          "(Hopper, bf16, cache length a multiple of 64), xla = einsums, auto = "
@@ -115,6 +119,49 @@ def _load_pretrain_checkpoint(directory: str) -> tuple[dict, Config]:
     return restored.state["params"], cfg
 
 
+def _timed_generate(params, cfg, prompts, a, kw) -> tuple[list[list[int]], list[float]]:
+    """--repeats calls of dsv3_jax.generate: (the last call's outputs, each call's seconds)."""
+    times = []
+    for _ in range(max(1, a.repeats)):
+        t0 = time.perf_counter()
+        outs = dsv3_jax.generate(params, cfg, prompts, a.max_new_tokens, **kw)
+        times.append(time.perf_counter() - t0)
+        print(f"generate{' (speculative)' if kw['speculative'] else ''} call {len(times)}: "
+              f"{times[-1]:.3f} s{' (compile included)' if len(times) == 1 else ''}", flush=True)
+    return outs, times
+
+
+def _speculative_stats() -> dict:
+    from dsv3_jax.generate import LAST_STATS
+
+    stats = dict(LAST_STATS)
+    rate = stats["accepted"] / max(stats["drafted"], 1)
+    print(f"speculative: {stats['accepted']} of {stats['drafted']} drafts accepted "
+          f"({rate:.1%}), {stats['steps']} verification steps")
+    return {**stats, "acceptance_rate": rate}
+
+
+def _compare(params, cfg, prompts, a, kw, outs, tokens_per_s) -> dict:
+    """The other mode (speculative or plain) on the same prompts, timed the same way in the same
+    process: tokens/s of both, the speed-up, the acceptance rate, and (greedy) whether the
+    outputs are identical, as they must be."""
+    other_kw = {**kw, "speculative": not kw["speculative"]}
+    other, times = _timed_generate(params, cfg, prompts, a, other_kw)
+    other_rate = sum(len(o) for o in other) / times[-1]
+    spec_stats = _speculative_stats() if other_kw["speculative"] else None
+    plain, spec = (tokens_per_s, other_rate) if other_kw["speculative"] else (other_rate,
+                                                                              tokens_per_s)
+    same = other == outs
+    print(f"plain {plain:,.1f} tokens/s, speculative {spec:,.1f} tokens/s: {spec / plain:.2f}x; "
+          f"outputs {'identical' if same else 'DIFFER'}")
+    if a.temperature == 0.0 and not same:
+        raise SystemExit("--compare_speculative: greedy speculative output differs from plain "
+                         "greedy output (a bug: they must be identical)")
+    return {"plain_tokens_per_s": plain, "speculative_tokens_per_s": spec,
+            "speedup": spec / plain, "identical_outputs": same, "other_call_seconds": times,
+            **({"speculative": spec_stats} if spec_stats else {})}
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     params, cfg = load_model(a)
@@ -136,10 +183,8 @@ def main(argv=None) -> dict:
     kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
               stop_tokens=_ids(a.stop_ids, "--stop_ids"), speculative=a.speculative,
               cache_dtype=jnp.dtype(a.cache_dtype))
-    for _ in range(max(1, a.repeats)):
-        t0 = time.perf_counter()
-        outs = dsv3_jax.generate(params, cfg, prompts, a.max_new_tokens, **kw)
-        seconds = time.perf_counter() - t0
+    outs, times = _timed_generate(params, cfg, prompts, a, kw)
+    seconds = times[-1]
     n_new = sum(len(o) for o in outs)
     for i, (p, o) in enumerate(zip(prompts, outs)):
         shown = repr(tok.decode(p + o)) if i < len(texts) or (texts and a.batch_size) else o
@@ -152,17 +197,15 @@ def main(argv=None) -> dict:
     print(f"latent cache: {latent:,} bytes per token in {a.cache_dtype} against {expanded:,} for "
           f"expanded keys and values in bfloat16 ({expanded / latent:.1f}x smaller)")
     record = {"settings": vars(a), "prompts": prompts, "outputs": outs, "tokens": n_new,
-              "seconds": seconds, "tokens_per_s": n_new / seconds,
+              "seconds": seconds, "tokens_per_s": n_new / seconds, "call_seconds": times,
               "device": jax.devices()[0].device_kind,
+              "resolved": {"decode_attention_impl": cfg.resolved_decode_attention_impl(),
+                           "grouped_impl": cfg.resolved_grouped_impl()},
               "cache_bytes_per_token": latent, "expanded_bytes_per_token": expanded}
     if a.speculative:
-        from dsv3_jax.generate import LAST_STATS
-
-        stats = dict(LAST_STATS)
-        rate = stats["accepted"] / max(stats["drafted"], 1)
-        print(f"speculative: {stats['accepted']} of {stats['drafted']} drafts accepted "
-              f"({rate:.1%}), {stats['steps']} verification steps")
-        record["speculative"] = {**stats, "acceptance_rate": rate}
+        record["speculative"] = _speculative_stats()
+    if a.compare_speculative:
+        record["comparison"] = _compare(params, cfg, prompts, a, kw, outs, n_new / seconds)
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
     return record

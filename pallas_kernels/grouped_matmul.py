@@ -726,14 +726,26 @@ def grouped_matmul_padded(x_pad: jax.Array, w: jax.Array, plan: PadPlan, *,
     (checked there).
     """
     cfg = config or TileConfig()
-    for name, value in (("K (x_pad.shape[1])", x_pad.shape[-1]), ("N (w.shape[2])", w.shape[-1])):
+    problem = unsupported_dims(x_pad.shape[-1], w.shape[-1], cfg, ("K (x_pad.shape[1])",
+                                                                    "N (w.shape[2])"))
+    if problem:
+        raise ValueError(f"grouped_matmul_padded: {problem}")
+    return _grouped_matmul(x_pad, w, plan, cfg, interpret)
+
+
+def unsupported_dims(k: int, n: int, config: TileConfig | None = None,
+                     names: tuple[str, str] = ("K", "N")) -> str | None:
+    """Why `grouped_matmul_padded` cannot take a [*, k] @ [G, k, n] product (forward and
+    backward kernels), or None when it can. `Config.resolved_grouped_impl` asks this too, so
+    that "auto" picks the kernel only for shapes it takes."""
+    cfg = config or TileConfig()
+    for name, value in zip(names, (k, n)):
         for block_name in ("block_n", "block_k", "tgmm_block_k", "tgmm_block_n"):
             block = getattr(cfg, block_name)
             if value % block:
-                raise ValueError(f"grouped_matmul_padded: {name} = {value} must be a multiple of "
-                                 f"TileConfig.{block_name} = {block} (forward and backward "
-                                 "kernels)")
-    return _grouped_matmul(x_pad, w, plan, cfg, interpret)
+                return (f"{name} = {value} must be a multiple of TileConfig.{block_name} = "
+                        f"{block} (forward and backward kernels)")
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -188,3 +188,21 @@ def test_eval_shape_671b_is_cheap():
     experts = shapes["weights"]["moe_layers"]["moe"]["experts"]["w_gate"]
     assert experts.shape == (58, 256, 7168, 2048)
     assert shapes["router_state"]["moe_layers"]["bias"].dtype == np.float32
+
+
+def test_auto_grouped_impl_takes_the_kernel_only_where_its_tiles_fit(monkeypatch):
+    """On a GPU in bf16, "auto" runs the routed experts on our grouped kernels when dim and
+    moe_inter_dim fit its tiles (small, V3) and on ragged_dot otherwise (tiny: dim 64; V2-Lite:
+    moe_inter_dim 1408), instead of failing inside the kernel; the CPU always takes ragged_dot."""
+    from dsv3_jax import config as config_module
+
+    assert get_config("small").resolved_grouped_impl() == "ragged_dot"  # this CPU
+    monkeypatch.setattr(config_module, "_backend", lambda: "gpu")
+    assert get_config("small").resolved_grouped_impl() == "pallas"
+    assert get_config("v3_671b").resolved_grouped_impl() == "pallas"
+    assert get_config("small").replace(dtype="float32").resolved_grouped_impl() == "ragged_dot"
+    for name, dim in (("tiny", "dim = 64"), ("v2_lite_16b", "moe_inter_dim = 1408")):
+        cfg = get_config(name).replace(dtype="bfloat16")
+        assert cfg.resolved_grouped_impl() == "ragged_dot"
+        assert dim in cfg.grouped_kernel_problem()
+        assert cfg.replace(grouped_impl="pallas").resolved_grouped_impl() == "pallas"

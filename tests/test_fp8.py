@@ -505,10 +505,26 @@ def test_gpu_grouped_fp8_kernels_match_the_reference():
         return jax.jit(lambda p, rows, dy: (lambda y, pull: (y, *pull(dy)))(
             *jax.vjp(f, p, rows)))(p, rows, dy)
 
+    def named(out):
+        y, dp, dx = out
+        return {"y": y, "dx": dx, **dp}
+
     cpu = jax.devices("cpu")[0]
-    y_ref, dp_ref, dx_ref = run("xla", "ragged_dot", *jax.device_put((p, rows, dy, sizes), cpu))
+    f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    ref = named(run("xla", "ragged_dot", *jax.device_put((p, rows, dy, sizes), cpu)))
+    exact = named(run(None, "ragged_dot", *jax.device_put((f32(p), f32(rows), f32(dy), sizes),
+                                                          cpu)))
+    # Two FP8 paths agree only up to FP8 noise: a bf16 rounding difference upstream moves a
+    # tile's amax, so the whole tile re-rounds (the xla path here differed from the CPU one by
+    # 2.5% on dw_down). The yardstick is the reference's own distance from the unquantized
+    # product, 6-7% for every output here (CPU, measured): each path must be as close to the
+    # exact product as the reference (within 15%) and much closer to the reference than that
+    # (half of it): a path that skipped a quantization sits ~e_ref from the reference, a tile
+    # or scale error O(1) from both.
     for fp8_impl, impl in (("pallas", "pallas"), ("xla", "pallas")):
-        y, dp, dx = run(fp8_impl, impl, p, rows, dy, sizes)
-        assert _rel(y, y_ref) < 2e-2 and _rel(dx, dx_ref) < 2e-2, (fp8_impl, impl)
-        for key in p:
-            assert _rel(dp[key], dp_ref[key]) < 2e-2, (fp8_impl, impl, key)
+        got = named(run(fp8_impl, impl, p, rows, dy, sizes))
+        for key in ref:
+            e_ref = _rel(ref[key], exact[key])
+            assert 0.03 < e_ref < 0.1, key  # FP8's own error: the yardstick is not degenerate
+            assert _rel(got[key], exact[key]) < 1.15 * e_ref, (fp8_impl, impl, key)
+            assert _rel(got[key], ref[key]) < 0.5 * e_ref, (fp8_impl, impl, key)

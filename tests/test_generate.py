@@ -96,8 +96,12 @@ def test_generate_script_from_a_pretrain_checkpoint(tmp_path):
                        "--repeats", "1", "--json", str(tmp_path / "g.json")])
     assert len(rec["outputs"]) == 1 and len(rec["outputs"][0]) == 5 and rec["tokens_per_s"] > 0
     rec = script.main(["--preset", "tiny", "--prompt_ids", "5,6,7", "--batch_size", "3",
-                       "--max_new_tokens", "4", "--repeats", "1"])
+                       "--max_new_tokens", "4", "--repeats", "1", "--compare_speculative"])
     assert [len(o) for o in rec["outputs"]] == [4, 4, 4]
+    cmp = rec["comparison"]  # plain first, then speculative on the same prompts
+    assert cmp["identical_outputs"] and cmp["speculative_tokens_per_s"] > 0
+    assert cmp["speedup"] == cmp["speculative_tokens_per_s"] / cmp["plain_tokens_per_s"]
+    assert cmp["speculative"]["drafted"] > 0 and 0 <= cmp["speculative"]["acceptance_rate"] <= 1
     # tiny: 4 layers x (32 + 16) numbers x 2 bytes, against 4 x 4 heads x (32 + 12) x 2
     assert (rec["cache_bytes_per_token"], rec["expanded_bytes_per_token"]) == (384, 1408)
     assert rec["outputs"][0] == rec["outputs"][1]  # the same prompt, greedy

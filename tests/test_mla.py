@@ -152,6 +152,18 @@ def test_absorbed_decode_with_the_pallas_kernel_equals_xla(interpret_kernel, tq)
     """forward_cached(absorbed=True) with decode_attention_impl "pallas" (the kernel in
     interpret mode) against "xla", rows at different cache lengths (one at the start of a
     64-key block, one ending it), Tq = 1 and 2: the same logits up to bf16 rounding."""
+    _check_kernel_decode_equals_xla(tq)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tq", [1, 2])
+def test_gpu_absorbed_decode_with_the_pallas_kernel_equals_xla(tq):
+    """The same check with the compiled kernel on a Hopper GPU (where "auto" picks it)."""
+    assert KCFG.resolved_decode_attention_impl() == "pallas"
+    _check_kernel_decode_equals_xla(tq)
+
+
+def _check_kernel_decode_equals_xla(tq):
     params = dsv3_jax.init_params(KCFG, jax.random.key(0))
     cache = _random_cache(KCFG, 2, 128, [3, 64 - tq], seed=1)
     tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, tq), 0, KCFG.vocab_size))
@@ -177,6 +189,15 @@ def test_absorbed_decode_with_the_pallas_kernel_equals_xla(interpret_kernel, tq)
 
 
 def test_generate_is_the_same_with_the_pallas_kernel(interpret_kernel):
+    _check_generate_same_with_kernel()
+
+
+@pytest.mark.gpu
+def test_gpu_generate_is_the_same_with_the_pallas_kernel():
+    _check_generate_same_with_kernel()
+
+
+def _check_generate_same_with_kernel():
     from dsv3_jax.generate import generate
 
     params = dsv3_jax.init_params(KCFG, jax.random.key(3))
