@@ -73,7 +73,8 @@ DEFAULT_GROUPED = [(g, rows, n, k) for g, rows in ((4, 8192), (8, 4096))
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="*", default=None,
-                    help="MxNxK shapes (default: 8192^3 and DeepSeek-V3's at M = 4096 and 128)")
+                    help="MxNxK shapes (default: 8192^3 and DeepSeek-V3's at M = 4096 and 128; "
+                         "pass none to skip: --shapes)")
     ap.add_argument("--impls", nargs="*", default=None,
                     help="subset of pallas_fp8 xla_bf16 xla_fp8_unscaled xla_dequant_bf16 triton_fp8")
     ap.add_argument("--grouped", nargs="*", default=None,
@@ -247,20 +248,52 @@ def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool) -> 
 
 def run_quant_case(m: int, k: int, iterations: int, interpret: bool) -> list[dict]:
     """The quantizers' bandwidth (bytes read + written / time) against a bf16 copy (x + 1: read
-    and write the same bytes as the input twice), the ceiling for a one-pass op."""
+    and write the same bytes as the input twice), the ceiling for a one-pass op.
+
+    Next to XLA's (fp8_quant) the one-pass Mosaic GPU kernels (fp8_quant_kernel), counted with
+    the same bytes: "quantize_{rows,cols}_pallas" return fp8_quant's exact layouts (the wrapper's
+    XLA transpose of the scales is in the time: every kernel of the call is summed), "..._st"
+    the scales transposed, the kernel's own layout and what fp8_gemm's kernel reads. Their
+    records carry "matches_xla": q and s bit-identical to the XLA quantizer's on this input."""
+    from pallas_kernels import fp8_quant_kernel as qk
+
     x = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
     n_in = m * k * 2
+    tile_bytes = n_in + m * k + m * k // q8.BLOCK * 4  # bf16 in, e4m3 out, one f32 per 128
     cases = {
         "copy_bf16": (lambda v: v + 1, 2 * n_in),
-        "quantize_rows": (q8.quantize_rows, n_in + m * k + m * k // q8.BLOCK * 4),
-        "quantize_cols": (q8.quantize_cols, n_in + m * k + m * k // q8.BLOCK * 4),
+        "quantize_rows": (q8.quantize_rows, tile_bytes),
+        "quantize_cols": (q8.quantize_cols, tile_bytes),
         "quantize_blocks": (q8.quantize_blocks, n_in + m * k + m * k // q8.BLOCK**2 * 4),
+        "quantize_rows_pallas": (lambda v: qk.quantize_rows_kernel(v, interpret=interpret),
+                                 tile_bytes),
+        "quantize_rows_pallas_st": (lambda v: qk.quantize_rows_kernel(
+            v, interpret=interpret, transposed_scales=True), tile_bytes),
+        "quantize_cols_pallas": (lambda v: qk.quantize_cols_kernel(v, interpret=interpret),
+                                 tile_bytes),
+        "quantize_cols_pallas_st": (lambda v: qk.quantize_cols_kernel(
+            v, interpret=interpret, transposed_scales=True), tile_bytes),
     }
+    # kernel impl -> (the XLA quantizer it must equal, whether its scales come transposed)
+    checks = {"quantize_rows_pallas": (q8.quantize_rows, False),
+              "quantize_rows_pallas_st": (q8.quantize_rows, True),
+              "quantize_cols_pallas": (q8.quantize_cols, False),
+              "quantize_cols_pallas_st": (q8.quantize_cols, True)}
+
+    def bits(a):  # e4m3 -> uint8, f32 -> uint32: compare bit patterns
+        return jax.lax.bitcast_convert_type(a, jnp.uint8 if a.dtype == q8.FP8 else jnp.uint32)
+
     out = []
     for impl, (fn, nbytes) in cases.items():
         try:
             ms = _time_ms(fn, (x,), iterations, interpret)
-            out.append({"shape": [m, k], "impl": impl, "ms": ms, "gbps": nbytes / ms / 1e6})
+            rec = {"shape": [m, k], "impl": impl, "ms": ms, "gbps": nbytes / ms / 1e6}
+            if impl in checks:
+                ref_fn, transposed = checks[impl]
+                (q, s), (q_ref, s_ref) = jax.jit(fn)(x), jax.jit(ref_fn)(x)
+                rec["matches_xla"] = bool(jnp.array_equal(bits(q), bits(q_ref)) and jnp.array_equal(
+                    bits(s.T if transposed else s), bits(s_ref)))
+            out.append(rec)
         except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
             out.append({"shape": [m, k], "impl": impl, "gbps": None,
                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -305,7 +338,7 @@ def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpr
 
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
-    shapes = [_shape(s) for s in a.shapes] if a.shapes else DEFAULT_SHAPES
+    shapes = [_shape(s) for s in a.shapes] if a.shapes is not None else DEFAULT_SHAPES
     impls = a.impls or ["pallas_fp8", "xla_bf16", "xla_fp8_unscaled", "xla_dequant_bf16",
                         "triton_fp8"]
     configs = [_config(c) for c in a.configs]

@@ -116,7 +116,10 @@ def test_bench_fp8_gemm_smoke_in_interpret_mode(tmp_path):
     assert next(r for r in recs if r["impl"] == "pallas_fp8")["n_padded_to"] == 256
     quant = json.loads((tmp_path / "q.json").read_text())
     assert {r["impl"] for r in quant} == {"copy_bf16", "quantize_rows", "quantize_cols",
-                                          "quantize_blocks"}
+                                          "quantize_blocks", "quantize_rows_pallas",
+                                          "quantize_rows_pallas_st", "quantize_cols_pallas",
+                                          "quantize_cols_pallas_st"}
+    assert all(r["matches_xla"] for r in quant if "pallas" in r["impl"])
     assert all(r["gbps"] > 0 and r["fraction_of_copy"] > 0 for r in quant)
 
 
