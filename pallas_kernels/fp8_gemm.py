@@ -331,9 +331,9 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
         if x.shape != want:
             raise ValueError(f"fp8 gemm (pallas): {name} must be [K/128, rows] = {list(want)}, "
                              f"got {list(x.shape)}")
-    run = gm._launch(functools.partial(_body, cfg=cfg, b_blocks=b_blocks),
-                     jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
-    return run(a, b, sa_t, sb_t)
+    return gm.launch_shared(a, b, sa_t, sb_t, body=_body,
+                            params=(("cfg", cfg), ("b_blocks", b_blocks)),
+                            out_type=jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret)
 
 
 def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Config | None = None):
@@ -395,9 +395,11 @@ def grouped_gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array
         raise ValueError(f"grouped fp8 gemm (pallas): N = {b.shape[1]} must be a multiple of "
                          f"block_n = {cfg.block_n}")
     sb_t = jnp.swapaxes(jnp.repeat(s_b, q8.BLOCK, axis=1), 1, 2)  # [E, K/128, N]
-    run = gm._launch(functools.partial(_grouped_body, cfg=cfg),
-                     jax.ShapeDtypeStruct((plan.padded_rows, b.shape[1]), out_dtype), interpret)
-    return run(plan.num_tiles.reshape(1), plan.tile_group, a, b, s_a.T, sb_t)
+    return gm.launch_shared(
+        plan.num_tiles.reshape(1), plan.tile_group, a, b, s_a.T, sb_t, body=_grouped_body,
+        params=(("cfg", cfg),),
+        out_type=jax.ShapeDtypeStruct((plan.padded_rows, b.shape[1]), out_dtype),
+        interpret=interpret)
 
 
 def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y_ref, *,
@@ -487,9 +489,10 @@ def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.
                              f"the {block}-wide tile")
     # longest experts first, as grouped_matmul.tgmm does (skewed routing)
     order = jnp.argsort(-plan.group_tile_count, stable=True).astype(jnp.int32)
-    run = gm._launch(functools.partial(_kgrouped_body, cfg=cfg),
-                     jax.ShapeDtypeStruct((e, n, k), out_dtype), interpret)
-    return run(order, plan.group_tile_start, plan.group_tile_count, a_t, b_t, s_a.T, s_b.T)
+    return gm.launch_shared(order, plan.group_tile_start, plan.group_tile_count, a_t, b_t,
+                            s_a.T, s_b.T, body=_kgrouped_body, params=(("cfg", cfg),),
+                            out_type=jax.ShapeDtypeStruct((e, n, k), out_dtype),
+                            interpret=interpret)
 
 
 def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref, y_ref, *,

@@ -576,6 +576,11 @@ def _interpret_params(interpret):
     return plgpu.InterpretGPUParams() if interpret else None
 
 
+# A jit keyed by the statics: the decode step's call sites with equal shapes (the dense and MoE
+# layer stacks, the MTP module) share one lowered kernel instead of lowering and compiling one
+# each (grouped_matmul.launch_shared says why).
+@functools.partial(jax.jit, static_argnames=("cols", "tq", "heads", "scale", "block_s",
+                                             "out_dtype", "interpret"))
 def _launch(q_c, q_r, kv_c, kv_r, lengths, start, count, *, cols: _Cols, tq: int, heads: int,
             scale: float, block_s: int, out_dtype, interpret) -> tuple[jax.Array, jax.Array]:
     bsz, m_pad = q_c.shape[:2]

@@ -90,6 +90,28 @@ def test_kernel_tile_multiples_are_explicit_errors():
         fg.Fp8Config(block_n=256, max_concurrent_steps=5)  # does not fit in shared memory
 
 
+def test_identical_kernel_calls_share_one_lowering(monkeypatch):
+    """Calls of a kernel with the same statics and shapes lower to one function (one Mosaic GPU
+    module, compiled once): the `small` FP8 train step had 117 Mosaic GPU call sites, each
+    lowered and compiled on its own, before grouped_matmul.launch_shared (38 after). Lowered for
+    CUDA on the CPU; two forward GEMMs of one shape and one of another give two kernels."""
+    from pallas_kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "_num_sms", lambda interpret: 132)  # no GPU to ask
+    aq, sa, bq, sb = _operands(128, 256, 256)
+    bq2, sb2 = bq[:128], sb[:1]
+
+    def f(aq, sa, bq, sb, bq2, sb2):
+        y1 = fg.gemm_1d2d(aq, sa, bq, sb, impl="pallas")
+        y2 = fg.gemm_1d2d(aq, sa * 2, bq, sb, impl="pallas")  # same kernel, another call site
+        y3 = fg.gemm_1d2d(aq, sa, bq2, sb2, impl="pallas")    # N = 128: another kernel
+        return y1, y2, y3
+
+    text = jax.jit(f).trace(aq, sa, bq, sb, bq2, sb2).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+
+
 def test_bench_fp8_gemm_smoke_in_interpret_mode(tmp_path):
     import pathlib
     import sys
