@@ -628,9 +628,10 @@ def parse_settings(argv=None, description: str = "") -> Settings:
 
 def greedy_sample(params: dict, cfg: Config, prompt: np.ndarray, n: int) -> np.ndarray:
     """n greedy tokens after `prompt` with `dsv3_jax.generate`: one jitted prefill + decode loop
-    over the latent cache (in the model's dtype), the weights sent to the device once. (A loop
-    of forward_cached calls on host weights sent 2.5 GB per token for `small`: 64 tokens took
-    minutes on an H200.)"""
+    over the latent cache (in the model's dtype), the weights sent to the device once. (The
+    former loop of forward_cached calls took the fp32 weights from the host on every call,
+    5 GB a token for `small`, and compiled two programs: on an H200 a run's 250 s limit caught
+    it still sampling.)"""
     from dsv3_jax import generate
 
     if len(prompt) + n > cfg.max_seq_len:
