@@ -15,7 +15,7 @@ parallelism: compute-bound) and H = 16 (128 heads over 8 GPUs: memory-bound)):
 on the same random-normal q [B, Tq, H, 576] and latent cache [B, s_k, 576] (bf16; lengths all
 s_k, or with --varlen FlashMLA's per-row lengths ~ N(s_k, s_k / 2) clipped to [Tq, 2 s_k] in a
 cache of 2 s_k). Time: CUPTI kernel time summed over the jitted function's kernels, median of
---iterations, L2 flushed before each iteration (experiments/timing.py, shared with
+--iterations, L2 flushed before each iteration (pallas_kernels/timing.py, shared with
 bench_fp8_gemm.py); wall clock around block_until_ready in interpret mode or on a CPU.
 Reported: ms; GB/s = (cache bytes read, sum(lengths) x 576 x 2, + q + o bytes) / time, the
 FlashMLA byte count; TFLOP/s = 2 B Tq H mean(s_k) (576 + 512) / time (FlashMLA's FLOP count);
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import mla_decode as md
-import timing  # noqa: E402 - experiments/timing.py, beside this script
+from pallas_kernels import timing  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IMPLS = ("pallas", "xla")
@@ -86,7 +86,7 @@ def parse_args(argv=None):
 
 
 def _time_ms(fn, args, iterations: int, interpret: bool) -> float:
-    """Median kernel time (ms) of fn(*args): experiments/timing.py (CUPTI, L2 flushed)."""
+    """Median kernel time (ms) of fn(*args): pallas_kernels/timing.py (CUPTI, L2 flushed)."""
     return timing.kernel_ms(fn, args, iterations, interpret=interpret)
 
 

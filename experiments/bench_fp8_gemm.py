@@ -55,7 +55,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels import fp8_quant as q8
-import timing  # noqa: E402 - experiments/timing.py, beside this script
+from pallas_kernels import timing  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 FP8_PEAK = 1979.0
@@ -127,7 +127,7 @@ def _pad128(v: int) -> int:
 
 
 def _time_ms(fn, args, iterations: int, interpret: bool) -> float:
-    """Median kernel time (ms) of fn(*args): experiments/timing.py (CUPTI, L2 flushed)."""
+    """Median kernel time (ms) of fn(*args): pallas_kernels/timing.py (CUPTI, L2 flushed)."""
     return timing.kernel_ms(fn, args, iterations, interpret=interpret)
 
 

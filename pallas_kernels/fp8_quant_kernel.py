@@ -397,7 +397,7 @@ SWEEP = {
 def main(argv=None) -> list[dict]:
     """Per shape, every config of `SWEEP` for both kernels (scales in the kernel's transposed
     layout: the kernel alone): GB/s (bf16 in + e4m3 out + f32 scales over CUPTI kernel time,
-    median, L2 flushed: experiments/timing.py), the fraction of a bf16 copy's GB/s (x + 1)
+    median, L2 flushed: pallas_kernels/timing.py), the fraction of a bf16 copy's GB/s (x + 1)
     measured in the same run, and whether q and s are bit-identical to fp8_quant's.
 
     python -m pallas_kernels.fp8_quant_kernel [--shapes 8192x7168 16384x2048] [--json PATH]
@@ -407,10 +407,8 @@ def main(argv=None) -> list[dict]:
     import argparse
     import json
     import pathlib
-    import sys
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-    import timing  # experiments/timing.py
+    from pallas_kernels import timing
 
     ap = argparse.ArgumentParser(description="FP8 quantizer kernel config sweep")
     ap.add_argument("--shapes", nargs="*", default=["8192x7168", "16384x2048"])

@@ -66,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import statistics
 from typing import NamedTuple
 
 import jax
@@ -767,23 +766,12 @@ def unsupported_dims(k: int, n: int, config: TileConfig | None = None,
 
 
 def _time_ms(fn, *args, repeats: int = 20) -> float:
-    """Median device time of `fn(*args)` in ms: CUDA kernel time through CUPTI (Mosaic GPU's
-    profiler, as in gpu_facts.md), or wall clock around block_until_ready if CUPTI is missing."""
-    import time
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-        _, times = profiler.measure(fn, iterations=repeats)(*args)
-        return statistics.median(times)
-    except Exception as e:  # noqa: BLE001 - report and fall back, the numbers say which
-        print(f"  (CUPTI timing failed: {type(e).__name__}: {e}; using wall clock)", flush=True)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median device time of `fn(*args)` in ms (pallas_kernels/timing.py: CUPTI kernel time,
+    L2 flushed; a CUPTI failure raises). The numbers quoted in this module were measured before
+    the L2 flush, with CUPTI alone."""
+    from pallas_kernels import timing
+
+    return timing.kernel_ms(fn, args, repeats)
 
 
 def _group_sizes(m: int, g: int, skewed: bool, key) -> jax.Array:

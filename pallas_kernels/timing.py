@@ -1,4 +1,5 @@
-"""Kernel timing shared by the benchmarks (bench_fp8_gemm.py, bench_decode.py).
+"""Kernel timing shared by the benchmarks (experiments/bench_fp8_gemm.py, bench_decode.py) and
+the kernel modules' own tuning runs (`python -m pallas_kernels.<module>`).
 
 On a GPU: CUPTI kernel time (jax.experimental.mosaic.gpu.profiler), summed over the kernels of
 one call, median over the iterations, with L2 flushed before each iteration by rewriting a
