@@ -83,7 +83,7 @@ def _validate(prompts, cfg: Config, max_new_tokens: int, max_len: int | None) ->
     if max_len is None:
         # whole 64-slot blocks, the cache tiles of the Pallas decode kernel (mla_decode), so
         # that decode_attention_impl "auto" can use it; the extra slots stay masked
-        max_len = min(-(-need // CACHE_BLOCK) * CACHE_BLOCK, max(cfg.max_seq_len, need))
+        max_len = min(_whole_blocks(need), max(cfg.max_seq_len, need))
     if need > max_len:
         raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
                          f"({max_new_tokens}) = {need} exceeds the cache length max_len={max_len}")
@@ -165,8 +165,7 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
         out, n_out = _run(*args, **static)
         return _rows(out, n_out, stop_tokens, max_new_tokens)
     # one slot more than the main cache (the draft's position), in whole 64-slot blocks too
-    mtp_cache = _mtp_cache(config, len(rows), -(-(max_len + 1) // CACHE_BLOCK) * CACHE_BLOCK,
-                           cache_dtype)
+    mtp_cache = _mtp_cache(config, len(rows), _whole_blocks(max_len + 1), cache_dtype)
     oracle = None if _draft_oracle is None else jnp.asarray(_draft_oracle, jnp.int32)
     out, n_out, stats = _run_speculative(*args, mtp_cache, oracle, **static)
     LAST_STATS.clear()
@@ -175,6 +174,11 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
 
 
 CACHE_BLOCK = 64  # default cache lengths are multiples of this (the decode kernel's key block)
+
+
+def _whole_blocks(n: int) -> int:
+    """n rounded up to whole CACHE_BLOCKs."""
+    return -(-n // CACHE_BLOCK) * CACHE_BLOCK
 
 # Draft statistics of the last speculative `generate` call: drafted and accepted tokens, and
 # verification steps (forward passes of the main model after the prefill).

@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import Config
+from pallas_kernels import fp8_quant as q8
 
-FP8 = jnp.float8_e4m3fn
-E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-4  # an all-zero tile (unused slots) still gets a finite scale
-TILE = 128
+FP8 = q8.FP8
+TILE = q8.BLOCK
 
 
 def is_fp8(dtype) -> bool:
@@ -66,19 +65,15 @@ def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndar
 
 
 def _quantize(c: jnp.ndarray, tile: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """c [..., C] -> (e4m3 [..., C], float32 scales [..., C / tile])."""
-    tiles = c.astype(jnp.float32).reshape(*c.shape[:-1], c.shape[-1] // tile, tile)
-    s = jnp.maximum(jnp.max(jnp.abs(tiles), axis=-1), AMAX_FLOOR) / E4M3_MAX
-    return (tiles / s[..., None]).astype(FP8).reshape(c.shape), s
+    """c [..., C] -> (e4m3 [..., C], float32 scales [..., C / tile]): the activations' 1 x 128
+    recipe (amax / 448, the amax floored so unused all-zero slots get a finite scale)."""
+    return q8.quantize_rows(c, block=tile, name="c_kv")
 
 
 def _dequantize(q: jnp.ndarray, s: jnp.ndarray, dtype) -> jnp.ndarray:
-    # the barrier keeps XLA on GPU from folding a quantize -> dequantize pair back to the
-    # unrounded values (pallas_kernels/fp8_quant.py `_fp8_values` says where that was measured)
-    q = jax.lax.optimization_barrier(q).astype(jnp.float32)
-    tile = q.shape[-1] // s.shape[-1]
-    tiles = q.reshape(*q.shape[:-1], s.shape[-1], tile) * s[..., None]
-    return tiles.reshape(q.shape).astype(dtype)
+    # through the FP8 values behind an optimization barrier (fp8_quant._fp8_values): XLA on GPU
+    # would otherwise fold a quantize -> dequantize pair back to the unrounded values
+    return q8.dequantize_rows(q, s, dtype)
 
 
 def store(layer_cache: dict, c_new: jnp.ndarray, k_new: jnp.ndarray, start: jnp.ndarray) -> dict:

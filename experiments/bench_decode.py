@@ -31,7 +31,10 @@ decode_bench.json): max error ~6e-4 against the float32 reference; H = 16, Tq = 
 3.82 TB/s at s_k 4096 / 8192 / 16384 (XLA 1.90-1.97 TB/s); H = 128, Tq = 1: 423 / 440 / 448
 TFLOP/s (XLA 236-246); Tq = 2, H = 128: 431-448 (XLA 300-313). 1.4-2.1x XLA: the compute-bound
 target is met, the 3x is not (XLA here is twice as fast as the 123 TFLOP/s kernels.md quotes).
-The two-array form (--form split, what the model runs) has not run on a GPU yet.
+The two-array form (--form split, what the model runs), the same day: 3.33 / 3.65 / 3.83 TB/s
+at H = 16, Tq = 1, and 427 TFLOP/s at H = 128, s_k 4096, 1.9-2.5x XLA over the two arrays
+(experiments/results/decode_bench_split_h200_table.txt: that run stopped at its time limit
+after 7 of 9 cases).
 """
 
 import argparse
@@ -42,7 +45,6 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp

@@ -5,15 +5,17 @@ its own tile:
   * activations: 1 x 128 tiles (one token, 128 consecutive channels of the contraction axis);
   * weights:     128 x 128 blocks;
   * the weight gradient contracts over tokens, so its operands are quantized along the token
-    axis: `quantize_cols` transposes and quantizes in one pass (the report's "128 x 1" tiles).
+    axis: `quantize_cols` transposes and quantizes in one function (the report's "128 x 1" tiles).
 scale = amax / 448 (e4m3's largest finite value), amax floored at `AMAX_FLOOR` so an all-zero
 tile gets a finite scale (DeepSeek-V3's inference/kernel.py floors at 1e-4); `pow2=True` rounds
 each scale up to a power of two (the report's option; DeepSeek's `ue8m0` format), so applying it
 is exact.
 
-These are plain jnp functions: XLA fuses the reduction, the division and the cast into one pass
-over the input (the route kernels.md §8 recommends for a memory-bound op), and the transpose
-of `quantize_cols` into the same fusion. x q/s are what the FP8 GEMMs in `fp8_gemm` take.
+These are plain jnp functions (the route kernels.md §8 recommends trying first for a
+memory-bound op). XLA compiles each into two fusions, the tile amax and then the scale and cast,
+so the input is read twice: 1.49-1.64 TB/s on an H200, 46-49% of a bf16 copy
+(experiments/results/fp8_quant.json); `fp8_quant_kernel` has one-pass Mosaic GPU kernels with
+bit-identical results. x q/s are what the FP8 GEMMs in `fp8_gemm` take.
 Shapes whose quantized axis is not a multiple of 128 raise, naming the axis: padding is the
 caller's explicit choice, never implicit.
 """
@@ -29,11 +31,11 @@ BLOCK = 128
 AMAX_FLOOR = 1e-4
 
 
-def _check_axis(name: str, x: jax.Array, axis: int, what: str) -> None:
+def _check_axis(name: str, x: jax.Array, axis: int, what: str, block: int = BLOCK) -> None:
     size = x.shape[axis]
-    if size % BLOCK:
+    if size % block:
         raise ValueError(f"{name}: {what} (shape[{axis % x.ndim}] = {size} of {x.shape}) must be a "
-                         f"multiple of {BLOCK} for FP8 tile scales; pad it explicitly")
+                         f"multiple of {block} for FP8 tile scales; pad it explicitly")
 
 
 def _scale(amax: jax.Array, pow2: bool) -> jax.Array:
@@ -46,12 +48,14 @@ def _scale(amax: jax.Array, pow2: bool) -> jax.Array:
     return s
 
 
-def quantize_rows(x: jax.Array, *, pow2: bool = False, name: str = "x") -> tuple[jax.Array, jax.Array]:
+def quantize_rows(x: jax.Array, *, pow2: bool = False, name: str = "x",
+                  block: int = BLOCK) -> tuple[jax.Array, jax.Array]:
     """1 x 128 tiles along the last axis: x [..., K] -> (q [..., K] e4m3, s [..., K/128] fp32),
-    x ~= q * s (s repeated over each tile)."""
-    _check_axis(name, x, -1, "the quantized (last) axis")
+    x ~= q * s (s repeated over each tile). `block`: another tile width (the FP8 latent cache
+    takes the whole latent of a model whose latent is not a multiple of 128)."""
+    _check_axis(name, x, -1, "the quantized (last) axis", block)
     k = x.shape[-1]
-    tiles = x.astype(jnp.float32).reshape(*x.shape[:-1], k // BLOCK, BLOCK)
+    tiles = x.astype(jnp.float32).reshape(*x.shape[:-1], k // block, block)
     s = _scale(jnp.max(jnp.abs(tiles), axis=-1), pow2)
     q = (tiles / s[..., None]).astype(FP8)
     return q.reshape(x.shape), s
@@ -91,9 +95,10 @@ def _fp8_values(q: jax.Array) -> jax.Array:
 
 
 def dequantize_rows(q: jax.Array, s: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Inverse of `quantize_rows`: q [..., K], s [..., K/128] -> [..., K] in `dtype`."""
-    k = q.shape[-1]
-    tiles = _fp8_values(q).reshape(*q.shape[:-1], k // BLOCK, BLOCK) * s[..., None]
+    """Inverse of `quantize_rows`: q [..., K], s [..., K/block] -> [..., K] in `dtype` (the
+    tile width read off the shapes)."""
+    k, n_tiles = q.shape[-1], s.shape[-1]
+    tiles = _fp8_values(q).reshape(*q.shape[:-1], n_tiles, k // n_tiles) * s[..., None]
     return tiles.reshape(q.shape).astype(dtype)
 
 

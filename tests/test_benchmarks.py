@@ -59,3 +59,24 @@ def test_peak_tflops_reads_the_device_kind_by_whole_words():
     assert peak_tflops(None, NS(device_kind="NVIDIA H20")) == 148.0  # not H200's 989
     assert peak_tflops(None, NS(device_kind="cpu")) is None
     assert peak_tflops(500.0, NS(device_kind="NVIDIA H200")) == 500.0
+
+
+def test_lowering_stats_counts_shared_kernels(tmp_path):
+    """experiments/lowering_stats.py lowers `small`'s bf16 step for CUDA on the CPU: the
+    grouped kernels' call sites are counted, equal calls share a kernel (fewer distinct kernels
+    than sites: forward and backward reuse shapes), and the SM-count stand-in is put back."""
+    import json
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import lowering_stats
+    from pallas_kernels import grouped_matmul as gm
+
+    num_sms = gm._num_sms
+    recs = lowering_stats.main(["--precision", "bf16", "--batch", "1", "--seq_len", "128",
+                                "--json", str(tmp_path / "l.json")])
+    (rec,) = recs
+    assert 0 < rec["distinct_kernels"] < rec["mosaic_gpu_call_sites"], rec
+    assert gm._num_sms is num_sms
+    assert json.loads((tmp_path / "l.json").read_text())[0]["run"]["command"]

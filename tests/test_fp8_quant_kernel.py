@@ -167,22 +167,20 @@ def test_default_k_splits_fill_the_sms():
 # On the GPU: the compiled kernels at real sizes
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("shape", [(8192, 7168), (16384, 2048), (4096, 7168)])
-def test_rows_gpu_matches_xla(shape, pow2):
-    x = _input(*shape, seed=5)
-    got = jax.jit(lambda x: qk.quantize_rows_kernel(x, pow2=pow2))(x)
-    _assert_same(got, jax.jit(lambda x: q8.quantize_rows(x, pow2=pow2))(x))
+# kernel name -> (the kernel, the XLA quantizer it must equal, the input's seed)
+GPU_PAIRS = {"rows": (qk.quantize_rows_kernel, q8.quantize_rows, 5),
+             "cols": (qk.quantize_cols_kernel, q8.quantize_cols, 6)}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("shape", [(8192, 7168), (16384, 2048), (4096, 7168)])
-def test_cols_gpu_matches_xla(shape, pow2):
-    x = _input(*shape, seed=6)
-    got = jax.jit(lambda x: qk.quantize_cols_kernel(x, pow2=pow2))(x)
-    _assert_same(got, jax.jit(lambda x: q8.quantize_cols(x, pow2=pow2))(x))
+@pytest.mark.parametrize("fn", ["rows", "cols"])
+def test_gpu_kernel_matches_xla(fn, shape, pow2):
+    kernel, reference, seed = GPU_PAIRS[fn]
+    x = _input(*shape, seed=seed)
+    got = jax.jit(lambda x: kernel(x, pow2=pow2))(x)
+    _assert_same(got, jax.jit(lambda x: reference(x, pow2=pow2))(x))
 
 
 @pytest.mark.gpu
