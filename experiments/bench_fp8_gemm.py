@@ -17,7 +17,8 @@ iteration by rewriting a 256 MiB buffer whose kernel is left out of the sum):
                     gets today for the recipe
   triton_fp8        our jax-triton block-scaled kernel (pallas_kernels/fp8_triton.py; needs
                     jax-triton 0.3.1 next to triton 3.6, else recorded as not run)
-  pallas_fp8[BMxBNxSTAGESxSPLITS]  the kernel with the tile configs of --configs (a sweep)
+  pallas_fp8[BMxBNxSTAGESxSPLITS[r]]  the kernel with the tile configs of --configs (a sweep;
+                    r: the "rows" warpgroup split), also for the grouped and wgrad cases
 grouped cases (G experts x ROWS rows, the MoE layout): pallas_fp8_grouped (our grouped FP8
 kernel) against pallas_bf16_grouped (our bf16 grouped kernel, the baseline); weight-gradient
 cases (--wgrad): pallas_fp8_wgrad (1 x 128 tiles along tokens, fp32 out) against
@@ -32,13 +33,16 @@ Output: a table and experiments/results/fp8_gemm.json, a list of records
 "run" field.
 Result (one H200, 2026-12-01; experiments/results/fp8_gemm.json, from the printed table in
 fp8_gemm_h200_table.txt: that run hit its time limit before writing JSON):
-  pallas_fp8 at 8192^3: 921 TFLOP/s = 1.14x xla_bf16 (810); xla_fp8_unscaled 1557,
-  xla_dequant_bf16 728, triton_fp8 861. M = 4096, DeepSeek-V3's six (N, K): 1.07-1.16x bf16
-  (797-942; triton_fp8 0.62-1.07x). M = 128: 1.02x at K = 16384, 0.52x at 128 x 2112 x 7168
-  (too few tiles: no split-K). Grouped 8 x 4096 rows, (4096, 7168): 1.26x our bf16 grouped
-  kernel (960 against 764). Weight gradient 4096 x 7168 over 8192 tokens: 0.99x bf16.
-  Quantizers (fp8_quant.json): 1.49-1.64 TB/s, 46-49% of the bf16 copy's 3.3 TB/s.
-  Targets not met: 1.6x dense, 1.1x wgrad, 1.3x grouped, 80% of copy bandwidth.
+  pallas_fp8 ("cols" split then) at 8192^3: 921 TFLOP/s = 1.14x xla_bf16 (810);
+  xla_fp8_unscaled 1557, xla_dequant_bf16 728, triton_fp8 861. M = 4096, DeepSeek-V3's six
+  (N, K): 1.07-1.16x bf16 (797-942; triton_fp8 0.62-1.07x). M = 128: 1.02x at K = 16384, 0.52x
+  at 128 x 2112 x 7168 (too few tiles: no split-K).
+  A later run the same day (fp8_gemm_wg_split_h200.json, --configs 128x128x4r ...) put the
+  "rows" split, now the default, beside it: 1.15-1.29x bf16 dense (1007 at 8192^3), 1.45x our
+  bf16 grouped kernel (1082 against 747), 1.08x bf16 on the weight gradient (868 against 803).
+  Quantizers (fp8_quant.json, 8192 x 7168): XLA's 1.59-1.64 TB/s (48-49% of the bf16 copy's
+  3.34 TB/s); the one-pass kernels 3.39-3.83 TB/s (102-115%), bit-identical to XLA's.
+  Targets: grouped 1.3x and quantizers 80% of copy met; dense 1.6x and wgrad 1.1x not.
 """
 
 import argparse
@@ -81,8 +85,10 @@ def parse_args(argv=None):
                          "in {(4096, 7168), (7168, 2048)}; pass none to skip: --grouped)")
     ap.add_argument("--configs", nargs="*", default=[],
                     help="extra kernel tile configs to time next to the default, as "
-                         "BMxBNxSTAGES[xSPLITS] (e.g. 128x128x5x2 128x256x3); recorded as "
-                         "impl 'pallas_fp8[BMxBNxSTAGESxSPLITS]'")
+                         "BMxBNxSTAGES[xSPLITS][r] (e.g. 128x128x5x2 128x256x3 128x128x4r; r = "
+                         "Fp8Config.wg_split 'rows'), in the dense, grouped and wgrad cases "
+                         "whose sizes they divide; recorded as impl "
+                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r]]' (…_grouped[…], …_wgrad[…])")
     ap.add_argument("--wgrad", nargs="*", default=None,
                     help="weight-gradient cases NxKxTOKENS: dw [N, K] = dy^T x over TOKENS, "
                          "fp32 out (default: (N, K) in {(4096, 7168), (7168, 2048), "
@@ -109,16 +115,19 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def _config(text: str) -> "fg.Fp8Config":
+    body = text.lower()
+    split = "rows" if body.endswith("r") else "cols"
     try:
-        bm, bn, stages, *splits = (int(v) for v in text.lower().split("x"))
+        bm, bn, stages, *splits = (int(v) for v in body.rstrip("r").split("x"))
         return fg.Fp8Config(block_m=bm, block_n=bn, max_concurrent_steps=stages,
-                            splits=splits[0] if splits else 1)
+                            splits=splits[0] if splits else 1, wg_split=split)
     except (ValueError, IndexError) as e:
-        raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS])") from None
+        raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS][r])") from None
 
 
 def _tag(cfg) -> str:
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.max_concurrent_steps}x{cfg.splits}"
+    return (f"{cfg.block_m}x{cfg.block_n}x{cfg.max_concurrent_steps}x{cfg.splits}"
+            + ("r" if cfg.wg_split == "rows" else ""))
 
 
 def _pad128(v: int) -> int:
@@ -214,7 +223,8 @@ def _triton_case(m, n, k, aq, sa, bq, sb, want, iterations, interpret) -> dict:
         return {**rec, "error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
-def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool) -> list[dict]:
+def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool,
+                   configs=()) -> list[dict]:
     """dw [N, K] = dy^T x over t tokens, fp32 out: our kernel on 1 x 128 tiles along tokens
     (`quantize_cols` of dy and x) against XLA's bf16 dot with fp32 output."""
     kd, kx = jax.random.split(jax.random.key(2))
@@ -230,11 +240,17 @@ def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool) -> 
         "xla_bf16_wgrad": (lambda d, v: jnp.einsum("tn,tk->nk", d, v,
                                                    preferred_element_type=jnp.float32), (dy, x)),
     }
+    for c in configs:  # the sweep covers the shapes each tile divides
+        if n % c.block_m == 0 and k % c.block_n == 0:
+            fns[f"pallas_fp8_wgrad[{_tag(c)}]"] = (
+                lambda a, b, s1, s2, c=c: fg.gemm_kernel(a, b, s1, s2, out_dtype=jnp.float32,
+                                                         config=c, interpret=interpret),
+                (aq, bq, sa_t, sb_t))
     out = []
     for impl, (fn, args) in fns.items():
         rec = {"shape": [n, k, t], "impl": impl, "tflops": None}
         try:
-            if impl == "pallas_fp8_wgrad":
+            if impl.startswith("pallas_fp8_wgrad"):
                 got = jax.jit(fn)(*args)
                 rec["calc_diff"] = calc_diff(got, want)
             ms = _time_ms(fn, args, iterations, interpret)
@@ -302,7 +318,8 @@ def run_quant_case(m: int, k: int, iterations: int, interpret: bool) -> list[dic
     return out
 
 
-def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpret: bool) -> list[dict]:
+def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpret: bool,
+                     configs=()) -> list[dict]:
     """g experts of `rows` rows each (the contiguous layout, already sorted and 128-aligned):
     our grouped FP8 kernel against our grouped bf16 kernel (pallas_kernels/grouped_matmul.py,
     the bf16 grouped baseline) on the same rows and weights."""
@@ -322,6 +339,12 @@ def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpr
         "pallas_bf16_grouped": (lambda a, b: gm.gmm(a, b, plan, transpose_w=True,
                                                     interpret=interpret), (x_pad, w)),
     }
+    for c in configs:  # the plan's 128-row tiles fix block_m
+        if c.block_m == plan.block_m and n % c.block_n == 0:
+            fns[f"pallas_fp8_grouped[{_tag(c)}]"] = (
+                lambda a, s1, b, s2, c=c: fg.grouped_gemm_1d2d(
+                    a, s1, b, s2, plan, impl="pallas", interpret=interpret, config=c),
+                (aq, sa, bq, sb))
     flops = 2 * m * n * k
     out = []
     for impl, (fn, args) in fns.items():
@@ -376,7 +399,7 @@ def main(argv=None) -> list[dict]:
     grouped = ([tuple(int(v) for v in c.lower().split("x")) for c in a.grouped]
                if a.grouped is not None else DEFAULT_GROUPED)
     for g, rows, n, k in grouped:
-        recs = run_grouped_case(g, rows, n, k, a.iterations, a.interpret)
+        recs = run_grouped_case(g, rows, n, k, a.iterations, a.interpret, configs)
         records += recs
         save(records)
         base = recs[1]["tflops"]
@@ -389,7 +412,7 @@ def main(argv=None) -> list[dict]:
     wgrad = ([tuple(int(v) for v in c.lower().split("x")) for c in a.wgrad]
              if a.wgrad is not None else DEFAULT_WGRAD)
     for n, k, t in wgrad:
-        recs = run_wgrad_case(n, k, t, a.iterations, a.interpret)
+        recs = run_wgrad_case(n, k, t, a.iterations, a.interpret, configs)
         records += recs
         save(records)
         base = recs[1]["tflops"]

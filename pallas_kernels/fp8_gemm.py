@@ -24,7 +24,8 @@ exact products of the quantized values, any backend), "pallas" our Mosaic GPU ke
 warp-specialized like our grouped bf16 kernel (pallas_kernels/grouped_matmul.py, whose
 pipeline, epilogue and launch helpers it reuses): a TMA warpgroup streams, per K-block of 128,
 the a tile [block_m, 128], the b tile [block_n, 128] (e4m3, 128-byte swizzle, both K-major) and
-the two scale rows; two compute warpgroups each own half of the tile's columns. Per K-block a
+the two scale rows; two compute warpgroups each own half of the tile's rows (`wg_split`
+"rows", DeepGEMM's split; "cols", half of the columns, is the older choice). Per K-block a
 warpgroup runs the FP8 wgmma into a fresh fp32 accumulator and adds it, times
 s_a[row] * s_b[col], to its carried fp32 result. 128 x 128 weight blocks are passed as one
 scale per column (the block scale repeated: exact), so the data-gradient and weight-gradient
@@ -32,18 +33,19 @@ scalings use the same kernel; with weight blocks a warpgroup's 64 columns share 
 is folded into the row scales (one FMA per element).
 
 **Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-01; experiments/results/
-fp8_gemm.json, the tile sweep in fp8_gemm_sweep.json): correct on the device (calc_diff 1.2e-6
-to 1.4e-6 against the exact product), 1.07-1.16x XLA's bf16 dot at M = 4096 (797-942 TFLOP/s),
-1.14x at 8192^3 (921 against 810; raw FP8 without scales 1557), 1.26x our bf16 grouped kernel
-for the experts (960 against 764), 0.99x bf16 for the weight gradient. The first version reached
-421 at 8192^3: its 128 x 256 tiles need 256 registers a thread for the result and the fresh
-accumulator, over the 232 a compute warpgroup gets, and spilled (the same tiles still measure
-384); 128 x 128 tiles with 4 stages, which chain tiles for K in multiples of 512, gave 965.
-Two row blocks in flight per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on
-others. Still short of the 1.6x target (about 1200 TFLOP/s; DeepGEMM 1550 on an H800): the
-next steps are a third compute warpgroup or 64-row wgmmas per warpgroup so that promotion and
-tensor-core work overlap across warpgroups as in DeepGEMM, and split-K for M = 128 (0.5x bf16
-at 128 x 2112 x 7168: 17 tiles for 132 SMs).
+fp8_gemm.json, the tile sweep in fp8_gemm_sweep.json, the warpgroup split in
+fp8_gemm_wg_split_h200.json): correct on the device (calc_diff 1.2e-6 to 1.4e-6 against the
+exact product). With the "rows" split, side by side with XLA's bf16 dot in one run: 1.15-1.29x
+at M = 4096 (964-1057 TFLOP/s), 1.24x at 8192^3 (1007 against 814; raw FP8 without scales 1557
+in the earlier run), 1.45x our bf16 grouped kernel for the experts (1082 against 747), 1.08x
+bf16 for the weight gradient (868 against 803); "cols" was 3-14% slower on each. The first
+version reached 421 at 8192^3: its 128 x 256 tiles need 256 registers a thread for the result
+and the fresh accumulator, over the 232 a compute warpgroup gets, and spilled; 128 x 128 tiles
+with 4 stages, which chain tiles for K in multiples of 512, gave 965. Two row blocks in flight
+per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on others. Still short of the
+dense 1.6x target (about 1200 TFLOP/s; DeepGEMM 1550 on an H800) and the wgrad 1.1x: next are
+a third compute warpgroup, so that promotion and tensor-core work overlap across warpgroups as
+in DeepGEMM, and split-K for M = 128 (0.5x bf16 at 128 x 2112 x 7168: 17 tiles for 132 SMs).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from pallas_kernels import fp8_quant as q8
 from pallas_kernels import grouped_matmul as gm
 
 IMPLS = ("xla", "pallas")
+WG_SPLITS = ("cols", "rows")
 
 
 def _check(a, s_a, b, s_b, b_scale: str) -> None:
@@ -120,21 +123,28 @@ def gemm_1d1d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array, *,
 class Fp8Config:
     """Tiles of the FP8 kernel. block_k is the scale tile (128) and is not a choice.
 
-    block_m: rows of a CTA's output tile; both compute warpgroups take all of them.
-    block_n: columns of a CTA's output tile, split in halves between the two compute
-      warpgroups; multiple of 128 (each half whole 64-column wgmma N steps).
+    block_m: rows of a CTA's output tile.
+    block_n: columns of a CTA's output tile.
+    wg_split: how the two compute warpgroups share the tile. "cols": each takes all block_m
+      rows and half of the columns (block_n a multiple of 128); "rows": each takes half of the
+      rows (block_m a multiple of 128) and all block_n columns (a multiple of 64), DeepGEMM's
+      split. Per K-step of 32 a warpgroup's wgmmas read its A rows and B columns from SMEM:
+      at 128 x 128 tiles "cols" issues two m64n64 wgmmas (4 + 4 KiB for 262,144 MACs) and
+      "rows" one m64n128 (2 + 4 KiB for as many), and FP8 tensor cores at full rate consume
+      4,096 MACs a cycle per SM against SMEM's 128 bytes a cycle: 8 KiB lasts 64 cycles of
+      tensor-core work at full rate only when nothing else reads SMEM.
     max_concurrent_steps: SMEM stages of the K pipeline (a stage: a [block_m, 128] + b
       [block_n, 128] e4m3 tile and their scale rows).
     chain_tiles: let the TMA warpgroup run on into a CTA's next tile (see grouped_matmul).
-    splits: 2 cuts a warpgroup's [block_m, block_n / 2] result into two row halves with their
-      own wgmmas in flight: the first half is promoted while the second's wgmma still runs
-      (the overlap of tensor-core and CUDA-core work the V3 report describes, §3.3.2).
-      Each half is 64 rows or more, so block_m must be 128 or more.
+    splits: 2 cuts a warpgroup's result into two row halves with their own wgmmas in
+      flight: the first half is promoted while the second's wgmma still runs (the overlap of
+      tensor-core and CUDA-core work the V3 report describes, §3.3.2). Each half is 64 rows or
+      more.
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
-    accumulator (two with splits=2), block_m * block_n / 2 numbers each over 128 threads, in at
+    accumulator, block_m * block_n / 2 numbers each over 128 threads (either split), in at
     most 232 registers a thread (emit_pipeline_warp_specialized's share with 40 for the TMA
-    warpgroup). 128 x 256 tiles need 256 and spill; 128 x 128 need 128.
+    warpgroup). 128 x 256 tiles need 256 and spill; 128 x 128 need 128, 128 x 192 192.
     """
     block_m: int = 128
     block_n: int = 128
@@ -142,15 +152,24 @@ class Fp8Config:
     chain_tiles: bool = True
     epilogue_slots: int = 2
     splits: int = 1
+    wg_split: str = "rows"
 
     def __post_init__(self):
-        if self.block_m <= 0 or self.block_m % 64:
-            raise ValueError(f"Fp8Config.block_m={self.block_m} must be a positive multiple of 64")
-        if self.block_n <= 0 or self.block_n % 128:
-            raise ValueError(f"Fp8Config.block_n={self.block_n} must be a positive multiple of 128")
-        if self.splits not in (1, 2) or self.block_m // self.splits < 64:
-            raise ValueError(f"Fp8Config.splits={self.splits} must be 1 or 2, with block_m / "
-                             f"splits >= 64 (block_m={self.block_m})")
+        if self.wg_split not in WG_SPLITS:
+            raise ValueError(f"Fp8Config.wg_split={self.wg_split!r} must be one of {WG_SPLITS}")
+        rows_split = self.wg_split == "rows"
+        m_step, n_step = (128, 64) if rows_split else (64, 128)
+        if self.block_m <= 0 or self.block_m % m_step:
+            raise ValueError(f"Fp8Config.block_m={self.block_m} must be a positive multiple of "
+                             f"{m_step} (wg_split={self.wg_split!r})")
+        if self.block_n <= 0 or self.block_n % n_step:
+            raise ValueError(f"Fp8Config.block_n={self.block_n} must be a positive multiple of "
+                             f"{n_step} (wg_split={self.wg_split!r})")
+        wg_rows = self.wg_tile()[0]
+        if self.splits not in (1, 2) or wg_rows // self.splits < 64:
+            raise ValueError(f"Fp8Config.splits={self.splits} must be 1 or 2, with a warpgroup's "
+                             f"{wg_rows} rows / splits >= 64 (block_m={self.block_m}, "
+                             f"wg_split={self.wg_split!r})")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"Fp8Config.max_concurrent_steps={self.max_concurrent_steps} must "
                              "be >= 2")
@@ -158,17 +177,40 @@ class Fp8Config:
             raise ValueError(f"Fp8Config: {self.smem_bytes(4)} bytes of shared memory needed, more "
                              f"than {gm.SMEM_BYTES}; lower max_concurrent_steps or the blocks")
 
+    def wg_tile(self) -> tuple[int, int]:
+        """(rows, columns) of one compute warpgroup's share of the output tile."""
+        if self.wg_split == "rows":
+            return self.block_m // gm.NUM_COMPUTE_WGS, self.block_n
+        return self.block_m, self.block_n // gm.NUM_COMPUTE_WGS
+
+    def wg_offsets(self, wg) -> tuple:
+        """(first row, first column) of warpgroup `wg`'s share within the tile."""
+        rows, cols = self.wg_tile()
+        return (wg * rows, 0) if self.wg_split == "rows" else (0, wg * cols)
+
+    def wg_part(self, tile_ref, wg):
+        """Warpgroup `wg`'s share of an output tile ref [block_m, block_n]."""
+        (rows, cols), (r0, c0) = self.wg_tile(), self.wg_offsets(wg)
+        return tile_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)]
+
     def smem_bytes(self, out_itemsize: int) -> int:
         stage = (self.block_m + self.block_n) * (q8.BLOCK + 4)  # fp8 tiles + f32 scale rows
         return self.max_concurrent_steps * stage + gm._epilogue_bytes(self.epilogue_slots)
 
 
 def default_config(m: int, n: int) -> Fp8Config:
-    """128 x 128 tiles (wider ones spill the compute warpgroups' registers: Fp8Config's note)
-    and 4 stages, so that K's 128-blocks come in whole rounds of stages for DeepSeek-V3's K
-    (multiples of 512) and the TMA warpgroup runs on into a CTA's next tile (`chain_tiles`).
-    Measured side by side on an H200 (2026-12-01): 4 stages beat 5, which cannot chain, by
-    4-15% (965 against 886 TFLOP/s at 8192^3)."""
+    """128 x 128 tiles (wider ones spill the compute warpgroups' registers: Fp8Config's note),
+    4 stages, so that K's 128-blocks come in whole rounds of stages for DeepSeek-V3's K
+    (multiples of 512) and the TMA warpgroup runs on into a CTA's next tile (`chain_tiles`),
+    and the "rows" warpgroup split. Measured side by side on an H200:
+      2026-12-01: 4 stages beat 5, which cannot chain, by 4-15% (965 against 886 TFLOP/s at
+        8192^3);
+      2026-12-01, later (experiments/results/fp8_gemm_wg_split_h200.json): "rows" beats "cols" by
+        3-11% dense (1007 against 928 at 8192^3; 1.15-1.29x XLA's bf16 dot against 1.11-1.17x),
+        14% grouped (1082 against 947) and 9% on the weight gradient (868 against 799).
+        128 x 192 "rows" tiles lost 5% to 128 x 128 (919 against 964) and 256 x 128 with two
+        row blocks per warpgroup ran at half speed (425 at 8192^3; 128 rows and two fresh
+        accumulators a warpgroup, so the registers spill, by the count in Fp8Config's note)."""
     del m, n
     return Fp8Config()
 
@@ -187,7 +229,7 @@ def _specs(cfg: Fp8Config) -> list:
     ]
 
 
-def _promoting_mma(cfg: Fp8Config, half: int, b_blocks: bool):
+def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
     """Pipeline step of one compute warpgroup over one K-block of 128: the FP8 wgmma runs into a
     fresh fp32 accumulator, which is then scaled by s_a[row] * s_b[col] and added to the carried
     fp32 result (the V3 report's promotion every 128 of K; kernels.md §2.3 DeepGEMM).
@@ -198,22 +240,24 @@ def _promoting_mma(cfg: Fp8Config, half: int, b_blocks: bool):
     `b_blocks`: b's scales are 128 x 128 blocks and this warpgroup's columns lie in one block
     (`_b_scalar_ok`), so the column scale is one number, folded into the row scales: one FMA per
     element instead of a multiply and an FMA."""
-    rows = cfg.block_m // cfg.splits
+    wg_rows, wg_cols = cfg.wg_tile()
+    rows = wg_rows // cfg.splits
 
     def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
         wg = lax.axis_index("wg")
-        cols = pl.ds(wg * half, half)
+        r0, c0 = cfg.wg_offsets(wg)
+        cols = pl.ds(c0, wg_cols)
 
         def products(*accs):
             for j, acc in enumerate(accs):
-                plgpu.wgmma(acc, a_smem.at[pl.ds(j * rows, rows)], b_smem.at[cols, :].T)
+                plgpu.wgmma(acc, a_smem.at[pl.ds(r0 + j * rows, rows)], b_smem.at[cols, :].T)
             out = []
             for j, (acc, result) in enumerate(zip(accs, carry)):
-                sa = plgpu.load(sa_smem.at[0, pl.ds(j * rows, rows)],
+                sa = plgpu.load(sa_smem.at[0, pl.ds(r0 + j * rows, rows)],
                                 layout=plgpu.Layout.WGMMA.reduce(1))
                 part = plgpu.wgmma_accumulator_load(acc, wait_n=cfg.splits - 1 - j)
                 if b_blocks:
-                    scale = lax.broadcast_in_dim(sa * sb_smem[0, wg * half], result.shape, [0])
+                    scale = lax.broadcast_in_dim(sa * sb_smem[0, c0], result.shape, [0])
                 else:
                     sb = plgpu.load(sb_smem.at[0, cols], layout=plgpu.Layout.WGMMA.reduce(0))
                     scale = (lax.broadcast_in_dim(sa, result.shape, [0])
@@ -221,33 +265,33 @@ def _promoting_mma(cfg: Fp8Config, half: int, b_blocks: bool):
                 out.append(result + part * scale)
             return tuple(out)
 
-        return pl.run_scoped(products, *[plgpu.ACC((rows, half), jnp.float32)
+        return pl.run_scoped(products, *[plgpu.ACC((rows, wg_cols), jnp.float32)
                                          for _ in range(cfg.splits)])
     return mma
 
 
 def _b_scalar_ok(cfg: Fp8Config) -> bool:
-    """A compute warpgroup's columns (block_n / 2 wide, at a multiple of that) lie within one
-    128-column weight block."""
-    half = cfg.block_n // gm.NUM_COMPUTE_WGS
-    return q8.BLOCK % half == 0
+    """A compute warpgroup's columns (at a multiple of their width) lie within one 128-column
+    weight block."""
+    return q8.BLOCK % cfg.wg_tile()[1] == 0
 
 
-def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, half: int, store_to, state=None, *,
+def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, store_to, state=None, *,
                         b_blocks: bool = False):
     """The warp-specialized K pipeline of every FP8 kernel here: each compute warpgroup carries
-    its zero-initialised fp32 [block_m, half] result (in `cfg.splits` row blocks) through
-    `_promoting_mma` and hands the blocks to `store_to(block, row0)` (the epilogue); `state`
-    chains a CTA's consecutive tiles (grouped_matmul)."""
-    rows = cfg.block_m // cfg.splits
+    its zero-initialised fp32 result (`cfg.wg_tile()`, in `cfg.splits` row blocks) through
+    `_promoting_mma` and hands the blocks to `store_to(block, row0)` (the epilogue, row0 within
+    the warpgroup's share); `state` chains a CTA's consecutive tiles (grouped_matmul)."""
+    wg_rows, wg_cols = cfg.wg_tile()
+    rows = wg_rows // cfg.splits
 
     def context(run):
-        zeros = tuple(plgpu.layout_cast(jnp.zeros((rows, half), jnp.float32), plgpu.Layout.WGMMA)
-                      for _ in range(cfg.splits))
+        zeros = tuple(plgpu.layout_cast(jnp.zeros((rows, wg_cols), jnp.float32),
+                                        plgpu.Layout.WGMMA) for _ in range(cfg.splits))
         for j, block in enumerate(run(zeros)):
             store_to(block, j * rows)
     return plgpu.emit_pipeline_warp_specialized(
-        _promoting_mma(cfg, half, b_blocks and _b_scalar_ok(cfg)), grid=grid, in_specs=in_specs,
+        _promoting_mma(cfg, b_blocks and _b_scalar_ok(cfg)), grid=grid, in_specs=in_specs,
         max_concurrent_steps=cfg.max_concurrent_steps, memory_registers=gm.MEMORY_REGISTERS,
         num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg", compute_context=context,
         pipeline_state=state)
@@ -265,14 +309,13 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
     """a_ref [M, K], b_ref [N, K] (e4m3); sa_ref [K/128, M], sb_ref [K/128, N] (f32);
     y_ref [M, N]. Persistent: each CTA loops over (m-tile, n-tile) work items."""
     bm, bn = cfg.block_m, cfg.block_n
-    half = bn // gm.NUM_COMPUTE_WGS
     m_tiles, n_tiles = y_ref.shape[0] // bm, y_ref.shape[1] // bn
     k_steps = a_ref.shape[1] // q8.BLOCK
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _specs(cfg)
 
     def pipeline(store_to, state=None):
-        return _promoting_pipeline(cfg, in_specs, (k_steps,), half, store_to, state,
+        return _promoting_pipeline(cfg, in_specs, (k_steps,), store_to, state,
                                    b_blocks=b_blocks)
 
     def scoped(allocs, epi):
@@ -287,7 +330,7 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
             m_idx, n_idx = lax.div(lin, jnp.int32(n_tiles)), lax.rem(lin, jnp.int32(n_tiles))
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
-            y_tile = y_ref.at[rows, cols].at[:, pl.ds(wg * half, half)]
+            y_tile = cfg.wg_part(y_ref.at[rows, cols], wg)
             store = _store(epi.at[wg], y_tile)
             gm._run_tile(lambda state=None: pipeline(store, state),
                          (a_ref.at[rows, :], b_ref.at[cols, :], sa_ref.at[:, rows],
@@ -407,15 +450,13 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
     """As `_body`, with the b tile and its scales taken from the tile's expert; the tiles past
     the last group store zeros."""
     bm, bn = cfg.block_m, cfg.block_n
-    half = bn // gm.NUM_COMPUTE_WGS
     n_tiles = y_ref.shape[1] // bn
     k_steps = a_ref.shape[1] // q8.BLOCK
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _specs(cfg)
 
     def pipeline(store_to, state=None):
-        return _promoting_pipeline(cfg, in_specs, (k_steps,), half, store_to, state,
-                                   b_blocks=True)
+        return _promoting_pipeline(cfg, in_specs, (k_steps,), store_to, state, b_blocks=True)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -428,7 +469,7 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
             m_idx, n_idx = lax.div(lin, jnp.int32(n_tiles)), lax.rem(lin, jnp.int32(n_tiles))
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
-            y_tile = y_ref.at[rows, cols].at[:, pl.ds(wg * half, half)]
+            y_tile = cfg.wg_part(y_ref.at[rows, cols], wg)
 
             @pl.when(lin < used)
             def _compute():
@@ -442,7 +483,7 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
 
             @pl.when(jnp.logical_and(lin >= used, wg < gm.NUM_COMPUTE_WGS))
             def _zeros():
-                gm._zero_tile((bm, half), epi.at[wg], y_tile)
+                gm._zero_tile(cfg.wg_tile(), epi.at[wg], y_tile)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -500,7 +541,6 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
     """Work items (expert, n-tile, k-tile); each runs the K pipeline over its expert's own
     token blocks (a dynamic length: the index maps add the expert's first block)."""
     bm, bn = cfg.block_m, cfg.block_n
-    half = bn // gm.NUM_COMPUTE_WGS
     e, n, k = y_ref.shape
     m_tiles, n_tiles = n // bm, k // bn
     fp8 = jnp.dtype(q8.FP8)
@@ -515,7 +555,7 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
             plgpu.BlockSpec((1, bn), lambda s: (first + s, 0)),
         ]
 
-        return _promoting_pipeline(cfg, in_specs, (steps,), half, store_to)
+        return _promoting_pipeline(cfg, in_specs, (steps,), store_to)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -528,7 +568,7 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
             m_idx, n_idx = lax.div(mn, jnp.int32(n_tiles)), lax.rem(mn, jnp.int32(n_tiles))
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
-            y_tile = y_ref.at[g, rows, cols].at[:, pl.ds(wg * half, half)]
+            y_tile = cfg.wg_part(y_ref.at[g, rows, cols], wg)
             store = _store(epi.at[wg], y_tile)
             pipeline(start_ref[g], count_ref[g], store)(
                 a_ref.at[rows, :], b_ref.at[cols, :], sa_ref.at[:, rows], sb_ref.at[:, cols],

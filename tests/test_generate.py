@@ -146,3 +146,38 @@ def test_speculative_stops_and_samples(params):
     with pytest.raises(ValueError, match="mtp_depth is 0"):
         generate(dsv3_jax.init_params(CFG.replace(mtp_depth=0), jax.random.key(0)),
                  CFG.replace(mtp_depth=0), PROMPTS, 4, speculative=True)
+
+
+def test_compare_speculative_tells_a_near_tie_from_a_fork(params):
+    """generate.py's greedy check: a fork to the model's worst token is a bug at any sane
+    tolerance, a fork to its runner-up only if the tolerance is below their logit gap; a row
+    that stops early is always a bug."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import generate as script
+
+    plain = generate(params, CFG, PROMPTS, 6, cache_dtype=jnp.float32)
+    logits, _ = dsv3_jax.forward(params, np.array([PROMPTS[1] + plain[1][:3]]), CFG)
+    order = np.argsort(np.asarray(logits[0, -1]))
+    worst, second = int(order[0]), int(order[-2])
+    assert int(order[-1]) == plain[1][3]  # the teacher-forced argmax is the greedy token
+    gap = float(logits[0, -1, order[-1]] - logits[0, -1, second])
+    top = abs(float(logits[0, -1, order[-1]]))
+
+    def fork(token, rel_tol):
+        spec = [list(o) for o in plain]
+        spec[1][3] = token
+        return script._divergence(params, CFG, PROMPTS, plain, spec, rel_tol)
+
+    d = fork(worst, 1e-2)
+    assert (d["row"], d["position"]) == (1, 3)
+    assert (d["plain_token"], d["speculative_token"]) == (plain[1][3], worst)
+    assert not d["near_tie"] and d["gap"] > d["tolerance"]
+    assert fork(second, 1.01 * gap / max(1.0, top))["near_tie"]
+    assert not fork(second, 0.99 * gap / max(1.0, top))["near_tie"]
+    short = [list(o) for o in plain]
+    short[2] = short[2][:4]
+    d = script._divergence(params, CFG, PROMPTS, plain, short, 1.0)
+    assert (d["row"], d["position"], d["near_tie"]) == (2, 4, False)
