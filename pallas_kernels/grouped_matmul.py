@@ -123,6 +123,13 @@ class TileConfig:
     epilogue_slots: SMEM slots (64 rows x 128 bytes each) per compute warpgroup for the output;
       2 double-buffers the TMA stores; 4 lets a 128 x 128 bf16 warpgroup tile go out without
       waiting for any of its own stores (and leaves room for 3 stages).
+    wg_split: how `gmm`'s two compute warpgroups share a tile: "cols", each all block_m rows
+      and half of the columns (two m64 wgmmas per K step of 16, each reading the warpgroup's
+      whole B half: 4 + 8 KiB of SMEM for 262,144 MACs at 128 x 256); "rows", each half of the
+      rows (block_m a multiple of 128) and all the columns (one m64n256 wgmma: 2 + 8 KiB). The
+      FP8 kernel's "rows" split beat "cols" by 3-14% on an H200 (fp8_gemm.default_config);
+      here "rows" is not measured yet (`python -m pallas_kernels.grouped_matmul --tune` times
+      it), so "cols" stays the default. `tgmm` always splits its columns.
 
     The defaults were the fastest on an H200 at the benchmark sizes (gmm): block_n = 128 was
     about 15% slower, unchained tiles 3-10%, 4 epilogue slots with 3 stages 6-10%; block_k = 128
@@ -138,9 +145,12 @@ class TileConfig:
     tgmm_block_rows: int = 64
     chain_tiles: bool = True
     epilogue_slots: int = 2
+    wg_split: str = "cols"
 
     def __post_init__(self):
-        _check_multiple("block_m", self.block_m, 64)
+        if self.wg_split not in ("cols", "rows"):
+            raise ValueError(f"TileConfig.wg_split={self.wg_split!r} must be 'cols' or 'rows'")
+        _check_multiple("block_m", self.block_m, 128 if self.wg_split == "rows" else 64)
         _check_multiple("block_n", self.block_n, 128)
         _check_multiple("block_k", self.block_k, 64)
         _check_multiple("tgmm_block_k", self.tgmm_block_k, 64)
@@ -165,6 +175,19 @@ class TileConfig:
 
     def replace(self, **changes) -> TileConfig:
         return dataclasses.replace(self, **changes)
+
+    def gmm_wg_tile(self) -> tuple[int, int]:
+        """(rows, columns) of one compute warpgroup's share of a `gmm` output tile."""
+        if self.wg_split == "rows":
+            return self.block_m // NUM_COMPUTE_WGS, self.block_n
+        return self.block_m, self.block_n // NUM_COMPUTE_WGS
+
+    def gmm_wg_part(self, tile_ref, wg):
+        """Warpgroup `wg`'s share of a [block_m, block_n] output tile ref."""
+        rows, cols = self.gmm_wg_tile()
+        if self.wg_split == "rows":
+            return tile_ref.at[pl.ds(wg * rows, rows), :]
+        return tile_ref.at[:, pl.ds(wg * cols, cols)]
 
     def gmm_smem_bytes(self, itemsize: int = 2) -> int:
         stage = (self.block_m * self.block_k + self.block_k * self.block_n) * itemsize
@@ -440,15 +463,20 @@ def _gmm_specs(cfg: TileConfig, dtype, transpose_w: bool) -> list:
     ]
 
 
-def _gmm_mma(transpose_w: bool, half: int):
-    """Pipeline step of one compute warpgroup: acc += x_stage @ (its half of w_stage)."""
+def _gmm_mma(transpose_w: bool, cfg: TileConfig):
+    """Pipeline step of one compute warpgroup: acc += (its rows of x_stage) @ (its columns of
+    w_stage), by `cfg.wg_split`."""
+    rows, cols = cfg.gmm_wg_tile()
+
     def mma(_, x_smem, w_smem, acc):
         wg = lax.axis_index("wg")
+        r0, c0 = (wg * rows, 0) if cfg.wg_split == "rows" else (0, wg * cols)
+        a = x_smem.at[pl.ds(r0, rows)]
         if transpose_w:  # w tile [bn, bk]: this warpgroup's rows, read K-major by wgmma.
-            b = w_smem.at[pl.ds(wg * half, half), :].T
+            b = w_smem.at[pl.ds(c0, cols), :].T
         else:  # w tile [bk, bn]: this warpgroup's columns.
-            b = w_smem.at[:, pl.ds(wg * half, half)]
-        plgpu.wgmma(acc, x_smem, b)
+            b = w_smem.at[:, pl.ds(c0, cols)]
+        plgpu.wgmma(acc, a, b)
         # Wait before the stage is handed back to the TMA warpgroup (no delay_release).
         plgpu.wgmma_wait(0)
         return acc
@@ -480,13 +508,13 @@ def _gmm_body(num_tiles_ref, tile_group_ref, x_ref, w_ref, y_ref, *, cfg: TileCo
     """Kernel body. x_ref [Mp, K], w_ref [G, K, N] (or [G, N, K]), y_ref [Mp, N];
     tile_group_ref [T] and num_tiles_ref [1] come from the plan."""
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    half = bn // NUM_COMPUTE_WGS
+    wg_tile = cfg.gmm_wg_tile()
     n_tiles = y_ref.shape[1] // bn
     k_steps = x_ref.shape[1] // bk
     # Chaining needs whole rounds of stages per tile (emit_pipeline_warp_specialized's rule).
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _gmm_specs(cfg, x_ref.dtype, transpose_w)
-    mma = _gmm_mma(transpose_w, half)
+    mma = _gmm_mma(transpose_w, cfg)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -504,7 +532,7 @@ def _gmm_body(num_tiles_ref, tile_group_ref, x_ref, w_ref, y_ref, *, cfg: TileCo
             n_idx = lax.rem(lin, jnp.int32(n_tiles))
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
-            y_tile = y_ref.at[rows, cols].at[:, pl.ds(wg * half, half)]
+            y_tile = cfg.gmm_wg_part(y_ref.at[rows, cols], wg)
 
             @pl.when(lin < used)
             def _compute():
@@ -513,7 +541,7 @@ def _gmm_body(num_tiles_ref, tile_group_ref, x_ref, w_ref, y_ref, *, cfg: TileCo
                 store = functools.partial(_store_tile, slots=epi.at[wg], dst=y_tile)
 
                 def make(state=None):
-                    return _warp_specialized(mma, (bm, half), store, in_specs, (k_steps,),
+                    return _warp_specialized(mma, wg_tile, store, in_specs, (k_steps,),
                                              cfg.max_concurrent_steps, state=state)
 
                 _run_tile(make, (x_ref.at[rows, :], w_tile), allocs, chain=chain,
@@ -522,11 +550,11 @@ def _gmm_body(num_tiles_ref, tile_group_ref, x_ref, w_ref, y_ref, *, cfg: TileCo
             # Tiles past the last group hold zero rows; store zeros so no output row is undefined.
             @pl.when(jnp.logical_and(lin >= used, wg < NUM_COMPUTE_WGS))
             def _zeros():
-                _zero_tile((bm, half), epi.at[wg], y_tile)
+                _zero_tile(wg_tile, epi.at[wg], y_tile)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    allocs = _warp_specialized(mma, (bm, half), None, in_specs, (k_steps,),
+    allocs = _warp_specialized(mma, wg_tile, None, in_specs, (k_steps,),
                                cfg.max_concurrent_steps).get_allocations(
         x_ref.at[pl.ds(0, bm), :],
         w_ref.at[0, pl.ds(0, bn), :] if transpose_w else w_ref.at[0, :, pl.ds(0, bn)])
@@ -849,7 +877,8 @@ def _bench(tune: bool = False, g: int = 64, m: int = 98304) -> list[dict]:
             rows.append({"config": "default", **_bench_case(TileConfig(), g, m, k, n, skewed,
                                                              baselines=True)})
     if tune:
-        variants = {"chain_tiles=False": TileConfig(chain_tiles=False),
+        variants = {"wg_split=rows": TileConfig(wg_split="rows"),
+                    "chain_tiles=False": TileConfig(chain_tiles=False),
                     "slots=4,stages=3": TileConfig(epilogue_slots=4, max_concurrent_steps=3),
                     "slots=4,stages=3,chain_tiles=False": TileConfig(
                         epilogue_slots=4, max_concurrent_steps=3, chain_tiles=False)}

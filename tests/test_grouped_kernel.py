@@ -193,6 +193,8 @@ def test_gmm_matches_ragged_dot(case):
     # 2 used tiles x 2 N tiles over 3 simulated SMs: one SM chains two tiles (START, STOP), the
     # others get a single tile (plain pipeline); 3 K steps per tile with 3 stages.
     (SMALL.replace(max_concurrent_steps=3), (10, 0, 0, 50), 60),
+    # The "rows" warpgroup split: 128-row tiles, each warpgroup 64 rows x the whole width.
+    (SMALL.replace(block_m=128, wg_split="rows"), SIZES, M),
 ])
 def test_gmm_variants_match_ragged_dot(cfg, sizes, m):
     x, w, _, sizes = _inputs(m=m, k=192, sizes=sizes, seed=4)
@@ -207,6 +209,11 @@ def test_gmm_transposed_weights_matches_ragged_dot(case):
                    interpret=True)
     _assert_close(gm.unpad_rows(y_pad, case["plan"]),
                   _ragged(case["x"], case["w"], case["sizes"]))
+    rows = SMALL.replace(block_m=128, wg_split="rows")
+    plan = gm.pad_plan(case["sizes"], M, rows.block_m)
+    y_pad = gm.gmm(gm.pad_rows(case["x"], plan), w_t, plan, transpose_w=True, config=rows,
+                   interpret=True)
+    _assert_close(gm.unpad_rows(y_pad, plan), _ragged(case["x"], case["w"], case["sizes"]))
 
 
 def test_tolerance_catches_a_wrong_group_and_a_missing_k_block(case):
@@ -295,6 +302,9 @@ def test_bad_inputs_raise_errors_naming_the_tensor(case):
     (dict(max_concurrent_steps=6), r"the gmm tiles need \d+ bytes of shared memory"),
     (dict(epilogue_slots=4), r"the gmm tiles need \d+ bytes of shared memory"),
     (dict(epilogue_slots=3), r"epilogue_slots=3 must be 2 or 4"),
+    (dict(wg_split="diagonal"), r"wg_split='diagonal' must be 'cols' or 'rows'"),
+    (dict(block_m=64, tgmm_block_rows=64, wg_split="rows"),
+     r"TileConfig.block_m=64 must be a positive multiple of 128"),
 ])
 def test_tile_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -314,10 +324,10 @@ def _skewed_sizes(g, m, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chain", [True, False])
+@pytest.mark.parametrize("chain,split", [(True, "cols"), (False, "cols"), (True, "rows")])
 @pytest.mark.parametrize("k,n", [(1024, 512), (512, 1024)])
-def test_gpu_gmm_and_transposed_match_ragged_dot(k, n, chain):
-    cfg = gm.TileConfig(chain_tiles=chain)
+def test_gpu_gmm_and_transposed_match_ragged_dot(k, n, chain, split):
+    cfg = gm.TileConfig(chain_tiles=chain, wg_split=split)
     sizes = _skewed_sizes(GPU_G, GPU_M)
     x, w, _, _ = _inputs(GPU_G, GPU_M, k, n, sizes=sizes, seed=1)
     plan = gm.pad_plan(sizes, GPU_M, cfg.block_m)
