@@ -23,6 +23,16 @@ explicitly around the op: a zero row or column of x or w adds nothing to any pro
 every tile's amax (so its scale) unchanged, and the padded outputs are sliced off; autodiff
 slices the gradients back. Real shapes (`small`, V3) need none except the shared rope key's
 projection w_kr [D, R = 64], which runs padded to N = 128.
+
+Activation quantizers (`Fp8Impl.quant`, `Config.fp8_quant_impl`): "xla" quantizes everything
+with `pallas_kernels.fp8_quant` (two XLA passes over the input: amax, then scale and convert);
+"pallas" sends the bf16 activation quantizations -- quantize_rows(x), quantize_rows(dy) and
+quantize_cols(dy), dense and grouped -- through the one-pass Mosaic GPU kernels of
+`pallas_kernels.fp8_quant_kernel` (bit-identical, bf16 only; no fallback: another dtype or a
+shape off the kernels' tiles raises). Weights (quantize_blocks, transpose_blocks) and the
+wgrad's re-tiling of the cached FP8 x (quantize_cols of a float32 dequantization) stay XLA.
+The kernels measured 3.4-3.8 TB/s against the XLA quantizers' 1.6 TB/s on an H200; what that
+does to an end-to-end training step is NOT measured yet.
 """
 
 from __future__ import annotations
@@ -30,12 +40,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import fp8_gemm
 from pallas_kernels import fp8_quant as q8
+from pallas_kernels import fp8_quant_kernel as qk
 
 BLOCK = q8.BLOCK
 _log = logging.getLogger(__name__)
@@ -46,6 +58,57 @@ def _log_once(key: str, message: str) -> None:
     if key not in _logged:
         _logged.add(key)
         _log.warning(message)
+
+
+QUANT_IMPLS = ("xla", "pallas")
+
+
+class Fp8Impl(NamedTuple):
+    """How the FP8 ops run (what `Config.fp8_gemm_impl()` returns when fp8 is on; hashable, so
+    it can be a static argument). gemm: fp8_gemm's impl ("xla" reference or "pallas" Mosaic GPU
+    kernels); quant: the activation quantizers ("xla": fp8_quant; "pallas": the one-pass bf16
+    kernels of fp8_quant_kernel, end-to-end speed not measured yet). Every `fp8_impl` argument
+    of this module also takes a plain gemm string, meaning quant="xla"."""
+    gemm: str
+    quant: str = "xla"
+
+
+def as_impl(fp8_impl: "str | Fp8Impl") -> Fp8Impl:
+    """`fp8_impl` (a gemm impl string or an Fp8Impl) as a checked Fp8Impl."""
+    impl = Fp8Impl(fp8_impl) if isinstance(fp8_impl, str) else Fp8Impl(*fp8_impl)
+    if impl.gemm not in fp8_gemm.IMPLS or impl.quant not in QUANT_IMPLS:
+        raise ValueError(f"fp8: fp8_impl={fp8_impl!r}: gemm must be one of {fp8_gemm.IMPLS} and "
+                         f"quant one of {QUANT_IMPLS}")
+    return impl
+
+
+def _check_quant_kernel(a: jax.Array, name: str, cfg: qk.QuantConfig, m_tile: int) -> None:
+    """The quantizer kernel's requirements for activation `name` [M, K], with the tensor named
+    (the fp8 ops pad every axis to 128, which the default tiles divide; this guards changes)."""
+    if jnp.dtype(a.dtype) not in qk.KERNEL_DTYPES:
+        raise ValueError(f"fp8: {name} is {jnp.dtype(a.dtype)}, but fp8 quant impl 'pallas' "
+                         "(the fp8_quant_kernel quantizers) takes bfloat16 only; use quant "
+                         "'xla' or a bfloat16 activation dtype")
+    for axis, tile in ((0, m_tile), (1, cfg.block_k)):
+        if a.shape[axis] % tile:
+            raise ValueError(f"fp8: {name} {a.shape}: dimension {axis} ({a.shape[axis]}) is not a "
+                             f"multiple of {tile}, the fp8_quant_kernel tile along it")
+
+
+def _quant_rows(a: jax.Array, name: str, quant: str, interpret) -> tuple[jax.Array, jax.Array]:
+    """q8.quantize_rows(a) [M, K] in 1 x 128 tiles: XLA, or the one-pass kernel (bf16 only)."""
+    if quant == "xla":
+        return q8.quantize_rows(a, name=name)
+    _check_quant_kernel(a, name, qk.ROWS_CONFIG, qk.ROWS_CONFIG.block_m)
+    return qk.quantize_rows_kernel(a, interpret=interpret)
+
+
+def _quant_cols(a: jax.Array, name: str, quant: str, interpret) -> tuple[jax.Array, jax.Array]:
+    """q8.quantize_cols(a): a [M, K] -> a^T [K, M] in 1 x 128 tiles along M, XLA or kernel."""
+    if quant == "xla":
+        return q8.quantize_cols(a, name=name)
+    _check_quant_kernel(a, name, qk.COLS_CONFIG, BLOCK)
+    return qk.quantize_cols_kernel(a, interpret=interpret)
 
 
 def _round_up(n: int) -> int:
@@ -65,13 +128,18 @@ def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
 # ------------------------------------------------------------------------------ dense linear
 
 
-def fp8_linear(x: jax.Array, w: jax.Array, impl: str = "xla") -> jax.Array:
+def fp8_linear(x: jax.Array, w: jax.Array, impl: "str | Fp8Impl" = "xla", *,
+               interpret=False) -> jax.Array:
     """x [..., K] @ w [K, N] (our [in, out] layout) with FP8 GEMMs both ways -> [..., N] in
-    x's dtype; the weight gradient comes back in w's dtype. `impl` is fp8_gemm's ("xla": the
-    dequantize + fp32 matmul reference, any backend; "pallas": the Mosaic GPU kernel)."""
+    x's dtype; the weight gradient comes back in w's dtype. `impl`: fp8_gemm's impl ("xla": the
+    dequantize + fp32 matmul reference, any backend; "pallas": the Mosaic GPU kernel), or an
+    `Fp8Impl` that also picks the activation quantizers (quant "pallas": the one-pass kernels,
+    bf16 x only). `interpret`: run those quantizer kernels in Pallas GPU interpret mode (CPU
+    tests; the dense GEMM kernel's own interpret is not plumbed here)."""
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"fp8_linear: x {x.shape} must be [..., K] and w {w.shape} [K, N]")
-    if impl == "xla":
+    impl = as_impl(impl)
+    if impl.gemm == "xla":
         _log_once("xla", "fp8: dense GEMMs use the XLA reference path (dequantize + float32 "
                          "matmul): FP8 numerics, not FP8 speed")
     lead, (k, n) = x.shape[:-1], w.shape
@@ -81,33 +149,38 @@ def fp8_linear(x: jax.Array, w: jax.Array, impl: str = "xla") -> jax.Array:
     # kernel takes whole 128-row tiles (real runs have B * T a multiple of 128: no copy).
     x2 = _pad_axis(_pad_axis(x2, 0, _round_up(m)), 1, _round_up(k))  # [Mp, Kp]
     wp = _pad_axis(_pad_axis(w, 0, _round_up(k)), 1, _round_up(n))  # [Kp, Np]
-    y = _fp8_matmul(x2, wp, impl, jnp.dtype(w.dtype).name)
+    mm = (impl.gemm, impl.quant, interpret, jnp.dtype(w.dtype).name)
+    y = _fp8_matmul(x2, wp, mm)
     return y[:m, :n].reshape(*lead, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _fp8_matmul(x, w, impl, w_dtype):
-    """x [Mp, Kp] @ w [Kp, Np], every axis a multiple of 128."""
-    return _fp8_matmul_fwd(x, w, impl, w_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_matmul(x, w, mm):
+    """x [Mp, Kp] @ w [Kp, Np], every axis a multiple of 128; `mm` = (gemm impl, quant impl,
+    interpret, w dtype), static."""
+    return _fp8_matmul_fwd(x, w, mm)[0]
 
 
-def _fp8_matmul_fwd(x, w, impl, w_dtype):
-    qx, sx = q8.quantize_rows(x, name="x")  # 1 x 128 tiles along K
+def _fp8_matmul_fwd(x, w, mm):
+    impl, quant, interpret, _ = mm
+    qx, sx = _quant_rows(x, "x", quant, interpret)  # 1 x 128 tiles along K
     qw, sw = q8.quantize_blocks(w.T, name="w^T")  # [Np, Kp]: K-major, as the GEMM reads it
     y = fp8_gemm.gemm_1d2d(qx, sx, qw, sw, out_dtype=x.dtype, impl=impl)
     return y, (qx, sx, qw, sw)
 
 
-def _fp8_matmul_bwd(impl, w_dtype, res, dy):
+def _fp8_matmul_bwd(mm, res, dy):
+    impl, quant, interpret, w_dtype = mm
     qx, sx, qw, sw = res
     # dgrad dx [Mp, Kp] = dy [Mp, Np] @ w^T: dy in 1 x 128 tiles along N; the weight's blocks
     # as the [Kp, Np] operand.
-    qdy, sdy = q8.quantize_rows(dy, name="dy")
+    qdy, sdy = _quant_rows(dy, "dy", quant, interpret)
     qwt, swt = q8.transpose_blocks(qw, sw)
     dx = fp8_gemm.gemm_1d2d(qdy, sdy, qwt, swt, out_dtype=dy.dtype, impl=impl)
     # wgrad dw^T [Np, Kp] = dy^T @ x, contracting over the Mp tokens: the cached FP8 x (its
-    # exact values) and dy, re-quantized in 128 x 1 tiles along the tokens.
-    a, sa = q8.quantize_cols(dy, name="dy")  # [Np, Mp]
+    # exact values) and dy, re-quantized in 128 x 1 tiles along the tokens. The float32
+    # dequantized x always takes the XLA quantizer (the kernels are bf16 only).
+    a, sa = _quant_cols(dy, "dy", quant, interpret)  # [Np, Mp]
     b, sb = q8.quantize_cols(q8.dequantize_rows(qx, sx), name="x")  # [Kp, Mp]
     dw_t = fp8_gemm.gemm_1d1d(a, sa, b, sb, out_dtype=jnp.float32, impl=impl)
     return dx, dw_t.T.astype(w_dtype)
@@ -130,9 +203,11 @@ def _linear_spec(spec: str, x: jax.Array, w: jax.Array) -> int:
     return n_in
 
 
-def matmul(spec: str, x: jax.Array, w: jax.Array, fp8_impl: str | None = None) -> jax.Array:
+def matmul(spec: str, x: jax.Array, w: jax.Array,
+           fp8_impl: "str | Fp8Impl | None" = None) -> jax.Array:
     """A linear layer written as an einsum (`"btq,qnk->btnk"`): `jnp.einsum(spec, x, w)` when
-    `fp8_impl` is None, else `fp8_linear` with x and w flattened to 2-D around the call."""
+    `fp8_impl` is None, else `fp8_linear` with x and w flattened to 2-D around the call
+    (`fp8_impl`: a gemm impl string or an Fp8Impl, `Config.fp8_gemm_impl()`)."""
     if fp8_impl is None:
         return jnp.einsum(spec, x, w)
     n_in = _linear_spec(spec, x, w)
@@ -145,7 +220,8 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, fp8_impl: str | None = None) -
 # ------------------------------------------------------------------------------ grouped (MoE)
 
 
-def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *, fp8_impl: str = "xla",
+def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *,
+                       fp8_impl: "str | Fp8Impl" = "xla",
                        grouped_impl: str = "ragged_dot", interpret: bool = False) -> jax.Array:
     """The routed experts' GEMM with FP8 inputs both ways, in the padded-group layout of
     `pallas_kernels.grouped_matmul` (each expert's rows start on a 128-row tile): x_pad [Mp, K],
@@ -161,11 +237,15 @@ def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *, fp8_impl: str = 
         quantized values, like fp8_gemm's "xla"), or "pallas", our bf16 grouped kernel (each
         dequantized value rounded to x's 16-bit dtype: a relative 2^-9 in bf16, 1/32 of e4m3's
         own step).
+    `fp8_impl` may be an `Fp8Impl`: its gemm is the fp8_impl above, and quant "pallas" sends
+    the bf16 activation quantizations (rows of x and dy, dy's token tiles) through the one-pass
+    fp8_quant_kernel quantizers (`interpret` reaches them too); end-to-end speed not measured.
     K and N are zero-padded to multiples of 128 around the op, as in `fp8_linear`."""
-    if fp8_impl not in fp8_gemm.IMPLS or grouped_impl not in ("ragged_dot", "pallas"):
-        raise ValueError(f"fp8_grouped_matmul: fp8_impl={fp8_impl!r} must be one of "
-                         f"{fp8_gemm.IMPLS} and grouped_impl={grouped_impl!r} one of "
+    impl = as_impl(fp8_impl)
+    if grouped_impl not in ("ragged_dot", "pallas"):
+        raise ValueError(f"fp8_grouped_matmul: grouped_impl={grouped_impl!r} must be one of "
                          "('ragged_dot', 'pallas')")
+    fp8_impl = impl.gemm
     if plan.block_m != BLOCK:
         raise ValueError(f"fp8_grouped_matmul: plan.block_m={plan.block_m} must be {BLOCK}, the "
                          "token tile of the wgrad scales (no tile may straddle two experts)")
@@ -179,19 +259,19 @@ def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *, fp8_impl: str = 
     _, k, n = w.shape
     xp = _pad_axis(x_pad, 1, _round_up(k))
     wp = _pad_axis(_pad_axis(w, 1, _round_up(k)), 2, _round_up(n))
-    mm = (fp8_impl, grouped_impl, interpret, jnp.dtype(w.dtype).name)
+    mm = (fp8_impl, grouped_impl, interpret, jnp.dtype(w.dtype).name, impl.quant)
     return _fp8_gmm(xp, wp, plan, mm)[:, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fp8_gmm(x_pad, w, plan, mm):
     """x_pad [Mp, Kp] @ w[expert] [E, Kp, Np]; `mm` = (fp8_impl, grouped_impl, interpret, w
-    dtype), static."""
+    dtype, quant impl), static."""
     return _fp8_gmm_fwd(x_pad, w, plan, mm)[0]
 
 
 def _fp8_gmm_fwd(x_pad, w, plan, mm):
-    qx, sx = q8.quantize_rows(x_pad, name="expert rows")
+    qx, sx = _quant_rows(x_pad, "expert rows", mm[4], mm[2])
     qw, sw = q8.quantize_blocks(jnp.swapaxes(w, 1, 2), name="expert weights")  # [E, Np, Kp]
     y = _grouped_1d2d(qx, sx, qw, sw, plan, mm, x_pad.dtype)
     # residuals: the FP8 rows (as V3 caches activations) and the FP8 weight blocks
@@ -200,10 +280,10 @@ def _fp8_gmm_fwd(x_pad, w, plan, mm):
 
 def _fp8_gmm_bwd(mm, res, dy):
     qx, sx, qw, sw, plan = res
-    qdy, sdy = q8.quantize_rows(dy, name="expert dy")
+    qdy, sdy = _quant_rows(dy, "expert dy", mm[4], mm[2])
     qwt, swt = q8.transpose_blocks(qw, sw)  # [E, Kp, Np]: the dgrad's K-major weight
     dx = _grouped_1d2d(qdy, sdy, qwt, swt, plan, mm, dy.dtype)
-    a_t, s_a = q8.quantize_cols(dy, name="expert dy")  # [Np, Mp], 128 x 1 tiles along tokens
+    a_t, s_a = _quant_cols(dy, "expert dy", mm[4], mm[2])  # [Np, Mp], 128 x 1 tiles on tokens
     b_t, s_b = q8.quantize_cols(q8.dequantize_rows(qx, sx), name="expert rows")  # [Kp, Mp]
     dw_t = _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, dy.dtype)  # [E, Np, Kp] float32
     return dx, jnp.swapaxes(dw_t, 1, 2).astype(mm[3]), jax.tree.map(lambda _: None, plan)
@@ -214,7 +294,7 @@ _fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
 
 def _grouped_1d2d(qa, sa, qb, sb, plan, mm, out_dtype):
     """y_pad = a @ b[expert]^T: a [Mp, K] in 1 x 128 tiles, b [E, N, K] in 128 x 128 blocks."""
-    fp8_impl, grouped_impl, interpret, _ = mm
+    fp8_impl, grouped_impl, interpret = mm[:3]
     if fp8_impl == "pallas":
         return fp8_gemm.grouped_gemm_1d2d(qa, sa, qb, sb, plan, out_dtype=out_dtype,
                                           impl="pallas", interpret=interpret)
@@ -234,7 +314,7 @@ def _grouped_1d2d(qa, sa, qb, sb, plan, mm, out_dtype):
 def _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, act_dtype):
     """dw^T [E, N, K] = a_t[:, rows of e] @ b_t[:, rows of e]^T in float32; a_t [N, Mp] and
     b_t [K, Mp] in 1 x 128 tiles along the tokens."""
-    fp8_impl, grouped_impl, interpret, _ = mm
+    fp8_impl, grouped_impl, interpret = mm[:3]
     if fp8_impl == "pallas":
         return fp8_gemm.grouped_wgrad_1d1d(a_t, s_a, b_t, s_b, plan, out_dtype=jnp.float32,
                                            impl="pallas", interpret=interpret)

@@ -15,7 +15,9 @@ Rows of x are sorted by group (expert); group e multiplies its own weight matrix
 With `Config.fp8`, `grouped_swiglu` quantizes the GEMM inputs to FP8
 (`dsv3_jax.fp8.fp8_grouped_matmul`): `fp8_impl="pallas"` multiplies them with the FP8 grouped
 kernels of `pallas_kernels.fp8_gemm`, "xla" multiplies the dequantized values with the choice
-above.
+above; `Config.fp8_quant_impl="pallas"` (an `fp8.Fp8Impl` with quant "pallas") quantizes the
+bf16 activations with the one-pass kernels of `pallas_kernels.fp8_quant_kernel` (end-to-end
+speed not measured yet).
 `ragged_dot` on a GPU says so once, as a warning.
 """
 
@@ -69,10 +71,12 @@ def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray, *,
 
 def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
                    impl: str = "ragged_dot", interpret: bool = False,
-                   fp8_impl: str | None = None) -> jnp.ndarray:
+                   fp8_impl=None) -> jnp.ndarray:
     """Each expert's SwiGLU over its contiguous rows: p {w_gate, w_up [E, D, F], w_down
     [E, F, D]}, rows [M, D] sorted by expert, sizes [E] -> [M, D]. `fp8_impl`
-    (`Config.fp8_gemm_impl()`): FP8 GEMM inputs (`fp8.fp8_grouped_matmul`); None: as before."""
+    (`Config.fp8_gemm_impl()`, a gemm impl string or an `fp8.Fp8Impl` that also picks the
+    activation quantizers): FP8 GEMM inputs (`fp8.fp8_grouped_matmul`); None: as before.
+    `interpret` also reaches the FP8 quantizer kernels under quant "pallas"."""
     _check(rows, p["w_gate"], sizes, impl)
     if fp8_impl is not None:
         return _grouped_swiglu_fp8(p, rows, sizes, impl, fp8_impl, interpret)
@@ -96,17 +100,17 @@ def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
     return gk.unpad_rows(mm(h, p["w_down"]), plan)
 
 
-def _grouped_swiglu_fp8(p: dict, rows, sizes, impl: str, fp8_impl: str,
+def _grouped_swiglu_fp8(p: dict, rows, sizes, impl: str, fp8_impl,
                         interpret: bool) -> jnp.ndarray:
     """grouped_swiglu with FP8 GEMM inputs, in the padded-group layout whatever the impl: the
     weight gradient quantizes x and dy in 128-row tiles along tokens, and a layout in which
     every expert starts on a 128-row tile is one where no tile straddles two experts. Gate and
     up stay two products (not the bf16 path's fused [E, D, 2F] one) so that each weight gets its
     own 128 x 128 blocks and dy its own 1 x 128 tiles whatever F is, as in the dense FFN."""
-    from dsv3_jax.fp8 import BLOCK, fp8_grouped_matmul
+    from dsv3_jax.fp8 import BLOCK, as_impl, fp8_grouped_matmul
     from pallas_kernels import grouped_matmul as gk
 
-    if impl == "ragged_dot" and fp8_impl == "xla":
+    if impl == "ragged_dot" and as_impl(fp8_impl).gemm == "xla":
         _warn_if_gpu()
     plan = gk.pad_plan(sizes, rows.shape[0], BLOCK)
     x = gk.pad_rows(rows, plan)

@@ -20,10 +20,11 @@ def rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray,
            shard: ShardingContext | None = None, width: str = "mlp", *,
-           fp8_impl: str | None = None) -> jnp.ndarray:
+           fp8_impl=None) -> jnp.ndarray:
     """down(silu(x gate) * x up): x [B, T, D], w_gate/w_up [D, F], w_down [F, D] (reference
     §2.1). On a mesh the hidden [B, T, F] is constrained by `width`'s rule (tensor parallelism).
-    `fp8_impl` (`Config.fp8_gemm_impl()`): FP8 GEMM inputs through `fp8.matmul`; None: plain."""
+    `fp8_impl` (`Config.fp8_gemm_impl()`: a gemm impl string or an `fp8.Fp8Impl`): FP8 GEMM
+    inputs through `fp8.matmul`; None: plain."""
     g = matmul("btd,df->btf", x, w_gate, fp8_impl)
     u = matmul("btd,df->btf", x, w_up, fp8_impl)
     h = constrain(jax.nn.silu(g) * u, ("batch", "seq", width), shard, f"{width} hidden")

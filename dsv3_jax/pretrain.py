@@ -83,6 +83,11 @@ class Settings:
                            "GPU, xla elsewhere), xla (dequantize + fp32 matmul reference), "
                            "pallas (our Mosaic GPU FP8 kernels, Hopper)",
                            choices=("auto", "xla", "pallas"))
+    fp8_quant_impl: str = _field("xla", "FP8 activation quantizers under --precision fp8: xla "
+                                 "(pallas_kernels/fp8_quant.py, two passes), pallas (the "
+                                 "one-pass Mosaic GPU kernels of fp8_quant_kernel.py for the "
+                                 "bf16 activations; Hopper, bf16 only; end-to-end speed not "
+                                 "measured yet)", choices=("xla", "pallas"))
     # --- devices ---
     mesh: str = _field("auto", "device mesh, e.g. 'fsdp=4,expert=2'; 'none' = the first device, "
                        "no mesh; 'auto' = 'none' with one device, fsdp over all when several")
@@ -162,7 +167,8 @@ def init_distributed(s: Settings) -> None:
 def build_config(s: Settings) -> Config:
     over: dict[str, Any] = {"bias_update_speed": s.bias_gamma, "grouped_impl": s.grouped_impl,
                             "attention_impl": s.attention_impl, "scan_layers": s.scan_layers,
-                            "fp8": s.precision == "fp8", "fp8_impl": s.fp8_impl}
+                            "fp8": s.precision == "fp8", "fp8_impl": s.fp8_impl,
+                            "fp8_quant_impl": s.fp8_quant_impl}
     if s.precision != "preset":
         over["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}[s.precision]
     for flag, field in (("mtp_depth", "mtp_depth"), ("mtp_weight", "mtp_loss_weight"),
@@ -437,7 +443,8 @@ def _check_resume(meta: dict, dataset, cfg: Config) -> None:
     saved_cfg = meta.get("config", {})
     for key, value in dataclasses.asdict(cfg).items():
         if key in ("bias_update_speed", "mtp_loss_weight", "balance_loss_alpha", "remat",
-                   "grouped_impl", "attention_impl", "scan_layers", "fp8", "fp8_impl"):
+                   "grouped_impl", "attention_impl", "scan_layers", "fp8", "fp8_impl",
+                   "fp8_quant_impl"):
             # may change between stages of a run (kernels: between machines; FP8 GEMMs are a
             # compute choice over the same fp32 master weights, so bf16 <-> fp8 may switch)
             continue
@@ -462,7 +469,8 @@ def run(s: Settings) -> dict:
     counts = cfg.param_count()
     main = jax.process_index() == 0
     if main:
-        fp8 = f" + fp8 GEMMs ({cfg.resolved_fp8_impl()})" if cfg.fp8 else ""
+        fp8 = (f" + fp8 GEMMs ({cfg.resolved_fp8_impl()}, quantizers {cfg.fp8_quant_impl})"
+               if cfg.fp8 else "")
         print(f"preset {cfg.name} ({cfg.dtype}{fp8}): {counts['main']:,} parameters, "
               f"{counts['activated']:,} activated per token, {counts['mtp']:,} MTP; "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)"

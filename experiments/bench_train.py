@@ -59,6 +59,10 @@ def parse_args(argv=None):
     ap.add_argument("--fp8_impl", default="auto", choices=("auto", "xla", "pallas"),
                     help="FP8 GEMMs under --precision fp8 (auto = pallas, our Mosaic GPU FP8 "
                          "kernels, on a Hopper GPU; xla = the dequantize + fp32 matmul reference)")
+    ap.add_argument("--fp8_quant_impl", default="xla", choices=("xla", "pallas"),
+                    help="FP8 activation quantizers under --precision fp8: xla "
+                         "(pallas_kernels/fp8_quant.py, two XLA passes) or pallas (the one-pass "
+                         "Mosaic GPU kernels of fp8_quant_kernel.py for bf16 x and dy; Hopper)")
     ap.add_argument("--batch", type=int, default=16,
                     help="sequences per step (16 x 2048 fits an 80 GB H100: 56 GiB measured)")
     ap.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
@@ -151,7 +155,7 @@ def main(argv=None) -> dict:
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"
     over = {"dtype": "float32" if a.precision == "fp32" else "bfloat16",
-            "fp8": a.precision == "fp8", "fp8_impl": a.fp8_impl,
+            "fp8": a.precision == "fp8", "fp8_impl": a.fp8_impl, "fp8_quant_impl": a.fp8_quant_impl,
             "grouped_impl": a.grouped_impl, "attention_impl": a.attention_impl}
     if a.remat:
         over["remat"] = a.remat
@@ -165,7 +169,8 @@ def main(argv=None) -> dict:
     counts = cfg.param_count()
     print(f"bench_train: {a.preset} ({counts['main'] / 1e6:,.1f}M params, {counts['activated'] / 1e6:,.1f}M activated) on {dev.device_kind}, "
           f"batch {a.batch} x {a.seq_len}, {a.precision}"
-          f"{f' ({cfg.resolved_fp8_impl()})' if cfg.fp8 else ''}, remat {cfg.remat}, grouped "
+          f"{f' ({cfg.resolved_fp8_impl()}, quant {cfg.fp8_quant_impl})' if cfg.fp8 else ''}"
+          f", remat {cfg.remat}, grouped "
           f"{cfg.resolved_grouped_impl()}, attention {cfg.resolved_attention_impl()}", flush=True)
 
     t0 = time.perf_counter()
@@ -182,6 +187,7 @@ def main(argv=None) -> dict:
         "platform": dev.platform, "jax": jax.__version__, "host": platform.machine(),
         "preset": a.preset, "precision": a.precision,
         "fp8_impl": cfg.resolved_fp8_impl() if cfg.fp8 else None,
+        "fp8_quant_impl": cfg.fp8_quant_impl if cfg.fp8 else None,
         "batch": a.batch, "seq_len": a.seq_len,
         "remat": cfg.remat, "scan_layers": cfg.scan_layers, "xla_command_buffers": a.command_buffers, "grouped_impl": cfg.resolved_grouped_impl(),
         "attention_impl": cfg.resolved_attention_impl(),

@@ -266,6 +266,57 @@ def test_fp8_linear_keeps_dtypes_and_einsum_helper_reshapes(gemm_impls):
     assert sorted(gemm_impls) == [("gemm_1d1d", "pallas")] + [("gemm_1d2d", "pallas")] * 2
 
 
+# ------------------------------------------------- the one-pass activation quantizer kernels
+
+
+@pytest.fixture
+def quant_kernels(monkeypatch):
+    """Records each call of fp8_quant_kernel's quantizers by fp8.py (name, input shape), and
+    runs the real kernel (in whatever interpret mode the caller asked for)."""
+    from pallas_kernels import fp8_quant_kernel as qk
+
+    seen = []
+    for name in ("quantize_rows_kernel", "quantize_cols_kernel"):
+        real = getattr(qk, name)
+
+        def spy(x, *args, _real=real, _name=name, **kw):
+            seen.append((_name, x.shape))
+            return _real(x, *args, **kw)
+
+        monkeypatch.setattr(qk, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(2, 50, 64, 96), (1, 128, 256, 128)],
+                         ids=["padded_M100_K64_N96", "multiples_of_128"])
+def test_fp8_linear_quant_kernels_bit_identical_to_xla(shape, quant_kernels):
+    """quant "pallas" (the one-pass kernels, GPU interpret mode here) gives the same bits as
+    quant "xla", forward and both gradients, with the same GEMM impl."""
+    b, t, k, n = shape
+    x = _normal(40, (b, t, k), dtype=jnp.bfloat16)
+    w = _normal(41, (k, n), 1 / np.sqrt(k), jnp.bfloat16)
+    dy = _normal(42, (b, t, n), dtype=jnp.bfloat16)
+    want = _vjp(lambda x, w: fp8.fp8_linear(x, w, fp8.Fp8Impl("xla", "xla")), x, w, dy)
+    assert not quant_kernels
+    got = _vjp(lambda x, w: fp8.fp8_linear(x, w, fp8.Fp8Impl("xla", "pallas"), interpret=True),
+               x, w, dy)
+    mp, kp, np_ = -(-b * t // 128) * 128, -(-k // 128) * 128, -(-n // 128) * 128
+    assert sorted(quant_kernels) == sorted([("quantize_rows_kernel", (mp, kp)),  # x
+                                            ("quantize_rows_kernel", (mp, np_)),  # dy, dgrad
+                                            ("quantize_cols_kernel", (mp, np_))])  # dy, wgrad
+    for name, g, r in zip(("y", "dx", "dw"), got, want):
+        assert g.dtype == r.dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(np.asarray(g, F64), np.asarray(r, F64), err_msg=name)
+
+
+def test_fp8_quant_kernels_refuse_non_bf16_activations():
+    x, w = _normal(43, (4, 128)), _normal(44, (128, 128))
+    with pytest.raises(ValueError, match=r"fp8: x is float32.*bfloat16 only"):
+        fp8.fp8_linear(x, w, fp8.Fp8Impl("xla", "pallas"), interpret=True)
+    with pytest.raises(ValueError, match=r"quant one of"):
+        fp8.fp8_linear(x, w, fp8.Fp8Impl("xla", "triton"))
+
+
 # ------------------------------------------------------------------------------ routed experts
 
 
@@ -326,6 +377,34 @@ def test_fp8_grouped_matmul_matches_its_formula_per_expert(fp8_impl, gemm_impls)
         assert _rel(dw[e], dw32[e]) < 5e-2, e
 
 
+def test_fp8_grouped_matmul_quant_kernels_bit_identical_to_xla(quant_kernels):
+    """The routed experts' path with quant "pallas" (kernels in GPU interpret mode, reached
+    through `interpret`) gives the bits of quant "xla": y, dx and dw."""
+    from pallas_kernels import grouped_matmul as gk
+
+    sizes = [100, 0, 60]
+    m, k, n = sum(sizes), 64, 96
+    rows = _normal(45, (m, k), dtype=jnp.bfloat16)
+    w = _normal(46, (3, k, n), 0.1, jnp.bfloat16)
+    dy = _normal(47, (m, n), dtype=jnp.bfloat16)
+    plan = gk.pad_plan(jnp.array(sizes, jnp.int32), m, 128)
+
+    def f(quant):
+        def run(rows, w):
+            y = fp8.fp8_grouped_matmul(gk.pad_rows(rows, plan), w, plan, interpret=True,
+                                       fp8_impl=fp8.Fp8Impl("xla", quant))
+            return gk.unpad_rows(y, plan)
+        return run
+
+    want = _vjp(f("xla"), rows, w, dy)
+    assert not quant_kernels
+    got = _vjp(f("pallas"), rows, w, dy)
+    assert sorted(name for name, _ in quant_kernels) == (["quantize_cols_kernel"]
+                                                         + ["quantize_rows_kernel"] * 2)
+    for name, g, r in zip(("y", "dx", "dw"), got, want):
+        np.testing.assert_array_equal(np.asarray(g, F64), np.asarray(r, F64), err_msg=name)
+
+
 def test_grouped_swiglu_fp8_is_close_to_bf16_path():
     e, d, f, m = 4, 64, 32, 200
     p = {"w_gate": _normal(30, (e, d, f), 0.1), "w_up": _normal(31, (e, d, f), 0.1),
@@ -351,8 +430,9 @@ def test_config_fp8_fields_validate_and_resolve():
     cfg = get_config("tiny")
     assert not cfg.fp8 and cfg.fp8_gemm_impl() is None
     on = cfg.replace(fp8=True)
-    assert on.resolved_fp8_impl() == "xla" and on.fp8_gemm_impl() == "xla"  # CPU: the reference
-    assert on.replace(fp8_impl="pallas").fp8_gemm_impl() == "pallas"
+    assert on.resolved_fp8_impl() == "xla"  # CPU: the reference
+    assert on.fp8_gemm_impl() == fp8.Fp8Impl("xla", "xla")
+    assert on.replace(fp8_impl="pallas").fp8_gemm_impl() == fp8.Fp8Impl("pallas", "xla")
     with pytest.raises(ValueError, match=r"Config\.fp8 must be a bool"):
         cfg.replace(fp8="yes")
     with pytest.raises(ValueError, match=r"Config\.fp8_impl='cuda'"):
@@ -360,6 +440,30 @@ def test_config_fp8_fields_validate_and_resolve():
     s = build_config(Settings(preset="tiny", precision="fp8"))
     assert s.fp8 and s.dtype == "bfloat16"
     assert not build_config(Settings(preset="tiny", precision="bf16")).fp8
+
+
+def test_config_fp8_quant_impl_validates():
+    """Config.fp8_quant_impl: a choice; "pallas" (the bf16-only quantizer kernels) refuses any
+    other activation dtype, naming both fields; it reaches fp8_gemm_impl() and the flags."""
+    cfg = get_config("tiny", dtype="bfloat16")
+    assert cfg.fp8_quant_impl == "xla"
+    on = cfg.replace(fp8=True, fp8_quant_impl="pallas")
+    assert on.fp8_gemm_impl() == fp8.Fp8Impl("xla", "pallas")
+    assert cfg.replace(fp8_quant_impl="pallas").fp8_gemm_impl() is None  # fp8 off: plain
+    with pytest.raises(ValueError, match=r"Config\.fp8_quant_impl='cuda' is not one of"):
+        cfg.replace(fp8_quant_impl="cuda")
+    for dtype in ("float32", "float16"):
+        with pytest.raises(ValueError, match=r"fp8_quant_impl='pallas'.*dtype='bfloat16'.*"
+                                             rf"dtype='{dtype}'"):
+            cfg.replace(dtype=dtype, fp8_quant_impl="pallas")
+    with pytest.raises(ValueError, match="fp8_quant_impl='pallas'"):
+        get_config("tiny", fp8_quant_impl="pallas")  # tiny's own dtype is float32
+    s = build_config(Settings(preset="tiny", precision="fp8", fp8_quant_impl="pallas"))
+    assert s.fp8 and s.fp8_quant_impl == "pallas" and s.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="fp8_quant_impl='pallas'"):
+        build_config(Settings(preset="tiny", precision="fp32", fp8_quant_impl="pallas"))
+    with pytest.raises(ValueError, match="quant one of"):
+        fp8.as_impl(("xla", "cuda"))
 
 
 def test_resume_may_switch_between_bf16_and_fp8():
@@ -405,6 +509,16 @@ def test_model_fp8_logits_close_to_bf16(tiny_bf16, gemm_impls):
     # expert; lax.scan traces one layer per stack (dense, MoE); and the 3 routed-expert GEMMs
     assert sorted(gemm_impls) == [("gemm_1d2d", "pallas")] * (11 * 2) + [
         ("grouped_gemm_1d2d", "pallas")] * 3
+
+
+def test_model_fp8_quant_impl_reaches_every_activation_quantizer(tiny_bf16, quant_kernels):
+    """Config.fp8_quant_impl="pallas": every FP8 GEMM's activation rows, dense and routed, go
+    through the quantizer kernel (traced only: compiling it for the GPU needs one)."""
+    cfg, params = tiny_bf16
+    tokens = jnp.zeros((2, 64), jnp.int32)
+    jax.eval_shape(lambda p, t: forward(p, t, cfg.replace(fp8=True, fp8_quant_impl="pallas")),
+                   params, tokens)
+    assert [name for name, _ in quant_kernels] == ["quantize_rows_kernel"] * (11 * 2 + 3)
 
 
 def test_fp8_training_tracks_bf16(tmp_path):
@@ -483,6 +597,20 @@ def test_gpu_fp8_linear_pallas_matches_xla():
     got = _vjp(lambda x, w: fp8.fp8_linear(x, w, "pallas"), x, w, dy)
     for g, r in zip(got, want):
         assert _rel(g, r) < 1e-2  # bf16 outputs: 2^-9 rounding, nothing more
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_linear_quant_kernels_bit_identical_to_xla():
+    """Config.fp8_quant_impl="pallas" on the GPU: the compiled quantizer kernels inside
+    fp8_linear (FP8 GEMM kernels both sides) give the bits of XLA's quantizers, forward and
+    backward. Not run on a GPU yet."""
+    x = _normal(40, (4, 1024, 1024), dtype=jnp.bfloat16)
+    w = _normal(41, (1024, 768), 1 / 32, jnp.bfloat16)
+    dy = _normal(42, (4, 1024, 768), dtype=jnp.bfloat16)
+    want = _vjp(lambda x, w: fp8.fp8_linear(x, w, fp8.Fp8Impl("pallas", "xla")), x, w, dy)
+    got = _vjp(lambda x, w: fp8.fp8_linear(x, w, fp8.Fp8Impl("pallas", "pallas")), x, w, dy)
+    for name, g, r in zip(("y", "dx", "dw"), got, want):
+        np.testing.assert_array_equal(np.asarray(g, F64), np.asarray(r, F64), err_msg=name)
 
 
 @pytest.mark.gpu
