@@ -142,6 +142,7 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: Config, *, positions=None, s
     {"moe_layers": [L, B, T, A]}, and with `collect_hidden` `hidden_states` [n_layers, B, T, D]
     (each layer's output before the final norm). `shard` runs it on a mesh (see sharding/).
     """
+    _check_fp8_kernels_on_mesh(cfg, shard)
     w = compute_weights(params["weights"], cfg)
     causal = positions is None and segment_ids is None
     positions = _default_positions(tokens) if positions is None else positions
@@ -168,6 +169,20 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: Config, *, positions=None, s
     if collect_hidden:
         aux["hidden_states"] = jnp.concatenate(hidden, axis=0)
     return _logits(aux["hidden"], w["head"], shard), aux
+
+
+def _check_fp8_kernels_on_mesh(cfg: Config, shard: ShardingContext | None) -> None:
+    """The dense FP8 linears' Pallas kernels (fp8_gemm, fp8_quant_kernel) carry no sharding
+    rule, so on a mesh of several devices XLA's partitioner would gather their operands onto
+    every device: a silent replication. The routed experts run inside shard_map and are fine;
+    until the dense calls get a shard_map of their own, a mesh needs the XLA path."""
+    if (shard is None or not cfg.fp8 or cfg.resolved_fp8_impl() != "pallas"
+            or all(n == 1 for n in shard.sizes.values())):
+        return
+    raise ValueError(f"Config.fp8_impl resolves to 'pallas' on a mesh of {shard.sizes}: the "
+                     "dense FP8 kernels have no sharding rule yet and would be replicated on "
+                     "every device; run them on one device, or set fp8_impl='xla' "
+                     "(--fp8_impl xla) on a mesh")
 
 
 def _logits(h, w_head, shard):

@@ -161,3 +161,18 @@ def test_ragged_dispatch_refuses_cpu():
     x = jnp.ones((8, 4, CFG.dim))
     with pytest.raises(Exception, match="ragged"):
         jax.jit(lambda p, x: moe(p, x, None, jnp.ones((8, 4), bool), CFG, None, shard))(p, x)
+
+
+def test_pallas_fp8_kernels_on_a_mesh_are_an_error_not_a_replication():
+    """The dense FP8 kernels have no sharding rule: on a mesh of several devices the model
+    says so instead of letting XLA gather their operands onto every device."""
+    from dsv3_jax import model
+
+    cfg = CFG.replace(fp8=True, fp8_impl="pallas")
+    shard = ShardingContext(abstract_mesh("fsdp=8"), "fsdp")
+    tokens = jnp.zeros((8, 16), jnp.int32)
+    params = jax.eval_shape(lambda: dsv3_jax.init_params(cfg, jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"fp8_impl resolves to 'pallas' on a mesh of .*fsdp"):
+        jax.eval_shape(lambda p: model.forward(p, tokens, cfg, shard=shard), params)
+    model._check_fp8_kernels_on_mesh(cfg, ShardingContext(abstract_mesh("fsdp=1"), "fsdp"))
+    model._check_fp8_kernels_on_mesh(cfg.replace(fp8_impl="xla"), shard)  # the XLA path
