@@ -73,6 +73,15 @@ class Fp8Impl(NamedTuple):
     quant: str = "xla"
 
 
+class _Statics(NamedTuple):
+    """The static (nondiff) argument of the dense and grouped custom_vjps."""
+    gemm: str  # fp8_gemm impl
+    quant: str  # activation quantizers
+    interpret: bool  # Pallas GPU interpret mode (CPU tests)
+    w_dtype: str  # the weight gradient's dtype
+    grouped: str | None = None  # grouped path: the dequantized matmul under gemm "xla"
+
+
 def as_impl(fp8_impl: "str | Fp8Impl") -> Fp8Impl:
     """`fp8_impl` (a gemm impl string or an Fp8Impl) as a checked Fp8Impl."""
     impl = Fp8Impl(fp8_impl) if isinstance(fp8_impl, str) else Fp8Impl(*fp8_impl)
@@ -82,24 +91,20 @@ def as_impl(fp8_impl: "str | Fp8Impl") -> Fp8Impl:
     return impl
 
 
-def _check_quant_kernel(a: jax.Array, name: str, cfg: qk.QuantConfig, m_tile: int) -> None:
-    """The quantizer kernel's requirements for activation `name` [M, K], with the tensor named
-    (the fp8 ops pad every axis to 128, which the default tiles divide; this guards changes)."""
+def _check_quant_dtype(a: jax.Array, name: str) -> None:
+    """The kernels take bf16 only; say so naming the tensor (their own checks name `x`; the
+    shapes here are padded to 128, which their default tiles divide, and they check that)."""
     if jnp.dtype(a.dtype) not in qk.KERNEL_DTYPES:
         raise ValueError(f"fp8: {name} is {jnp.dtype(a.dtype)}, but fp8 quant impl 'pallas' "
                          "(the fp8_quant_kernel quantizers) takes bfloat16 only; use quant "
                          "'xla' or a bfloat16 activation dtype")
-    for axis, tile in ((0, m_tile), (1, cfg.block_k)):
-        if a.shape[axis] % tile:
-            raise ValueError(f"fp8: {name} {a.shape}: dimension {axis} ({a.shape[axis]}) is not a "
-                             f"multiple of {tile}, the fp8_quant_kernel tile along it")
 
 
 def _quant_rows(a: jax.Array, name: str, quant: str, interpret) -> tuple[jax.Array, jax.Array]:
     """q8.quantize_rows(a) [M, K] in 1 x 128 tiles: XLA, or the one-pass kernel (bf16 only)."""
     if quant == "xla":
         return q8.quantize_rows(a, name=name)
-    _check_quant_kernel(a, name, qk.ROWS_CONFIG, qk.ROWS_CONFIG.block_m)
+    _check_quant_dtype(a, name)
     return qk.quantize_rows_kernel(a, interpret=interpret)
 
 
@@ -107,7 +112,7 @@ def _quant_cols(a: jax.Array, name: str, quant: str, interpret) -> tuple[jax.Arr
     """q8.quantize_cols(a): a [M, K] -> a^T [K, M] in 1 x 128 tiles along M, XLA or kernel."""
     if quant == "xla":
         return q8.quantize_cols(a, name=name)
-    _check_quant_kernel(a, name, qk.COLS_CONFIG, BLOCK)
+    _check_quant_dtype(a, name)
     return qk.quantize_cols_kernel(a, interpret=interpret)
 
 
@@ -149,28 +154,26 @@ def fp8_linear(x: jax.Array, w: jax.Array, impl: "str | Fp8Impl" = "xla", *,
     # kernel takes whole 128-row tiles (real runs have B * T a multiple of 128: no copy).
     x2 = _pad_axis(_pad_axis(x2, 0, _round_up(m)), 1, _round_up(k))  # [Mp, Kp]
     wp = _pad_axis(_pad_axis(w, 0, _round_up(k)), 1, _round_up(n))  # [Kp, Np]
-    mm = (impl.gemm, impl.quant, interpret, jnp.dtype(w.dtype).name)
+    mm = _Statics(impl.gemm, impl.quant, bool(interpret), jnp.dtype(w.dtype).name)
     y = _fp8_matmul(x2, wp, mm)
     return y[:m, :n].reshape(*lead, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _fp8_matmul(x, w, mm):
-    """x [Mp, Kp] @ w [Kp, Np], every axis a multiple of 128; `mm` = (gemm impl, quant impl,
-    interpret, w dtype), static."""
+    """x [Mp, Kp] @ w [Kp, Np], every axis a multiple of 128; `mm` a `_Statics`."""
     return _fp8_matmul_fwd(x, w, mm)[0]
 
 
 def _fp8_matmul_fwd(x, w, mm):
-    impl, quant, interpret, _ = mm
-    qx, sx = _quant_rows(x, "x", quant, interpret)  # 1 x 128 tiles along K
+    qx, sx = _quant_rows(x, "x", mm.quant, mm.interpret)  # 1 x 128 tiles along K
     qw, sw = q8.quantize_blocks(w.T, name="w^T")  # [Np, Kp]: K-major, as the GEMM reads it
-    y = fp8_gemm.gemm_1d2d(qx, sx, qw, sw, out_dtype=x.dtype, impl=impl)
+    y = fp8_gemm.gemm_1d2d(qx, sx, qw, sw, out_dtype=x.dtype, impl=mm.gemm)
     return y, (qx, sx, qw, sw)
 
 
 def _fp8_matmul_bwd(mm, res, dy):
-    impl, quant, interpret, w_dtype = mm
+    impl, quant, interpret, w_dtype, _ = mm
     qx, sx, qw, sw = res
     # dgrad dx [Mp, Kp] = dy [Mp, Np] @ w^T: dy in 1 x 128 tiles along N; the weight's blocks
     # as the [Kp, Np] operand.
@@ -245,33 +248,31 @@ def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *,
     if grouped_impl not in ("ragged_dot", "pallas"):
         raise ValueError(f"fp8_grouped_matmul: grouped_impl={grouped_impl!r} must be one of "
                          "('ragged_dot', 'pallas')")
-    fp8_impl = impl.gemm
     if plan.block_m != BLOCK:
         raise ValueError(f"fp8_grouped_matmul: plan.block_m={plan.block_m} must be {BLOCK}, the "
                          "token tile of the wgrad scales (no tile may straddle two experts)")
     if x_pad.ndim != 2 or w.ndim != 3 or x_pad.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_grouped_matmul: x_pad {x_pad.shape} must be [Mp, K] and w "
                          f"{w.shape} [E, K, N]")
-    if fp8_impl == "xla":
+    if impl.gemm == "xla":
         _log_once("grouped", "fp8: routed experts quantize their GEMM inputs to FP8 and multiply "
                              f"the dequantized values with grouped_impl={grouped_impl!r} (the "
                              "reference path until the FP8 grouped kernels are ready)")
     _, k, n = w.shape
     xp = _pad_axis(x_pad, 1, _round_up(k))
     wp = _pad_axis(_pad_axis(w, 1, _round_up(k)), 2, _round_up(n))
-    mm = (fp8_impl, grouped_impl, interpret, jnp.dtype(w.dtype).name, impl.quant)
+    mm = _Statics(impl.gemm, impl.quant, bool(interpret), jnp.dtype(w.dtype).name, grouped_impl)
     return _fp8_gmm(xp, wp, plan, mm)[:, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fp8_gmm(x_pad, w, plan, mm):
-    """x_pad [Mp, Kp] @ w[expert] [E, Kp, Np]; `mm` = (fp8_impl, grouped_impl, interpret, w
-    dtype, quant impl), static."""
+    """x_pad [Mp, Kp] @ w[expert] [E, Kp, Np]; `mm` a `_Statics`."""
     return _fp8_gmm_fwd(x_pad, w, plan, mm)[0]
 
 
 def _fp8_gmm_fwd(x_pad, w, plan, mm):
-    qx, sx = _quant_rows(x_pad, "expert rows", mm[4], mm[2])
+    qx, sx = _quant_rows(x_pad, "expert rows", mm.quant, mm.interpret)
     qw, sw = q8.quantize_blocks(jnp.swapaxes(w, 1, 2), name="expert weights")  # [E, Np, Kp]
     y = _grouped_1d2d(qx, sx, qw, sw, plan, mm, x_pad.dtype)
     # residuals: the FP8 rows (as V3 caches activations) and the FP8 weight blocks
@@ -280,13 +281,13 @@ def _fp8_gmm_fwd(x_pad, w, plan, mm):
 
 def _fp8_gmm_bwd(mm, res, dy):
     qx, sx, qw, sw, plan = res
-    qdy, sdy = _quant_rows(dy, "expert dy", mm[4], mm[2])
+    qdy, sdy = _quant_rows(dy, "expert dy", mm.quant, mm.interpret)
     qwt, swt = q8.transpose_blocks(qw, sw)  # [E, Kp, Np]: the dgrad's K-major weight
     dx = _grouped_1d2d(qdy, sdy, qwt, swt, plan, mm, dy.dtype)
-    a_t, s_a = _quant_cols(dy, "expert dy", mm[4], mm[2])  # [Np, Mp], 128 x 1 tiles on tokens
+    a_t, s_a = _quant_cols(dy, "expert dy", mm.quant, mm.interpret)  # [Np, Mp], 128 x 1 tiles on tokens
     b_t, s_b = q8.quantize_cols(q8.dequantize_rows(qx, sx), name="expert rows")  # [Kp, Mp]
     dw_t = _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, dy.dtype)  # [E, Np, Kp] float32
-    return dx, jnp.swapaxes(dw_t, 1, 2).astype(mm[3]), jax.tree.map(lambda _: None, plan)
+    return dx, jnp.swapaxes(dw_t, 1, 2).astype(mm.w_dtype), jax.tree.map(lambda _: None, plan)
 
 
 _fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
@@ -294,7 +295,7 @@ _fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
 
 def _grouped_1d2d(qa, sa, qb, sb, plan, mm, out_dtype):
     """y_pad = a @ b[expert]^T: a [Mp, K] in 1 x 128 tiles, b [E, N, K] in 128 x 128 blocks."""
-    fp8_impl, grouped_impl, interpret = mm[:3]
+    fp8_impl, grouped_impl, interpret = mm.gemm, mm.grouped, mm.interpret
     if fp8_impl == "pallas":
         return fp8_gemm.grouped_gemm_1d2d(qa, sa, qb, sb, plan, out_dtype=out_dtype,
                                           impl="pallas", interpret=interpret)
@@ -314,7 +315,7 @@ def _grouped_1d2d(qa, sa, qb, sb, plan, mm, out_dtype):
 def _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, act_dtype):
     """dw^T [E, N, K] = a_t[:, rows of e] @ b_t[:, rows of e]^T in float32; a_t [N, Mp] and
     b_t [K, Mp] in 1 x 128 tiles along the tokens."""
-    fp8_impl, grouped_impl, interpret = mm[:3]
+    fp8_impl, grouped_impl, interpret = mm.gemm, mm.grouped, mm.interpret
     if fp8_impl == "pallas":
         return fp8_gemm.grouped_wgrad_1d1d(a_t, s_a, b_t, s_b, plan, out_dtype=jnp.float32,
                                            impl="pallas", interpret=interpret)

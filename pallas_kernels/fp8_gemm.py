@@ -179,14 +179,11 @@ class Fp8Config:
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's share of the output tile."""
-        if self.wg_split == "rows":
-            return self.block_m // gm.NUM_COMPUTE_WGS, self.block_n
-        return self.block_m, self.block_n // gm.NUM_COMPUTE_WGS
+        return gm.wg_share(self.wg_split, self.block_m, self.block_n)
 
     def wg_offsets(self, wg) -> tuple:
         """(first row, first column) of warpgroup `wg`'s share within the tile."""
-        rows, cols = self.wg_tile()
-        return (wg * rows, 0) if self.wg_split == "rows" else (0, wg * cols)
+        return gm.wg_offsets(self.wg_split, *self.wg_tile(), wg)
 
     def wg_part(self, tile_ref, wg):
         """Warpgroup `wg`'s share of an output tile ref [block_m, block_n]."""

@@ -178,16 +178,7 @@ class TileConfig:
 
     def gmm_wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's share of a `gmm` output tile."""
-        if self.wg_split == "rows":
-            return self.block_m // NUM_COMPUTE_WGS, self.block_n
-        return self.block_m, self.block_n // NUM_COMPUTE_WGS
-
-    def gmm_wg_part(self, tile_ref, wg):
-        """Warpgroup `wg`'s share of a [block_m, block_n] output tile ref."""
-        rows, cols = self.gmm_wg_tile()
-        if self.wg_split == "rows":
-            return tile_ref.at[pl.ds(wg * rows, rows), :]
-        return tile_ref.at[:, pl.ds(wg * cols, cols)]
+        return wg_share(self.wg_split, self.block_m, self.block_n)
 
     def gmm_smem_bytes(self, itemsize: int = 2) -> int:
         stage = (self.block_m * self.block_k + self.block_k * self.block_n) * itemsize
@@ -196,6 +187,19 @@ class TileConfig:
     def tgmm_smem_bytes(self, itemsize: int = 2) -> int:
         stage = self.tgmm_block_rows * (self.tgmm_block_k + self.tgmm_block_n) * itemsize
         return self.max_concurrent_steps * stage + _epilogue_bytes(self.epilogue_slots)
+
+
+def wg_share(split: str, block_m: int, block_n: int) -> tuple[int, int]:
+    """(rows, columns) of one compute warpgroup's share of a [block_m, block_n] output tile:
+    "rows" halves the rows, "cols" the columns (this kernel's and fp8_gemm's `wg_split`)."""
+    if split == "rows":
+        return block_m // NUM_COMPUTE_WGS, block_n
+    return block_m, block_n // NUM_COMPUTE_WGS
+
+
+def wg_offsets(split: str, rows: int, cols: int, wg) -> tuple:
+    """(first row, first column) of warpgroup `wg`'s (rows, cols) share within the tile."""
+    return (wg * rows, 0) if split == "rows" else (0, wg * cols)
 
 
 def _check_multiple(name: str, value: int, multiple: int) -> None:
@@ -470,7 +474,7 @@ def _gmm_mma(transpose_w: bool, cfg: TileConfig):
 
     def mma(_, x_smem, w_smem, acc):
         wg = lax.axis_index("wg")
-        r0, c0 = (wg * rows, 0) if cfg.wg_split == "rows" else (0, wg * cols)
+        r0, c0 = wg_offsets(cfg.wg_split, rows, cols, wg)
         a = x_smem.at[pl.ds(r0, rows)]
         if transpose_w:  # w tile [bn, bk]: this warpgroup's rows, read K-major by wgmma.
             b = w_smem.at[pl.ds(c0, cols), :].T
@@ -532,7 +536,8 @@ def _gmm_body(num_tiles_ref, tile_group_ref, x_ref, w_ref, y_ref, *, cfg: TileCo
             n_idx = lax.rem(lin, jnp.int32(n_tiles))
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
-            y_tile = cfg.gmm_wg_part(y_ref.at[rows, cols], wg)
+            r0, c0 = wg_offsets(cfg.wg_split, *wg_tile, wg)
+            y_tile = y_ref.at[rows, cols].at[pl.ds(r0, wg_tile[0]), pl.ds(c0, wg_tile[1])]
 
             @pl.when(lin < used)
             def _compute():
