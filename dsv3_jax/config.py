@@ -117,9 +117,11 @@ class Config:
     # FP8 activation quantizers (with fp8): "xla" = pallas_kernels/fp8_quant.py (two XLA passes
     # over each input); "pallas" = the one-pass Mosaic GPU kernels of
     # pallas_kernels/fp8_quant_kernel.py for the bf16 activations x and dy (bit-identical;
-    # 3.4-3.8 TB/s vs 1.6 TB/s on an H200; end-to-end step speed not measured yet). Needs
-    # dtype="bfloat16" and a Hopper GPU (no fallback). Weights always use XLA's quantizers.
-    fp8_quant_impl: str = "xla"
+    # 3.4-3.8 TB/s vs 1.6 TB/s on an H200, and a `small` FP8 step 181 ms against 192 ms).
+    # "pallas" needs dtype="bfloat16" and a Hopper GPU (no fallback); "auto" picks it where
+    # both hold and the GEMMs run our kernels (resolved_fp8_quant_impl). Weights always use
+    # XLA's quantizers.
+    fp8_quant_impl: str = "auto"
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -152,7 +154,7 @@ class Config:
         if not isinstance(self.fp8, bool):
             raise ValueError(f"Config.fp8 must be a bool, got {self.fp8!r}")
         self._check_choice("fp8_impl", ("auto", "xla", "pallas"))
-        self._check_choice("fp8_quant_impl", ("xla", "pallas"))
+        self._check_choice("fp8_quant_impl", ("auto", "xla", "pallas"))
         if self.fp8_quant_impl == "pallas" and self.dtype != "bfloat16":
             raise ValueError(f"Config.fp8_quant_impl='pallas' needs Config.dtype='bfloat16' (the "
                              f"quantizer kernels take bf16 only), got dtype={self.dtype!r}")
@@ -207,8 +209,9 @@ class Config:
         """fp8_impl with "auto" decided: "pallas" (our Mosaic GPU FP8 kernels,
         pallas_kernels/fp8_gemm.py) on a Hopper GPU, "xla" (the dequantize + float32 matmul
         reference) elsewhere. On an H200 (2026-12-01) the kernels match the exact product of
-        the quantized values (calc_diff 1.3e-6) at 1.07-1.19x XLA's bf16 dot for M = 4096
-        (1.26x our bf16 grouped kernel for the experts); the XLA path is a float32 matmul,
+        the quantized values (calc_diff 1.3e-6) at 1.15-1.29x XLA's bf16 dot for M = 4096
+        (1.45x our bf16 grouped kernel for the experts; experiments/results/
+        fp8_gemm_wg_split_h200.json); the XLA path is a float32 matmul,
         several times slower, and is meant for CPUs and checks. The routed experts use
         fp8_gemm's grouped FP8 kernels under "pallas"; under "xla" they multiply the
         dequantized values with grouped_impl (dsv3_jax/grouped.py)."""
@@ -216,14 +219,26 @@ class Config:
             return self.fp8_impl
         return "pallas" if _hopper_gpu() else "xla"
 
+    def resolved_fp8_quant_impl(self) -> str:
+        """fp8_quant_impl with "auto" decided: "pallas" (the one-pass quantizer kernels) when
+        the FP8 GEMMs run our Mosaic GPU kernels (so on a Hopper GPU) and the activations are
+        bf16, the kernels' one dtype; "xla" otherwise. On an H200 (2026-12-02,
+        experiments/results/train_small_h200_quant_ab_*.json) the `small` FP8
+        step took 181.4 ms with them against 191.9 ms with XLA's quantizers."""
+        if self.fp8_quant_impl != "auto":
+            return self.fp8_quant_impl
+        mosaic = self.resolved_fp8_impl() == "pallas" and self.dtype == "bfloat16"
+        return "pallas" if mosaic else "xla"
+
     def fp8_gemm_impl(self):
         """What the linear layers pass to `fp8.matmul` / `fp8.fp8_grouped_matmul`: None (plain
-        einsum) unless fp8, else `fp8.Fp8Impl(gemm=resolved_fp8_impl(), quant=fp8_quant_impl)`."""
+        einsum) unless fp8, else `fp8.Fp8Impl(gemm=resolved_fp8_impl(),
+        quant=resolved_fp8_quant_impl())`."""
         if not self.fp8:
             return None
         from dsv3_jax.fp8 import Fp8Impl  # lazy: config stays importable without jax
 
-        return Fp8Impl(self.resolved_fp8_impl(), self.fp8_quant_impl)
+        return Fp8Impl(self.resolved_fp8_impl(), self.resolved_fp8_quant_impl())
 
     def _check_choice(self, field: str, choices: tuple[str, ...]):
         if getattr(self, field) not in choices:

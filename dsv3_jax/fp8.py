@@ -30,9 +30,10 @@ with `pallas_kernels.fp8_quant` (two XLA passes over the input: amax, then scale
 quantize_cols(dy), dense and grouped -- through the one-pass Mosaic GPU kernels of
 `pallas_kernels.fp8_quant_kernel` (bit-identical, bf16 only; no fallback: another dtype or a
 shape off the kernels' tiles raises). Weights (quantize_blocks, transpose_blocks) and the
-wgrad's re-tiling of the cached FP8 x (quantize_cols of a float32 dequantization) stay XLA.
-The kernels measured 3.4-3.8 TB/s against the XLA quantizers' 1.6 TB/s on an H200; what that
-does to an end-to-end training step is NOT measured yet.
+wgrad's re-tiling of the cached FP8 x (`fp8_quant.rows_to_cols`) stay XLA.
+The kernels measured 3.4-3.8 TB/s against the XLA quantizers' 1.6 TB/s on an H200, and took
+the `small` FP8 step from 191.9 to 181.4 ms (experiments/results/train_small_h200_quant_ab_*.json),
+so `Config.fp8_quant_impl="auto"` picks them wherever the GEMMs run our kernels.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Fp8Impl(NamedTuple):
     """How the FP8 ops run (what `Config.fp8_gemm_impl()` returns when fp8 is on; hashable, so
     it can be a static argument). gemm: fp8_gemm's impl ("xla" reference or "pallas" Mosaic GPU
     kernels); quant: the activation quantizers ("xla": fp8_quant; "pallas": the one-pass bf16
-    kernels of fp8_quant_kernel, end-to-end speed not measured yet). Every `fp8_impl` argument
+    kernels of fp8_quant_kernel). Every `fp8_impl` argument
     of this module also takes a plain gemm string, meaning quant="xla"."""
     gemm: str
     quant: str = "xla"
@@ -180,13 +181,16 @@ def _fp8_matmul_bwd(mm, res, dy):
     qdy, sdy = _quant_rows(dy, "dy", quant, interpret)
     qwt, swt = q8.transpose_blocks(qw, sw)
     dx = fp8_gemm.gemm_1d2d(qdy, sdy, qwt, swt, out_dtype=dy.dtype, impl=impl)
-    # wgrad dw^T [Np, Kp] = dy^T @ x, contracting over the Mp tokens: the cached FP8 x (its
-    # exact values) and dy, re-quantized in 128 x 1 tiles along the tokens. The float32
-    # dequantized x always takes the XLA quantizer (the kernels are bf16 only).
-    a, sa = _quant_cols(dy, "dy", quant, interpret)  # [Np, Mp]
-    b, sb = q8.quantize_cols(q8.dequantize_rows(qx, sx), name="x")  # [Kp, Mp]
-    dw_t = fp8_gemm.gemm_1d1d(a, sa, b, sb, out_dtype=jnp.float32, impl=impl)
-    return dx, dw_t.T.astype(w_dtype)
+    # wgrad dw [Kp, Np] = x^T @ dy, contracting over the Mp tokens: the cached FP8 x (its
+    # exact values, re-tiled by q8.rows_to_cols) and dy, quantized in 128 x 1 tiles along the
+    # tokens. The cached x always takes the XLA quantizer (the kernels are bf16 only). x^T is the
+    # GEMM's left operand so that dw comes out in the weight's own [K, N] layout: with dy^T on
+    # the left it came out as dw^T, and the transpose back cost a pass over every weight
+    # gradient (fused into the optimizer's first read, ~4 ms of a `small` step on an H200).
+    xt, sxt = q8.rows_to_cols(qx, sx, name="x")  # [Kp, Mp]
+    dyt, sdyt = _quant_cols(dy, "dy", quant, interpret)  # [Np, Mp]
+    dw = fp8_gemm.gemm_1d1d(xt, sxt, dyt, sdyt, out_dtype=jnp.float32, impl=impl)
+    return dx, dw.astype(w_dtype)
 
 
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
@@ -242,7 +246,7 @@ def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *,
         own step).
     `fp8_impl` may be an `Fp8Impl`: its gemm is the fp8_impl above, and quant "pallas" sends
     the bf16 activation quantizations (rows of x and dy, dy's token tiles) through the one-pass
-    fp8_quant_kernel quantizers (`interpret` reaches them too); end-to-end speed not measured.
+    fp8_quant_kernel quantizers (`interpret` reaches them too).
     K and N are zero-padded to multiples of 128 around the op, as in `fp8_linear`."""
     impl = as_impl(fp8_impl)
     if grouped_impl not in ("ragged_dot", "pallas"):
@@ -284,10 +288,12 @@ def _fp8_gmm_bwd(mm, res, dy):
     qdy, sdy = _quant_rows(dy, "expert dy", mm.quant, mm.interpret)
     qwt, swt = q8.transpose_blocks(qw, sw)  # [E, Kp, Np]: the dgrad's K-major weight
     dx = _grouped_1d2d(qdy, sdy, qwt, swt, plan, mm, dy.dtype)
-    a_t, s_a = _quant_cols(dy, "expert dy", mm.quant, mm.interpret)  # [Np, Mp], 128 x 1 tiles on tokens
-    b_t, s_b = q8.quantize_cols(q8.dequantize_rows(qx, sx), name="expert rows")  # [Kp, Mp]
-    dw_t = _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, dy.dtype)  # [E, Np, Kp] float32
-    return dx, jnp.swapaxes(dw_t, 1, 2).astype(mm.w_dtype), jax.tree.map(lambda _: None, plan)
+    # 128 x 1 tiles along the tokens; x^T on the left, so that dw comes out [E, Kp, Np], the
+    # weights' own layout (as in the dense op's wgrad)
+    xt, sxt = q8.rows_to_cols(qx, sx, name="expert rows")  # [Kp, Mp]
+    dyt, sdyt = _quant_cols(dy, "expert dy", mm.quant, mm.interpret)  # [Np, Mp]
+    dw = _grouped_wgrad(xt, sxt, dyt, sdyt, plan, mm, dy.dtype)  # [E, Kp, Np] float32
+    return dx, dw.astype(mm.w_dtype), jax.tree.map(lambda _: None, plan)
 
 
 _fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
@@ -313,21 +319,21 @@ def _grouped_1d2d(qa, sa, qb, sb, plan, mm, out_dtype):
 
 
 def _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, act_dtype):
-    """dw^T [E, N, K] = a_t[:, rows of e] @ b_t[:, rows of e]^T in float32; a_t [N, Mp] and
-    b_t [K, Mp] in 1 x 128 tiles along the tokens."""
+    """[E, P, Q] = a_t[:, rows of e] @ b_t[:, rows of e]^T in float32; a_t [P, Mp] and b_t
+    [Q, Mp] in 1 x 128 tiles along the tokens (x^T and dy^T: dw [E, K, N])."""
     fp8_impl, grouped_impl, interpret = mm.gemm, mm.grouped, mm.interpret
     if fp8_impl == "pallas":
         return fp8_gemm.grouped_wgrad_1d1d(a_t, s_a, b_t, s_b, plan, out_dtype=jnp.float32,
                                            impl="pallas", interpret=interpret)
-    dy, x = q8.dequantize_rows(a_t, s_a).T, q8.dequantize_rows(b_t, s_b).T  # [Mp, N], [Mp, K]
+    a, b = q8.dequantize_rows(a_t, s_a).T, q8.dequantize_rows(b_t, s_b).T  # [Mp, P], [Mp, Q]
     if grouped_impl == "ragged_dot":
         dims = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[])
-        return jax.lax.ragged_dot_general(dy, x, plan.group_tile_count * plan.block_m, dims,
+        return jax.lax.ragged_dot_general(a, b, plan.group_tile_count * plan.block_m, dims,
                                           precision=jax.lax.Precision.HIGHEST,
                                           preferred_element_type=jnp.float32)
     from pallas_kernels import grouped_matmul as gk
 
-    return gk.tgmm(dy.astype(act_dtype), x.astype(act_dtype), plan, plan.num_groups,
+    return gk.tgmm(a.astype(act_dtype), b.astype(act_dtype), plan, plan.num_groups,
                    out_dtype=jnp.float32, interpret=interpret)

@@ -16,8 +16,8 @@ With `Config.fp8`, `grouped_swiglu` quantizes the GEMM inputs to FP8
 (`dsv3_jax.fp8.fp8_grouped_matmul`): `fp8_impl="pallas"` multiplies them with the FP8 grouped
 kernels of `pallas_kernels.fp8_gemm`, "xla" multiplies the dequantized values with the choice
 above; `Config.fp8_quant_impl="pallas"` (an `fp8.Fp8Impl` with quant "pallas") quantizes the
-bf16 activations with the one-pass kernels of `pallas_kernels.fp8_quant_kernel` (end-to-end
-speed not measured yet).
+bf16 activations with the one-pass kernels of `pallas_kernels.fp8_quant_kernel` ("auto", the
+default, does wherever the FP8 GEMMs are ours).
 `ragged_dot` on a GPU says so once, as a warning.
 """
 

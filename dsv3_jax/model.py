@@ -175,14 +175,17 @@ def _check_fp8_kernels_on_mesh(cfg: Config, shard: ShardingContext | None) -> No
     """The dense FP8 linears' Pallas kernels (fp8_gemm, fp8_quant_kernel) carry no sharding
     rule, so on a mesh of several devices XLA's partitioner would gather their operands onto
     every device: a silent replication. The routed experts run inside shard_map and are fine;
-    until the dense calls get a shard_map of their own, a mesh needs the XLA path."""
-    if (shard is None or not cfg.fp8 or cfg.resolved_fp8_impl() != "pallas"
-            or all(n == 1 for n in shard.sizes.values())):
+    until the dense calls get a shard_map of their own, a mesh needs the XLA path, for the
+    GEMMs and for the activation quantizers alike."""
+    if shard is None or not cfg.fp8 or all(n == 1 for n in shard.sizes.values()):
         return
-    raise ValueError(f"Config.fp8_impl resolves to 'pallas' on a mesh of {shard.sizes}: the "
-                     "dense FP8 kernels have no sharding rule yet and would be replicated on "
-                     "every device; run them on one device, or set fp8_impl='xla' "
-                     "(--fp8_impl xla) on a mesh")
+    for field, resolved in (("fp8_impl", cfg.resolved_fp8_impl()),
+                            ("fp8_quant_impl", cfg.resolved_fp8_quant_impl())):
+        if resolved == "pallas":
+            raise ValueError(f"Config.{field} resolves to 'pallas' on a mesh of {shard.sizes}: "
+                             "the dense FP8 kernels have no sharding rule yet and would be "
+                             "replicated on every device; run them on one device, or set "
+                             f"{field}='xla' (--{field} xla) on a mesh")
 
 
 def _logits(h, w_head, shard):

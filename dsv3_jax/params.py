@@ -274,7 +274,7 @@ def shapes_key(cfg: Config) -> Config:
     leaf compiling the random draws)."""
     return cfg.replace(init_std=1.0, dtype="float32", remat="none", mtp_loss_weight=0.0,
                        balance_loss_alpha=0.0, bias_update_speed=0.0, name="", fp8=False,
-                       fp8_impl="auto", fp8_quant_impl="xla")
+                       fp8_impl="auto", fp8_quant_impl="auto")
 
 
 def init_tree(cfg: Config, key: jax.Array, std: jax.Array) -> dict:

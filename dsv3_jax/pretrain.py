@@ -83,11 +83,12 @@ class Settings:
                            "GPU, xla elsewhere), xla (dequantize + fp32 matmul reference), "
                            "pallas (our Mosaic GPU FP8 kernels, Hopper)",
                            choices=("auto", "xla", "pallas"))
-    fp8_quant_impl: str = _field("xla", "FP8 activation quantizers under --precision fp8: xla "
-                                 "(pallas_kernels/fp8_quant.py, two passes), pallas (the "
-                                 "one-pass Mosaic GPU kernels of fp8_quant_kernel.py for the "
-                                 "bf16 activations; Hopper, bf16 only; end-to-end speed not "
-                                 "measured yet)", choices=("xla", "pallas"))
+    fp8_quant_impl: str = _field("auto", "FP8 activation quantizers under --precision fp8: "
+                                 "auto (pallas where the FP8 GEMMs run our kernels, xla "
+                                 "elsewhere), xla (pallas_kernels/fp8_quant.py, two passes), "
+                                 "pallas (the one-pass Mosaic GPU kernels of "
+                                 "fp8_quant_kernel.py for the bf16 activations; Hopper, bf16 "
+                                 "only)", choices=("auto", "xla", "pallas"))
     # --- devices ---
     mesh: str = _field("auto", "device mesh, e.g. 'fsdp=4,expert=2'; 'none' = the first device, "
                        "no mesh; 'auto' = 'none' with one device, fsdp over all when several")
@@ -469,7 +470,7 @@ def run(s: Settings) -> dict:
     counts = cfg.param_count()
     main = jax.process_index() == 0
     if main:
-        fp8 = (f" + fp8 GEMMs ({cfg.resolved_fp8_impl()}, quantizers {cfg.fp8_quant_impl})"
+        fp8 = (f" + fp8 GEMMs ({cfg.resolved_fp8_impl()}, quantizers {cfg.resolved_fp8_quant_impl()})"
                if cfg.fp8 else "")
         print(f"preset {cfg.name} ({cfg.dtype}{fp8}): {counts['main']:,} parameters, "
               f"{counts['activated']:,} activated per token, {counts['mtp']:,} MTP; "

@@ -226,7 +226,9 @@ def _triton_case(m, n, k, aq, sa, bq, sb, want, iterations, interpret) -> dict:
 def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool,
                    configs=()) -> list[dict]:
     """dw [N, K] = dy^T x over t tokens, fp32 out: our kernel on 1 x 128 tiles along tokens
-    (`quantize_cols` of dy and x) against XLA's bf16 dot with fp32 output."""
+    (`quantize_cols` of dy and x) against XLA's bf16 dot with fp32 output. The model's wgrad
+    (dsv3_jax.fp8) puts x^T on the left for a [K, N] result: the same kernel with the two
+    output sizes swapped, i.e. this case at K x N x t."""
     kd, kx = jax.random.split(jax.random.key(2))
     dy = jax.random.normal(kd, (t, n), jnp.bfloat16)
     x = jax.random.normal(kx, (t, k), jnp.bfloat16)

@@ -59,8 +59,9 @@ def parse_args(argv=None):
     ap.add_argument("--fp8_impl", default="auto", choices=("auto", "xla", "pallas"),
                     help="FP8 GEMMs under --precision fp8 (auto = pallas, our Mosaic GPU FP8 "
                          "kernels, on a Hopper GPU; xla = the dequantize + fp32 matmul reference)")
-    ap.add_argument("--fp8_quant_impl", default="xla", choices=("xla", "pallas"),
-                    help="FP8 activation quantizers under --precision fp8: xla "
+    ap.add_argument("--fp8_quant_impl", default="auto", choices=("auto", "xla", "pallas"),
+                    help="FP8 activation quantizers under --precision fp8: auto (pallas where "
+                         "the FP8 GEMMs run our kernels, xla elsewhere), xla "
                          "(pallas_kernels/fp8_quant.py, two XLA passes) or pallas (the one-pass "
                          "Mosaic GPU kernels of fp8_quant_kernel.py for bf16 x and dy; Hopper)")
     ap.add_argument("--batch", type=int, default=16,
@@ -169,13 +170,14 @@ def main(argv=None) -> dict:
     counts = cfg.param_count()
     print(f"bench_train: {a.preset} ({counts['main'] / 1e6:,.1f}M params, {counts['activated'] / 1e6:,.1f}M activated) on {dev.device_kind}, "
           f"batch {a.batch} x {a.seq_len}, {a.precision}"
-          f"{f' ({cfg.resolved_fp8_impl()}, quant {cfg.fp8_quant_impl})' if cfg.fp8 else ''}"
+          f"{f' ({cfg.resolved_fp8_impl()}, quant {cfg.resolved_fp8_quant_impl()})' if cfg.fp8 else ''}"
           f", remat {cfg.remat}, grouped "
           f"{cfg.resolved_grouped_impl()}, attention {cfg.resolved_attention_impl()}", flush=True)
 
     t0 = time.perf_counter()
     state, warm = time_steps(step, state, batch, a.warmup)
-    print(f"warmup {a.warmup} steps (compile included): {time.perf_counter() - t0:.1f} s", flush=True)
+    warmup_s = time.perf_counter() - t0
+    print(f"warmup {a.warmup} steps (compile included): {warmup_s:.1f} s", flush=True)
     state, times = time_steps(step, state, batch, a.steps)
     sec = statistics.median(times)
     tokens = a.batch * a.seq_len
@@ -187,11 +189,12 @@ def main(argv=None) -> dict:
         "platform": dev.platform, "jax": jax.__version__, "host": platform.machine(),
         "preset": a.preset, "precision": a.precision,
         "fp8_impl": cfg.resolved_fp8_impl() if cfg.fp8 else None,
-        "fp8_quant_impl": cfg.fp8_quant_impl if cfg.fp8 else None,
+        "fp8_quant_impl": cfg.resolved_fp8_quant_impl() if cfg.fp8 else None,
         "batch": a.batch, "seq_len": a.seq_len,
         "remat": cfg.remat, "scan_layers": cfg.scan_layers, "xla_command_buffers": a.command_buffers, "grouped_impl": cfg.resolved_grouped_impl(),
         "attention_impl": cfg.resolved_attention_impl(),
         "params": counts, "flops_per_token": cfg.flops_per_token(a.seq_len),
+        "warmup_s_compile_included": warmup_s,
         "step_ms_median": sec * 1e3, "step_ms_all": [t * 1e3 for t in times],
         "tokens_per_s": tokens / sec, "model_tflops_per_s": flops / sec / 1e12,
         "peak_tflops": peak, "mfu": (flops / sec / 1e12 / peak) if peak else None,

@@ -7,7 +7,8 @@ layout), e4m3 data and float32 scales over tiles of the contraction axis K:
               (s_b [N/128, K/128]). The forward pass (a = activations, b = weight) and the data
               gradient (a = dy, b = the transposed weight, `fp8_quant.transpose_blocks`).
   gemm_1d1d   both in 1 x 128 tiles (s_b [N, K/128]). The weight gradient, where K is the token
-              axis: a = dy^T and b = x^T, from `fp8_quant.quantize_cols`.
+              axis: a = x^T and b = dy^T (`fp8_quant.rows_to_cols` of the cached FP8 x,
+              `quantize_cols` of dy), so dw comes out in the weight's [in, out] layout.
   grouped_gemm_1d2d, grouped_wgrad_1d1d
               the MoE experts in grouped_matmul's padded-group layout: per-expert weights and
               block scales (forward, data gradient), and the weight gradient contracting over
@@ -495,12 +496,13 @@ def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.
                        out_dtype=jnp.float32, impl: str = "xla", interpret: bool = False,
                        config: Fp8Config | None = None) -> jax.Array:
     """The experts' weight gradient, contracting over each expert's own tokens:
-    dw[g] [N, K] = dequant(a_t[:, rows of g]) @ dequant(b_t[:, rows of g])^T.
+    y[g] [P, Q] = dequant(a_t[:, rows of g]) @ dequant(b_t[:, rows of g])^T.
 
-    a_t [N, padded_rows] (dy transposed) and b_t [K, padded_rows] (x transposed), e4m3 in
-    1 x 128 tiles along the token axis (`fp8_quant.quantize_cols` of the padded rows: the plan's
-    128-row tiles never straddle two experts, so neither do the scale tiles); s_a [N,
-    padded_rows/128], s_b [K, padded_rows/128]. Experts with no rows get exact zeros."""
+    a_t [P, padded_rows] and b_t [Q, padded_rows] (dsv3_jax.fp8 passes x^T and dy^T, so that
+    dw comes out [E, in, out] like the weights), e4m3 in
+    1 x 128 tiles along the token axis (the padded rows, quantized along them: the plan's
+    128-row tiles never straddle two experts, so neither do the scale tiles); s_a [P,
+    padded_rows/128], s_b [Q, padded_rows/128]. Experts with no rows get exact zeros."""
     if plan.block_m != q8.BLOCK:
         raise ValueError(f"grouped fp8 wgrad: the plan's block_m={plan.block_m} must be "
                          f"{q8.BLOCK}, the token tile of the scales")
@@ -521,7 +523,7 @@ def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.
         raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
     n, k = a_t.shape[0], b_t.shape[0]
     cfg = config or default_config(n, k)
-    for name, size, block in (("N (a_t.shape[0])", n, cfg.block_m), ("K (b_t.shape[0])", k, cfg.block_n)):
+    for name, size, block in (("a_t.shape[0]", n, cfg.block_m), ("b_t.shape[0]", k, cfg.block_n)):
         if size % block:
             raise ValueError(f"grouped fp8 wgrad (pallas): {name} = {size} must be a multiple of "
                              f"the {block}-wide tile")

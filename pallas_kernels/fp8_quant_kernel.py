@@ -73,8 +73,10 @@ No fallback: a shape the kernel cannot take raises ValueError naming the dimensi
 Interpret mode (`interpret=True` or a `plgpu.InterpretGPUParams`) runs the same kernels on the
 CPU through jax's GPU interpreter, which checks the barrier and TMA protocol (fresh SMEM is
 NaN, so a read before a TMA write shows); the GPU path is checked on the CPU by lowering it for
-CUDA (Mosaic GPU's layout and transfer checks run at lowering). Speed is not measured yet:
-experiments/bench_fp8_gemm.py --quant times both kernels next to the XLA quantizers.
+CUDA (Mosaic GPU's layout and transfer checks run at lowering). Speed: experiments/
+bench_fp8_gemm.py --quant times both kernels next to the XLA quantizers (on an H200,
+2026-12-01, 3.39-3.83 TB/s against XLA's 1.59-1.64 and a bf16 copy's 3.34;
+experiments/results/fp8_quant.json).
 """
 
 from __future__ import annotations

@@ -128,8 +128,11 @@ class TileConfig:
       whole B half: 4 + 8 KiB of SMEM for 262,144 MACs at 128 x 256); "rows", each half of the
       rows (block_m a multiple of 128) and all the columns (one m64n256 wgmma: 2 + 8 KiB). The
       FP8 kernel's "rows" split beat "cols" by 3-14% on an H200 (fp8_gemm.default_config);
-      here "rows" is not measured yet (`python -m pallas_kernels.grouped_matmul --tune` times
-      it), so "cols" stays the default. `tgmm` always splits its columns.
+      here it is worth less: gmm 672.7 against 672.1 TFLOP/s at K = 1024, N = 512 and 628.2
+      against 620.0 at K = 512, N = 1024 (gmm_T alike; one H200, 2026-12-02,
+      `python -m pallas_kernels.grouped_matmul --tune`, experiments/results/gmm_tune_h200.json),
+      within about the spread of repeated runs, so "cols", the default every end-to-end
+      number was measured with, stays. `tgmm` always splits its columns.
 
     The defaults were the fastest on an H200 at the benchmark sizes (gmm): block_n = 128 was
     about 15% slower, unchained tiles 3-10%, 4 epilogue slots with 3 stages 6-10%; block_k = 128

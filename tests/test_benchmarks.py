@@ -39,6 +39,7 @@ def test_bench_train_runs_and_attributes_the_profile(tmp_path):
     rec = bench_train.main(["--preset", "tiny", "--batch", "2", "--seq_len", "32", "--steps", "2",
                             "--warmup", "1", "--profile_steps", "1", "--json", str(out)])
     assert json.loads(out.read_text())["tokens_per_s"] == rec["tokens_per_s"] > 0
+    assert rec["warmup_s_compile_included"] > 0
     assert rec["grouped_impl"] == "ragged_dot" and rec["attention_impl"] == "xla"  # CPU: auto
     assert rec["fp8_impl"] is None and rec["fp8_quant_impl"] is None  # bf16: no FP8
     assert bench_train.parse_args(["--precision", "fp8", "--fp8_quant_impl", "pallas"]

@@ -4,6 +4,7 @@ formulas, the model in FP8 against BF16, and a short training run of both."""
 
 import dataclasses
 import pathlib
+import re
 import sys
 
 import jax
@@ -128,6 +129,28 @@ def test_quantizers_name_the_axis_that_is_not_a_multiple_of_128():
         q8.quantize_blocks(jnp.zeros((128, 96)))
 
 
+def test_rows_to_cols_is_the_float32_retiling_bit_for_bit():
+    """The wgrad's re-tiling of the cached FP8 x transposes the e4m3 bytes first; the result
+    must be the bits of quantize_cols(dequantize_rows(q, s)), jitted as the step runs it, with
+    rows whose scales are e^(+-9) apart (a tile mixing them would show)."""
+    x = _normal(30, (384, 256)) * jnp.exp(3 * _normal(31, (384, 1)))
+    q, s = q8.quantize_rows(x)
+    want = jax.jit(lambda q, s: q8.quantize_cols(q8.dequantize_rows(q, s)))(q, s)
+    got = jax.jit(lambda q, s: q8.rows_to_cols(q, s))(q, s)
+    assert got[0].shape == (256, 384) and got[1].shape == (256, 3)
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint8),
+                                  np.asarray(want[0]).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    # the barrier that keeps the e4m3 rounding (fp8_quant._fp8_values) sits on the transposed
+    # e4m3 bytes, so the transpose moves 1 byte an element
+    hlo = jax.jit(lambda x: q8.rows_to_cols(*q8.quantize_rows(x))).lower(x).as_text()
+    assert re.search(r"optimization_barrier %\S+ : tensor<256x384xf8E4M3FN>", hlo), hlo
+    with pytest.raises(ValueError, match=r"contraction \(first\) axis \(shape\[0\] = 100"):
+        q8.rows_to_cols(q[:100], s[:100])
+    with pytest.raises(ValueError, match=r"rows_to_cols takes q \[M, K\] and s"):
+        q8.rows_to_cols(q, s[:, :1].T)
+
+
 # ------------------------------------------------------------------------------ GEMM references
 
 
@@ -231,17 +254,27 @@ def test_fp8_linear_forward_backward(shape):
     assert _rel(dx, dx32) > 1e-3 and _rel(dw, dw32) > 1e-3
 
 
+class _Seen(list):
+    """(name, impl) of each FP8 GEMM call; `shapes`: (name, output shape) of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+
 @pytest.fixture
 def gemm_impls(monkeypatch):
     """Records the `impl` every FP8 GEMM is called with, and runs the XLA reference instead (the
     Mosaic GPU kernel needs a GPU): checks that `impl` is plumbed through to fp8_gemm."""
-    seen = []
+    seen = _Seen()
     for name in ("gemm_1d2d", "gemm_1d1d", "grouped_gemm_1d2d", "grouped_wgrad_1d1d"):
         real = getattr(fp8_gemm, name)
 
         def spy(*args, impl, _real=real, _name=name, **kw):
             seen.append((_name, impl))
-            return _real(*args, impl="xla", **kw)
+            out = _real(*args, impl="xla", **kw)
+            seen.shapes.append((_name, out.shape))
+            return out
 
         monkeypatch.setattr(fp8_gemm, name, spy)
     return seen
@@ -264,6 +297,24 @@ def test_fp8_linear_keeps_dtypes_and_einsum_helper_reshapes(gemm_impls):
     gemm_impls.clear()
     jax.grad(lambda x: fp8.fp8_linear(x, w.reshape(32, 64), "pallas").sum())(x)
     assert sorted(gemm_impls) == [("gemm_1d1d", "pallas")] + [("gemm_1d2d", "pallas")] * 2
+
+
+def test_fp8_wgrads_come_out_in_the_weights_layout(gemm_impls):
+    """The weight-gradient GEMMs produce dw [K, N] (and [E, K, N]) directly, x^T on the left:
+    dw^T and a transpose back cost a pass over every weight gradient (the optimizer's reads of
+    a `small` step on an H200, ~4 ms). K and N are unequal after padding so that a transposed
+    result cannot pass."""
+    from pallas_kernels import grouped_matmul as gk
+
+    x, w = _normal(15, (4, 64, 256), dtype=jnp.bfloat16), _normal(16, (256, 96), 0.1, jnp.bfloat16)
+    jax.grad(lambda w: fp8.fp8_linear(x, w, "pallas").astype(jnp.float32).sum())(w)
+    sizes = jnp.array([100, 0, 150, 60], jnp.int32)
+    plan = gk.pad_plan(sizes, 310, 128)
+    rows, we = _normal(17, (310, 256)), _normal(18, (4, 256, 96), 0.1)
+    jax.grad(lambda we: fp8.fp8_grouped_matmul(gk.pad_rows(rows, plan), we, plan,
+                                               fp8_impl="pallas").sum())(we)
+    wgrads = [(n, shape) for n, shape in gemm_impls.shapes if "1d1d" in n]
+    assert wgrads == [("gemm_1d1d", (256, 128)), ("grouped_wgrad_1d1d", (4, 256, 128))]
 
 
 # ------------------------------------------------- the one-pass activation quantizer kernels
@@ -446,9 +497,16 @@ def test_config_fp8_quant_impl_validates():
     """Config.fp8_quant_impl: a choice; "pallas" (the bf16-only quantizer kernels) refuses any
     other activation dtype, naming both fields; it reaches fp8_gemm_impl() and the flags."""
     cfg = get_config("tiny", dtype="bfloat16")
-    assert cfg.fp8_quant_impl == "xla"
+    assert cfg.fp8_quant_impl == "auto"
     on = cfg.replace(fp8=True, fp8_quant_impl="pallas")
     assert on.fp8_gemm_impl() == fp8.Fp8Impl("xla", "pallas")
+    # "auto": the kernels exactly where the GEMMs are ours (a Hopper GPU) and x is bf16
+    auto = cfg.replace(fp8=True)
+    assert auto.replace(fp8_impl="xla").fp8_gemm_impl() == fp8.Fp8Impl("xla", "xla")
+    assert auto.replace(fp8_impl="pallas").fp8_gemm_impl() == fp8.Fp8Impl("pallas", "pallas")
+    assert (auto.replace(fp8_impl="pallas", dtype="float32").fp8_gemm_impl()
+            == fp8.Fp8Impl("pallas", "xla"))
+    assert auto.resolved_fp8_quant_impl() == auto.resolved_fp8_impl()  # pallas on a Hopper
     assert cfg.replace(fp8_quant_impl="pallas").fp8_gemm_impl() is None  # fp8 off: plain
     with pytest.raises(ValueError, match=r"Config\.fp8_quant_impl='cuda' is not one of"):
         cfg.replace(fp8_quant_impl="cuda")
@@ -543,6 +601,7 @@ def test_fp8_training_tracks_bf16(tmp_path):
                             "--mtp_depth", "0", "--embedded_bytes", "200000", "--json", str(out)])
     assert out.exists() and out.with_suffix(".png").exists()
     assert rec["runs"]["fp8"]["config"] == {"dtype": "bfloat16", "fp8": True, "fp8_impl": "xla",
+                                            "fp8_quant_impl": "xla",
                                             "grouped_impl": "ragged_dot", "mtp_depth": 0}
     assert not rec["runs"]["bf16"]["config"]["fp8"]
     fp8_loss, bf16_loss = (np.array(rec["runs"][p]["loss"]) for p in ("fp8", "bf16"))

@@ -176,3 +176,9 @@ def test_pallas_fp8_kernels_on_a_mesh_are_an_error_not_a_replication():
         jax.eval_shape(lambda p: model.forward(p, tokens, cfg, shard=shard), params)
     model._check_fp8_kernels_on_mesh(cfg, ShardingContext(abstract_mesh("fsdp=1"), "fsdp"))
     model._check_fp8_kernels_on_mesh(cfg.replace(fp8_impl="xla"), shard)  # the XLA path
+    # the one-pass quantizer kernels have no sharding rule either ("auto" resolves to them
+    # only where the GEMMs are Pallas, so the XLA GEMMs above take the XLA quantizers)
+    bf16 = cfg.replace(dtype="bfloat16", fp8_impl="xla")
+    model._check_fp8_kernels_on_mesh(bf16, shard)
+    with pytest.raises(ValueError, match=r"fp8_quant_impl resolves to 'pallas' on a mesh"):
+        model._check_fp8_kernels_on_mesh(bf16.replace(fp8_quant_impl="pallas"), shard)
