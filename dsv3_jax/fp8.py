@@ -174,13 +174,12 @@ def _fp8_matmul_fwd(x, w, mm):
 
 
 def _fp8_matmul_bwd(mm, res, dy):
-    impl, quant, interpret, w_dtype, _ = mm
     qx, sx, qw, sw = res
     # dgrad dx [Mp, Kp] = dy [Mp, Np] @ w^T: dy in 1 x 128 tiles along N; the weight's blocks
     # as the [Kp, Np] operand.
-    qdy, sdy = _quant_rows(dy, "dy", quant, interpret)
+    qdy, sdy = _quant_rows(dy, "dy", mm.quant, mm.interpret)
     qwt, swt = q8.transpose_blocks(qw, sw)
-    dx = fp8_gemm.gemm_1d2d(qdy, sdy, qwt, swt, out_dtype=dy.dtype, impl=impl)
+    dx = fp8_gemm.gemm_1d2d(qdy, sdy, qwt, swt, out_dtype=dy.dtype, impl=mm.gemm)
     # wgrad dw [Kp, Np] = x^T @ dy, contracting over the Mp tokens: the cached FP8 x (its
     # exact values, re-tiled by q8.rows_to_cols) and dy, quantized in 128 x 1 tiles along the
     # tokens. The cached x always takes the XLA quantizer (the kernels are bf16 only). x^T is the
@@ -188,9 +187,9 @@ def _fp8_matmul_bwd(mm, res, dy):
     # the left it came out as dw^T, and the transpose back cost a pass over every weight
     # gradient (fused into the optimizer's first read, ~4 ms of a `small` step on an H200).
     xt, sxt = q8.rows_to_cols(qx, sx, name="x")  # [Kp, Mp]
-    dyt, sdyt = _quant_cols(dy, "dy", quant, interpret)  # [Np, Mp]
-    dw = fp8_gemm.gemm_1d1d(xt, sxt, dyt, sdyt, out_dtype=jnp.float32, impl=impl)
-    return dx, dw.astype(w_dtype)
+    dyt, sdyt = _quant_cols(dy, "dy", mm.quant, mm.interpret)  # [Np, Mp]
+    dw = fp8_gemm.gemm_1d1d(xt, sxt, dyt, sdyt, out_dtype=jnp.float32, impl=mm.gemm)
+    return dx, dw.astype(mm.w_dtype)
 
 
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)

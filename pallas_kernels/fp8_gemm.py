@@ -64,7 +64,7 @@ from pallas_kernels import fp8_quant as q8
 from pallas_kernels import grouped_matmul as gm
 
 IMPLS = ("xla", "pallas")
-WG_SPLITS = ("cols", "rows")
+WG_SPLITS = gm.WG_SPLITS
 
 
 def _check(a, s_a, b, s_b, b_scale: str) -> None:

@@ -151,7 +151,7 @@ class TileConfig:
     wg_split: str = "cols"
 
     def __post_init__(self):
-        if self.wg_split not in ("cols", "rows"):
+        if self.wg_split not in WG_SPLITS:
             raise ValueError(f"TileConfig.wg_split={self.wg_split!r} must be 'cols' or 'rows'")
         _check_multiple("block_m", self.block_m, 128 if self.wg_split == "rows" else 64)
         _check_multiple("block_n", self.block_n, 128)
@@ -190,6 +190,9 @@ class TileConfig:
     def tgmm_smem_bytes(self, itemsize: int = 2) -> int:
         stage = self.tgmm_block_rows * (self.tgmm_block_k + self.tgmm_block_n) * itemsize
         return self.max_concurrent_steps * stage + _epilogue_bytes(self.epilogue_slots)
+
+
+WG_SPLITS = ("cols", "rows")  # how two compute warpgroups share a tile (here and in fp8_gemm)
 
 
 def wg_share(split: str, block_m: int, block_n: int) -> tuple[int, int]:
