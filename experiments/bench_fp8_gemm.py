@@ -17,8 +17,9 @@ iteration by rewriting a 256 MiB buffer whose kernel is left out of the sum):
                     gets today for the recipe
   triton_fp8        our jax-triton block-scaled kernel (pallas_kernels/fp8_triton.py; needs
                     jax-triton 0.3.1 next to triton 3.6, else recorded as not run)
-  pallas_fp8[BMxBNxSTAGESxSPLITS[r]]  the kernel with the tile configs of --configs (a sweep;
-                    r: the "rows" warpgroup split), also for the grouped and wgrad cases
+  pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][_e1]]  the kernel with the tile configs of --configs
+                    (a sweep; r: the "rows" warpgroup split, +stage: two K-blocks a stage,
+                    _e1: one epilogue slot), also for the grouped and wgrad cases
 grouped cases (G experts x ROWS rows, the MoE layout): pallas_fp8_grouped (our grouped FP8
 kernel) against pallas_bf16_grouped (our bf16 grouped kernel, the baseline); weight-gradient
 cases (--wgrad): pallas_fp8_wgrad (1 x 128 tiles along tokens, fp32 out) against
@@ -30,19 +31,20 @@ ratios to xla_bf16 are printed. The kernel's error against the exact product of 
 values is checked per shape (DeepGEMM's calc_diff, and max relative error).
 Output: a table and experiments/results/fp8_gemm.json, a list of records
 {"shape": [M, N, K], "impl": ..., "tflops": ...} plus run metadata in the first record's
-"run" field.
-Result (one H200, 2026-12-01; experiments/results/fp8_gemm.json, from the printed table in
-fp8_gemm_h200_table.txt: that run hit its time limit before writing JSON):
-  pallas_fp8 ("cols" split then) at 8192^3: 921 TFLOP/s = 1.14x xla_bf16 (810);
-  xla_fp8_unscaled 1557, xla_dequant_bf16 728, triton_fp8 861. M = 4096, DeepSeek-V3's six
-  (N, K): 1.07-1.16x bf16 (797-942; triton_fp8 0.62-1.07x). M = 128: 1.02x at K = 16384, 0.52x
-  at 128 x 2112 x 7168 (too few tiles: no split-K).
-  A later run the same day (fp8_gemm_wg_split_h200.json, --configs 128x128x4r ...) put the
-  "rows" split, now the default, beside it: 1.15-1.29x bf16 dense (1007 at 8192^3), 1.45x our
-  bf16 grouped kernel (1082 against 747), 1.08x bf16 on the weight gradient (868 against 803).
-  Quantizers (fp8_quant.json, 8192 x 7168): XLA's 1.59-1.64 TB/s (48-49% of the bf16 copy's
-  3.34 TB/s); the one-pass kernels 3.39-3.83 TB/s (102-115%), bit-identical to XLA's.
-  Targets: grouped 1.3x and quantizers 80% of copy met; dense 1.6x and wgrad 1.1x not.
+"run" field ("complete": false while a run is cut short; the file is rewritten after each case).
+Result (one H200, 2026-12-02, `--iterations 10 --quant`; experiments/results/fp8_gemm.json):
+  pallas_fp8 (two K-blocks a stage, "rows" split) at 8192^3: 1143 TFLOP/s = 1.39x xla_bf16
+  (820); xla_fp8_unscaled 1568, xla_dequant_bf16 735. M = 4096, DeepSeek-V3's six (N, K):
+  1.14-1.48x bf16 (892-1221). M = 128: 0.77x (N = 2112: 17 tiles, no split-K) to 1.57x.
+  Grouped 1.58-1.60x our bf16 grouped kernel; weight gradient 1.10-1.23x bf16. jax-triton was
+  not installed on the machine, so triton_fp8 records its ImportError; the 2026-12-01 run
+  (fp8_gemm_h200_2026-12-01.json, then fp8_gemm.json, with the "cols" split; its table in
+  fp8_gemm_h200_table.txt) has triton_fp8 at 0.62-1.07x bf16 (861 at 8192^3).
+  The two-block stages against one-block ones: fp8_gemm_overlap_h200.json (1.07-1.18x);
+  the warpgroup split: fp8_gemm_wg_split_h200.json.
+  Quantizers (fp8_quant.json, 2026-12-01, 8192 x 7168): XLA's 1.59-1.64 TB/s (48-49% of the
+  bf16 copy's 3.34 TB/s); the one-pass kernels 3.39-3.83 TB/s (102-115%), bit-identical to XLA's.
+  Targets: grouped 1.3x, wgrad 1.1x and quantizers 80% of copy met; dense 1.6x not.
 """
 
 import argparse
@@ -85,10 +87,13 @@ def parse_args(argv=None):
                          "in {(4096, 7168), (7168, 2048)}; pass none to skip: --grouped)")
     ap.add_argument("--configs", nargs="*", default=[],
                     help="extra kernel tile configs to time next to the default, as "
-                         "BMxBNxSTAGES[xSPLITS][r] (e.g. 128x128x5x2 128x256x3 128x128x4r; r = "
-                         "Fp8Config.wg_split 'rows'), in the dense, grouped and wgrad cases "
+                         "BMxBNxSTAGES[xSPLITS][r][+OVERLAP] (e.g. 128x128x5x2 128x256x3 "
+                         "128x128x4r 128x128x3r+steps; r = Fp8Config.wg_split 'rows', OVERLAP "
+                         "= Fp8Config.overlap 'stage' or 'steps', with one epilogue slot where "
+                         "two do not fit), in the dense, grouped and wgrad cases "
                          "whose sizes they divide; recorded as impl "
-                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r]]' (…_grouped[…], …_wgrad[…])")
+                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r][+OVERLAP][_e1]]' (…_grouped[…], "
+                         "…_wgrad[…])")
     ap.add_argument("--wgrad", nargs="*", default=None,
                     help="weight-gradient cases NxKxTOKENS: dw [N, K] = dy^T x over TOKENS, "
                          "fp32 out (default: (N, K) in {(4096, 7168), (7168, 2048), "
@@ -115,19 +120,26 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def _config(text: str) -> "fg.Fp8Config":
-    body = text.lower()
+    body, _, overlap = text.lower().partition("+")
     split = "rows" if body.endswith("r") else "cols"
     try:
         bm, bn, stages, *splits = (int(v) for v in body.rstrip("r").split("x"))
-        return fg.Fp8Config(block_m=bm, block_n=bn, max_concurrent_steps=stages,
-                            splits=splits[0] if splits else 1, wg_split=split)
+        kw = dict(block_m=bm, block_n=bn, max_concurrent_steps=stages,
+                  splits=splits[0] if splits else 1, wg_split=split, overlap=overlap or "none")
+        # two-block stages may leave room for one epilogue slot only
+        slots = 2 if fg.Fp8Config(**kw, epilogue_slots=1).smem_bytes(4) + (
+            fg.gm._epilogue_bytes(2) - fg.gm._epilogue_bytes(1)) <= fg.gm.SMEM_BYTES else 1
+        return fg.Fp8Config(**kw, epilogue_slots=slots)
     except (ValueError, IndexError) as e:
-        raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS][r])") from None
+        raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS][r][+OVERLAP], "
+                         f"OVERLAP in {fg.OVERLAPS[1:]})") from None
 
 
 def _tag(cfg) -> str:
     return (f"{cfg.block_m}x{cfg.block_n}x{cfg.max_concurrent_steps}x{cfg.splits}"
-            + ("r" if cfg.wg_split == "rows" else ""))
+            + ("r" if cfg.wg_split == "rows" else "")
+            + ("" if cfg.overlap == "none" else f"+{cfg.overlap}")
+            + ("" if cfg.epilogue_slots == 2 else f"_e{cfg.epilogue_slots}"))
 
 
 def _pad128(v: int) -> int:
@@ -154,7 +166,7 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool,
     aq, sa = jax.jit(q8.quantize_rows)(x)
     bq, sb = jax.jit(q8.quantize_blocks)(w)
     sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
-    cfg = fg.default_config(m, n_pad)
+    cfg = fg.default_config(m, n_pad, k)
 
     def kernel(c):
         return (lambda a, b, s1, s2: fg.gemm_kernel(a, b, s1, s2, config=c, b_blocks=True,
@@ -372,7 +384,8 @@ def main(argv=None) -> list[dict]:
     run = {"command": "python experiments/bench_fp8_gemm.py " + " ".join(
                argv if argv is not None else sys.argv[1:]),
            "date": datetime.date.today().isoformat(), "device": dev.device_kind,
-           "jax": jax.__version__, "interpret": a.interpret, "iterations": a.iterations}
+           "jax": jax.__version__, "interpret": a.interpret, "iterations": a.iterations,
+           "complete": False}  # True once every case has run (the file is written after each)
 
     def save(records, quant_records=()):
         """Written after every case, so a run cut short keeps what it measured."""
@@ -437,6 +450,7 @@ def main(argv=None) -> list[dict]:
                 f"{r['fraction_of_copy']:6.1%} of the copy's bandwidth")
             gbps = "-" if r["gbps"] is None else f"{r['gbps']:8.1f}"
             print(f"  quant {m}x{k} {r['impl']:<16} {gbps:>8} GB/s  {extra}", flush=True)
+    run["complete"] = True
     save(records, quant_records)
     print(f"wrote {a.json}" + (f" and {a.quant_json}" if quant_records else ""))
     return records

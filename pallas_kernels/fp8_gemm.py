@@ -23,30 +23,34 @@ exact products of the quantized values, any backend), "pallas" our Mosaic GPU ke
 
 **The kernel** (`gemm_kernel`) is persistent (one CTA per SM looping over output tiles) and
 warp-specialized like our grouped bf16 kernel (pallas_kernels/grouped_matmul.py, whose
-pipeline, epilogue and launch helpers it reuses): a TMA warpgroup streams, per K-block of 128,
-the a tile [block_m, 128], the b tile [block_n, 128] (e4m3, 128-byte swizzle, both K-major) and
-the two scale rows; two compute warpgroups each own half of the tile's rows (`wg_split`
-"rows", DeepGEMM's split; "cols", half of the columns, is the older choice). Per K-block a
-warpgroup runs the FP8 wgmma into a fresh fp32 accumulator and adds it, times
-s_a[row] * s_b[col], to its carried fp32 result. 128 x 128 weight blocks are passed as one
-scale per column (the block scale repeated: exact), so the data-gradient and weight-gradient
-scalings use the same kernel; with weight blocks a warpgroup's 64 columns share one scale, which
-is folded into the row scales (one FMA per element).
+pipeline, epilogue and launch helpers it reuses): a TMA warpgroup streams, per stage of one or
+two K-blocks of 128 (`Fp8Config.overlap`), the a tile [block_m, 128 kb], the b tile [block_n,
+128 kb] (e4m3, 128-byte swizzle, both K-major) and their scale rows; two compute warpgroups
+each own half of the tile's rows (`wg_split` "rows", DeepGEMM's split; "cols", half of the
+columns, is the older choice). Per K-block a warpgroup runs the FP8 wgmma into a fresh fp32
+accumulator and adds it, times s_a[row] * s_b[col], to its carried fp32 result; with two
+blocks a stage both wgmmas are issued first and the first block is promoted while the second
+runs. 128 x 128 weight blocks are passed as one scale per column (the block scale repeated:
+exact), so the data-gradient and weight-gradient scalings use the same kernel; with weight
+blocks a warpgroup's columns share one scale, which is folded into the row scales (one FMA per
+element).
 
-**Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-01; experiments/results/
-fp8_gemm.json, the tile sweep in fp8_gemm_sweep.json, the warpgroup split in
-fp8_gemm_wg_split_h200.json): correct on the device (calc_diff 1.2e-6 to 1.4e-6 against the
-exact product). With the "rows" split, side by side with XLA's bf16 dot in one run: 1.15-1.29x
-at M = 4096 (964-1057 TFLOP/s), 1.24x at 8192^3 (1007 against 814; raw FP8 without scales 1557
-in the earlier run), 1.45x our bf16 grouped kernel for the experts (1082 against 747), 1.08x
-bf16 for the weight gradient (868 against 803); "cols" was 3-14% slower on each. The first
-version reached 421 at 8192^3: its 128 x 256 tiles need 256 registers a thread for the result
-and the fresh accumulator, over the 232 a compute warpgroup gets, and spilled; 128 x 128 tiles
-with 4 stages, which chain tiles for K in multiples of 512, gave 965. Two row blocks in flight
-per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on others. Still short of the
-dense 1.6x target (about 1200 TFLOP/s; DeepGEMM 1550 on an H800) and the wgrad 1.1x: next are
-a third compute warpgroup, so that promotion and tensor-core work overlap across warpgroups as
-in DeepGEMM, and split-K for M = 128 (0.5x bf16 at 128 x 2112 x 7168: 17 tiles for 132 SMs).
+**Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-02; experiments/results/
+fp8_gemm.json, the two-block stages against one-block ones in fp8_gemm_overlap_h200.json; the
+tile sweep of 12-01 in fp8_gemm_sweep.json, the warpgroup split in
+fp8_gemm_wg_split_h200.json): correct on the device (calc_diff 1.3e-6 to 1.5e-6 against the
+exact product). Side by side with XLA's bf16 dot in one run: 1.39x at 8192^3 (1143 against
+820; XLA's raw FP8 dot without scales 1568), 1.14-1.48x at M = 4096, 0.77-1.57x at M = 128,
+1.58-1.60x our bf16 grouped kernel for the experts, 1.10-1.23x bf16 for the weight gradient.
+The path there: the first version reached 421 at 8192^3 (its 128 x 256 tiles need 256
+registers a thread for the result and the fresh accumulator, over the 232 a compute
+warpgroup gets, and spilled); 128 x 128 tiles with 4 stages, which chain tiles for K in
+multiples of 512, gave 965; the "rows" split 1007; two K-blocks a stage 1143-1160. Two row
+blocks in flight per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on others.
+Still short of the dense 1.6x target (about 1300 TFLOP/s here; DeepGEMM 1550 on an H800):
+half of the promotions still leave the tensor cores idle; next are a third compute warpgroup
+or ping-pong scheduling of the two, so that one's promotion runs under the other's wgmma as in
+DeepGEMM, and split-K for M = 128 (0.77x bf16 at 128 x 2112 x 7168: 17 tiles for 132 SMs).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from pallas_kernels import fp8_quant as q8
 from pallas_kernels import grouped_matmul as gm
 
 IMPLS = ("xla", "pallas")
+OVERLAPS = ("none", "stage")
 WG_SPLITS = gm.WG_SPLITS
 
 
@@ -141,6 +146,10 @@ class Fp8Config:
       flight: the first half is promoted while the second's wgmma still runs (the overlap of
       tensor-core and CUDA-core work the V3 report describes, §3.3.2). Each half is 64 rows or
       more.
+    overlap: "none" or "stage": a stage holds two K-blocks of 128, both wgmmas are issued
+      into two fresh accumulators and the first block is promoted while the second runs
+      (`_stage_pair_mma`). K must then be a multiple of 256 and splits 1; the grouped weight
+      gradient (per-expert token counts in 128s) does not take it.
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
     accumulator, block_m * block_n / 2 numbers each over 128 threads (either split), in at
@@ -154,6 +163,7 @@ class Fp8Config:
     epilogue_slots: int = 2
     splits: int = 1
     wg_split: str = "rows"
+    overlap: str = "none"
 
     def __post_init__(self):
         if self.wg_split not in WG_SPLITS:
@@ -171,6 +181,11 @@ class Fp8Config:
             raise ValueError(f"Fp8Config.splits={self.splits} must be 1 or 2, with a warpgroup's "
                              f"{wg_rows} rows / splits >= 64 (block_m={self.block_m}, "
                              f"wg_split={self.wg_split!r})")
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"Fp8Config.overlap={self.overlap!r} must be one of {OVERLAPS}")
+        if self.overlap != "none" and self.splits != 1:
+            raise ValueError(f"Fp8Config.overlap={self.overlap!r} needs splits=1, got "
+                             f"splits={self.splits}")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"Fp8Config.max_concurrent_steps={self.max_concurrent_steps} must "
                              "be >= 2")
@@ -191,16 +206,24 @@ class Fp8Config:
         (rows, cols), (r0, c0) = self.wg_tile(), self.wg_offsets(wg)
         return tile_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)]
 
+    @property
+    def k_blocks(self) -> int:
+        """K-blocks of 128 per pipeline stage."""
+        return 1 if self.overlap == "none" else 2
+
     def smem_bytes(self, out_itemsize: int) -> int:
-        stage = (self.block_m + self.block_n) * (q8.BLOCK + 4)  # fp8 tiles + f32 scale rows
+        # fp8 tiles + their f32 scale rows
+        stage = (self.block_m + self.block_n) * (q8.BLOCK + 4) * self.k_blocks
         return self.max_concurrent_steps * stage + gm._epilogue_bytes(self.epilogue_slots)
 
 
-def default_config(m: int, n: int) -> Fp8Config:
-    """128 x 128 tiles (wider ones spill the compute warpgroups' registers: Fp8Config's note),
-    4 stages, so that K's 128-blocks come in whole rounds of stages for DeepSeek-V3's K
-    (multiples of 512) and the TMA warpgroup runs on into a CTA's next tile (`chain_tiles`),
-    and the "rows" warpgroup split. Measured side by side on an H200:
+def default_config(m: int, n: int, k: int | None = None) -> Fp8Config:
+    """128 x 128 tiles (wider ones spill the compute warpgroups' registers: Fp8Config's note) and
+    the "rows" warpgroup split; where K is a multiple of 256 (k given), stages of two K-blocks
+    with the first block's promotion over the second's wgmma (`overlap="stage"`), 3 stages and
+    one epilogue slot (what fits the SMEM); otherwise 4 one-block stages, so that K's 128-blocks
+    come in whole rounds of stages for DeepSeek-V3's K (multiples of 512) and the TMA warpgroup
+    runs on into a CTA's next tile (`chain_tiles`). Measured side by side on an H200:
       2026-12-01: 4 stages beat 5, which cannot chain, by 4-15% (965 against 886 TFLOP/s at
         8192^3);
       2026-12-01, later (experiments/results/fp8_gemm_wg_split_h200.json): "rows" beats "cols" by
@@ -208,22 +231,35 @@ def default_config(m: int, n: int) -> Fp8Config:
         14% grouped (1082 against 947) and 9% on the weight gradient (868 against 799).
         128 x 192 "rows" tiles lost 5% to 128 x 128 (919 against 964) and 256 x 128 with two
         row blocks per warpgroup ran at half speed (425 at 8192^3; 128 rows and two fresh
-        accumulators a warpgroup, so the registers spill, by the count in Fp8Config's note)."""
+        accumulators a warpgroup, so the registers spill, by the count in Fp8Config's note).
+      2026-12-02 (experiments/results/fp8_gemm_overlap_h200.json): two-block stages, 3 of them,
+        beat the one-block default by 7-18%: 1160 against 1038 at 8192^3 (1.39x XLA's bf16 dot
+        against 1.25x), 1.25-1.40x against 1.15-1.24x at M = 4096, 1203 against 1098 grouped
+        (1.56x our bf16 grouped kernel), 957 against 895 on the weight gradient (1.17x bf16);
+        2 such stages (which chain tiles) ran at 1.00-1.09x. A variant that also overlapped each
+        stage's last promotion with the next stage's first wgmma (two accumulators carried
+        across steps, stages released by hand; "+steps" in that file) ran at 0.64-0.91x the
+        one-block default and was dropped:
+        carrying in-flight accumulators through the loop probably makes ptxas serialize the
+        wgmmas (inferred, not inspected)."""
     del m, n
+    if k is not None and k % (2 * q8.BLOCK) == 0:
+        return Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1)
     return Fp8Config()
 
 
 def _specs(cfg: Fp8Config) -> list:
-    """One K-block per pipeline step: a [bm, 128], b [bn, 128] (e4m3, 128-byte swizzle: one row
-    of a tile is exactly 128 bytes) and the two scale rows [1, bm], [1, bn] (f32, from the
-    transposed scale arrays so each row is contiguous for TMA)."""
-    bm, bn, bk = cfg.block_m, cfg.block_n, q8.BLOCK
+    """`cfg.k_blocks` K-blocks of 128 per pipeline step: a [bm, 128 kb], b [bn, 128 kb] (e4m3,
+    128-byte swizzle: one row of a K-block is exactly 128 bytes) and the scale rows [kb, bm],
+    [kb, bn] (f32, from the transposed scale arrays so each row is contiguous for TMA)."""
+    kb = cfg.k_blocks
+    bm, bn, bk = cfg.block_m, cfg.block_n, q8.BLOCK * kb
     fp8 = jnp.dtype(q8.FP8)
     return [
         plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8)),
         plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8)),
-        plgpu.BlockSpec((1, bm), lambda k: (k, 0)),
-        plgpu.BlockSpec((1, bn), lambda k: (k, 0)),
+        plgpu.BlockSpec((kb, bm), lambda k: (k, 0)),
+        plgpu.BlockSpec((kb, bn), lambda k: (k, 0)),
     ]
 
 
@@ -251,20 +287,56 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
                 plgpu.wgmma(acc, a_smem.at[pl.ds(r0 + j * rows, rows)], b_smem.at[cols, :].T)
             out = []
             for j, (acc, result) in enumerate(zip(accs, carry)):
-                sa = plgpu.load(sa_smem.at[0, pl.ds(r0 + j * rows, rows)],
-                                layout=plgpu.Layout.WGMMA.reduce(1))
                 part = plgpu.wgmma_accumulator_load(acc, wait_n=cfg.splits - 1 - j)
-                if b_blocks:
-                    scale = lax.broadcast_in_dim(sa * sb_smem[0, c0], result.shape, [0])
-                else:
-                    sb = plgpu.load(sb_smem.at[0, cols], layout=plgpu.Layout.WGMMA.reduce(0))
-                    scale = (lax.broadcast_in_dim(sa, result.shape, [0])
-                             * lax.broadcast_in_dim(sb, result.shape, [1]))
+                scale = _promotion_scale(sa_smem.at[0], sb_smem.at[0], pl.ds(r0 + j * rows, rows),
+                                         c0, cols, result.shape, b_blocks)
                 out.append(result + part * scale)
             return tuple(out)
 
         return pl.run_scoped(products, *[plgpu.ACC((rows, wg_cols), jnp.float32)
                                          for _ in range(cfg.splits)])
+    return mma
+
+
+def _promotion_scale(sa_row, sb_row, rows, c0, cols, shape, b_blocks: bool):
+    """s_a[row] * s_b[col] over a warpgroup's [rows, cols] share of one K-block, from that
+    block's scale rows in SMEM (sa_row [bm], sb_row [bn]); with `b_blocks` the column scale is
+    the one number at c0."""
+    sa = plgpu.load(sa_row.at[rows], layout=plgpu.Layout.WGMMA.reduce(1))
+    if b_blocks:
+        return lax.broadcast_in_dim(sa * sb_row[c0], shape, [0])
+    sb = plgpu.load(sb_row.at[cols], layout=plgpu.Layout.WGMMA.reduce(0))
+    return lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
+
+
+def _stage_pair_mma(cfg: Fp8Config, b_blocks: bool):
+    """Pipeline step of one compute warpgroup over a stage of two K-blocks (`Fp8Config.overlap`
+    "stage"): both wgmmas are issued, each into its own fresh accumulator; the first block is
+    promoted while the second is on the tensor cores, then the second. The tensor cores thus
+    have work during half of the promotions, the overlap of tensor-core and CUDA-core work
+    that the V3 report asks of its kernels (§3.3.2). Registers: the result and two
+    accumulators, 3 x 64 a thread at 128 x 128 tiles."""
+    wg_rows, wg_cols = cfg.wg_tile()
+
+    def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
+        (result,) = carry  # `_promoting_pipeline`'s context carries splits (= 1) row blocks
+        wg = lax.axis_index("wg")
+        r0, c0 = cfg.wg_offsets(wg)
+        rows, cols = pl.ds(r0, wg_rows), pl.ds(c0, wg_cols)
+
+        def products(*accs):
+            for j, acc in enumerate(accs):
+                blk = pl.ds(j * q8.BLOCK, q8.BLOCK)
+                plgpu.wgmma(acc, a_smem.at[rows, blk], b_smem.at[cols, blk].T)
+            out = result
+            for j, acc in enumerate(accs):
+                part = plgpu.wgmma_accumulator_load(acc, wait_n=len(accs) - 1 - j)
+                out = out + part * _promotion_scale(sa_smem.at[j], sb_smem.at[j], rows, c0, cols,
+                                                    out.shape, b_blocks)
+            return (out,)
+
+        acc = plgpu.ACC((wg_rows, wg_cols), jnp.float32)
+        return pl.run_scoped(products, acc, acc)
     return mma
 
 
@@ -278,21 +350,34 @@ def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, store_to, state=None, *,
                         b_blocks: bool = False):
     """The warp-specialized K pipeline of every FP8 kernel here: each compute warpgroup carries
     its zero-initialised fp32 result (`cfg.wg_tile()`, in `cfg.splits` row blocks) through
-    `_promoting_mma` and hands the blocks to `store_to(block, row0)` (the epilogue, row0 within
-    the warpgroup's share); `state` chains a CTA's consecutive tiles (grouped_matmul)."""
+    `_promoting_mma` (or `_stage_pair_mma`) and hands the blocks to `store_to(block, row0)`
+    (the epilogue, row0 within the warpgroup's share); `state` chains a CTA's consecutive tiles
+    (grouped_matmul)."""
     wg_rows, wg_cols = cfg.wg_tile()
     rows = wg_rows // cfg.splits
+    b_scalar = b_blocks and _b_scalar_ok(cfg)
+    zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, wg_cols), jnp.float32), plgpu.Layout.WGMMA)
 
     def context(run):
-        zeros = tuple(plgpu.layout_cast(jnp.zeros((rows, wg_cols), jnp.float32),
-                                        plgpu.Layout.WGMMA) for _ in range(cfg.splits))
-        for j, block in enumerate(run(zeros)):
+        for j, block in enumerate(run(tuple(zeros() for _ in range(cfg.splits)))):
             store_to(block, j * rows)
+
+    body = (_stage_pair_mma if cfg.overlap == "stage" else _promoting_mma)(cfg, b_scalar)
     return plgpu.emit_pipeline_warp_specialized(
-        _promoting_mma(cfg, b_blocks and _b_scalar_ok(cfg)), grid=grid, in_specs=in_specs,
+        body, grid=grid, in_specs=in_specs,
         max_concurrent_steps=cfg.max_concurrent_steps, memory_registers=gm.MEMORY_REGISTERS,
         num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg", compute_context=context,
         pipeline_state=state)
+
+
+def _k_steps(cfg: Fp8Config, k: int) -> int:
+    """Pipeline steps over K: K / (128 k_blocks), which must be whole."""
+    per_step = q8.BLOCK * cfg.k_blocks
+    if k % per_step:
+        raise ValueError(f"fp8 gemm (pallas): K = {k} must be a multiple of {per_step} with "
+                         f"Fp8Config.overlap={cfg.overlap!r} (K-blocks of 128 a stage: "
+                         f"{cfg.k_blocks})")
+    return k // per_step
 
 
 def _store(slots, dst):
@@ -308,7 +393,7 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
     y_ref [M, N]. Persistent: each CTA loops over (m-tile, n-tile) work items."""
     bm, bn = cfg.block_m, cfg.block_n
     m_tiles, n_tiles = y_ref.shape[0] // bm, y_ref.shape[1] // bn
-    k_steps = a_ref.shape[1] // q8.BLOCK
+    k_steps = _k_steps(cfg, a_ref.shape[1])
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _specs(cfg)
 
@@ -363,7 +448,8 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
     b_blocks=True promises that sb_t's columns repeat in runs of 128 (`kernel_scales` of 128 x
     128 weight blocks); the kernel then reads one b scale per warpgroup and K-block."""
     (m, k), n = a.shape, b.shape[0]
-    cfg = config or default_config(m, n)
+    cfg = config or default_config(m, n, k)
+    _k_steps(cfg, k)  # K in whole stages, checked before tracing
     for name, size, block in (("M (a.shape[0])", m, cfg.block_m), ("N (b.shape[0])", n, cfg.block_n)):
         if size % block:
             raise ValueError(f"fp8 gemm (pallas): {name} = {size} must be a multiple of the "
@@ -428,7 +514,8 @@ def grouped_gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array
         return y.reshape(plan.padded_rows, -1).astype(out_dtype)
     if impl != "pallas":
         raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
-    cfg = config or default_config(plan.padded_rows, b.shape[1])
+    cfg = config or default_config(plan.padded_rows, b.shape[1], a.shape[1])
+    _k_steps(cfg, a.shape[1])
     if cfg.block_m != plan.block_m:
         raise ValueError(f"grouped fp8 gemm (pallas): the plan's block_m={plan.block_m} must equal "
                          f"the kernel's block_m={cfg.block_m}; build the plan with it")
@@ -449,7 +536,7 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
     the last group store zeros."""
     bm, bn = cfg.block_m, cfg.block_n
     n_tiles = y_ref.shape[1] // bn
-    k_steps = a_ref.shape[1] // q8.BLOCK
+    k_steps = _k_steps(cfg, a_ref.shape[1])
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _specs(cfg)
 
@@ -523,6 +610,9 @@ def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.
         raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
     n, k = a_t.shape[0], b_t.shape[0]
     cfg = config or default_config(n, k)
+    if cfg.overlap != "none":
+        raise ValueError(f"grouped fp8 wgrad (pallas): Fp8Config.overlap={cfg.overlap!r} is not "
+                         "supported: an expert's tokens come in 128s, not in the 256s of a stage")
     for name, size, block in (("a_t.shape[0]", n, cfg.block_m), ("b_t.shape[0]", k, cfg.block_n)):
         if size % block:
             raise ValueError(f"grouped fp8 wgrad (pallas): {name} = {size} must be a multiple of "

@@ -47,6 +47,10 @@ def _rel(got, want):
     (384, 512, 384, fg.Fp8Config(wg_split="cols")),  # the "cols" split: 64 columns each
     (256, 384, 256, fg.Fp8Config(block_n=192, wg_split="rows")),  # two weight blocks a warpgroup
     (256, 128, 256, fg.Fp8Config(block_m=256, wg_split="rows", splits=2, max_concurrent_steps=2)),
+    # two K-blocks a stage, the second's wgmma over the first's promotion; 3 stages of 2 blocks
+    # with 6 K-blocks: chained tiles on 3 simulated SMs
+    (384, 256, 768, fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1)),
+    (256, 384, 512, fg.Fp8Config(overlap="stage", max_concurrent_steps=2)),
 ])
 @pytest.mark.parametrize("b_scale", ["blocks", "rows"])
 def test_kernel_equals_the_reference_in_interpret_mode(m, n, k, config, b_scale):
@@ -100,6 +104,26 @@ def test_kernel_tile_multiples_are_explicit_errors():
         fg.Fp8Config(block_m=64, wg_split="rows")
     with pytest.raises(ValueError, match="64 rows / splits >= 64"):
         fg.Fp8Config(wg_split="rows", splits=2)
+
+
+def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
+    with pytest.raises(ValueError, match="overlap='fast' must be one of"):
+        fg.Fp8Config(overlap="fast")
+    with pytest.raises(ValueError, match="overlap='stage' needs splits=1"):
+        fg.Fp8Config(overlap="stage", splits=2, wg_split="cols")
+    with pytest.raises(ValueError, match="max_concurrent_steps"):  # 4 two-block stages: no SMEM
+        fg.Fp8Config(overlap="stage", max_concurrent_steps=4)
+    aq, sa, bq, sb = _operands(128, 128, 384)  # 3 K-blocks: not whole stages of 2
+    sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
+    with pytest.raises(ValueError, match="K = 384 must be a multiple of 256"):
+        fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True,
+                       config=fg.Fp8Config(overlap="stage", max_concurrent_steps=2))
+    # the default takes K as it comes: two-block stages where K allows, one-block ones elsewhere
+    assert fg.default_config(128, 128, 384).overlap == "none"
+    assert fg.default_config(128, 128, 7168) == fg.Fp8Config(
+        overlap="stage", max_concurrent_steps=3, epilogue_slots=1)
+    got = fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True, out_dtype=jnp.float32)
+    assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
 
 
 def test_identical_kernel_calls_share_one_lowering(monkeypatch):
@@ -237,7 +261,9 @@ def test_grouped_kernel_on_the_gpu():
                                     fg.Fp8Config(block_n=256, max_concurrent_steps=3,
                                                  wg_split="cols"),
                                     fg.Fp8Config(wg_split="cols"),
-                                    fg.Fp8Config(block_n=192, wg_split="rows")])
+                                    fg.Fp8Config(block_n=192, wg_split="rows"),
+                                    fg.Fp8Config(overlap="stage", max_concurrent_steps=2),
+                                    fg.Fp8Config()])  # one-block stages, the default before
 @pytest.mark.parametrize("m, n, k", [(4096, 4096, 7168), (128, 7168, 2048), (512, 2176, 7168)])
 def test_kernel_on_the_gpu(m, n, k, config):
     """Real FP8 tensor cores: DeepGEMM's calc_diff < 1e-3 against the exact product of the
