@@ -16,7 +16,9 @@ router, norms, the attention core, the MTP projection and the optimizer.
 
 `fp8_linear` is the dense op (MLA projections, dense FFN, shared experts); `fp8_grouped_matmul`
 the routed experts' grouped GEMM. `matmul` is what the model's call sites use: an einsum of a
-linear layer, plain (`fp8_impl=None`, bit-for-bit the non-FP8 model) or in FP8.
+linear layer, plain (`fp8_impl=None`, bit-for-bit the non-FP8 model) or in FP8;
+`matmul_parts` runs several layers of one input as one FP8 GEMM (same outputs and weight
+gradients, the input quantized once).
 
 Axes that are not multiples of 128 (tokens, K, N; the `tiny` preset has D = 64) are zero-padded
 explicitly around the op: a zero row or column of x or w adds nothing to any product and leaves
@@ -221,6 +223,42 @@ def matmul(spec: str, x: jax.Array, w: jax.Array,
     k, n = math.prod(ins), math.prod(outs)
     y = fp8_linear(x.reshape(*lead, k), w.reshape(k, n), fp8_impl)
     return y.reshape(*lead, *outs)
+
+
+def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
+                 fp8_impl: "str | Fp8Impl | None" = None, *, fuse: bool = True) -> list:
+    """`[matmul(spec, x, w, fp8_impl) for w in ws]`, the linear layers of one input, as one FP8
+    GEMM over the weights concatenated along their flattened output axis when `fuse` (and
+    `fp8_impl` is set): x is quantized, cached and re-tiled for the weight gradient once
+    instead of once per weight, and the data gradient is one GEMM instead of one per weight
+    plus their sum. Each part but the last is zero-padded to a multiple of 128 columns, so every
+    part starts on a block boundary: each weight keeps its own 128 x 128 blocks, dy its own
+    1 x 128 tiles, and the outputs and weight gradients are those of separate layers (the data
+    gradient accumulates all parts in one float32 sum before its bf16 rounding, instead of
+    rounding each part's product and adding them in bf16). Callers pass fuse=False where the
+    weights are sharded along their outputs (a concatenation would reshuffle the shards)."""
+    if fp8_impl is None or not fuse or len(ws) == 1:
+        return [matmul(spec, x, w, fp8_impl) for w in ws]
+    n_in = _linear_spec(spec, x, ws[0])
+    lead, ins = x.shape[:x.ndim - n_in], ws[0].shape[:n_in]
+    k = math.prod(ins)
+    flat, widths = [], []
+    for i, w in enumerate(ws):
+        _linear_spec(spec, x, w)
+        if w.shape[:n_in] != ins or w.dtype != ws[0].dtype:
+            raise ValueError(f"fp8 matmul_parts: weight {i} is {w.dtype}{list(w.shape)}, but "
+                             f"weight 0 is {ws[0].dtype}{list(ws[0].shape)}: the input axes "
+                             "and dtypes must match")
+        n = math.prod(w.shape[n_in:])
+        w2 = w.reshape(k, n)
+        flat.append(w2 if i == len(ws) - 1 else _pad_axis(w2, 1, _round_up(n)))
+        widths.append(n)
+    y = fp8_linear(x.reshape(*lead, k), jnp.concatenate(flat, axis=1), fp8_impl)
+    outs, start = [], 0
+    for w, part, n in zip(ws, flat, widths):
+        outs.append(y[..., start:start + n].reshape(*lead, *w.shape[n_in:]))
+        start += part.shape[1]
+    return outs
 
 
 # ------------------------------------------------------------------------------ grouped (MoE)

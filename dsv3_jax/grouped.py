@@ -105,8 +105,13 @@ def _grouped_swiglu_fp8(p: dict, rows, sizes, impl: str, fp8_impl,
     """grouped_swiglu with FP8 GEMM inputs, in the padded-group layout whatever the impl: the
     weight gradient quantizes x and dy in 128-row tiles along tokens, and a layout in which
     every expert starts on a 128-row tile is one where no tile straddles two experts. Gate and
-    up stay two products (not the bf16 path's fused [E, D, 2F] one) so that each weight gets its
-    own 128 x 128 blocks and dy its own 1 x 128 tiles whatever F is, as in the dense FFN."""
+    up are one product over [E, D, F' + F], F' = F rounded up to 128 with zero columns (as
+    `fp8.matmul_parts` does for the dense layers): x is quantized, cached and re-tiled once and
+    the backward runs one dgrad and one wgrad; with gate starting at 0 and up at F', each weight
+    keeps its own 128 x 128 blocks and dy its own 1 x 128 tiles, so the outputs and weight
+    gradients are those of two products (the data gradient sums both in float32 before its
+    rounding). The experts' weights are local here (inside shard_map on a mesh), so the
+    concatenation moves no shards."""
     from dsv3_jax.fp8 import BLOCK, as_impl, fp8_grouped_matmul
     from pallas_kernels import grouped_matmul as gk
 
@@ -119,5 +124,9 @@ def _grouped_swiglu_fp8(p: dict, rows, sizes, impl: str, fp8_impl,
         return fp8_grouped_matmul(a, w, plan, fp8_impl=fp8_impl, grouped_impl=impl,
                                   interpret=interpret)
 
-    h = jax.nn.silu(mm(x, p["w_gate"])) * mm(x, p["w_up"])
+    f = p["w_gate"].shape[-1]
+    f_pad = -(-f // BLOCK) * BLOCK
+    w_gate = jnp.pad(p["w_gate"], ((0, 0), (0, 0), (0, f_pad - f)))
+    gate_up = mm(x, jnp.concatenate([w_gate, p["w_up"]], axis=-1))
+    h = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f_pad:]
     return gk.unpad_rows(mm(h, p["w_down"]), plan)

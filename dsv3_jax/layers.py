@@ -3,8 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.fp8 import matmul
-from sharding.context import ShardingContext, constrain
+from dsv3_jax.fp8 import matmul, matmul_parts
+from sharding.context import ShardingContext, constrain, single_device
 
 
 def rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -25,8 +25,9 @@ def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.n
     §2.1). On a mesh the hidden [B, T, F] is constrained by `width`'s rule (tensor parallelism).
     `fp8_impl` (`Config.fp8_gemm_impl()`: a gemm impl string or an `fp8.Fp8Impl`): FP8 GEMM
     inputs through `fp8.matmul`; None: plain."""
-    g = matmul("btd,df->btf", x, w_gate, fp8_impl)
-    u = matmul("btd,df->btf", x, w_up, fp8_impl)
+    # FP8: gate and up as one GEMM on one device (x quantized once; fp8.matmul_parts); on a
+    # mesh their F is split by tensor parallelism and a concatenation would reshuffle it
+    g, u = matmul_parts("btd,df->btf", x, [w_gate, w_up], fp8_impl, fuse=single_device(shard))
     h = constrain(jax.nn.silu(g) * u, ("batch", "seq", width), shard, f"{width} hidden")
     return matmul("btf,fd->btd", h, w_down, fp8_impl)
 

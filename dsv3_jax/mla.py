@@ -20,6 +20,9 @@ cache arrays (pallas_kernels/mla_decode.py `mla_decode_latent`, Hopper); see `ml
 With `Config.fp8` the projections (w_dq, w_uq, w_qr, w_dkv, w_kr, w_uk, w_uv of the expanded and
 cuDNN forms, and w_o) take FP8 inputs (`dsv3_jax.fp8`); the attention core does not (the V3
 report keeps it in BF16, §3.3.1), nor do the absorbed form's folded w_uk / w_uv products.
+The projections that share an input (w_uq and w_qr, w_dkv and w_kr, w_uk and w_uv) run as one
+FP8 GEMM each pair on one device (`fp8.matmul_parts`: the input quantized and re-tiled once;
+the same outputs and weight gradients as separate layers).
 """
 
 import jax
@@ -27,10 +30,10 @@ import jax.numpy as jnp
 
 from dsv3_jax import latent_cache
 from dsv3_jax.config import Config, _hopper_gpu
-from dsv3_jax.fp8 import matmul
+from dsv3_jax.fp8 import matmul, matmul_parts
 from dsv3_jax.layers import rms_norm
 from dsv3_jax.rope import apply_rope
-from sharding.context import ShardingContext, constrain
+from sharding.context import ShardingContext, constrain, single_device
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays NaN-free
 
@@ -48,16 +51,19 @@ def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, shard=None) -> tuple[j
     if cfg.q_lora_rank:
         x = rms_norm(matmul("btd,dq->btq", x, p["w_dq"], fp8), p["q_norm"], cfg.rms_norm_eps)
     heads = ("batch", "seq", "heads", None)  # tensor parallelism splits the heads
-    q_nope = constrain(matmul("btq,qnk->btnk", x, p["w_uq"], fp8), heads, shard, "q_nope")
-    q_rope = constrain(matmul("btq,qnr->btnr", x, p["w_qr"], fp8), heads, shard, "q_rope")
+    q_nope, q_rope = matmul_parts("btq,qnk->btnk", x, [p["w_uq"], p["w_qr"]], fp8,
+                                  fuse=single_device(shard))
+    q_nope = constrain(q_nope, heads, shard, "q_nope")
+    q_rope = constrain(q_rope, heads, shard, "q_rope")
     return q_nope, apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
 
 
-def latent(p: dict, x: jnp.ndarray, cos, sin, cfg: Config) -> tuple[jnp.ndarray, jnp.ndarray]:
+def latent(p: dict, x: jnp.ndarray, cos, sin, cfg: Config,
+           shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """What the cache stores: normalised c_kv [B, S, C] and rotated shared k_rope [B, S, R]."""
-    fp8 = cfg.fp8_gemm_impl()
-    c_kv = rms_norm(matmul("bsd,dc->bsc", x, p["w_dkv"], fp8), p["kv_norm"], cfg.rms_norm_eps)
-    k_rope = matmul("bsd,dr->bsr", x, p["w_kr"], fp8)
+    c_kv, k_rope = matmul_parts("bsd,dc->bsc", x, [p["w_dkv"], p["w_kr"]], cfg.fp8_gemm_impl(),
+                                fuse=single_device(shard))
+    c_kv = rms_norm(c_kv, p["kv_norm"], cfg.rms_norm_eps)
     return c_kv, apply_rope(k_rope, cos, sin, interleave=cfg.rope_interleave)
 
 
@@ -74,12 +80,17 @@ def _output(p: dict, out: jnp.ndarray, cfg: Config, shard) -> jnp.ndarray:
                      ("batch", "seq", "embed"), shard, "attention projection")
 
 
+def _keys_values(p: dict, c_kv, cfg: Config, shard) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-head k_nope [B, S, N, K] and v [B, S, N, H] from the latent c_kv [B, S, C]."""
+    kv_heads = ("batch", "kv_seq", "heads", None)
+    k_nope, v = matmul_parts("bsc,cnk->bsnk", c_kv, [p["w_uk"], p["w_uv"]], cfg.fp8_gemm_impl(),
+                             fuse=single_device(shard))
+    return constrain(k_nope, kv_heads, shard, "k_nope"), constrain(v, kv_heads, shard, "v")
+
+
 def attend_expanded(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard=None) -> jnp.ndarray:
     """Training / prefill form: per-head keys and values from the latent. Returns [B, T, D]."""
-    kv_heads = ("batch", "kv_seq", "heads", None)
-    fp8 = cfg.fp8_gemm_impl()
-    k_nope = constrain(matmul("bsc,cnk->bsnk", c_kv, p["w_uk"], fp8), kv_heads, shard, "k_nope")
-    v = constrain(matmul("bsc,cnh->bsnh", c_kv, p["w_uv"], fp8), kv_heads, shard, "v")
+    k_nope, v = _keys_values(p, c_kv, cfg, shard)
     f32 = jnp.float32
     with jax.named_scope("attention_core"):  # benchmarks attribute profile time by scope
         scores = (jnp.einsum("btnk,bsnk->bnts", q_nope, k_nope, preferred_element_type=f32)
@@ -169,10 +180,7 @@ def attend_cudnn(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard
     ("MLA") on Hopper, forward and backward; jax 0.11.2's public `jax.nn.dot_product_attention`
     refuses them (it checks value against key shape), so we call the cuDNN primitive it wraps.
     """
-    kv_heads = ("batch", "kv_seq", "heads", None)
-    fp8 = cfg.fp8_gemm_impl()
-    k_nope = constrain(matmul("bsc,cnk->bsnk", c_kv, p["w_uk"], fp8), kv_heads, shard, "k_nope")
-    v = constrain(matmul("bsc,cnh->bsnh", c_kv, p["w_uv"], fp8), kv_heads, shard, "v")
+    k_nope, v = _keys_values(p, c_kv, cfg, shard)
     with jax.named_scope("attention_core"):
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3]
@@ -197,7 +205,7 @@ def mla(p: dict, x: jnp.ndarray, cos, sin, mask: jnp.ndarray, cfg: Config,
     """Self-attention of x [B, T, D] over itself (training path). `causal`: `mask` is the plain
     causal mask (lets cuDNN use its own)."""
     q_nope, q_rope = query(p, x, cos, sin, cfg, shard)
-    c_kv, k_rope = latent(p, x, cos, sin, cfg)
+    c_kv, k_rope = latent(p, x, cos, sin, cfg, shard)
     if cfg.resolved_attention_impl() == "cudnn":
         return attend_cudnn(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard, causal=causal)
     return attend_expanded(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard)
@@ -215,7 +223,7 @@ def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_
     "pallas" and the kernel takes these shapes (`_decode_kernel_plan`).
     """
     q_nope, q_rope = query(p, x, cos, sin, cfg, shard)
-    c_new, k_new = latent(p, x, cos, sin, cfg)
+    c_new, k_new = latent(p, x, cos, sin, cfg, shard)
     start = positions[:, 0]
     cache = latent_cache.store(layer_cache, c_new, k_new, start)  # FP8-quantized if stored so
     slots = jnp.arange(cache["c_kv"].shape[1])

@@ -39,12 +39,15 @@ Result (one H200, 2026-12-02, `--iterations 10 --quant`; experiments/results/fp8
   Grouped 1.58-1.60x our bf16 grouped kernel; weight gradient 1.10-1.23x bf16. jax-triton was
   not installed on the machine, so triton_fp8 records its ImportError; the 2026-12-01 run
   (fp8_gemm_h200_2026-12-01.json, then fp8_gemm.json, with the "cols" split; its table in
-  fp8_gemm_h200_table.txt) has triton_fp8 at 0.62-1.07x bf16 (861 at 8192^3).
+  fp8_gemm_h200_table.txt) has triton_fp8 at 0.62-1.07x bf16 at M = 4096 (861 at 8192^3;
+  0.43x at 128 x 2112 x 7168).
   The two-block stages against one-block ones: fp8_gemm_overlap_h200.json (1.07-1.18x);
   the warpgroup split: fp8_gemm_wg_split_h200.json.
   Quantizers (fp8_quant.json, 2026-12-01, 8192 x 7168): XLA's 1.59-1.64 TB/s (48-49% of the
   bf16 copy's 3.34 TB/s); the one-pass kernels 3.39-3.83 TB/s (102-115%), bit-identical to XLA's.
-  Targets: grouped 1.3x, wgrad 1.1x and quantizers 80% of copy met; dense 1.6x not.
+  Targets: grouped 1.3x, wgrad 1.1x (the dense weight gradient; the experts' grouped one
+  keeps one-block stages and was not re-measured) and quantizers 80% of copy met; dense 1.6x
+  not.
 """
 
 import argparse
@@ -88,9 +91,9 @@ def parse_args(argv=None):
     ap.add_argument("--configs", nargs="*", default=[],
                     help="extra kernel tile configs to time next to the default, as "
                          "BMxBNxSTAGES[xSPLITS][r][+OVERLAP] (e.g. 128x128x5x2 128x256x3 "
-                         "128x128x4r 128x128x3r+steps; r = Fp8Config.wg_split 'rows', OVERLAP "
-                         "= Fp8Config.overlap 'stage' or 'steps', with one epilogue slot where "
-                         "two do not fit), in the dense, grouped and wgrad cases "
+                         "128x128x4r 128x128x2r+stage; r = Fp8Config.wg_split 'rows', OVERLAP "
+                         "= Fp8Config.overlap 'stage', with one epilogue slot where two do "
+                         "not fit), in the dense, grouped and wgrad cases "
                          "whose sizes they divide; recorded as impl "
                          "'pallas_fp8[BMxBNxSTAGESxSPLITS[r][+OVERLAP][_e1]]' (…_grouped[…], "
                          "…_wgrad[…])")

@@ -37,13 +37,13 @@ hurt this training; it cannot confirm a 0.25% bound, which needs larger models a
 
 `small` on one H200 (2026-12-02, 05:14 UTC; --preset small --steps 200 --batch 8 --seq_len
 1024 --lr 1e-3 --embedded_bytes 16000000; experiments/results/fp8_vs_bf16_small_h200_fp32.json
-and .png; FP8 on our Mosaic GPU kernels; bf16 ~121 ms a step here, fp8 ~142, fp32 ~1,610):
+and .png; FP8 on our Mosaic GPU kernels; bf16 ~123 ms a step here, fp8 ~145, fp32 ~1,610):
 mean loss over steps 101-200 fp32 3.2571, bf16 3.1423 (3.52% below fp32), fp8 3.2576 (0.01%
 above fp32, 3.67% above bf16); at step 200 fp8 is 6.3% off bf16 and 1.6% off fp32, bf16 4.4% off
 fp32. An earlier run of the same command with --no-fp32 (fp8_vs_bf16_small_h200.json, 02:50
-UTC) put its bf16 3.95% above this one's over steps 101-200: the GPU's reductions are not
-deterministic (the step-1 losses differ in the sixth digit) and 200 steps amplify that to a
-few percent. The report's 0.25% is below what this size and length can resolve; FP8 lies
+UTC) put its bf16 3.95% above this one's over steps 101-200: the bf16 step's GPU reductions
+are not deterministic (the step-1 losses differ in the seventh significant digit; the two fp8
+runs agree bit for bit for two steps) and 200 steps amplify that to a few percent. The report's 0.25% is below what this size and length can resolve; FP8 lies
 inside the spread of bf16 against itself and against fp32.
 """
 

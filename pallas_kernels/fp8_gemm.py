@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +140,8 @@ class Fp8Config:
       "rows" one m64n128 (2 + 4 KiB for as many), and FP8 tensor cores at full rate consume
       4,096 MACs a cycle per SM against SMEM's 128 bytes a cycle: 8 KiB lasts 64 cycles of
       tensor-core work at full rate only when nothing else reads SMEM.
-    max_concurrent_steps: SMEM stages of the K pipeline (a stage: a [block_m, 128] + b
-      [block_n, 128] e4m3 tile and their scale rows).
+    max_concurrent_steps: SMEM stages of the K pipeline (a stage: a [block_m, 128 kb] + b
+      [block_n, 128 kb] e4m3 tile and their kb scale rows, kb = 2 with overlap "stage", else 1).
     chain_tiles: let the TMA warpgroup run on into a CTA's next tile (see grouped_matmul).
     splits: 2 cuts a warpgroup's result into two row halves with their own wgmmas in
       flight: the first half is promoted while the second's wgmma still runs (the overlap of
@@ -154,7 +155,9 @@ class Fp8Config:
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
     accumulator, block_m * block_n / 2 numbers each over 128 threads (either split), in at
     most 232 registers a thread (emit_pipeline_warp_specialized's share with 40 for the TMA
-    warpgroup). 128 x 256 tiles need 256 and spill; 128 x 128 need 128, 128 x 192 192.
+    warpgroup). 128 x 256 tiles need 256 and spill; 128 x 128 need 128, 128 x 192 192. With
+    overlap "stage" it holds two fresh accumulators: 192 at 128 x 128, the largest share it
+    accepts (a warpgroup's 64 x 128).
     """
     block_m: int = 128
     block_n: int = 128
@@ -186,6 +189,11 @@ class Fp8Config:
         if self.overlap != "none" and self.splits != 1:
             raise ValueError(f"Fp8Config.overlap={self.overlap!r} needs splits=1, got "
                              f"splits={self.splits}")
+        if self.overlap != "none" and math.prod(self.wg_tile()) > 64 * 128:
+            raise ValueError(f"Fp8Config.overlap={self.overlap!r}: a warpgroup's {self.wg_tile()} "
+                             "share with its result and two accumulators needs more than 192 "
+                             "registers a thread and would spill; use at most 64 x 128 a "
+                             "warpgroup (128 x 128 tiles)")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"Fp8Config.max_concurrent_steps={self.max_concurrent_steps} must "
                              "be >= 2")

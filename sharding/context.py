@@ -72,6 +72,12 @@ class ShardingContext:
         return NamedSharding(self.mesh, spec)
 
 
+def single_device(ctx: ShardingContext | None) -> bool:
+    """No mesh, or a mesh of one device: arrays are whole, so ops may concatenate or split them
+    along any axis without moving shards (e.g. `dsv3_jax.fp8.matmul_parts`)."""
+    return ctx is None or ctx.mesh.size == 1
+
+
 def constrain(x: jax.Array, names: tuple, ctx: ShardingContext | None, what: str = "activation"):
     """Constrain x's sharding by logical names (None entries: never split). No-op without a mesh."""
     if ctx is None:

@@ -317,6 +317,72 @@ def test_fp8_wgrads_come_out_in_the_weights_layout(gemm_impls):
     assert wgrads == [("gemm_1d1d", (256, 128)), ("grouped_wgrad_1d1d", (4, 256, 128))]
 
 
+def test_matmul_parts_is_separate_layers_in_one_gemm(gemm_impls):
+    """fp8.matmul_parts: projections of one input as one FP8 GEMM. Each part starts on a
+    128-column block (the 192-wide first part is padded to 256), so the outputs and the weight
+    gradients equal separate layers' bit for bit; the data gradient sums both parts in one
+    float32 accumulation (a bf16 rounding apart from adding two bf16 products). One forward
+    GEMM instead of two, one dgrad instead of two."""
+    spec = "btd,dnk->btnk"
+    x = _normal(40, (2, 80, 200), dtype=jnp.bfloat16)
+    ws = [_normal(41, (200, 3, 64), 0.1, jnp.bfloat16), _normal(42, (200, 2, 40), 0.1, jnp.bfloat16)]
+    dys = [_normal(43, (2, 80, 3, 64), dtype=jnp.bfloat16), _normal(44, (2, 80, 2, 40), dtype=jnp.bfloat16)]
+
+    def run(fuse):
+        gemm_impls.clear()
+        outs, pull = jax.vjp(lambda x, *ws: fp8.matmul_parts(spec, x, list(ws), "pallas", fuse=fuse),
+                             x, *ws)
+        return outs, pull(dys), sorted(gemm_impls)
+
+    (sep, (dx_s, *dw_s), calls_s), (fus, (dx_f, *dw_f), calls_f) = run(False), run(True)
+    assert calls_s == [("gemm_1d1d", "pallas")] * 2 + [("gemm_1d2d", "pallas")] * 4
+    assert calls_f == [("gemm_1d1d", "pallas")] + [("gemm_1d2d", "pallas")] * 2
+    for name, f, r in [("y0", fus[0], sep[0]), ("y1", fus[1], sep[1]),
+                       ("dw0", dw_f[0], dw_s[0]), ("dw1", dw_f[1], dw_s[1])]:
+        assert f.shape == r.shape and f.dtype == r.dtype, name
+        np.testing.assert_array_equal(np.asarray(f, F64), np.asarray(r, F64), err_msg=name)
+    assert 0 < _rel(dx_f, dx_s) < 2 ** -8  # bf16 rounding of the sum, not of each part
+    # the plain path (no FP8) and fuse=False are separate einsums
+    plain = fp8.matmul_parts(spec, x, ws)
+    np.testing.assert_array_equal(np.asarray(plain[1], F64),
+                                  np.asarray(jnp.einsum(spec, x, ws[1]), F64))
+    with pytest.raises(ValueError, match="weight 1 is .*the input axes and dtypes must match"):
+        fp8.matmul_parts(spec, x, [ws[0], ws[1].astype(jnp.float32)], "xla")
+
+
+def test_grouped_swiglu_fp8_runs_gate_and_up_as_one_gemm(gemm_impls):
+    """The routed experts' gate and up are one FP8 grouped GEMM over [E, D, F' + F] (F = 96 is
+    padded to F' = 128 so up starts on a block): the same output and weight gradients as two
+    products, and 2 forward GEMMs (gate+up, down) instead of 3."""
+    from pallas_kernels import grouped_matmul as gk
+
+    e, d, f, m = 4, 64, 96, 200
+    p = {"w_gate": _normal(45, (e, d, f), 0.1, jnp.bfloat16),
+         "w_up": _normal(46, (e, d, f), 0.1, jnp.bfloat16),
+         "w_down": _normal(47, (e, f, d), 0.1, jnp.bfloat16)}
+    rows, sizes = _normal(48, (m, d), dtype=jnp.bfloat16), jnp.array([50, 70, 0, 80], jnp.int32)
+
+    def two_products(p, rows):
+        plan = gk.pad_plan(sizes, m, 128)
+        x = gk.pad_rows(rows, plan)
+        mm = lambda a, w: fp8.fp8_grouped_matmul(a, w, plan, fp8_impl="pallas")  # noqa: E731
+        return gk.unpad_rows(mm(jax.nn.silu(mm(x, p["w_gate"])) * mm(x, p["w_up"]),
+                                p["w_down"]), plan)
+
+    def fused(p, rows):
+        return grouped.grouped_swiglu(p, rows, sizes, fp8_impl="pallas")
+
+    loss = lambda f: lambda p, rows: jnp.sum(f(p, rows).astype(jnp.float32) ** 2)  # noqa: E731
+    gemm_impls.clear()
+    y_f = fused(p, rows)
+    assert sorted(gemm_impls) == [("grouped_gemm_1d2d", "pallas")] * 2
+    np.testing.assert_array_equal(np.asarray(y_f, F64), np.asarray(two_products(p, rows), F64))
+    g_f, g_r = jax.grad(loss(fused))(p, rows), jax.grad(loss(two_products))(p, rows)
+    for key in ("w_gate", "w_up", "w_down"):
+        np.testing.assert_array_equal(np.asarray(g_f[key], F64), np.asarray(g_r[key], F64),
+                                      err_msg=key)
+
+
 # ------------------------------------------------- the one-pass activation quantizer kernels
 
 
@@ -563,10 +629,11 @@ def test_model_fp8_logits_close_to_bf16(tiny_bf16, gemm_impls):
     gemm_impls.clear()
     jax.eval_shape(lambda p, t: forward(p, t, cfg.replace(fp8=True, fp8_impl="pallas")),
                    params, tokens)
-    # per layer: w_dq, w_uq, w_qr, w_dkv, w_kr, w_uk, w_uv, w_o + 3 FFN (dense) or shared
-    # expert; lax.scan traces one layer per stack (dense, MoE); and the 3 routed-expert GEMMs
-    assert sorted(gemm_impls) == [("gemm_1d2d", "pallas")] * (11 * 2) + [
-        ("grouped_gemm_1d2d", "pallas")] * 3
+    # per layer: w_dq, w_uq + w_qr, w_dkv + w_kr, w_uk + w_uv (one GEMM a pair on one device:
+    # fp8.matmul_parts), w_o, and gate + up, down of the dense FFN or shared expert; lax.scan
+    # traces one layer per stack (dense, MoE); and the routed experts' gate + up, down
+    assert sorted(gemm_impls) == [("gemm_1d2d", "pallas")] * (7 * 2) + [
+        ("grouped_gemm_1d2d", "pallas")] * 2
 
 
 def test_model_fp8_quant_impl_reaches_every_activation_quantizer(tiny_bf16, quant_kernels):
@@ -576,7 +643,7 @@ def test_model_fp8_quant_impl_reaches_every_activation_quantizer(tiny_bf16, quan
     tokens = jnp.zeros((2, 64), jnp.int32)
     jax.eval_shape(lambda p, t: forward(p, t, cfg.replace(fp8=True, fp8_quant_impl="pallas")),
                    params, tokens)
-    assert [name for name, _ in quant_kernels] == ["quantize_rows_kernel"] * (11 * 2 + 3)
+    assert [name for name, _ in quant_kernels] == ["quantize_rows_kernel"] * (7 * 2 + 2)
 
 
 def test_fp8_training_tracks_bf16(tmp_path):
