@@ -24,7 +24,8 @@ Axes that are not multiples of 128 (tokens, K, N; the `tiny` preset has D = 64) 
 explicitly around the op: a zero row or column of x or w adds nothing to any product and leaves
 every tile's amax (so its scale) unchanged, and the padded outputs are sliced off; autodiff
 slices the gradients back. Real shapes (`small`, V3) need none except the shared rope key's
-projection w_kr [D, R = 64], which runs padded to N = 128.
+projection w_kr [D, R = 64]: on one device the last part of the w_dkv + w_kr GEMM
+(`matmul_parts`; V3's N = 512 + 64 runs padded to 640), on a mesh alone, padded to N = 128.
 
 Activation quantizers (`Fp8Impl.quant`, `Config.fp8_quant_impl`): "xla" quantizes everything
 with `pallas_kernels.fp8_quant` (two XLA passes over the input: amax, then scale and convert);
@@ -233,10 +234,12 @@ def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
     instead of once per weight, and the data gradient is one GEMM instead of one per weight
     plus their sum. Each part but the last is zero-padded to a multiple of 128 columns, so every
     part starts on a block boundary: each weight keeps its own 128 x 128 blocks, dy its own
-    1 x 128 tiles, and the outputs and weight gradients are those of separate layers (the data
-    gradient accumulates all parts in one float32 sum before its bf16 rounding, instead of
-    rounding each part's product and adding them in bf16). Callers pass fuse=False where the
-    weights are sharded along their outputs (a concatenation would reshuffle the shards)."""
+    1 x 128 tiles, and the outputs and weight gradients are those of separate layers (tested
+    bit for bit on the XLA reference path on the CPU; our Mosaic GPU kernel's per-element K
+    order does not depend on N; the data gradient accumulates all parts in one float32 sum
+    before its bf16 rounding, instead of rounding each part's product and adding them in
+    bf16). Callers pass fuse=False where the weights are sharded along their outputs (a
+    concatenation would reshuffle the shards)."""
     if fp8_impl is None or not fuse or len(ws) == 1:
         return [matmul(spec, x, w, fp8_impl) for w in ws]
     n_in = _linear_spec(spec, x, ws[0])

@@ -43,8 +43,9 @@ above fp32, 3.67% above bf16); at step 200 fp8 is 6.3% off bf16 and 1.6% off fp3
 fp32. An earlier run of the same command with --no-fp32 (fp8_vs_bf16_small_h200.json, 02:50
 UTC) put its bf16 3.95% above this one's over steps 101-200: the bf16 step's GPU reductions
 are not deterministic (the step-1 losses differ in the seventh significant digit; the two fp8
-runs agree bit for bit for two steps) and 200 steps amplify that to a few percent. The report's 0.25% is below what this size and length can resolve; FP8 lies
-inside the spread of bf16 against itself and against fp32.
+runs agree bit for bit for two steps) and 200 steps amplify that to a few percent. The
+report's 0.25% is below what this size and length can resolve; FP8 lies inside the spread of
+bf16 against itself and against fp32.
 """
 
 import argparse

@@ -325,13 +325,15 @@ def test_matmul_parts_is_separate_layers_in_one_gemm(gemm_impls):
     GEMM instead of two, one dgrad instead of two."""
     spec = "btd,dnk->btnk"
     x = _normal(40, (2, 80, 200), dtype=jnp.bfloat16)
-    ws = [_normal(41, (200, 3, 64), 0.1, jnp.bfloat16), _normal(42, (200, 2, 40), 0.1, jnp.bfloat16)]
-    dys = [_normal(43, (2, 80, 3, 64), dtype=jnp.bfloat16), _normal(44, (2, 80, 2, 40), dtype=jnp.bfloat16)]
+    ws = [_normal(41, (200, 3, 64), 0.1, jnp.bfloat16),
+          _normal(42, (200, 2, 40), 0.1, jnp.bfloat16)]
+    dys = [_normal(43, (2, 80, 3, 64), dtype=jnp.bfloat16),
+           _normal(44, (2, 80, 2, 40), dtype=jnp.bfloat16)]
 
     def run(fuse):
         gemm_impls.clear()
-        outs, pull = jax.vjp(lambda x, *ws: fp8.matmul_parts(spec, x, list(ws), "pallas", fuse=fuse),
-                             x, *ws)
+        outs, pull = jax.vjp(
+            lambda x, *ws: fp8.matmul_parts(spec, x, list(ws), "pallas", fuse=fuse), x, *ws)
         return outs, pull(dys), sorted(gemm_impls)
 
     (sep, (dx_s, *dw_s), calls_s), (fus, (dx_f, *dw_f), calls_f) = run(False), run(True)

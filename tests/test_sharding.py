@@ -163,6 +163,15 @@ def test_ragged_dispatch_refuses_cpu():
         jax.jit(lambda p, x: moe(p, x, None, jnp.ones((8, 4), bool), CFG, None, shard))(p, x)
 
 
+def test_single_device_decides_where_fp8_projections_fuse():
+    """fp8.matmul_parts concatenates weights along their outputs only where nothing is split."""
+    from sharding.context import single_device
+
+    assert single_device(None)
+    assert single_device(ShardingContext(abstract_mesh("fsdp=1"), "fsdp"))
+    assert not single_device(ShardingContext(abstract_mesh("fsdp=8"), "fsdp"))
+
+
 def test_pallas_fp8_kernels_on_a_mesh_are_an_error_not_a_replication():
     """The dense FP8 kernels have no sharding rule: on a mesh of several devices the model
     says so instead of letting XLA gather their operands onto every device."""
