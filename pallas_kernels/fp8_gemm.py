@@ -149,7 +149,7 @@ class Fp8Config:
       more.
     overlap: "none" or "stage": a stage holds two K-blocks of 128, both wgmmas are issued
       into two fresh accumulators and the first block is promoted while the second runs
-      (`_stage_pair_mma`). K must then be a multiple of 256 and splits 1; the grouped weight
+      (`_promoting_mma`). K must then be a multiple of 256 and splits 1; the grouped weight
       gradient (per-expert token counts in 128s) does not take it.
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
@@ -272,18 +272,22 @@ def _specs(cfg: Fp8Config) -> list:
 
 
 def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
-    """Pipeline step of one compute warpgroup over one K-block of 128: the FP8 wgmma runs into a
-    fresh fp32 accumulator, which is then scaled by s_a[row] * s_b[col] and added to the carried
-    fp32 result (the V3 report's promotion every 128 of K; kernels.md §2.3 DeepGEMM).
+    """Pipeline step of one compute warpgroup over one stage: each FP8 wgmma runs into a fresh
+    fp32 accumulator, which is then scaled by s_a[row] * s_b[col] and added to the carried fp32
+    result (the V3 report's promotion every 128 of K; kernels.md §2.3 DeepGEMM).
 
-    The carry is a tuple of `cfg.splits` row blocks of the warpgroup's result. All their wgmmas
-    are issued first; block j is promoted once at most splits - 1 - j wgmma groups are still in
-    flight, so the promotion of the first block overlaps the second block's tensor-core work.
+    The carry is a tuple of `cfg.splits` row blocks of the warpgroup's result, and a stage holds
+    `cfg.k_blocks` K-blocks of 128. One wgmma per (K-block, row block) is issued first, each
+    into its own accumulator; they are promoted in issue order, each once only the wgmmas issued
+    after it are still in flight, so every promotion but the last overlaps tensor-core work (the
+    overlap of tensor-core and CUDA-core work the V3 report asks of its kernels, §3.3.2).
+    Fp8Config allows two accumulators at most (splits=2 or overlap "stage"): registers.
     `b_blocks`: b's scales are 128 x 128 blocks and this warpgroup's columns lie in one block
     (`_b_scalar_ok`), so the column scale is one number, folded into the row scales: one FMA per
     element instead of a multiply and an FMA."""
     wg_rows, wg_cols = cfg.wg_tile()
     rows = wg_rows // cfg.splits
+    pairs = [(kb, j) for kb in range(cfg.k_blocks) for j in range(cfg.splits)]
 
     def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
         wg = lax.axis_index("wg")
@@ -291,18 +295,21 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
         cols = pl.ds(c0, wg_cols)
 
         def products(*accs):
-            for j, acc in enumerate(accs):
-                plgpu.wgmma(acc, a_smem.at[pl.ds(r0 + j * rows, rows)], b_smem.at[cols, :].T)
-            out = []
-            for j, (acc, result) in enumerate(zip(accs, carry)):
-                part = plgpu.wgmma_accumulator_load(acc, wait_n=cfg.splits - 1 - j)
-                scale = _promotion_scale(sa_smem.at[0], sb_smem.at[0], pl.ds(r0 + j * rows, rows),
-                                         c0, cols, result.shape, b_blocks)
-                out.append(result + part * scale)
+            for acc, (kb, j) in zip(accs, pairs):
+                blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
+                plgpu.wgmma(acc, a_smem.at[pl.ds(r0 + j * rows, rows), blk],
+                            b_smem.at[cols, blk].T)
+            out = list(carry)
+            for i, (acc, (kb, j)) in enumerate(zip(accs, pairs)):
+                part = plgpu.wgmma_accumulator_load(acc, wait_n=len(pairs) - 1 - i)
+                scale = _promotion_scale(sa_smem.at[kb], sb_smem.at[kb],
+                                         pl.ds(r0 + j * rows, rows), c0, cols, out[j].shape,
+                                         b_blocks)
+                out[j] = out[j] + part * scale
             return tuple(out)
 
         return pl.run_scoped(products, *[plgpu.ACC((rows, wg_cols), jnp.float32)
-                                         for _ in range(cfg.splits)])
+                                         for _ in pairs])
     return mma
 
 
@@ -317,37 +324,6 @@ def _promotion_scale(sa_row, sb_row, rows, c0, cols, shape, b_blocks: bool):
     return lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
 
 
-def _stage_pair_mma(cfg: Fp8Config, b_blocks: bool):
-    """Pipeline step of one compute warpgroup over a stage of two K-blocks (`Fp8Config.overlap`
-    "stage"): both wgmmas are issued, each into its own fresh accumulator; the first block is
-    promoted while the second is on the tensor cores, then the second. The tensor cores thus
-    have work during half of the promotions, the overlap of tensor-core and CUDA-core work
-    that the V3 report asks of its kernels (§3.3.2). Registers: the result and two
-    accumulators, 3 x 64 a thread at 128 x 128 tiles."""
-    wg_rows, wg_cols = cfg.wg_tile()
-
-    def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
-        (result,) = carry  # `_promoting_pipeline`'s context carries splits (= 1) row blocks
-        wg = lax.axis_index("wg")
-        r0, c0 = cfg.wg_offsets(wg)
-        rows, cols = pl.ds(r0, wg_rows), pl.ds(c0, wg_cols)
-
-        def products(*accs):
-            for j, acc in enumerate(accs):
-                blk = pl.ds(j * q8.BLOCK, q8.BLOCK)
-                plgpu.wgmma(acc, a_smem.at[rows, blk], b_smem.at[cols, blk].T)
-            out = result
-            for j, acc in enumerate(accs):
-                part = plgpu.wgmma_accumulator_load(acc, wait_n=len(accs) - 1 - j)
-                out = out + part * _promotion_scale(sa_smem.at[j], sb_smem.at[j], rows, c0, cols,
-                                                    out.shape, b_blocks)
-            return (out,)
-
-        acc = plgpu.ACC((wg_rows, wg_cols), jnp.float32)
-        return pl.run_scoped(products, acc, acc)
-    return mma
-
-
 def _b_scalar_ok(cfg: Fp8Config) -> bool:
     """A compute warpgroup's columns (at a multiple of their width) lie within one 128-column
     weight block."""
@@ -358,21 +334,19 @@ def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, store_to, state=None, *,
                         b_blocks: bool = False):
     """The warp-specialized K pipeline of every FP8 kernel here: each compute warpgroup carries
     its zero-initialised fp32 result (`cfg.wg_tile()`, in `cfg.splits` row blocks) through
-    `_promoting_mma` (or `_stage_pair_mma`) and hands the blocks to `store_to(block, row0)`
+    `_promoting_mma` and hands the blocks to `store_to(block, row0)`
     (the epilogue, row0 within the warpgroup's share); `state` chains a CTA's consecutive tiles
     (grouped_matmul)."""
     wg_rows, wg_cols = cfg.wg_tile()
     rows = wg_rows // cfg.splits
-    b_scalar = b_blocks and _b_scalar_ok(cfg)
-    zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, wg_cols), jnp.float32), plgpu.Layout.WGMMA)
 
     def context(run):
-        for j, block in enumerate(run(tuple(zeros() for _ in range(cfg.splits)))):
+        zeros = tuple(plgpu.layout_cast(jnp.zeros((rows, wg_cols), jnp.float32),
+                                        plgpu.Layout.WGMMA) for _ in range(cfg.splits))
+        for j, block in enumerate(run(zeros)):
             store_to(block, j * rows)
-
-    body = (_stage_pair_mma if cfg.overlap == "stage" else _promoting_mma)(cfg, b_scalar)
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=grid, in_specs=in_specs,
+        _promoting_mma(cfg, b_blocks and _b_scalar_ok(cfg)), grid=grid, in_specs=in_specs,
         max_concurrent_steps=cfg.max_concurrent_steps, memory_registers=gm.MEMORY_REGISTERS,
         num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg", compute_context=context,
         pipeline_state=state)
