@@ -239,7 +239,9 @@ def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
     order does not depend on N; the data gradient accumulates all parts in one float32 sum
     before its bf16 rounding, instead of rounding each part's product and adding them in
     bf16). Callers pass fuse=False where the weights are sharded along their outputs (a
-    concatenation would reshuffle the shards)."""
+    concatenation would reshuffle the shards). Measured: the `small` FP8 train step (8 x 2048
+    tokens, one H200, 2026-12-02) went from 171.4 to 164.5 ms (bf16 141.5;
+    experiments/results/train_small_h200_fused_fp8.json)."""
     if fp8_impl is None or not fuse or len(ws) == 1:
         return [matmul(spec, x, w, fp8_impl) for w in ws]
     n_in = _linear_spec(spec, x, ws[0])
