@@ -17,9 +17,10 @@ iteration by rewriting a 256 MiB buffer whose kernel is left out of the sum):
                     gets today for the recipe
   triton_fp8        our jax-triton block-scaled kernel (pallas_kernels/fp8_triton.py; needs
                     jax-triton 0.3.1 next to triton 3.6, else recorded as not run)
-  pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][_e1]]  the kernel with the tile configs of --configs
-                    (a sweep; r: the "rows" warpgroup split, +stage: two K-blocks a stage,
-                    _e1: one epilogue slot), also for the grouped and wgrad cases
+  pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][_e1]]  the kernel with the tile configs of
+                    --configs (a sweep; r: the "rows" warpgroup split, +stage: two K-blocks a
+                    stage, +ma/+mb: a or b multicast in clusters of two CTAs, _e1: one
+                    epilogue slot), also for the grouped (no multicast) and wgrad cases
 grouped cases (G experts x ROWS rows, the MoE layout): pallas_fp8_grouped (our grouped FP8
 kernel) against pallas_bf16_grouped (our bf16 grouped kernel, the baseline); weight-gradient
 cases (--wgrad): pallas_fp8_wgrad (1 x 128 tiles along tokens, fp32 out) against
@@ -32,22 +33,24 @@ values is checked per shape (DeepGEMM's calc_diff, and max relative error).
 Output: a table and experiments/results/fp8_gemm.json, a list of records
 {"shape": [M, N, K], "impl": ..., "tflops": ...} plus run metadata in the first record's
 "run" field ("complete": false while a run is cut short; the file is rewritten after each case).
-Result (one H200, 2026-12-02, `--iterations 10 --quant`; experiments/results/fp8_gemm.json):
-  pallas_fp8 (two K-blocks a stage, "rows" split) at 8192^3: 1143 TFLOP/s = 1.39x xla_bf16
-  (820); xla_fp8_unscaled 1568, xla_dequant_bf16 735. M = 4096, DeepSeek-V3's six (N, K):
-  1.14-1.48x bf16 (892-1221). M = 128: 0.77x (N = 2112: 17 tiles, no split-K) to 1.57x.
-  Grouped 1.58-1.60x our bf16 grouped kernel; weight gradient 1.10-1.23x bf16. jax-triton was
-  not installed on the machine, so triton_fp8 records its ImportError; the 2026-12-01 run
-  (fp8_gemm_h200_2026-12-01.json, then fp8_gemm.json, with the "cols" split; its table in
-  fp8_gemm_h200_table.txt) has triton_fp8 at 0.62-1.07x bf16 at M = 4096 (861 at 8192^3;
-  0.43x at 128 x 2112 x 7168).
+Result (one H200, 2026-12-02, `--iterations 10 --configs 128x128x3r+stage`; experiments/
+results/fp8_gemm.json, cut at the call's 360 s before its last grouped case and the wgrad cases):
+  pallas_fp8 (two K-blocks a stage, "rows" split, b multicast in clusters of two) at 8192^3:
+  1151 TFLOP/s = 1.44x xla_bf16 (800); without multicast 1067; xla_fp8_unscaled 1534,
+  xla_dequant_bf16 719, triton_fp8 868. M = 4096, DeepSeek-V3's six (N, K): 1.14-1.52x bf16
+  (880-1224), 0.99-1.06x the kernel without multicast. M = 128: 0.82x (N = 2112: 17 tiles, no
+  split-K) to 1.57x. Grouped 1.62-1.63x our bf16 grouped kernel. The complete run before
+  multicast (fp8_gemm_h200_2026-12-02a.json, `--iterations 10 --quant`, no jax-triton on the
+  machine): 1143 = 1.39x at 8192^3, grouped 1.58-1.60x, weight gradient 1.10-1.23x bf16; the
+  2026-12-01 run (fp8_gemm_h200_2026-12-01.json, the "cols" split; its table in
+  fp8_gemm_h200_table.txt) has triton_fp8 at 0.62-1.07x bf16 at M = 4096.
   The two-block stages against one-block ones: fp8_gemm_overlap_h200.json (1.07-1.18x);
   the warpgroup split: fp8_gemm_wg_split_h200.json.
   Quantizers (fp8_quant.json, 2026-12-01, 8192 x 7168): XLA's 1.59-1.64 TB/s (48-49% of the
   bf16 copy's 3.34 TB/s); the one-pass kernels 3.39-3.83 TB/s (102-115%), bit-identical to XLA's.
-  Targets: grouped 1.3x, wgrad 1.1x (the dense weight gradient; the experts' grouped one
-  keeps one-block stages and was not re-measured) and quantizers 80% of copy met; dense 1.6x
-  not.
+  Targets: grouped 1.3x, wgrad 1.1x (the dense weight gradient, before multicast; the
+  experts' grouped one keeps one-block stages and was not re-measured) and quantizers 80% of
+  copy met; dense 1.6x not (what bounds it: experiments/fp8_gemm_variants.py).
 """
 
 import argparse
@@ -90,13 +93,14 @@ def parse_args(argv=None):
                          "in {(4096, 7168), (7168, 2048)}; pass none to skip: --grouped)")
     ap.add_argument("--configs", nargs="*", default=[],
                     help="extra kernel tile configs to time next to the default, as "
-                         "BMxBNxSTAGES[xSPLITS][r][+OVERLAP] (e.g. 128x128x5x2 128x256x3 "
-                         "128x128x4r 128x128x2r+stage; r = Fp8Config.wg_split 'rows', OVERLAP "
-                         "= Fp8Config.overlap 'stage', with one epilogue slot where two do "
-                         "not fit), in the dense, grouped and wgrad cases "
-                         "whose sizes they divide; recorded as impl "
-                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r][+OVERLAP][_e1]]' (…_grouped[…], "
-                         "…_wgrad[…])")
+                         "BMxBNxSTAGES[xSPLITS][r][+stage][+ma|+mb] (e.g. 128x128x5x2 128x256x3 "
+                         "128x128x4r 128x128x3r+stage 128x128x3r+stage+mb; r = "
+                         "Fp8Config.wg_split 'rows', +stage = Fp8Config.overlap 'stage', +ma / "
+                         "+mb = Fp8Config.multicast 'a' / 'b', with one epilogue slot where two "
+                         "do not fit), in the dense, grouped and wgrad cases whose sizes they "
+                         "divide (multicast: dense only, an even tile count); recorded as impl "
+                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][_e1]]' "
+                         "(…_grouped[…], …_wgrad[…])")
     ap.add_argument("--wgrad", nargs="*", default=None,
                     help="weight-gradient cases NxKxTOKENS: dw [N, K] = dy^T x over TOKENS, "
                          "fp32 out (default: (N, K) in {(4096, 7168), (7168, 2048), "
@@ -122,27 +126,45 @@ def _shape(text: str) -> tuple[int, int, int]:
     return m, n, k
 
 
+MULTICAST_FLAGS = {"ma": "a", "mb": "b"}
+
+
 def _config(text: str) -> "fg.Fp8Config":
-    body, _, overlap = text.lower().partition("+")
+    body, *flags = text.lower().split("+")
     split = "rows" if body.endswith("r") else "cols"
     try:
+        unknown = [f for f in flags if f not in MULTICAST_FLAGS and f not in fg.OVERLAPS[1:]]
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}")
+        overlap = next((f for f in flags if f in fg.OVERLAPS), "none")
+        multicast = next((MULTICAST_FLAGS[f] for f in flags if f in MULTICAST_FLAGS), "none")
         bm, bn, stages, *splits = (int(v) for v in body.rstrip("r").split("x"))
         kw = dict(block_m=bm, block_n=bn, max_concurrent_steps=stages,
-                  splits=splits[0] if splits else 1, wg_split=split, overlap=overlap or "none")
+                  splits=splits[0] if splits else 1, wg_split=split, overlap=overlap,
+                  multicast=multicast)
         # two-block stages may leave room for one epilogue slot only
         slots = 2 if fg.Fp8Config(**kw, epilogue_slots=1).smem_bytes(4) + (
             fg.gm._epilogue_bytes(2) - fg.gm._epilogue_bytes(1)) <= fg.gm.SMEM_BYTES else 1
         return fg.Fp8Config(**kw, epilogue_slots=slots)
     except (ValueError, IndexError) as e:
-        raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS][r][+OVERLAP], "
-                         f"OVERLAP in {fg.OVERLAPS[1:]})") from None
+        raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS][r][+stage]"
+                         "[+ma|+mb])") from None
 
 
 def _tag(cfg) -> str:
     return (f"{cfg.block_m}x{cfg.block_n}x{cfg.max_concurrent_steps}x{cfg.splits}"
             + ("r" if cfg.wg_split == "rows" else "")
             + ("" if cfg.overlap == "none" else f"+{cfg.overlap}")
+            + ("" if cfg.multicast == "none" else f"+m{cfg.multicast}")
             + ("" if cfg.epilogue_slots == 2 else f"_e{cfg.epilogue_slots}"))
+
+
+def _pairs(cfg, m: int, n: int) -> bool:
+    """Multicast pairs neighbouring tiles: their count along the paired axis must be even."""
+    if cfg.multicast == "none":
+        return True
+    size, block = (m, cfg.block_m) if cfg.multicast == "b" else (n, cfg.block_n)
+    return (size // block) % 2 == 0
 
 
 def _pad128(v: int) -> int:
@@ -189,7 +211,7 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool,
     want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
     kernels = {"pallas_fp8": cfg} if "pallas_fp8" in impls else {}
     for c in configs:
-        if n_pad % c.block_n or m % c.block_m:
+        if n_pad % c.block_n or m % c.block_m or not _pairs(c, m, n_pad):
             continue  # the sweep covers the shapes each tile divides
         fns[f"pallas_fp8[{_tag(c)}]"] = kernel(c)
         kernels[f"pallas_fp8[{_tag(c)}]"] = c
@@ -258,7 +280,7 @@ def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool,
                                                    preferred_element_type=jnp.float32), (dy, x)),
     }
     for c in configs:  # the sweep covers the shapes each tile divides
-        if n % c.block_m == 0 and k % c.block_n == 0:
+        if n % c.block_m == 0 and k % c.block_n == 0 and _pairs(c, n, k):
             fns[f"pallas_fp8_wgrad[{_tag(c)}]"] = (
                 lambda a, b, s1, s2, c=c: fg.gemm_kernel(a, b, s1, s2, out_dtype=jnp.float32,
                                                          config=c, interpret=interpret),
@@ -356,8 +378,8 @@ def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpr
         "pallas_bf16_grouped": (lambda a, b: gm.gmm(a, b, plan, transpose_w=True,
                                                     interpret=interpret), (x_pad, w)),
     }
-    for c in configs:  # the plan's 128-row tiles fix block_m
-        if c.block_m == plan.block_m and n % c.block_n == 0:
+    for c in configs:  # the plan's 128-row tiles fix block_m; multicast is dense only
+        if c.block_m == plan.block_m and n % c.block_n == 0 and c.multicast == "none":
             fns[f"pallas_fp8_grouped[{_tag(c)}]"] = (
                 lambda a, s1, b, s2, c=c: fg.grouped_gemm_1d2d(
                     a, s1, b, s2, plan, impl="pallas", interpret=interpret, config=c),

@@ -35,22 +35,33 @@ exact), so the data-gradient and weight-gradient scalings use the same kernel; w
 blocks a warpgroup's columns share one scale, which is folded into the row scales (one FMA per
 element).
 
+**Multicast**: for a dense GEMM whose M is an even number of 128-row tiles and whose K takes
+two-block stages, the default launches clusters of two CTAs on neighbouring m tiles of one n tile, and TMA fetches each b tile
+once and multicasts it into both CTAs' SMEM (`Fp8Config.multicast`): the 128 x 128 tile's
+operand traffic, not the promotion, is what bounds this kernel (experiments/fp8_gemm_variants.py).
+
 **Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-02; experiments/results/
-fp8_gemm.json, the two-block stages against one-block ones in fp8_gemm_overlap_h200.json; the
-tile sweep of 12-01 in fp8_gemm_sweep.json, the warpgroup split in
-fp8_gemm_wg_split_h200.json): correct on the device (calc_diff 1.3e-6 to 1.5e-6 against the
-exact product). Side by side with XLA's bf16 dot in one run: 1.39x at 8192^3 (1143 against
-820; XLA's raw FP8 dot without scales 1568), 1.14-1.48x at M = 4096, 0.77-1.57x at M = 128,
-1.58-1.60x our bf16 grouped kernel for the experts, 1.10-1.23x bf16 for the weight gradient.
-The path there: the first version reached 421 at 8192^3 (its 128 x 256 tiles need 256
-registers a thread for the result and the fresh accumulator, over the 232 a compute
-warpgroup gets, and spilled); 128 x 128 tiles with 4 stages, which chain tiles for K in
-multiples of 512, gave 965; the "rows" split 1007; two K-blocks a stage 1143-1160. Two row
-blocks in flight per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on others.
-Still short of the dense 1.6x target (about 1300 TFLOP/s here; DeepGEMM 1550 on an H800):
-half of the promotions still leave the tensor cores idle; next are a third compute warpgroup
-or ping-pong scheduling of the two, so that one's promotion runs under the other's wgmma as in
-DeepGEMM, and split-K for M = 128 (0.77x bf16 at 128 x 2112 x 7168: 17 tiles for 132 SMs).
+fp8_gemm.json, the run before multicast in fp8_gemm_h200_2026-12-02a.json, the two-block stages
+against one-block ones in fp8_gemm_overlap_h200.json; the tile sweep of 12-01 in
+fp8_gemm_sweep.json, the warpgroup split in fp8_gemm_wg_split_h200.json, what bounds the
+kernel in fp8_gemm_variants_h200.json): correct on the device (calc_diff 1.2e-6 to 1.4e-6
+against the exact product). Side by side with XLA's bf16 dot in one run: 1.44x at 8192^3 (1151
+against 800; XLA's raw FP8 dot without scales 1534; without multicast 1067), 1.14-1.52x at M =
+4096, 0.82-1.57x at M = 128, 1.58-1.63x our bf16 grouped kernel for the experts (two runs; no
+multicast there, the ratio moved with the baseline); the weight gradient 1.10-1.23x bf16
+(before multicast). The path there: the first version reached 421 at
+8192^3 (its 128 x 256 tiles need 256 registers a thread for the result and the fresh
+accumulator, over the 232 a compute warpgroup gets, and spilled); 128 x 128 tiles with 4
+stages, which chain tiles for K in multiples of 512, gave 965; the "rows" split 1007; two
+K-blocks a stage 1143-1160; multicast 1.08x the same kernel without it within one run (1151
+against 1067; that run's baseline ran 7% under the earlier runs', so across runs the gain does
+not show at 8192^3: only side-by-side rows compare). Two row blocks in flight
+per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on others. Still short of the
+dense 1.6x target (about 1300 TFLOP/s here; DeepGEMM 1550 on an H800): the same pipeline with
+the promotion removed reaches 1130 with 128 x 128 tiles and 1397 with 256 x 128, but promoting
+bigger tiles needs registers for a second accumulator in flight, and with one at a time they
+lost (0.50-0.73x; 0.74-0.98x with b multicast). Next: split-K for M = 128 (0.82x bf16 at 128 x 2112 x 7168: 17 tiles for
+132 SMs), and bigger tiles with fewer registers (e.g. a third compute warpgroup).
 """
 
 from __future__ import annotations
@@ -70,6 +81,7 @@ from pallas_kernels import grouped_matmul as gm
 
 IMPLS = ("xla", "pallas")
 OVERLAPS = ("none", "stage")
+MULTICASTS = ("none", "a", "b")
 WG_SPLITS = gm.WG_SPLITS
 
 
@@ -151,6 +163,13 @@ class Fp8Config:
       into two fresh accumulators and the first block is promoted while the second runs
       (`_promoting_mma`). K must then be a multiple of 256 and splits 1; the grouped weight
       gradient (per-expert token counts in 128s) does not take it.
+    multicast: "none", "a" or "b": CTAs in clusters of two take neighbouring output tiles that
+      share one operand tile, which TMA fetches from L2 once and multicasts into both CTAs'
+      SMEM: "b", two m tiles of one n tile (the b tile shared; M / block_m must be even); "a",
+      two n tiles of one m tile (N / block_n even). It halves that operand's L2 traffic, which
+      bounds 128 x 128 tiles (`default_config`'s measurements). The scale rows are not
+      multicast (they are 3% of the bytes, and a trial that multicast them too came out wrong
+      at one of three shapes, not investigated). Dense GEMMs only (the grouped ones refuse it).
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
     accumulator, block_m * block_n / 2 numbers each over 128 threads (either split), in at
@@ -167,6 +186,7 @@ class Fp8Config:
     splits: int = 1
     wg_split: str = "rows"
     overlap: str = "none"
+    multicast: str = "none"
 
     def __post_init__(self):
         if self.wg_split not in WG_SPLITS:
@@ -186,6 +206,8 @@ class Fp8Config:
                              f"wg_split={self.wg_split!r})")
         if self.overlap not in OVERLAPS:
             raise ValueError(f"Fp8Config.overlap={self.overlap!r} must be one of {OVERLAPS}")
+        if self.multicast not in MULTICASTS:
+            raise ValueError(f"Fp8Config.multicast={self.multicast!r} must be one of {MULTICASTS}")
         if self.overlap != "none" and self.splits != 1:
             raise ValueError(f"Fp8Config.overlap={self.overlap!r} needs splits=1, got "
                              f"splits={self.splits}")
@@ -219,17 +241,24 @@ class Fp8Config:
         """K-blocks of 128 per pipeline stage."""
         return 1 if self.overlap == "none" else 2
 
+    @property
+    def cluster(self) -> int:
+        """CTAs per cluster: 2 with multicast, else 1."""
+        return 1 if self.multicast == "none" else 2
+
     def smem_bytes(self, out_itemsize: int) -> int:
         # fp8 tiles + their f32 scale rows
         stage = (self.block_m + self.block_n) * (q8.BLOCK + 4) * self.k_blocks
         return self.max_concurrent_steps * stage + gm._epilogue_bytes(self.epilogue_slots)
 
 
-def default_config(m: int, n: int, k: int | None = None) -> Fp8Config:
+def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True) -> Fp8Config:
     """128 x 128 tiles (wider ones spill the compute warpgroups' registers: Fp8Config's note) and
     the "rows" warpgroup split; where K is a multiple of 256 (k given), stages of two K-blocks
     with the first block's promotion over the second's wgmma (`overlap="stage"`), 3 stages and
-    one epilogue slot (what fits the SMEM); otherwise 4 one-block stages, so that K's 128-blocks
+    one epilogue slot (what fits the SMEM), and for a dense GEMM (`dense`) whose M is an even
+    number of 128-row tiles, clusters of two CTAs on neighbouring m tiles with the b tile
+    multicast (`multicast="b"`); otherwise 4 one-block stages, so that K's 128-blocks
     come in whole rounds of stages for DeepSeek-V3's K (multiples of 512) and the TMA warpgroup
     runs on into a CTA's next tile (`chain_tiles`). Measured side by side on an H200:
       2026-12-01: 4 stages beat 5, which cannot chain, by 4-15% (965 against 886 TFLOP/s at
@@ -249,10 +278,26 @@ def default_config(m: int, n: int, k: int | None = None) -> Fp8Config:
         across steps, stages released by hand; "+steps" in that file) ran at 0.64-0.91x the
         one-block default and was dropped:
         carrying in-flight accumulators through the loop probably makes ptxas serialize the
-        wgmmas (inferred, not inspected)."""
-    del m, n
+        wgmmas (inferred, not inspected).
+      2026-12-02, later (experiments/fp8_gemm_variants.py: variants of this kernel, 10
+        iterations, the rows of one device call side by side; experiments/results/
+        fp8_gemm_variants_h200.json): without any promotion (wgmma accumulating in place,
+        scales ignored) 128 x 128 tiles reach only 1130 TFLOP/s at 8192^3 and 1253 at 4096 x
+        7168 x 2048, where 256 x 128 tiles reach 1397 and 1359 (the promoting default: 1058
+        and 1112 in that call): the tile's operand traffic, not the promotion, bounds this
+        kernel. Bigger tiles with promotion do not fit the registers two accumulators at a
+        time; one at a time (each K-block's wgmma waited for and promoted before the next, the
+        overlap left to the other warpgroup, as DeepGEMM schedules it) ran at 0.50-0.73x the
+        default (256 x 128: 831 against 1132 at 8192^3; 128 x 128 so scheduled 0.80-0.90x;
+        bigger tiles so scheduled with b multicast 0.74-0.98x). Multicast in clusters of two instead:
+        on b, 1135 against 1050 at 8192^3, 1115 against 1103 at 4096 x 7168 x 2048, 1057
+        against 1013 at 4096 x 24576 x 1536; on a, 1104, 1092 and 1031.
+    The grouped kernels (`dense=False`) take no multicast."""
+    del n
     if k is not None and k % (2 * q8.BLOCK) == 0:
-        return Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1)
+        pair = dense and m % q8.BLOCK == 0 and (m // q8.BLOCK) % 2 == 0
+        return Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
+                         multicast="b" if pair else "none")
     return Fp8Config()
 
 
@@ -263,9 +308,14 @@ def _specs(cfg: Fp8Config) -> list:
     kb = cfg.k_blocks
     bm, bn, bk = cfg.block_m, cfg.block_n, q8.BLOCK * kb
     fp8 = jnp.dtype(q8.FP8)
+
+    def shared(operand):  # the operand tile both CTAs of a cluster read (`Fp8Config.multicast`)
+        return ("cluster",) if cfg.multicast == operand else None
     return [
-        plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8)),
-        plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8)),
+        plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8),
+                        collective_axes=shared("a")),
+        plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8),
+                        collective_axes=shared("b")),
         plgpu.BlockSpec((kb, bm), lambda k: (k, 0)),
         plgpu.BlockSpec((kb, bn), lambda k: (k, 0)),
     ]
@@ -370,9 +420,29 @@ def _store(slots, dst):
     return store_to
 
 
+def _work_items(cfg: Fp8Config, m_tiles: int, n_tiles: int) -> int:
+    """Work items of the persistent loop: output tiles, or pairs of them (one per CTA of a
+    cluster) with multicast."""
+    return m_tiles * n_tiles // cfg.cluster
+
+
+def _tile_of(cfg: Fp8Config, lin, n_tiles: int):
+    """(m tile, n tile) of work item `lin` on this CTA, N minor: CTAs working at one time share
+    the a tile and neighbouring b tiles (L2). With multicast the two CTAs of a cluster take
+    neighbouring m tiles ("b") or n tiles ("a") of one item."""
+    if cfg.multicast == "none":
+        return lax.div(lin, jnp.int32(n_tiles)), lax.rem(lin, jnp.int32(n_tiles))
+    cta = lax.axis_index("cluster")
+    if cfg.multicast == "b":
+        return 2 * lax.div(lin, jnp.int32(n_tiles)) + cta, lax.rem(lin, jnp.int32(n_tiles))
+    pairs = n_tiles // 2
+    return lax.div(lin, jnp.int32(pairs)), 2 * lax.rem(lin, jnp.int32(pairs)) + cta
+
+
 def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool):
     """a_ref [M, K], b_ref [N, K] (e4m3); sa_ref [K/128, M], sb_ref [K/128, N] (f32);
-    y_ref [M, N]. Persistent: each CTA loops over (m-tile, n-tile) work items."""
+    y_ref [M, N]. Persistent: each CTA (each cluster, with multicast) loops over work items
+    (`_work_items`, `_tile_of`)."""
     bm, bn = cfg.block_m, cfg.block_n
     m_tiles, n_tiles = y_ref.shape[0] // bm, y_ref.shape[1] // bn
     k_steps = _k_steps(cfg, a_ref.shape[1])
@@ -385,14 +455,13 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
-        num_sms = lax.axis_size("sm")
-        total = m_tiles * n_tiles
+        num_sms = lax.axis_size("sm")  # CTAs, or clusters with multicast
+        total = _work_items(cfg, m_tiles, n_tiles)
 
         @plgpu.nd_loop((total,), collective_axes="sm")
         def _tile(info):
             lin = info.index[0]
-            # N minor: CTAs working at one time share the a tile and neighbouring b tiles (L2)
-            m_idx, n_idx = lax.div(lin, jnp.int32(n_tiles)), lax.rem(lin, jnp.int32(n_tiles))
+            m_idx, n_idx = _tile_of(cfg, lin, n_tiles)
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
             y_tile = cfg.wg_part(y_ref.at[rows, cols], wg)
@@ -432,17 +501,22 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
     (m, k), n = a.shape, b.shape[0]
     cfg = config or default_config(m, n, k)
     _k_steps(cfg, k)  # K in whole stages, checked before tracing
-    for name, size, block in (("M (a.shape[0])", m, cfg.block_m), ("N (b.shape[0])", n, cfg.block_n)):
+    for name, size, block, paired in (("M (a.shape[0])", m, cfg.block_m, "b"),
+                                      ("N (b.shape[0])", n, cfg.block_n, "a")):
         if size % block:
             raise ValueError(f"fp8 gemm (pallas): {name} = {size} must be a multiple of the "
                              f"{block}-wide tile; pad it explicitly (the reference path takes any)")
+        if cfg.multicast == paired and (size // block) % 2:
+            raise ValueError(f"fp8 gemm (pallas): {name} = {size} is an odd number of "
+                             f"{block}-wide tiles; Fp8Config.multicast={paired!r} pairs them")
     for name, x, want in (("sa_t", sa_t, (k // q8.BLOCK, m)), ("sb_t", sb_t, (k // q8.BLOCK, n))):
         if x.shape != want:
             raise ValueError(f"fp8 gemm (pallas): {name} must be [K/128, rows] = {list(want)}, "
                              f"got {list(x.shape)}")
     return gm.launch_shared(a, b, sa_t, sb_t, body=_body,
                             params=(("cfg", cfg), ("b_blocks", b_blocks)),
-                            out_type=jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret)
+                            out_type=jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret,
+                            cluster=cfg.cluster)
 
 
 def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Config | None = None):
@@ -454,6 +528,12 @@ def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Confi
 # --------------------------------------------------------------------------------------------
 # Grouped (MoE experts): rows sorted by expert in the padded-group layout of grouped_matmul
 # --------------------------------------------------------------------------------------------
+
+
+def _no_multicast(cfg: Fp8Config, what: str) -> None:
+    if cfg.multicast != "none":
+        raise ValueError(f"{what}: Fp8Config.multicast={cfg.multicast!r} is for the dense GEMMs "
+                         "only (their work items pair neighbouring tiles); use 'none'")
 
 
 def _check_grouped(a, s_a, b, s_b, plan) -> None:
@@ -496,8 +576,9 @@ def grouped_gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array
         return y.reshape(plan.padded_rows, -1).astype(out_dtype)
     if impl != "pallas":
         raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
-    cfg = config or default_config(plan.padded_rows, b.shape[1], a.shape[1])
+    cfg = config or default_config(plan.padded_rows, b.shape[1], a.shape[1], dense=False)
     _k_steps(cfg, a.shape[1])
+    _no_multicast(cfg, "grouped fp8 gemm (pallas)")
     if cfg.block_m != plan.block_m:
         raise ValueError(f"grouped fp8 gemm (pallas): the plan's block_m={plan.block_m} must equal "
                          f"the kernel's block_m={cfg.block_m}; build the plan with it")
@@ -591,7 +672,8 @@ def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.
     if impl != "pallas":
         raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
     n, k = a_t.shape[0], b_t.shape[0]
-    cfg = config or default_config(n, k)
+    cfg = config or default_config(n, k, dense=False)
+    _no_multicast(cfg, "grouped fp8 wgrad (pallas)")
     if cfg.overlap != "none":
         raise ValueError(f"grouped fp8 wgrad (pallas): Fp8Config.overlap={cfg.overlap!r} is not "
                          "supported: an expert's tokens come in 128s, not in the 256s of a stage")

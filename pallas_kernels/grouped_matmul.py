@@ -435,23 +435,27 @@ def _num_sms(interpret: bool) -> int:
     return jax.devices()[0].core_count
 
 
-@functools.partial(jax.jit, static_argnames=("body", "params", "out_type", "interpret"))
-def launch_shared(*args, body, params: tuple, out_type, interpret: bool):
-    """`_launch(partial(body, **dict(params)), out_type, interpret)(*args)` under a jit keyed by
-    the kernel's statics (`body` a module-level function, `params` hashable (name, value)
+@functools.partial(jax.jit, static_argnames=("body", "params", "out_type", "interpret",
+                                             "cluster"))
+def launch_shared(*args, body, params: tuple, out_type, interpret: bool, cluster: int = 1):
+    """`_launch(partial(body, **dict(params)), out_type, interpret, cluster)(*args)` under a jit
+    keyed by the kernel's statics (`body` a module-level function, `params` hashable (name, value)
     pairs, `out_type`): every call with the same statics and operand shapes shares one lowered
     function. Without it each call site lowers and compiles its own copy of the kernel (the
     kernel hash differs per site): the `small` FP8 train step, scanned, had 117 Mosaic GPU call
     sites, took 87 s to lower on a 2-core CPU and over 115 s to compile on an H200; now 38
     sites of 27 kernels, 25 s (experiments/lowering_stats.py)."""
-    return _launch(functools.partial(body, **dict(params)), out_type, interpret)(*args)
+    return _launch(functools.partial(body, **dict(params)), out_type, interpret, cluster)(*args)
 
 
-def _launch(body, out_type, interpret: bool):
-    """A persistent launch: one CTA per SM, three warpgroups per CTA."""
+def _launch(body, out_type, interpret: bool, cluster: int = 1):
+    """A persistent launch: one CTA per SM, three warpgroups per CTA. With `cluster` > 1 the CTAs
+    come in clusters of that many (axis "cluster") and the grid axis "sm" counts clusters, so
+    TMA can multicast a tile to every CTA of a cluster (`fp8_gemm.Fp8Config.multicast`)."""
+    clusters = {} if cluster == 1 else dict(cluster=(cluster,), cluster_names=("cluster",))
     return plgpu.kernel(
-        body, out_type=out_type, grid=(_num_sms(interpret),), grid_names=("sm",),
-        num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg",
+        body, out_type=out_type, grid=(_num_sms(interpret) // cluster,), grid_names=("sm",),
+        num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg", **clusters,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
 

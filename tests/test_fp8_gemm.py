@@ -7,6 +7,7 @@ sizes on the device, where the tensor cores' FP8 accumulation is real.
 """
 
 import json
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,12 @@ def _rel(got, want):
     (384, 256, 768, fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1)),
     (256, 384, 512, fg.Fp8Config(overlap="stage", max_concurrent_steps=2)),
     (256, 256, 512, fg.Fp8Config(overlap="stage", max_concurrent_steps=2, wg_split="cols")),
+    # clusters of two CTAs with one operand multicast (one cluster on 3 simulated SMs): b shared
+    # by m tiles 2i, 2i + 1 (4 x 2 tiles: 4 work items, chained), a shared by n tiles
+    (512, 256, 512, fg.Fp8Config(overlap="stage", max_concurrent_steps=2, multicast="b")),
+    (128, 512, 768, fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
+                                 multicast="a")),
+    (256, 384, 384, fg.Fp8Config(multicast="b")),  # one-block stages
 ])
 @pytest.mark.parametrize("b_scale", ["blocks", "rows"])
 def test_kernel_equals_the_reference_in_interpret_mode(m, n, k, config, b_scale):
@@ -121,12 +128,54 @@ def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
     with pytest.raises(ValueError, match="K = 384 must be a multiple of 256"):
         fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True,
                        config=fg.Fp8Config(overlap="stage", max_concurrent_steps=2))
-    # the default takes K as it comes: two-block stages where K allows, one-block ones elsewhere
+    # the default takes K as it comes: two-block stages where K allows, one-block ones elsewhere;
+    # b multicast where M is an even number of tiles, for the dense kernel only
     assert fg.default_config(128, 128, 384).overlap == "none"
     assert fg.default_config(128, 128, 7168) == fg.Fp8Config(
         overlap="stage", max_concurrent_steps=3, epilogue_slots=1)
+    assert fg.default_config(4096, 128, 7168) == fg.Fp8Config(
+        overlap="stage", max_concurrent_steps=3, epilogue_slots=1, multicast="b")
+    assert fg.default_config(384, 128, 7168).multicast == "none"  # 3 m tiles
+    assert fg.default_config(4096, 128, 7168, dense=False).multicast == "none"
+    assert fg.default_config(4096, 128, 384).multicast == "none"
     got = fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True, out_dtype=jnp.float32)
     assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
+
+
+@pytest.mark.parametrize("m, n, k, multicast", [
+    (768, 128, 512, "b"),  # 3 work items on 2 clusters: unequal counts, the last flag differs
+    (384, 512, 768, "a"),  # 6 work items on 2 clusters, chained
+])
+def test_multicast_on_two_clusters_in_interpret_mode(monkeypatch, m, n, k, multicast):
+    """The other tests run one cluster (3 simulated SMs); here 5 SMs give two clusters, so the
+    persistent loop strides over clusters and each cluster's last item differs."""
+    from pallas_kernels import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "INTERPRET_NUM_SMS", 5)  # shapes no other test traces (jit cache)
+    aq, sa, bq, sb = _operands(m, n, k, seed=3)
+    cfg = fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
+                       multicast=multicast)
+    got = fg._pallas_gemm(aq, sa, bq, sb, "blocks", jnp.float32, True, cfg)
+    assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
+
+
+def test_multicast_checks_its_inputs():
+    with pytest.raises(ValueError, match="multicast='c' must be one of"):
+        fg.Fp8Config(multicast="c")
+    aq, sa, bq, sb = _operands(384, 384, 256)
+    sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
+    for mc, name in (("b", r"M \(a.shape\[0\]\) = 384"), ("a", r"N \(b.shape\[0\]\) = 384")):
+        with pytest.raises(ValueError, match=name + " is an odd number of 128-wide tiles"):
+            fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True,
+                           config=fg.Fp8Config(multicast=mc))
+    gaq, gsa, gbq, gsb, plan = _grouped_operands([100, 60], 256, 256)
+    with pytest.raises(ValueError, match="multicast='b' is for the dense GEMMs only"):
+        fg.grouped_gemm_1d2d(gaq, gsa, gbq, gsb, plan, impl="pallas", interpret=True,
+                             config=fg.Fp8Config(multicast="b"))
+    with pytest.raises(ValueError, match="multicast='a' is for the dense GEMMs only"):
+        t_q, t_s = q8.quantize_rows(jnp.ones((128, plan.padded_rows)))  # [P, tokens]
+        fg.grouped_wgrad_1d1d(t_q, t_s, t_q, t_s, plan, impl="pallas", interpret=True,
+                              config=fg.Fp8Config(multicast="a"))
 
 
 def test_identical_kernel_calls_share_one_lowering(monkeypatch):
@@ -186,8 +235,13 @@ def test_bench_fp8_gemm_smoke_in_interpret_mode(tmp_path):
     assert cfg == fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1)
     assert bench_fp8_gemm._tag(cfg) == "128x128x3x1r+stage_e1"
     assert bench_fp8_gemm._config("128x128x2r+stage").epilogue_slots == 2
-    with pytest.raises(SystemExit, match="overlap='steps' must be one of"):
+    with pytest.raises(SystemExit, match=r"unknown option\(s\) \['steps'\]"):
         bench_fp8_gemm._config("128x128x3r+steps")
+    cfg = bench_fp8_gemm._config("128x128x3r+stage+mb")  # multicast: dense cases with even tiles
+    assert cfg == fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
+                               multicast="b")
+    assert bench_fp8_gemm._tag(cfg) == "128x128x3x1r+stage+mb_e1"
+    assert bench_fp8_gemm._pairs(cfg, 256, 128) and not bench_fp8_gemm._pairs(cfg, 384, 128)
 
 
 def _grouped_operands(sizes, n, k, seed=0):
@@ -278,19 +332,52 @@ def test_grouped_kernel_on_the_gpu():
                                     fg.Fp8Config(wg_split="cols"),
                                     fg.Fp8Config(block_n=192, wg_split="rows"),
                                     fg.Fp8Config(overlap="stage", max_concurrent_steps=2),
+                                    fg.Fp8Config(overlap="stage", max_concurrent_steps=3,
+                                                 epilogue_slots=1),  # the default before multicast
+                                    fg.Fp8Config(overlap="stage", max_concurrent_steps=3,
+                                                 epilogue_slots=1, multicast="a"),
+                                    fg.Fp8Config(multicast="b"),
                                     fg.Fp8Config()])  # one-block stages, the default before
 @pytest.mark.parametrize("m, n, k", [(4096, 4096, 7168), (128, 7168, 2048), (512, 2176, 7168)])
 def test_kernel_on_the_gpu(m, n, k, config):
     """Real FP8 tensor cores: DeepGEMM's calc_diff < 1e-3 against the exact product of the
-    quantized values (the benchmark's shapes gave 1.3e-6 to 1.5e-6 on an H200, 2026-12-02).
-    These cases, the two-block stages (None: the default) included, passed on an H200 on
-    2026-12-02. Only here can a wrong wgmma wait show: interpret mode runs wgmma synchronously."""
-    aq, sa, bq, sb = _operands(m, n, k, seed=7)
+    quantized values (the benchmark's shapes gave 1.2e-6 to 1.5e-6 on an H200, 2026-12-02).
+    On an H200, 2026-12-02 (experiments/results/gpu_tests_fp8_h200_2026-12-02_*.log): the
+    cases before multicast passed (the stage config without multicast was then the default,
+    None); after it, None (now multicast b where M allows) and the two multicast configs
+    passed. Only here can a wrong wgmma wait show: interpret mode runs wgmma synchronously.
+    Each config draws its own operands (those runs drew seed 7 for all), so an output tile a
+    kernel leaves unwritten cannot hold a previous config's correct result from a reused
+    buffer."""
+    aq, sa, bq, sb = _operands(m, n, k, seed=7 + zlib.crc32(repr(config).encode()) % 1000)
     if config is not None and n % config.block_n:
         pytest.skip(f"N={n} is not a multiple of block_n={config.block_n}")
+    if config is not None and config.multicast != "none" and (
+            (m if config.multicast == "b" else n) // 128) % 2:
+        pytest.skip(f"multicast={config.multicast!r} needs an even tile count ({m}x{n})")
     got = fg._pallas_gemm(aq, sa, bq, sb, "blocks", jnp.bfloat16, False, config)
     got = got.astype(jnp.float32)
     want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
     diff = 1 - 2 * jnp.sum(got * want) / (jnp.sum(got * got) + jnp.sum(want * want))
     assert float(diff) < 1e-3
     assert _rel(got, want) < 2e-2
+
+
+def test_fp8_gemm_variants_smoke_in_interpret_mode(tmp_path):
+    """experiments/fp8_gemm_variants.py: each kind of variant (multicast, in place, serial with
+    column halves) computes the product it claims, so its timing on a GPU means something."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import fp8_gemm_variants as fv
+
+    names = ["promote[128x128, 2-block stages, multicast b]", "inplace[256x128]",
+             "serial[128x256, 2 column halves]"]
+    recs = fv.main(["--interpret", "--shapes", "256x256x256", "--iterations", "1",
+                    "--variants", *names, "--json", str(tmp_path / "v.json")])
+    assert [r["variant"] for r in recs] == names
+    assert all(r["tflops"] and r["max_rel_err"] < 1e-2 for r in recs)  # e4m3 -> bf16 output
+    assert fg._promoting_pipeline is fv._PROMOTING_PIPELINE  # the kernel is left as it was
+    with pytest.raises(SystemExit, match="unknown"):
+        fv.main(["--variants", "promote[9x9]"])

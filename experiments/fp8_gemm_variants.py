@@ -1,0 +1,262 @@
+"""What bounds the FP8 GEMM kernel: variants of pallas_kernels/fp8_gemm.py's K pipeline, side by side.
+
+Command:   python experiments/fp8_gemm_variants.py                       (one GPU)
+           python experiments/fp8_gemm_variants.py --interpret --shapes 512x512x512 --iterations 1
+               (a CPU smoke run in Pallas' GPU interpret mode; times meaningless)
+Hardware:  one H100/H200 for the numbers.
+What it measures, per shape y[M, N] = a[M, K] @ b[N, K]^T (e4m3 from random normals, K-block
+scales uniform in [0.5, 2], 128 x 128 weight blocks; CUPTI kernel time, median of --iterations,
+L2 flushed, pallas_kernels/timing.py), each variant's TFLOP/s and its max error relative to the
+exact product:
+  promote[CFG]   the kernel as it is (fp32 promotion every 128 of K) with tile config CFG,
+                 multicast included (`Fp8Config.multicast`)
+  inplace[CFG]   the same pipeline and tiles with the promotion removed: every wgmma accumulates
+                 into one fp32 accumulator and the scales are ignored (its error is against the
+                 unscaled product). The kernel's ceiling for its tiles: what the TMA and the
+                 tensor cores reach when no CUDA-core work sits between the wgmmas
+  serial[CFG]    promotion with one fresh accumulator at a time: each (K-block, part) wgmma is
+                 waited for and promoted before the next is issued, so the registers hold the
+                 result and one accumulator and bigger tiles fit; the tensor cores then stay
+                 busy only through the other warpgroup's wgmmas (DeepGEMM's schedule). Parts
+                 are row blocks (`splits`) or, for 128 x 256, two column halves
+Output: a table and a JSON list of records {"shape", "variant", "config", "tflops", "ms",
+"max_rel_err"}, with "invalid" where the result is wrong (--json; metadata in the first
+record's "run").
+Result (one H200, 2026-12-02; experiments/results/fp8_gemm_variants_h200.json, recorded by
+scratch versions of these variants in two device calls before they were gathered here; "call"
+names the call, and only rows of one call are side by side): call A, at 8192^3: the promoting
+128 x 128 kernel 1058, in place 1130 (128 x 128), 1337 (128 x 256), 1397 (256 x 128); multicast
+of b 1135 against 1050 without it. Call B: serial 831 (256 x 128), 562 (128 x 256), 963 (128 x
+128) against the promoting kernel's 1132; serial 256 x 128 with b multicast 1098. So the 128 x
+128 tile's operand traffic bounds the kernel, bigger promoting tiles lose more to the serial
+schedule than the tile gains, and multicast is the gain that fits: `fp8_gemm.default_config`.
+The file also holds scratch trials this script does not define: the scale rows multicast too
+(a wrong result at 4096 x 24576 x 1536, not investigated) and in-place accumulation over two
+K-blocks a stage (two wgmmas into one accumulator with no wait between them: wrong results);
+rows with a wrong result carry "invalid", and their times mean nothing.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
+
+from pallas_kernels import fp8_gemm as fg  # noqa: E402
+from pallas_kernels import fp8_quant as q8  # noqa: E402
+from pallas_kernels import grouped_matmul as gm  # noqa: E402
+from pallas_kernels import timing  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+MAX_REL_ERR = 1e-2  # bf16 output rounding is ~4e-3 of the largest value; a wrong tile is O(1)
+SHAPES = [(8192, 8192, 8192), (4096, 7168, 2048), (4096, 24576, 1536), (4096, 2176, 7168)]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VariantConfig(fg.Fp8Config):
+    """Fp8Config plus the variants' knobs: `kb` K-blocks a stage (any schedule), `col_parts`
+    column halves a warpgroup (serial only), and the schedule."""
+    kb: int = 1
+    col_parts: int = 1
+    schedule: str = "promote"  # "promote" | "inplace" | "serial"
+
+    @property
+    def k_blocks(self) -> int:
+        return self.kb
+
+
+def _inplace_mma(cfg):
+    if cfg.k_blocks != 1:
+        # two wgmmas into one accumulator ref with no wait between them came out wrong (on
+        # the GPU and in interpret mode), so the in-place variant keeps one K-block a stage
+        raise ValueError("inplace variants take one K-block a stage")
+    rows, cols = cfg.wg_tile()
+
+    def mma(_, a_smem, b_smem, sa_smem, sb_smem, acc):
+        del sa_smem, sb_smem
+        r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
+        blk = pl.ds(0, q8.BLOCK)  # one K-block a stage (see VARIANTS)
+        plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk], b_smem.at[pl.ds(c0, cols), blk].T)
+        plgpu.wgmma_wait(0)
+        return acc
+
+    def context(store_to):
+        def run_with(run):
+            store_to(pl.run_scoped(lambda acc: run(acc)[...],
+                                   plgpu.ACC((rows, cols), jnp.float32)), 0)
+        return run_with
+    return mma, context
+
+
+def _serial_mma(cfg, b_blocks):
+    wg_rows, wg_cols = cfg.wg_tile()
+    rows, cols = wg_rows // cfg.splits, wg_cols // cfg.col_parts
+    parts = [(kb, j, c) for kb in range(cfg.k_blocks) for j in range(cfg.splits)
+             for c in range(cfg.col_parts)]
+
+    def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
+        r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
+        out = list(carry)
+        for kb, j, c in parts:
+            blk, i = pl.ds(kb * q8.BLOCK, q8.BLOCK), j * cfg.col_parts + c
+            row_sl, col0 = pl.ds(r0 + j * rows, rows), c0 + c * cols
+
+            def one(acc):
+                plgpu.wgmma(acc, a_smem.at[row_sl, blk], b_smem.at[pl.ds(col0, cols), blk].T)
+                scale = fg._promotion_scale(sa_smem.at[kb], sb_smem.at[kb], row_sl, col0,
+                                            pl.ds(col0, cols), out[i].shape,
+                                            b_blocks and q8.BLOCK % cols == 0)
+                return plgpu.wgmma_accumulator_load(acc, wait_n=0) * scale
+            out[i] = out[i] + pl.run_scoped(one, plgpu.ACC((rows, cols), jnp.float32))
+        return tuple(out)
+
+    def context(store_to):
+        def run_with(run):
+            zeros = tuple(plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32),
+                                            plgpu.Layout.WGMMA)
+                          for _ in range(cfg.splits * cfg.col_parts))
+            res = run(zeros)
+            for j in range(cfg.splits):
+                blocks = res[j * cfg.col_parts:(j + 1) * cfg.col_parts]
+                store_to(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1),
+                         j * rows)
+        return run_with
+    return mma, context
+
+
+_PROMOTING_PIPELINE = fg._promoting_pipeline
+
+
+def _variant_pipeline(cfg, in_specs, grid, store_to, state=None, *, b_blocks=False):
+    """Stands in for fp8_gemm._promoting_pipeline while a variant runs."""
+    schedule = getattr(cfg, "schedule", "promote")
+    if schedule == "promote":
+        return _PROMOTING_PIPELINE(cfg, in_specs, grid, store_to, state, b_blocks=b_blocks)
+    # serial: b's scale is one number per column part that lies in one 128-column block
+    mma, context = _inplace_mma(cfg) if schedule == "inplace" else _serial_mma(cfg, b_blocks)
+    return plgpu.emit_pipeline_warp_specialized(
+        mma, grid=grid, in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
+        memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg",
+        compute_context=context(store_to), pipeline_state=state)
+
+
+def _stage(**kw):
+    return fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1, **kw)
+
+
+VARIANTS = {
+    "promote[128x128, 2-block stages]": _stage(),
+    "promote[128x128, 2-block stages, multicast b]": _stage(multicast="b"),
+    "promote[128x128, 2-block stages, multicast a]": _stage(multicast="a"),
+    "promote[128x128, 2-block stages, multicast a, tiles not chained]": _stage(
+        multicast="a", chain_tiles=False),
+    "promote[128x128, multicast a]": fg.Fp8Config(multicast="a"),
+    "inplace[128x128]": VariantConfig(schedule="inplace"),
+    "inplace[128x256]": VariantConfig(schedule="inplace", block_n=256, max_concurrent_steps=3,
+                                      epilogue_slots=1),
+    "inplace[256x128]": VariantConfig(schedule="inplace", block_m=256, epilogue_slots=1),
+    "serial[128x128]": VariantConfig(schedule="serial"),
+    "serial[256x128, 2 row blocks]": VariantConfig(schedule="serial", block_m=256, splits=2,
+                                                   epilogue_slots=1),
+    "serial[256x128, 2 row blocks, 2-block stages]": VariantConfig(
+        schedule="serial", block_m=256, splits=2, kb=2, max_concurrent_steps=2,
+        epilogue_slots=1),
+    "serial[128x256, 2 column halves]": VariantConfig(schedule="serial", block_n=256,
+                                                      col_parts=2, epilogue_slots=1),
+    "serial[256x128, 2 row blocks, multicast b]": VariantConfig(
+        schedule="serial", block_m=256, splits=2, epilogue_slots=1, multicast="b"),
+    "serial[256x128, 2 row blocks, multicast a]": VariantConfig(
+        schedule="serial", block_m=256, splits=2, epilogue_slots=1, multicast="a"),
+    "serial[128x256, 2 column halves, multicast b]": VariantConfig(
+        schedule="serial", block_n=256, col_parts=2, epilogue_slots=1, multicast="b"),
+}
+
+
+def run_variant(m, n, k, name, cfg, iterations, interpret) -> dict:
+    rec = {"shape": [m, n, k], "variant": name, "config": repr(cfg)}
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (m, k), jnp.float32).astype(q8.FP8)
+    b = jax.random.normal(kb, (n, k), jnp.float32).astype(q8.FP8)
+    sa_t = jax.random.uniform(ka, (k // q8.BLOCK, m), jnp.float32, 0.5, 2.0)
+    sb_t = jnp.repeat(jax.random.uniform(kb, (k // q8.BLOCK, n // q8.BLOCK), jnp.float32,
+                                         0.5, 2.0), q8.BLOCK, axis=1)
+    inplace = getattr(cfg, "schedule", "promote") == "inplace"
+    ones = (jnp.ones_like(sa_t), jnp.ones_like(sb_t))
+    sa_w, sb_w = ones if inplace else (sa_t, sb_t)
+    a_deq = a.astype(jnp.float32).reshape(m, -1, q8.BLOCK) * sa_w.T[:, :, None]
+    b_deq = b.astype(jnp.float32).reshape(n, -1, q8.BLOCK) * sb_w.T[:, :, None]
+    want = jnp.einsum("mk,nk->mn", a_deq.reshape(m, k), b_deq.reshape(n, k),
+                      precision=lax.Precision.HIGHEST)
+    fn = jax.jit(functools.partial(fg.gemm_kernel, config=cfg, b_blocks=True,
+                                   interpret=interpret))
+    fg._promoting_pipeline = _variant_pipeline
+    try:
+        # numpy: XLA's max on the CPU skips NaN, which is what an unwritten tile holds in
+        # interpret mode
+        got, want = np.asarray(fn(a, b, sa_t, sb_t), np.float32), np.asarray(want)
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        rec["max_rel_err"] = err if np.isfinite(err) else None
+        if not err < MAX_REL_ERR:  # NaN too
+            rec["invalid"] = f"wrong result: max relative error {err:.3g}"
+        ms = timing.kernel_ms(fn, (a, b, sa_t, sb_t), iterations, interpret=interpret)
+        rec.update(tflops=2 * m * n * k / ms / 1e9, ms=ms)
+    except Exception as e:  # noqa: BLE001 - a variant that fails is a result, said so
+        rec.update(tflops=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+    finally:
+        fg._promoting_pipeline = _PROMOTING_PIPELINE
+    return rec
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="*", default=None,
+                    help="MxNxK shapes (default: 8192^3 and V3's 4096 x {7168 x 2048, 24576 x "
+                         "1536, 2176 x 7168})")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help=f"a subset of the variants, by name (default: all): {list(VARIANTS)}")
+    ap.add_argument("--iterations", type=int, default=10, help="timed iterations per case")
+    ap.add_argument("--interpret", action="store_true",
+                    help="Pallas GPU interpret mode on the CPU (a smoke run; times meaningless)")
+    ap.add_argument("--json", default=str(RESULTS / "fp8_gemm_variants.json"),
+                    help="where to write the records")
+    a = ap.parse_args(argv)
+    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
+              if a.shapes is not None else SHAPES)
+    names = a.variants or list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    run = {"command": "python experiments/fp8_gemm_variants.py " + " ".join(
+               argv if argv is not None else sys.argv[1:]),
+           "date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
+           "jax": jax.__version__, "interpret": a.interpret, "iterations": a.iterations}
+    records = []
+    for m, n, k in shapes:
+        for name in names:
+            cfg = VARIANTS[name]
+            r = run_variant(m, n, k, name, cfg, a.iterations, a.interpret)
+            records.append(r)
+            records[0]["run"] = run
+            path = pathlib.Path(a.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(records, indent=1) + "\n")
+            tf = "-" if r["tflops"] is None else f"{r['tflops']:8.1f}"
+            extra = r.get("error") or r.get("invalid") or f"max rel err {r['max_rel_err']:.1e}"
+            print(f"  {m:>5}x{n:>5}x{k:>5}  {name:<48} {tf:>8} TFLOP/s  {extra}", flush=True)
+    print(f"wrote {a.json}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
