@@ -1,4 +1,4 @@
-"""What bounds the FP8 GEMM kernel: variants of pallas_kernels/fp8_gemm.py's K pipeline, side by side.
+"""What bounds the FP8 GEMM kernel: variants of pallas_kernels/fp8_gemm.py's pipeline, side by side.
 
 Command:   python experiments/fp8_gemm_variants.py                       (one GPU)
            python experiments/fp8_gemm_variants.py --interpret --shapes 512x512x512 --iterations 1

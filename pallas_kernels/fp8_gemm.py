@@ -36,9 +36,10 @@ blocks a warpgroup's columns share one scale, which is folded into the row scale
 element).
 
 **Multicast**: for a dense GEMM whose M is an even number of 128-row tiles and whose K takes
-two-block stages, the default launches clusters of two CTAs on neighbouring m tiles of one n tile, and TMA fetches each b tile
-once and multicasts it into both CTAs' SMEM (`Fp8Config.multicast`): the 128 x 128 tile's
-operand traffic, not the promotion, is what bounds this kernel (experiments/fp8_gemm_variants.py).
+two-block stages, the default launches clusters of two CTAs on neighbouring m tiles of one n
+tile, and TMA fetches each b tile once and multicasts it into both CTAs' SMEM
+(`Fp8Config.multicast`): the 128 x 128 tile's operand traffic, not the promotion, is what
+bounds this kernel (experiments/fp8_gemm_variants.py).
 
 **Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-02; experiments/results/
 fp8_gemm.json, the run before multicast in fp8_gemm_h200_2026-12-02a.json, the two-block stages
@@ -60,8 +61,9 @@ per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on others. Stil
 dense 1.6x target (about 1300 TFLOP/s here; DeepGEMM 1550 on an H800): the same pipeline with
 the promotion removed reaches 1130 with 128 x 128 tiles and 1397 with 256 x 128, but promoting
 bigger tiles needs registers for a second accumulator in flight, and with one at a time they
-lost (0.50-0.73x; 0.74-0.98x with b multicast). Next: split-K for M = 128 (0.82x bf16 at 128 x 2112 x 7168: 17 tiles for
-132 SMs), and bigger tiles with fewer registers (e.g. a third compute warpgroup).
+lost (0.50-0.73x; 0.74-0.98x with b multicast). Next: split-K for M = 128 (0.82x bf16 at
+128 x 2112 x 7168: 17 tiles for 132 SMs), and bigger tiles with fewer registers (e.g. a third
+compute warpgroup).
 """
 
 from __future__ import annotations
@@ -289,8 +291,8 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True) 
         time; one at a time (each K-block's wgmma waited for and promoted before the next, the
         overlap left to the other warpgroup, as DeepGEMM schedules it) ran at 0.50-0.73x the
         default (256 x 128: 831 against 1132 at 8192^3; 128 x 128 so scheduled 0.80-0.90x;
-        bigger tiles so scheduled with b multicast 0.74-0.98x). Multicast in clusters of two instead:
-        on b, 1135 against 1050 at 8192^3, 1115 against 1103 at 4096 x 7168 x 2048, 1057
+        bigger tiles so scheduled with b multicast 0.74-0.98x). Multicast in clusters of two
+        instead: on b, 1135 against 1050 at 8192^3, 1115 against 1103 at 4096 x 7168 x 2048, 1057
         against 1013 at 4096 x 24576 x 1536; on a, 1104, 1092 and 1031.
     The grouped kernels (`dense=False`) take no multicast."""
     del n
