@@ -17,10 +17,11 @@ iteration by rewriting a 256 MiB buffer whose kernel is left out of the sum):
                     gets today for the recipe
   triton_fp8        our jax-triton block-scaled kernel (pallas_kernels/fp8_triton.py; needs
                     jax-triton 0.3.1 next to triton 3.6, else recorded as not run)
-  pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][_e1]]  the kernel with the tile configs of
-                    --configs (a sweep; r: the "rows" warpgroup split, +stage: two K-blocks a
-                    stage, +ma/+mb: a or b multicast in clusters of two CTAs, _e1: one
-                    epilogue slot), also for the grouped (no multicast) and wgrad cases
+  pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][+kS][_e1]]  the kernel with the tile configs
+                    of --configs (a sweep; r: the "rows" warpgroup split, +stage: two K-blocks
+                    a stage, +ma/+mb: a or b multicast in clusters of two CTAs, +kS: split-K
+                    in S ranges, _e1: one epilogue slot), also for the grouped (neither
+                    multicast nor split-K) and wgrad cases
 grouped cases (G experts x ROWS rows, the MoE layout): pallas_fp8_grouped (our grouped FP8
 kernel) against pallas_bf16_grouped (our bf16 grouped kernel, the baseline); weight-gradient
 cases (--wgrad): pallas_fp8_wgrad (1 x 128 tiles along tokens, fp32 out) against
@@ -93,13 +94,15 @@ def parse_args(argv=None):
                          "in {(4096, 7168), (7168, 2048)}; pass none to skip: --grouped)")
     ap.add_argument("--configs", nargs="*", default=[],
                     help="extra kernel tile configs to time next to the default, as "
-                         "BMxBNxSTAGES[xSPLITS][r][+stage][+ma|+mb] (e.g. 128x128x5x2 128x256x3 "
-                         "128x128x4r 128x128x3r+stage 128x128x3r+stage+mb; r = "
-                         "Fp8Config.wg_split 'rows', +stage = Fp8Config.overlap 'stage', +ma / "
-                         "+mb = Fp8Config.multicast 'a' / 'b', with one epilogue slot where two "
-                         "do not fit), in the dense, grouped and wgrad cases whose sizes they "
-                         "divide (multicast: dense only, an even tile count); recorded as impl "
-                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][_e1]]' "
+                         "BMxBNxSTAGES[xSPLITS][r][+stage][+ma|+mb][+kS] (e.g. 128x128x5x2 "
+                         "128x256x3 128x128x4r 128x128x3r+stage 128x128x3r+stage+mb "
+                         "128x128x3r+stage+k4; r = Fp8Config.wg_split 'rows', +stage = "
+                         "Fp8Config.overlap 'stage', +ma / +mb = Fp8Config.multicast 'a' / 'b', "
+                         "+kS = Fp8Config.split_k S, with one epilogue slot where two do not "
+                         "fit), in the dense, grouped and wgrad cases whose sizes they divide "
+                         "(multicast and split-K: dense only; multicast needs an even tile "
+                         "count); recorded as impl "
+                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][+kS][_e1]]' "
                          "(…_grouped[…], …_wgrad[…])")
     ap.add_argument("--wgrad", nargs="*", default=None,
                     help="weight-gradient cases NxKxTOKENS: dw [N, K] = dy^T x over TOKENS, "
@@ -133,22 +136,25 @@ def _config(text: str) -> "fg.Fp8Config":
     body, *flags = text.lower().split("+")
     split = "rows" if body.endswith("r") else "cols"
     try:
-        unknown = [f for f in flags if f not in MULTICAST_FLAGS and f not in fg.OVERLAPS[1:]]
+        split_flags = [f for f in flags if f[:1] == "k" and f[1:].isdigit()]
+        unknown = [f for f in flags if f not in MULTICAST_FLAGS and f not in fg.OVERLAPS[1:]
+                   and f not in split_flags]
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}")
         overlap = next((f for f in flags if f in fg.OVERLAPS), "none")
         multicast = next((MULTICAST_FLAGS[f] for f in flags if f in MULTICAST_FLAGS), "none")
+        split_k = int(split_flags[0][1:]) if split_flags else 1
         bm, bn, stages, *splits = (int(v) for v in body.rstrip("r").split("x"))
         kw = dict(block_m=bm, block_n=bn, max_concurrent_steps=stages,
                   splits=splits[0] if splits else 1, wg_split=split, overlap=overlap,
-                  multicast=multicast)
+                  multicast=multicast, split_k=split_k)
         # two-block stages may leave room for one epilogue slot only
         slots = 2 if fg.Fp8Config(**kw, epilogue_slots=1).smem_bytes(4) + (
             fg.gm._epilogue_bytes(2) - fg.gm._epilogue_bytes(1)) <= fg.gm.SMEM_BYTES else 1
         return fg.Fp8Config(**kw, epilogue_slots=slots)
     except (ValueError, IndexError) as e:
         raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS][r][+stage]"
-                         "[+ma|+mb])") from None
+                         "[+ma|+mb][+kS])") from None
 
 
 def _tag(cfg) -> str:
@@ -156,11 +162,15 @@ def _tag(cfg) -> str:
             + ("r" if cfg.wg_split == "rows" else "")
             + ("" if cfg.overlap == "none" else f"+{cfg.overlap}")
             + ("" if cfg.multicast == "none" else f"+m{cfg.multicast}")
+            + ("" if cfg.split_k == 1 else f"+k{cfg.split_k}")
             + ("" if cfg.epilogue_slots == 2 else f"_e{cfg.epilogue_slots}"))
 
 
-def _pairs(cfg, m: int, n: int) -> bool:
-    """Multicast pairs neighbouring tiles: their count along the paired axis must be even."""
+def _pairs(cfg, m: int, n: int, k: int | None = None) -> bool:
+    """Multicast pairs neighbouring tiles: their count along the paired axis must be even; with
+    split_k, each of K's ranges must be whole stages."""
+    if k is not None and k % (q8.BLOCK * cfg.k_blocks * cfg.split_k):
+        return False
     if cfg.multicast == "none":
         return True
     size, block = (m, cfg.block_m) if cfg.multicast == "b" else (n, cfg.block_n)
@@ -211,7 +221,7 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool,
     want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
     kernels = {"pallas_fp8": cfg} if "pallas_fp8" in impls else {}
     for c in configs:
-        if n_pad % c.block_n or m % c.block_m or not _pairs(c, m, n_pad):
+        if n_pad % c.block_n or m % c.block_m or not _pairs(c, m, n_pad, k):
             continue  # the sweep covers the shapes each tile divides
         fns[f"pallas_fp8[{_tag(c)}]"] = kernel(c)
         kernels[f"pallas_fp8[{_tag(c)}]"] = c
@@ -280,7 +290,7 @@ def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool,
                                                    preferred_element_type=jnp.float32), (dy, x)),
     }
     for c in configs:  # the sweep covers the shapes each tile divides
-        if n % c.block_m == 0 and k % c.block_n == 0 and _pairs(c, n, k):
+        if n % c.block_m == 0 and k % c.block_n == 0 and _pairs(c, n, k, t):
             fns[f"pallas_fp8_wgrad[{_tag(c)}]"] = (
                 lambda a, b, s1, s2, c=c: fg.gemm_kernel(a, b, s1, s2, out_dtype=jnp.float32,
                                                          config=c, interpret=interpret),
@@ -379,7 +389,8 @@ def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpr
                                                     interpret=interpret), (x_pad, w)),
     }
     for c in configs:  # the plan's 128-row tiles fix block_m; multicast is dense only
-        if c.block_m == plan.block_m and n % c.block_n == 0 and c.multicast == "none":
+        if (c.block_m == plan.block_m and n % c.block_n == 0 and c.multicast == "none"
+                and c.split_k == 1):
             fns[f"pallas_fp8_grouped[{_tag(c)}]"] = (
                 lambda a, s1, b, s2, c=c: fg.grouped_gemm_1d2d(
                     a, s1, b, s2, plan, impl="pallas", interpret=interpret, config=c),

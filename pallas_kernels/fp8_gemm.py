@@ -61,9 +61,9 @@ per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on others. Stil
 dense 1.6x target (about 1300 TFLOP/s here; DeepGEMM 1550 on an H800): the same pipeline with
 the promotion removed reaches 1130 with 128 x 128 tiles and 1397 with 256 x 128, but promoting
 bigger tiles needs registers for a second accumulator in flight, and with one at a time they
-lost (0.50-0.73x; 0.74-0.98x with b multicast). Next: split-K for M = 128 (0.82x bf16 at
-128 x 2112 x 7168: 17 tiles for 132 SMs), and bigger tiles with fewer registers (e.g. a third
-compute warpgroup).
+lost (0.50-0.73x; 0.74-0.98x with b multicast). Next: measuring split-K
+(`Fp8Config.split_k`, not yet run on a GPU) for M = 128 (0.82x bf16 at 128 x 2112 x 7168: 17
+tiles for 132 SMs), and bigger tiles with fewer registers (e.g. a third compute warpgroup).
 """
 
 from __future__ import annotations
@@ -172,6 +172,11 @@ class Fp8Config:
       bounds 128 x 128 tiles (`default_config`'s measurements). The scale rows are not
       multicast (they are 3% of the bytes, and a trial that multicast them too came out wrong
       at one of three shapes, not investigated). Dense GEMMs only (the grouped ones refuse it).
+    split_k: S > 1 cuts K into S equal ranges, each a work item of its own (S times the work
+      items: for small M, whose few output tiles leave most SMs idle, e.g. 17 tiles at 128 x
+      2176 for 132 SMs); the kernel writes S float32 partial products [S, M, N] and XLA sums
+      them in float32 and casts. K / S must be whole stages. Dense GEMMs only, no multicast.
+      Not yet measured on a GPU, so no default takes it.
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
     accumulator, block_m * block_n / 2 numbers each over 128 threads (either split), in at
@@ -189,6 +194,7 @@ class Fp8Config:
     wg_split: str = "rows"
     overlap: str = "none"
     multicast: str = "none"
+    split_k: int = 1
 
     def __post_init__(self):
         if self.wg_split not in WG_SPLITS:
@@ -210,6 +216,9 @@ class Fp8Config:
             raise ValueError(f"Fp8Config.overlap={self.overlap!r} must be one of {OVERLAPS}")
         if self.multicast not in MULTICASTS:
             raise ValueError(f"Fp8Config.multicast={self.multicast!r} must be one of {MULTICASTS}")
+        if self.split_k < 1 or (self.split_k > 1 and self.multicast != "none"):
+            raise ValueError(f"Fp8Config.split_k={self.split_k} must be >= 1, and 1 with "
+                             f"multicast={self.multicast!r}")
         if self.overlap != "none" and self.splits != 1:
             raise ValueError(f"Fp8Config.overlap={self.overlap!r} needs splits=1, got "
                              f"splits={self.splits}")
@@ -424,8 +433,8 @@ def _store(slots, dst):
 
 def _work_items(cfg: Fp8Config, m_tiles: int, n_tiles: int) -> int:
     """Work items of the persistent loop: output tiles, or pairs of them (one per CTA of a
-    cluster) with multicast."""
-    return m_tiles * n_tiles // cfg.cluster
+    cluster) with multicast, times `cfg.split_k` K ranges."""
+    return m_tiles * n_tiles // cfg.cluster * cfg.split_k
 
 
 def _tile_of(cfg: Fp8Config, lin, n_tiles: int):
@@ -445,9 +454,11 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
     """a_ref [M, K], b_ref [N, K] (e4m3); sa_ref [K/128, M], sb_ref [K/128, N] (f32);
     y_ref [M, N]. Persistent: each CTA (each cluster, with multicast) loops over work items
     (`_work_items`, `_tile_of`)."""
-    bm, bn = cfg.block_m, cfg.block_n
-    m_tiles, n_tiles = y_ref.shape[0] // bm, y_ref.shape[1] // bn
-    k_steps = _k_steps(cfg, a_ref.shape[1])
+    bm, bn, splits = cfg.block_m, cfg.block_n, cfg.split_k
+    m = a_ref.shape[0]  # y_ref is [split_k * M, N]: one partial product per K range
+    m_tiles, n_tiles = m // bm, y_ref.shape[1] // bn
+    k_part = a_ref.shape[1] // splits
+    k_steps = _k_steps(cfg, k_part)
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _specs(cfg)
 
@@ -459,26 +470,39 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
         wg = lax.axis_index("wg")
         num_sms = lax.axis_size("sm")  # CTAs, or clusters with multicast
         total = _work_items(cfg, m_tiles, n_tiles)
+        per_split = total // splits
 
         @plgpu.nd_loop((total,), collective_axes="sm")
         def _tile(info):
             lin = info.index[0]
-            m_idx, n_idx = _tile_of(cfg, lin, n_tiles)
+            if splits == 1:
+                item, ks, kbs, out_row0 = lin, slice(None), slice(None), 0
+            else:  # K range major: CTAs working at one time read the same K range of a
+                part = lax.div(lin, jnp.int32(per_split))
+                item = lax.rem(lin, jnp.int32(per_split))
+                ks = pl.ds(pl.multiple_of(part * k_part, q8.BLOCK), k_part)
+                kbs = pl.ds(part * (k_part // q8.BLOCK), k_part // q8.BLOCK)
+                out_row0 = part * m
+            m_idx, n_idx = _tile_of(cfg, item, n_tiles)
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
-            y_tile = cfg.wg_part(y_ref.at[rows, cols], wg)
+            out_rows = rows if splits == 1 else pl.ds(
+                pl.multiple_of(out_row0 + m_idx * bm, bm), bm)
+            y_tile = cfg.wg_part(y_ref.at[out_rows, cols], wg)
             store = _store(epi.at[wg], y_tile)
             gm._run_tile(lambda state=None: pipeline(store, state),
-                         (a_ref.at[rows, :], b_ref.at[cols, :], sa_ref.at[:, rows],
-                          sb_ref.at[:, cols]),
+                         (a_ref.at[rows, ks], b_ref.at[cols, ks], sa_ref.at[kbs, rows],
+                          sb_ref.at[kbs, cols]),
                          allocs, chain=chain, first=info.local_index == 0,
                          last=lin + num_sms >= total)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    first_k, first_kb = ((slice(None), slice(None)) if splits == 1 else
+                         (pl.ds(0, k_part), pl.ds(0, k_part // q8.BLOCK)))
     allocs = pipeline(None).get_allocations(
-        a_ref.at[pl.ds(0, bm), :], b_ref.at[pl.ds(0, bn), :], sa_ref.at[:, pl.ds(0, bm)],
-        sb_ref.at[:, pl.ds(0, bn)])
+        a_ref.at[pl.ds(0, bm), first_k], b_ref.at[pl.ds(0, bn), first_k],
+        sa_ref.at[first_kb, pl.ds(0, bm)], sb_ref.at[first_kb, pl.ds(0, bn)])
     pl.run_scoped(scoped, allocs=allocs, epi=gm._epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
                   collective_axes="wg")
 
@@ -502,7 +526,10 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
     128 weight blocks); the kernel then reads one b scale per warpgroup and K-block."""
     (m, k), n = a.shape, b.shape[0]
     cfg = config or default_config(m, n, k)
-    _k_steps(cfg, k)  # K in whole stages, checked before tracing
+    if k % cfg.split_k:
+        raise ValueError(f"fp8 gemm (pallas): K = {k} must split into Fp8Config.split_k="
+                         f"{cfg.split_k} equal ranges")
+    _k_steps(cfg, k // cfg.split_k)  # each K range in whole stages, checked before tracing
     for name, size, block, paired in (("M (a.shape[0])", m, cfg.block_m, "b"),
                                       ("N (b.shape[0])", n, cfg.block_n, "a")):
         if size % block:
@@ -515,10 +542,16 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
         if x.shape != want:
             raise ValueError(f"fp8 gemm (pallas): {name} must be [K/128, rows] = {list(want)}, "
                              f"got {list(x.shape)}")
-    return gm.launch_shared(a, b, sa_t, sb_t, body=_body,
-                            params=(("cfg", cfg), ("b_blocks", b_blocks)),
-                            out_type=jax.ShapeDtypeStruct((m, n), out_dtype), interpret=interpret,
-                            cluster=cfg.cluster)
+    if cfg.split_k == 1:
+        return gm.launch_shared(a, b, sa_t, sb_t, body=_body,
+                                params=(("cfg", cfg), ("b_blocks", b_blocks)),
+                                out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+                                interpret=interpret, cluster=cfg.cluster)
+    parts = gm.launch_shared(a, b, sa_t, sb_t, body=_body,
+                             params=(("cfg", cfg), ("b_blocks", b_blocks)),
+                             out_type=jax.ShapeDtypeStruct((cfg.split_k * m, n), jnp.float32),
+                             interpret=interpret, cluster=cfg.cluster)
+    return parts.reshape(cfg.split_k, m, n).sum(axis=0).astype(out_dtype)
 
 
 def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Config | None = None):
@@ -532,10 +565,13 @@ def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Confi
 # --------------------------------------------------------------------------------------------
 
 
-def _no_multicast(cfg: Fp8Config, what: str) -> None:
+def _dense_only(cfg: Fp8Config, what: str) -> None:
     if cfg.multicast != "none":
         raise ValueError(f"{what}: Fp8Config.multicast={cfg.multicast!r} is for the dense GEMMs "
                          "only (their work items pair neighbouring tiles); use 'none'")
+    if cfg.split_k != 1:
+        raise ValueError(f"{what}: Fp8Config.split_k={cfg.split_k} is for the dense GEMMs only; "
+                         "use 1")
 
 
 def _check_grouped(a, s_a, b, s_b, plan) -> None:
@@ -580,7 +616,7 @@ def grouped_gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array
         raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
     cfg = config or default_config(plan.padded_rows, b.shape[1], a.shape[1], dense=False)
     _k_steps(cfg, a.shape[1])
-    _no_multicast(cfg, "grouped fp8 gemm (pallas)")
+    _dense_only(cfg, "grouped fp8 gemm (pallas)")
     if cfg.block_m != plan.block_m:
         raise ValueError(f"grouped fp8 gemm (pallas): the plan's block_m={plan.block_m} must equal "
                          f"the kernel's block_m={cfg.block_m}; build the plan with it")
@@ -675,7 +711,7 @@ def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.
         raise ValueError(f"fp8 gemm impl={impl!r} is not one of {IMPLS}")
     n, k = a_t.shape[0], b_t.shape[0]
     cfg = config or default_config(n, k, dense=False)
-    _no_multicast(cfg, "grouped fp8 wgrad (pallas)")
+    _dense_only(cfg, "grouped fp8 wgrad (pallas)")
     if cfg.overlap != "none":
         raise ValueError(f"grouped fp8 wgrad (pallas): Fp8Config.overlap={cfg.overlap!r} is not "
                          "supported: an expert's tokens come in 128s, not in the 256s of a stage")

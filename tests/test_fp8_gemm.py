@@ -59,6 +59,9 @@ def _rel(got, want):
     (128, 512, 768, fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
                                  multicast="a")),
     (256, 384, 384, fg.Fp8Config(multicast="b")),  # one-block stages
+    # split-K: K in equal ranges, one float32 partial product each, summed after the kernel
+    (128, 384, 1024, fg.Fp8Config(overlap="stage", max_concurrent_steps=2, split_k=2)),
+    (256, 256, 768, fg.Fp8Config(split_k=3)),  # 12 work items on 3 simulated SMs
 ])
 @pytest.mark.parametrize("b_scale", ["blocks", "rows"])
 def test_kernel_equals_the_reference_in_interpret_mode(m, n, k, config, b_scale):
@@ -159,11 +162,21 @@ def test_multicast_on_two_clusters_in_interpret_mode(monkeypatch, m, n, k, multi
     assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
 
 
-def test_multicast_checks_its_inputs():
+def test_multicast_and_split_k_check_their_inputs():
     with pytest.raises(ValueError, match="multicast='c' must be one of"):
         fg.Fp8Config(multicast="c")
+    with pytest.raises(ValueError, match=r"split_k=2 must be >= 1, and 1 with multicast='b'"):
+        fg.Fp8Config(multicast="b", split_k=2)
+    with pytest.raises(ValueError, match="split_k=0 must be >= 1"):
+        fg.Fp8Config(split_k=0)
     aq, sa, bq, sb = _operands(384, 384, 256)
     sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
+    with pytest.raises(ValueError, match="K = 256 must split into Fp8Config.split_k=3 equal"):
+        fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True,
+                       config=fg.Fp8Config(split_k=3))
+    with pytest.raises(ValueError, match="K = 128 must be a multiple of 256"):  # a range, K / 2
+        fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True,
+                       config=fg.Fp8Config(split_k=2, overlap="stage", max_concurrent_steps=2))
     for mc, name in (("b", r"M \(a.shape\[0\]\) = 384"), ("a", r"N \(b.shape\[0\]\) = 384")):
         with pytest.raises(ValueError, match=name + " is an odd number of 128-wide tiles"):
             fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True,
@@ -176,6 +189,9 @@ def test_multicast_checks_its_inputs():
         t_q, t_s = q8.quantize_rows(jnp.ones((128, plan.padded_rows)))  # [P, tokens]
         fg.grouped_wgrad_1d1d(t_q, t_s, t_q, t_s, plan, impl="pallas", interpret=True,
                               config=fg.Fp8Config(multicast="a"))
+    with pytest.raises(ValueError, match="split_k=2 is for the dense GEMMs only"):
+        fg.grouped_gemm_1d2d(gaq, gsa, gbq, gsb, plan, impl="pallas", interpret=True,
+                             config=fg.Fp8Config(split_k=2))
 
 
 def test_identical_kernel_calls_share_one_lowering(monkeypatch):
@@ -242,6 +258,10 @@ def test_bench_fp8_gemm_smoke_in_interpret_mode(tmp_path):
                                multicast="b")
     assert bench_fp8_gemm._tag(cfg) == "128x128x3x1r+stage+mb_e1"
     assert bench_fp8_gemm._pairs(cfg, 256, 128) and not bench_fp8_gemm._pairs(cfg, 384, 128)
+    cfg = bench_fp8_gemm._config("128x128x3r+stage+k4")  # split-K: K / 4 in whole stages
+    assert cfg.split_k == 4 and bench_fp8_gemm._tag(cfg) == "128x128x3x1r+stage+k4_e1"
+    assert bench_fp8_gemm._pairs(cfg, 128, 128, 7168) and not bench_fp8_gemm._pairs(cfg, 128, 128,
+                                                                                      1536)
 
 
 def _grouped_operands(sizes, n, k, seed=0):
@@ -337,7 +357,9 @@ def test_grouped_kernel_on_the_gpu():
                                     fg.Fp8Config(overlap="stage", max_concurrent_steps=3,
                                                  epilogue_slots=1, multicast="a"),
                                     fg.Fp8Config(multicast="b"),
-                                    fg.Fp8Config()])  # one-block stages, the default before
+                                    fg.Fp8Config(),  # one-block stages, the default before
+                                    fg.Fp8Config(overlap="stage", max_concurrent_steps=3,
+                                                 epilogue_slots=1, split_k=4)])  # not yet run
 @pytest.mark.parametrize("m, n, k", [(4096, 4096, 7168), (128, 7168, 2048), (512, 2176, 7168)])
 def test_kernel_on_the_gpu(m, n, k, config):
     """Real FP8 tensor cores: DeepGEMM's calc_diff < 1e-3 against the exact product of the
@@ -345,7 +367,7 @@ def test_kernel_on_the_gpu(m, n, k, config):
     On an H200, 2026-12-02 (experiments/results/gpu_tests_fp8_h200_2026-12-02_*.log): the
     cases before multicast passed (the stage config without multicast was then the default,
     None); after it, None (now multicast b where M allows) and the two multicast configs
-    passed. Only here can a wrong wgmma wait show: interpret mode runs wgmma synchronously.
+    passed; split-K (the last config) has not run on a GPU yet. Only here can a wrong wgmma wait show: interpret mode runs wgmma synchronously.
     Each config draws its own operands (those runs drew seed 7 for all), so an output tile a
     kernel leaves unwritten cannot hold a previous config's correct result from a reused
     buffer."""
