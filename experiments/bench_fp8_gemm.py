@@ -166,15 +166,13 @@ def _tag(cfg) -> str:
             + ("" if cfg.epilogue_slots == 2 else f"_e{cfg.epilogue_slots}"))
 
 
-def _pairs(cfg, m: int, n: int, k: int | None = None) -> bool:
-    """Multicast pairs neighbouring tiles: their count along the paired axis must be even; with
-    split_k, each of K's ranges must be whole stages."""
-    if k is not None and k % (q8.BLOCK * cfg.k_blocks * cfg.split_k):
+def _fits(cfg, m: int, n: int, k: int) -> bool:
+    """Whether the dense kernel takes [M, K] @ [N, K]^T with `cfg` (fp8_gemm.check_shapes)."""
+    try:
+        fg.check_shapes(cfg, m, n, k)
+    except ValueError:
         return False
-    if cfg.multicast == "none":
-        return True
-    size, block = (m, cfg.block_m) if cfg.multicast == "b" else (n, cfg.block_n)
-    return (size // block) % 2 == 0
+    return True
 
 
 def _pad128(v: int) -> int:
@@ -221,7 +219,7 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool,
     want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
     kernels = {"pallas_fp8": cfg} if "pallas_fp8" in impls else {}
     for c in configs:
-        if n_pad % c.block_n or m % c.block_m or not _pairs(c, m, n_pad, k):
+        if not _fits(c, m, n_pad, k):
             continue  # the sweep covers the shapes each tile divides
         fns[f"pallas_fp8[{_tag(c)}]"] = kernel(c)
         kernels[f"pallas_fp8[{_tag(c)}]"] = c
@@ -290,7 +288,7 @@ def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool,
                                                    preferred_element_type=jnp.float32), (dy, x)),
     }
     for c in configs:  # the sweep covers the shapes each tile divides
-        if n % c.block_m == 0 and k % c.block_n == 0 and _pairs(c, n, k, t):
+        if _fits(c, n, k, t):
             fns[f"pallas_fp8_wgrad[{_tag(c)}]"] = (
                 lambda a, b, s1, s2, c=c: fg.gemm_kernel(a, b, s1, s2, out_dtype=jnp.float32,
                                                          config=c, interpret=interpret),

@@ -526,10 +526,29 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
     128 weight blocks); the kernel then reads one b scale per warpgroup and K-block."""
     (m, k), n = a.shape, b.shape[0]
     cfg = config or default_config(m, n, k)
+    check_shapes(cfg, m, n, k)
+    for name, x, want in (("sa_t", sa_t, (k // q8.BLOCK, m)), ("sb_t", sb_t, (k // q8.BLOCK, n))):
+        if x.shape != want:
+            raise ValueError(f"fp8 gemm (pallas): {name} must be [K/128, rows] = {list(want)}, "
+                             f"got {list(x.shape)}")
+    splits = cfg.split_k  # > 1: float32 partial products [S, M, N], summed here
+    y = gm.launch_shared(a, b, sa_t, sb_t, body=_body,
+                         params=(("cfg", cfg), ("b_blocks", b_blocks)),
+                         out_type=jax.ShapeDtypeStruct(
+                             (splits * m, n), out_dtype if splits == 1 else jnp.float32),
+                         interpret=interpret, cluster=cfg.cluster)
+    return y if splits == 1 else y.reshape(splits, m, n).sum(axis=0).astype(out_dtype)
+
+
+def check_shapes(cfg: Fp8Config, m: int, n: int, k: int) -> None:
+    """Raises a ValueError naming the dimension if the dense kernel cannot run y [M, N] = a [M, K]
+    @ b [N, K]^T with `cfg`: M and N whole tiles, each of the split_k K ranges whole stages, an
+    even tile count along the axis multicast pairs. Checked before tracing; the benchmark asks
+    it which configs a shape takes."""
     if k % cfg.split_k:
         raise ValueError(f"fp8 gemm (pallas): K = {k} must split into Fp8Config.split_k="
                          f"{cfg.split_k} equal ranges")
-    _k_steps(cfg, k // cfg.split_k)  # each K range in whole stages, checked before tracing
+    _k_steps(cfg, k // cfg.split_k)
     for name, size, block, paired in (("M (a.shape[0])", m, cfg.block_m, "b"),
                                       ("N (b.shape[0])", n, cfg.block_n, "a")):
         if size % block:
@@ -538,20 +557,6 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
         if cfg.multicast == paired and (size // block) % 2:
             raise ValueError(f"fp8 gemm (pallas): {name} = {size} is an odd number of "
                              f"{block}-wide tiles; Fp8Config.multicast={paired!r} pairs them")
-    for name, x, want in (("sa_t", sa_t, (k // q8.BLOCK, m)), ("sb_t", sb_t, (k // q8.BLOCK, n))):
-        if x.shape != want:
-            raise ValueError(f"fp8 gemm (pallas): {name} must be [K/128, rows] = {list(want)}, "
-                             f"got {list(x.shape)}")
-    if cfg.split_k == 1:
-        return gm.launch_shared(a, b, sa_t, sb_t, body=_body,
-                                params=(("cfg", cfg), ("b_blocks", b_blocks)),
-                                out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-                                interpret=interpret, cluster=cfg.cluster)
-    parts = gm.launch_shared(a, b, sa_t, sb_t, body=_body,
-                             params=(("cfg", cfg), ("b_blocks", b_blocks)),
-                             out_type=jax.ShapeDtypeStruct((cfg.split_k * m, n), jnp.float32),
-                             interpret=interpret, cluster=cfg.cluster)
-    return parts.reshape(cfg.split_k, m, n).sum(axis=0).astype(out_dtype)
 
 
 def _pallas_gemm(a, s_a, b, s_b, b_scale, out_dtype, interpret, config: Fp8Config | None = None):

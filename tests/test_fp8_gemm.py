@@ -185,8 +185,8 @@ def test_multicast_and_split_k_check_their_inputs():
     with pytest.raises(ValueError, match="multicast='b' is for the dense GEMMs only"):
         fg.grouped_gemm_1d2d(gaq, gsa, gbq, gsb, plan, impl="pallas", interpret=True,
                              config=fg.Fp8Config(multicast="b"))
+    t_q, t_s = q8.quantize_rows(jnp.ones((128, plan.padded_rows)))  # [P, tokens]
     with pytest.raises(ValueError, match="multicast='a' is for the dense GEMMs only"):
-        t_q, t_s = q8.quantize_rows(jnp.ones((128, plan.padded_rows)))  # [P, tokens]
         fg.grouped_wgrad_1d1d(t_q, t_s, t_q, t_s, plan, impl="pallas", interpret=True,
                               config=fg.Fp8Config(multicast="a"))
     with pytest.raises(ValueError, match="split_k=2 is for the dense GEMMs only"):
@@ -257,11 +257,11 @@ def test_bench_fp8_gemm_smoke_in_interpret_mode(tmp_path):
     assert cfg == fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
                                multicast="b")
     assert bench_fp8_gemm._tag(cfg) == "128x128x3x1r+stage+mb_e1"
-    assert bench_fp8_gemm._pairs(cfg, 256, 128) and not bench_fp8_gemm._pairs(cfg, 384, 128)
+    assert bench_fp8_gemm._fits(cfg, 256, 128, 512) and not bench_fp8_gemm._fits(cfg, 384, 128, 512)
     cfg = bench_fp8_gemm._config("128x128x3r+stage+k4")  # split-K: K / 4 in whole stages
     assert cfg.split_k == 4 and bench_fp8_gemm._tag(cfg) == "128x128x3x1r+stage+k4_e1"
-    assert bench_fp8_gemm._pairs(cfg, 128, 128, 7168) and not bench_fp8_gemm._pairs(cfg, 128, 128,
-                                                                                      1536)
+    assert bench_fp8_gemm._fits(cfg, 128, 128, 7168) and not bench_fp8_gemm._fits(cfg, 128, 128,
+                                                                                    1536)
 
 
 def _grouped_operands(sizes, n, k, seed=0):
@@ -367,16 +367,18 @@ def test_kernel_on_the_gpu(m, n, k, config):
     On an H200, 2026-12-02 (experiments/results/gpu_tests_fp8_h200_2026-12-02_*.log): the
     cases before multicast passed (the stage config without multicast was then the default,
     None); after it, None (now multicast b where M allows) and the two multicast configs
-    passed; split-K (the last config) has not run on a GPU yet. Only here can a wrong wgmma wait show: interpret mode runs wgmma synchronously.
+    passed; split-K (the last config) has not run on a GPU yet. Only here can a wrong wgmma
+    wait show: interpret mode runs wgmma synchronously. A config the shape does not take must
+    be refused with an error (`check_shapes`), not run.
     Each config draws its own operands (those runs drew seed 7 for all), so an output tile a
     kernel leaves unwritten cannot hold a previous config's correct result from a reused
     buffer."""
     aq, sa, bq, sb = _operands(m, n, k, seed=7 + zlib.crc32(repr(config).encode()) % 1000)
-    if config is not None and n % config.block_n:
-        pytest.skip(f"N={n} is not a multiple of block_n={config.block_n}")
-    if config is not None and config.multicast != "none" and (
-            (m if config.multicast == "b" else n) // 128) % 2:
-        pytest.skip(f"multicast={config.multicast!r} needs an even tile count ({m}x{n})")
+    if config is not None and (n % config.block_n or (config.multicast != "none" and (
+            (m if config.multicast == "b" else n) // 128) % 2)):
+        with pytest.raises(ValueError, match="multiple of the|odd number of"):
+            fg._pallas_gemm(aq, sa, bq, sb, "blocks", jnp.bfloat16, False, config)
+        return
     got = fg._pallas_gemm(aq, sa, bq, sb, "blocks", jnp.bfloat16, False, config)
     got = got.astype(jnp.float32)
     want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
