@@ -67,6 +67,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels import fp8_quant as q8
+from pallas_kernels import grouped_matmul as gm
 from pallas_kernels import timing  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -199,7 +200,7 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool,
     aq, sa = jax.jit(q8.quantize_rows)(x)
     bq, sb = jax.jit(q8.quantize_blocks)(w)
     sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
-    cfg = fg.default_config(m, n_pad, k)
+    cfg = fg.default_config(m, n_pad, k, sms=gm._num_sms(interpret))
 
     def kernel(c):
         return (lambda a, b, s1, s2: fg.gemm_kernel(a, b, s1, s2, config=c, b_blocks=True,
@@ -370,7 +371,6 @@ def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpr
     """g experts of `rows` rows each (the contiguous layout, already sorted and 128-aligned):
     our grouped FP8 kernel against our grouped bf16 kernel (pallas_kernels/grouped_matmul.py,
     the bf16 grouped baseline) on the same rows and weights."""
-    from pallas_kernels import grouped_matmul as gm
 
     m = g * rows
     kx, kw = jax.random.split(jax.random.key(1))

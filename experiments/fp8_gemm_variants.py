@@ -69,7 +69,7 @@ class VariantConfig(fg.Fp8Config):
     column halves a warpgroup (serial only), and the schedule."""
     kb: int = 1
     col_parts: int = 1
-    schedule: str = "promote"  # "promote" | "inplace" | "serial"
+    schedule: str = "promote"  # "promote" | "carry" | "inplace" | "serial"
 
     @property
     def k_blocks(self) -> int:
@@ -135,6 +135,105 @@ def _serial_mma(cfg, b_blocks):
     return mma, context
 
 
+def _carry_mma(cfg, b_blocks, holder):
+    """Two K-blocks a stage with the stage's second wgmma left in flight into the next step:
+    step s issues K-block 0 into acc0, then (only acc0 in flight) promotes the previous step's
+    acc1, issues K-block 1 into acc1 and promotes acc0. No promotion waits on an empty tensor
+    pipe, and the two warpgroups need not fall out of phase for the tensor cores to stay busy.
+    The previous step's stage is released (its consumed barriers arrived on by hand) once its
+    acc1 is read; the tile's last stage after the loop (`holder` carries the barrier refs and
+    the accumulators, which live across the steps)."""
+    if cfg.k_blocks != 2 or cfg.splits != 1:
+        raise ValueError("carry variants take two K-blocks a stage and splits=1")
+    rows, cols = cfg.wg_tile()
+    n_slots = cfg.max_concurrent_steps
+
+    def scales(sa_row, sb_row, r0, c0):
+        sa = plgpu.load(sa_row.at[pl.ds(r0, rows)], layout=plgpu.Layout.WGMMA.reduce(1))
+        if b_blocks:
+            return sa * sb_row[c0]
+        sb = plgpu.load(sb_row.at[pl.ds(c0, cols)], layout=plgpu.Layout.WGMMA.reduce(0))
+        return sa, sb
+
+    def scaled(part, sc):
+        if b_blocks:
+            return part * lax.broadcast_in_dim(sc, part.shape, [0])
+        sa, sb = sc
+        return part * (lax.broadcast_in_dim(sa, part.shape, [0])
+                       * lax.broadcast_in_dim(sb, part.shape, [1]))
+
+    def release(slot):
+        for barrier in holder["consumed"]:
+            plgpu.barrier_arrive(barrier.at[slot])
+
+    def fresh():
+        return plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
+
+    def mma(idx, a_smem, b_smem, sa_smem, sb_smem, *rest):
+        carry = rest[-1]  # rest: the four consumed barriers of this slot (unused), the carry
+        result, prev = carry
+        step = idx[0]
+        acc0, acc1 = holder["accs"]
+        r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
+
+        def issue(acc, kb):
+            blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
+            plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk], b_smem.at[pl.ds(c0, cols), blk].T)
+
+        issue(acc0, 0)
+        part1 = plgpu.wgmma_accumulator_load(acc1, wait_n=1)  # the previous step's block 1
+        result = result + scaled(part1, prev)  # zero at step 0 (acc1 fresh)
+        acc1[...] = fresh()
+
+        @pl.when(step > 0)
+        def _():
+            release(lax.rem(step + n_slots - 1, n_slots))
+        issue(acc1, 1)
+        part0 = plgpu.wgmma_accumulator_load(acc0, wait_n=1)
+        result = result + scaled(part0, scales(sa_smem.at[0], sb_smem.at[0], r0, c0))
+        acc0[...] = fresh()
+        return result, scales(sa_smem.at[1], sb_smem.at[1], r0, c0)
+
+    def context(store_to, num_steps):
+        def run_with(run):
+            def with_accs(acc0, acc1):
+                holder["accs"] = (acc0, acc1)
+                r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
+                sa0 = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32),
+                                        plgpu.Layout.WGMMA.reduce(1))
+                sb0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32),
+                                        plgpu.Layout.WGMMA.reduce(0))
+                del r0, c0
+                result, last = run((fresh(), sa0 if b_blocks else (sa0, sb0)))
+                result = result + scaled(plgpu.wgmma_accumulator_load(acc1, wait_n=0), last)
+                release((num_steps - 1) % n_slots)
+                store_to(result, 0)
+            pl.run_scoped(with_accs, plgpu.ACC((rows, cols), jnp.float32),
+                          plgpu.ACC((rows, cols), jnp.float32))
+        return run_with
+    return mma, context
+
+
+def _carry_pipeline(cfg, in_specs, grid, store_to, state, b_blocks):
+    """emit_pipeline_warp_specialized with consumed barriers released by `_carry_mma`; the
+    returned pipeline hands its barrier allocations to the body before it is traced."""
+    holder = {}
+    mma, context = _carry_mma(cfg, b_blocks, holder)
+    inner = plgpu.emit_pipeline_warp_specialized(
+        mma, grid=grid, in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
+        memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg",
+        compute_context=context(store_to, grid[0]), pipeline_state=state,
+        manual_consumed_barriers=True)
+
+    def pipeline(*refs, allocations=None):
+        if allocations is None:
+            raise ValueError("carry variants need the kernel's allocations")
+        holder["consumed"] = allocations["flat_consumed_barrier_refs"]
+        return inner(*refs, allocations=allocations)
+    pipeline.get_allocations = inner.get_allocations
+    return pipeline
+
+
 _PROMOTING_PIPELINE = fg._promoting_pipeline
 
 
@@ -143,6 +242,9 @@ def _variant_pipeline(cfg, in_specs, grid, store_to, state=None, *, b_blocks=Fal
     schedule = getattr(cfg, "schedule", "promote")
     if schedule == "promote":
         return _PROMOTING_PIPELINE(cfg, in_specs, grid, store_to, state, b_blocks=b_blocks)
+    if schedule == "carry":
+        return _carry_pipeline(cfg, in_specs, grid, store_to, state,
+                               b_blocks and fg._b_scalar_ok(cfg))
     # serial: b's scale is one number per column part that lies in one 128-column block
     mma, context = _inplace_mma(cfg) if schedule == "inplace" else _serial_mma(cfg, b_blocks)
     return plgpu.emit_pipeline_warp_specialized(
@@ -162,6 +264,10 @@ VARIANTS = {
     "promote[128x128, 2-block stages, multicast a, tiles not chained]": _stage(
         multicast="a", chain_tiles=False),
     "promote[128x128, multicast a]": fg.Fp8Config(multicast="a"),
+    "carry[128x128, 2-block stages]": VariantConfig(
+        schedule="carry", kb=2, max_concurrent_steps=3, epilogue_slots=1),
+    "carry[128x128, 2-block stages, multicast b]": VariantConfig(
+        schedule="carry", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
     "inplace[128x128]": VariantConfig(schedule="inplace"),
     "inplace[128x256]": VariantConfig(schedule="inplace", block_n=256, max_concurrent_steps=3,
                                       epilogue_slots=1),

@@ -85,6 +85,10 @@ IMPLS = ("xla", "pallas")
 OVERLAPS = ("none", "stage")
 MULTICASTS = ("none", "a", "b")
 WG_SPLITS = gm.WG_SPLITS
+# Streaming multiprocessors of an H100 / H200 / H800 (SXM), for `default_config` called
+# without a device at hand; `gemm_kernel` passes the device's own count.
+SMS = 132
+MAX_SPLIT_K = 8
 
 
 def _check(a, s_a, b, s_b, b_scale: str) -> None:
@@ -176,7 +180,8 @@ class Fp8Config:
       items: for small M, whose few output tiles leave most SMs idle, e.g. 17 tiles at 128 x
       2176 for 132 SMs); the kernel writes S float32 partial products [S, M, N] and XLA sums
       them in float32 and casts. K / S must be whole stages. Dense GEMMs only, no multicast.
-      Not yet measured on a GPU, so no default takes it.
+      `default_config` takes it where the output tiles fill fewer than half the SMs
+      (`_split_k`; measured 1.2-1.76x the unsplit kernel at M = 128).
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
     accumulator, block_m * block_n / 2 numbers each over 128 threads (either split), in at
@@ -263,13 +268,15 @@ class Fp8Config:
         return self.max_concurrent_steps * stage + gm._epilogue_bytes(self.epilogue_slots)
 
 
-def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True) -> Fp8Config:
+def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
+                   sms: int = SMS) -> Fp8Config:
     """128 x 128 tiles (wider ones spill the compute warpgroups' registers: Fp8Config's note) and
     the "rows" warpgroup split; where K is a multiple of 256 (k given), stages of two K-blocks
     with the first block's promotion over the second's wgmma (`overlap="stage"`), 3 stages and
-    one epilogue slot (what fits the SMEM), and for a dense GEMM (`dense`) whose M is an even
-    number of 128-row tiles, clusters of two CTAs on neighbouring m tiles with the b tile
-    multicast (`multicast="b"`); otherwise 4 one-block stages, so that K's 128-blocks
+    one epilogue slot (what fits the SMEM); for a dense GEMM (`dense`) whose output tiles fill
+    fewer than half the `sms`, K cut into 2, 4 or 8 ranges (`split_k`, `_split_k`), else, where
+    M is an even number of 128-row tiles, clusters of two CTAs on neighbouring m tiles with the
+    b tile multicast (`multicast="b"`); otherwise 4 one-block stages, so that K's 128-blocks
     come in whole rounds of stages for DeepSeek-V3's K (multiples of 512) and the TMA warpgroup
     runs on into a CTA's next tile (`chain_tiles`). Measured side by side on an H200:
       2026-12-01: 4 stages beat 5, which cannot chain, by 4-15% (965 against 886 TFLOP/s at
@@ -303,13 +310,34 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True) 
         bigger tiles so scheduled with b multicast 0.74-0.98x). Multicast in clusters of two
         instead: on b, 1135 against 1050 at 8192^3, 1115 against 1103 at 4096 x 7168 x 2048, 1057
         against 1013 at 4096 x 24576 x 1536; on a, 1104, 1092 and 1031.
-    The grouped kernels (`dense=False`) take no multicast."""
-    del n
+      2026-12-02, later still (experiments/results/fp8_gemm_splitk_h200.json): split-K
+        (`_split_k`) for M = 128, against the unsplit default in one run: 128 x 2112 x 7168
+        (17 tiles) 303 TFLOP/s with 4 K ranges against 172 (1.41x XLA's bf16 dot against
+        0.80x), 128 x 4096 x 7168 (32 tiles) 436 with 4 against 310, 128 x 7168 x 16384 (56
+        tiles) 685 with 2 against 557 (1.70x bf16); more ranges than fill the SMs lost (4 at 56
+        tiles: 611; 8: 520), and with 192 or more tiles no split won (128 x 24576 x 1536: 374
+        with 2 against 515).
+    The grouped kernels (`dense=False`) take neither multicast nor split-K. `sms`: the
+    device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""
     if k is not None and k % (2 * q8.BLOCK) == 0:
-        pair = dense and m % q8.BLOCK == 0 and (m // q8.BLOCK) % 2 == 0
+        splits = _split_k(m, n, k, sms) if dense else 1
+        pair = (dense and splits == 1 and m % q8.BLOCK == 0 and (m // q8.BLOCK) % 2 == 0)
         return Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
-                         multicast="b" if pair else "none")
+                         multicast="b" if pair else "none", split_k=splits)
     return Fp8Config()
+
+
+def _split_k(m: int, n: int, k: int, sms: int) -> int:
+    """K ranges for a dense GEMM with two-block stages: doubled (up to MAX_SPLIT_K) while the
+    work items, output tiles times ranges, still fit the SMs once over and each range is whole
+    stages. Few output tiles (small M: 17 of them at 128 x 2112) otherwise leave most SMs idle;
+    `default_config` has the measurements."""
+    tiles = -(-m // q8.BLOCK) * -(-n // q8.BLOCK)
+    s = 1
+    while (2 * s <= MAX_SPLIT_K and tiles * 2 * s <= sms
+           and k % (2 * s * 2 * q8.BLOCK) == 0):
+        s *= 2
+    return s
 
 
 def _specs(cfg: Fp8Config) -> list:
@@ -525,7 +553,7 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
     b_blocks=True promises that sb_t's columns repeat in runs of 128 (`kernel_scales` of 128 x
     128 weight blocks); the kernel then reads one b scale per warpgroup and K-block."""
     (m, k), n = a.shape, b.shape[0]
-    cfg = config or default_config(m, n, k)
+    cfg = config or default_config(m, n, k, sms=gm._num_sms(interpret))
     check_shapes(cfg, m, n, k)
     for name, x, want in (("sa_t", sa_t, (k // q8.BLOCK, m)), ("sb_t", sb_t, (k // q8.BLOCK, n))):
         if x.shape != want:

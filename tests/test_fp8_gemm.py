@@ -134,13 +134,26 @@ def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
     # the default takes K as it comes: two-block stages where K allows, one-block ones elsewhere;
     # b multicast where M is an even number of tiles, for the dense kernel only
     assert fg.default_config(128, 128, 384).overlap == "none"
-    assert fg.default_config(128, 128, 7168) == fg.Fp8Config(
+    assert fg.default_config(384, 4096, 7168) == fg.Fp8Config(  # 96 tiles: no split
         overlap="stage", max_concurrent_steps=3, epilogue_slots=1)
-    assert fg.default_config(4096, 128, 7168) == fg.Fp8Config(
+    assert fg.default_config(4096, 4096, 7168) == fg.Fp8Config(
         overlap="stage", max_concurrent_steps=3, epilogue_slots=1, multicast="b")
-    assert fg.default_config(384, 128, 7168).multicast == "none"  # 3 m tiles
-    assert fg.default_config(4096, 128, 7168, dense=False).multicast == "none"
-    assert fg.default_config(4096, 128, 384).multicast == "none"
+    assert fg.default_config(384, 7168, 7168).multicast == "none"  # 3 m tiles
+    assert fg.default_config(4096, 4096, 7168, dense=False).multicast == "none"
+    assert fg.default_config(4096, 4096, 384).multicast == "none"
+    # split-K where the output tiles fill fewer than half the SMs: ranges doubled while tiles x
+    # ranges fit the SMs and each range is whole two-block stages (the M = 128 measurements)
+    split = {(128, 2176, 7168): 4, (128, 4096, 7168): 4, (128, 7168, 16384): 2,
+             (128, 7168, 2048): 2, (128, 24576, 1536): 1, (128, 32768, 512): 1,
+             (128, 128, 7168): 4,  # 8 ranges of 896 would not be whole stages
+             (128, 128, 16384): 8}  # the cap
+    for (m, n, k), want in split.items():
+        cfg = fg.default_config(m, n, k)
+        assert cfg.split_k == want and cfg.multicast == "none", ((m, n, k), cfg)
+    assert fg.default_config(128, 2176, 7168, dense=False).split_k == 1
+    assert fg.default_config(128, 2176, 16384).split_k == 4  # 8 x 17 tiles > 132 SMs
+    assert fg.default_config(128, 2176, 16384, sms=264).split_k == 8  # the SM count decides
+    assert fg.default_config(256, 2176, 7168, sms=16).split_k == 1  # 34 tiles, 16 SMs
     got = fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True, out_dtype=jnp.float32)
     assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
 
