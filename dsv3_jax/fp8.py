@@ -236,7 +236,9 @@ def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
     part starts on a block boundary: each weight keeps its own 128 x 128 blocks, dy its own
     1 x 128 tiles, and the outputs and weight gradients are those of separate layers (tested
     bit for bit on the XLA reference path on the CPU; our Mosaic GPU kernel's per-element K
-    order does not depend on N; the data gradient accumulates all parts in one float32 sum
+    order does not depend on N, except where its default splits K for few output tiles
+    (`fp8_gemm._split_k`, small M) and splits the fused GEMM and the parts differently: then
+    the last bit can differ; the data gradient accumulates all parts in one float32 sum
     before its bf16 rounding, instead of rounding each part's product and adding them in
     bf16). Callers pass fuse=False where the weights are sharded along their outputs (a
     concatenation would reshuffle the shards). Measured: the `small` FP8 train step (8 x 2048

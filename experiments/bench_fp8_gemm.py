@@ -34,24 +34,27 @@ values is checked per shape (DeepGEMM's calc_diff, and max relative error).
 Output: a table and experiments/results/fp8_gemm.json, a list of records
 {"shape": [M, N, K], "impl": ..., "tflops": ...} plus run metadata in the first record's
 "run" field ("complete": false while a run is cut short; the file is rewritten after each case).
-Result (one H200, 2026-12-02, `--iterations 10 --configs 128x128x3r+stage`; experiments/
-results/fp8_gemm.json, cut at the call's 360 s before its last grouped case and the wgrad cases):
-  pallas_fp8 (two K-blocks a stage, "rows" split, b multicast in clusters of two) at 8192^3:
-  1151 TFLOP/s = 1.44x xla_bf16 (800); without multicast 1067; xla_fp8_unscaled 1534,
-  xla_dequant_bf16 719, triton_fp8 868. M = 4096, DeepSeek-V3's six (N, K): 1.14-1.52x bf16
-  (880-1224), 0.99-1.06x the kernel without multicast. M = 128: 0.82x (N = 2112: 17 tiles, no
-  split-K) to 1.57x. Grouped 1.62-1.63x our bf16 grouped kernel. The complete run before
-  multicast (fp8_gemm_h200_2026-12-02a.json, `--iterations 10 --quant`, no jax-triton on the
-  machine): 1143 = 1.39x at 8192^3, grouped 1.58-1.60x, weight gradient 1.10-1.23x bf16; the
-  2026-12-01 run (fp8_gemm_h200_2026-12-01.json, the "cols" split; its table in
-  fp8_gemm_h200_table.txt) has triton_fp8 at 0.62-1.07x bf16 at M = 4096.
-  The two-block stages against one-block ones: fp8_gemm_overlap_h200.json (1.07-1.18x);
-  the warpgroup split: fp8_gemm_wg_split_h200.json.
-  Quantizers (fp8_quant.json, 2026-12-01, 8192 x 7168): XLA's 1.59-1.64 TB/s (48-49% of the
-  bf16 copy's 3.34 TB/s); the one-pass kernels 3.39-3.83 TB/s (102-115%), bit-identical to XLA's.
-  Targets: grouped 1.3x, wgrad 1.1x (the dense weight gradient, before multicast; the
-  experts' grouped one keeps one-block stages and was not re-measured) and quantizers 80% of
-  copy met; dense 1.6x not (what bounds it: experiments/fp8_gemm_variants.py).
+Result (one H200, 2026-12-02, `--iterations 10`; experiments/results/fp8_gemm.json and
+fp8_quant.json, a complete run):
+  pallas_fp8 (two K-blocks a stage, "rows" split; b multicast in clusters of two where M is an
+  even number of tiles; split-K where the tiles fill fewer than half the SMs) at 8192^3: 1173
+  TFLOP/s = 1.44x xla_bf16 (812); xla_fp8_unscaled 1552, xla_dequant_bf16 728, triton_fp8 868.
+  M = 4096, DeepSeek-V3's six (N, K): 1.15-1.51x bf16 (888-1233). M = 128: 1.40-1.72x with
+  split-K (17-56 tiles), 1.43-1.46x without (192-256 tiles); 128 x 7168 x 2048 ran in 2 ranges
+  in this run at 1.31x, which the default no longer does (ranges under 1792; unsplit 1.57x in
+  the earlier runs). Grouped 1.59-1.61x our bf16 grouped kernel; weight gradient 1.15-1.25x
+  bf16. Quantizers: XLA's 1.51-1.64 TB/s (46-50% of the bf16 copy's 3.27-3.28 TB/s), the
+  one-pass kernels 3.35-3.82 TB/s (102-117%), bit-identical to XLA's.
+  Earlier runs: multicast against the same kernel without it (fp8_gemm_h200_2026-12-02b.json,
+  cut before its last grouped and wgrad cases: 0.99-1.08x, 1151 against 1067 at 8192^3); the
+  complete run before multicast (fp8_gemm_h200_2026-12-02a.json: 1143 = 1.39x at 8192^3);
+  split-K against the unsplit kernel at M = 128 (fp8_gemm_splitk_h200.json: 1.23-1.76x); the
+  2026-12-01 run (fp8_gemm_h200_2026-12-01.json, the "cols" split, its table in
+  fp8_gemm_h200_table.txt; quantizers in fp8_quant_h200_2026-12-01.json); the two-block
+  stages against one-block ones (fp8_gemm_overlap_h200.json, 1.07-1.18x); the warpgroup split
+  (fp8_gemm_wg_split_h200.json).
+  Targets: grouped 1.3x, wgrad 1.1x and quantizers 80% of copy met; dense 1.6x not (what
+  bounds it: experiments/fp8_gemm_variants.py).
 """
 
 import argparse

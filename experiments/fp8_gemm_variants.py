@@ -14,6 +14,14 @@ exact product:
                  into one fp32 accumulator and the scales are ignored (its error is against the
                  unscaled product). The kernel's ceiling for its tiles: what the TMA and the
                  tensor cores reach when no CUDA-core work sits between the wgmmas
+  carry[CFG]     two K-blocks a stage with the stage's second wgmma left in flight into the
+                 next step (promoted there, once the next stage's first wgmma is issued), the
+                 stages' consumed barriers arrived on by hand one step late. GPU only: Pallas'
+                 interpret mode cannot store into an accumulator, which this needs to start
+                 one afresh
+  deferred[CFG]  two K-blocks a stage, the second one's product waited for at the end of the
+                 step and promoted during the next step's first wgmma (carried as registers,
+                 so nothing is in flight across the loop's back edge)
   serial[CFG]    promotion with one fresh accumulator at a time: each (K-block, part) wgmma is
                  waited for and promoted before the next is issued, so the registers hold the
                  result and one accumulator and bigger tiles fit; the tensor cores then stay
@@ -30,7 +38,14 @@ of b 1135 against 1050 without it. Call B: serial 831 (256 x 128), 562 (128 x 25
 128) against the promoting kernel's 1132; serial 256 x 128 with b multicast 1098. So the 128 x
 128 tile's operand traffic bounds the kernel, bigger promoting tiles lose more to the serial
 schedule than the tile gains, and multicast is the gain that fits: `fp8_gemm.default_config`.
-The file also holds scratch trials this script does not define: the scale rows multicast too
+Later the same day (fp8_gemm_variants_carry_h200.json, fp8_gemm_variants_deferred_h200.json, one
+device call each, 4 shapes): carry ran at 0.35-0.51x the promoting kernel (430 against 1128 at
+8192^3): ptxas (MOSAIC_GPU_DUMP_PTXAS=1) warned that it serializes the wgmmas because non-wgmma
+instructions read an in-flight accumulator's registers, and the PTX copies the in-flight
+accumulator into the loop-carried registers at the back edge; deferred, free of that warning,
+ran at 0.95-1.01x (1144 against 1142 at 8192^3; 1153 against 1193 with b multicast): hiding
+the second promotion gains nothing, which agrees with the in-place ceiling above.
+The first file also holds scratch trials this script does not define: the scale rows multicast too
 (a wrong result at 4096 x 24576 x 1536, not investigated) and in-place accumulation over two
 K-blocks a stage (two wgmmas into one accumulator with no wait between them: wrong results);
 rows with a wrong result carry "invalid", and their times mean nothing.
@@ -69,7 +84,7 @@ class VariantConfig(fg.Fp8Config):
     column halves a warpgroup (serial only), and the schedule."""
     kb: int = 1
     col_parts: int = 1
-    schedule: str = "promote"  # "promote" | "carry" | "inplace" | "serial"
+    schedule: str = "promote"  # "promote" | "carry" | "deferred" | "inplace" | "serial"
 
     @property
     def k_blocks(self) -> int:
@@ -135,19 +150,9 @@ def _serial_mma(cfg, b_blocks):
     return mma, context
 
 
-def _carry_mma(cfg, b_blocks, holder):
-    """Two K-blocks a stage with the stage's second wgmma left in flight into the next step:
-    step s issues K-block 0 into acc0, then (only acc0 in flight) promotes the previous step's
-    acc1, issues K-block 1 into acc1 and promotes acc0. No promotion waits on an empty tensor
-    pipe, and the two warpgroups need not fall out of phase for the tensor cores to stay busy.
-    The previous step's stage is released (its consumed barriers arrived on by hand) once its
-    acc1 is read; the tile's last stage after the loop (`holder` carries the barrier refs and
-    the accumulators, which live across the steps)."""
-    if cfg.k_blocks != 2 or cfg.splits != 1:
-        raise ValueError("carry variants take two K-blocks a stage and splits=1")
-    rows, cols = cfg.wg_tile()
-    n_slots = cfg.max_concurrent_steps
-
+def _scale_fns(rows, cols, b_blocks):
+    """(scales, scaled): a warpgroup's K-block scales as registers (s_a of its rows times the
+    one s_b of its columns with `b_blocks`, else the pair), and a partial product times them."""
     def scales(sa_row, sb_row, r0, c0):
         sa = plgpu.load(sa_row.at[pl.ds(r0, rows)], layout=plgpu.Layout.WGMMA.reduce(1))
         if b_blocks:
@@ -161,6 +166,22 @@ def _carry_mma(cfg, b_blocks, holder):
         sa, sb = sc
         return part * (lax.broadcast_in_dim(sa, part.shape, [0])
                        * lax.broadcast_in_dim(sb, part.shape, [1]))
+    return scales, scaled
+
+
+def _carry_mma(cfg, b_blocks, holder):
+    """Two K-blocks a stage with the stage's second wgmma left in flight into the next step:
+    step s issues K-block 0 into acc0, then (only acc0 in flight) promotes the previous step's
+    acc1, issues K-block 1 into acc1 and promotes acc0. No promotion waits on an empty tensor
+    pipe, and the two warpgroups need not fall out of phase for the tensor cores to stay busy.
+    The previous step's stage is released (its consumed barriers arrived on by hand) once its
+    acc1 is read; the tile's last stage after the loop (`holder` carries the barrier refs and
+    the accumulators, which live across the steps)."""
+    if cfg.k_blocks != 2 or cfg.splits != 1:
+        raise ValueError("carry variants take two K-blocks a stage and splits=1")
+    rows, cols = cfg.wg_tile()
+    n_slots = cfg.max_concurrent_steps
+    scales, scaled = _scale_fns(rows, cols, b_blocks)
 
     def release(slot):
         for barrier in holder["consumed"]:
@@ -234,6 +255,51 @@ def _carry_pipeline(cfg, in_specs, grid, store_to, state, b_blocks):
     return pipeline
 
 
+def _deferred_mma(cfg, b_blocks):
+    """Two K-blocks a stage, the stage's second block promoted during the next stage's first
+    wgmma: step s issues K-block 0 into a fresh acc0, promotes the previous step's block 1
+    (carried as registers, `pending`, with its scales) while it runs, issues K-block 1 into
+    acc1, promotes acc0 while that runs, and waits for acc1 without promoting it. No wgmma is
+    in flight across the loop's back edge (the carry variant's in-flight accumulator made
+    ptxas serialize the wgmmas), the stages are released as usual, and the registers peak at
+    the result and two accumulators' worth, as in the default."""
+    if cfg.k_blocks != 2 or cfg.splits != 1:
+        raise ValueError("deferred variants take two K-blocks a stage and splits=1")
+    rows, cols = cfg.wg_tile()
+    scales, scaled = _scale_fns(rows, cols, b_blocks)
+
+    def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
+        result, pending, prev = carry
+        r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
+
+        def products(acc0, acc1):
+            def issue(acc, kb):
+                blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
+                plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk],
+                            b_smem.at[pl.ds(c0, cols), blk].T)
+            issue(acc0, 0)
+            out = result + scaled(pending, prev)  # the previous stage's block 1 (zero at first)
+            issue(acc1, 1)
+            part0 = plgpu.wgmma_accumulator_load(acc0, wait_n=1)
+            out = out + scaled(part0, scales(sa_smem.at[0], sb_smem.at[0], r0, c0))
+            part1 = plgpu.wgmma_accumulator_load(acc1, wait_n=0)
+            return out, part1, scales(sa_smem.at[1], sb_smem.at[1], r0, c0)
+        return pl.run_scoped(products, plgpu.ACC((rows, cols), jnp.float32),
+                             plgpu.ACC((rows, cols), jnp.float32))
+
+    def context(store_to):
+        def run_with(run):
+            zeros = plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
+            sa0 = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32),
+                                    plgpu.Layout.WGMMA.reduce(1))
+            sb0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32),
+                                    plgpu.Layout.WGMMA.reduce(0))
+            result, pending, last = run((zeros, zeros, sa0 if b_blocks else (sa0, sb0)))
+            store_to(result + scaled(pending, last), 0)
+        return run_with
+    return mma, context
+
+
 _PROMOTING_PIPELINE = fg._promoting_pipeline
 
 
@@ -245,8 +311,12 @@ def _variant_pipeline(cfg, in_specs, grid, store_to, state=None, *, b_blocks=Fal
     if schedule == "carry":
         return _carry_pipeline(cfg, in_specs, grid, store_to, state,
                                b_blocks and fg._b_scalar_ok(cfg))
-    # serial: b's scale is one number per column part that lies in one 128-column block
-    mma, context = _inplace_mma(cfg) if schedule == "inplace" else _serial_mma(cfg, b_blocks)
+    if schedule == "deferred":
+        mma, context = _deferred_mma(cfg, b_blocks and fg._b_scalar_ok(cfg))
+    elif schedule == "inplace":
+        mma, context = _inplace_mma(cfg)
+    else:  # serial: b's scale is one number per column part that lies in one 128-column block
+        mma, context = _serial_mma(cfg, b_blocks)
     return plgpu.emit_pipeline_warp_specialized(
         mma, grid=grid, in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
         memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg",
@@ -268,6 +338,10 @@ VARIANTS = {
         schedule="carry", kb=2, max_concurrent_steps=3, epilogue_slots=1),
     "carry[128x128, 2-block stages, multicast b]": VariantConfig(
         schedule="carry", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
+    "deferred[128x128, 2-block stages]": VariantConfig(
+        schedule="deferred", kb=2, max_concurrent_steps=3, epilogue_slots=1),
+    "deferred[128x128, 2-block stages, multicast b]": VariantConfig(
+        schedule="deferred", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
     "inplace[128x128]": VariantConfig(schedule="inplace"),
     "inplace[128x256]": VariantConfig(schedule="inplace", block_n=256, max_concurrent_steps=3,
                                       epilogue_slots=1),
@@ -291,6 +365,10 @@ VARIANTS = {
 
 def run_variant(m, n, k, name, cfg, iterations, interpret) -> dict:
     rec = {"shape": [m, n, k], "variant": name, "config": repr(cfg)}
+    if interpret and getattr(cfg, "schedule", "promote") == "carry":
+        rec.update(tflops=None, error="GPU only: interpret mode cannot store into an "
+                   "accumulator, which the carry schedule needs")
+        return rec
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (m, k), jnp.float32).astype(q8.FP8)
     b = jax.random.normal(kb, (n, k), jnp.float32).astype(q8.FP8)

@@ -42,28 +42,32 @@ tile, and TMA fetches each b tile once and multicasts it into both CTAs' SMEM
 bounds this kernel (experiments/fp8_gemm_variants.py).
 
 **Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-02; experiments/results/
-fp8_gemm.json, the run before multicast in fp8_gemm_h200_2026-12-02a.json, the two-block stages
-against one-block ones in fp8_gemm_overlap_h200.json; the tile sweep of 12-01 in
-fp8_gemm_sweep.json, the warpgroup split in fp8_gemm_wg_split_h200.json, what bounds the
-kernel in fp8_gemm_variants_h200.json): correct on the device (calc_diff 1.2e-6 to 1.4e-6
-against the exact product). Side by side with XLA's bf16 dot in one run: 1.44x at 8192^3 (1151
-against 800; XLA's raw FP8 dot without scales 1534; without multicast 1067), 1.14-1.52x at M =
-4096, 0.82-1.57x at M = 128, 1.58-1.63x our bf16 grouped kernel for the experts (two runs; no
-multicast there, the ratio moved with the baseline); the weight gradient 1.10-1.23x bf16
-(before multicast). The path there: the first version reached 421 at
-8192^3 (its 128 x 256 tiles need 256 registers a thread for the result and the fresh
-accumulator, over the 232 a compute warpgroup gets, and spilled); 128 x 128 tiles with 4
-stages, which chain tiles for K in multiples of 512, gave 965; the "rows" split 1007; two
+fp8_gemm.json, a complete run of the current default but for one split; earlier runs:
+fp8_gemm_h200_2026-12-02b.json (multicast against the kernel without it),
+fp8_gemm_h200_2026-12-02a.json (before multicast), fp8_gemm_overlap_h200.json (two-block stages
+against one-block ones), fp8_gemm_sweep.json (the tile sweep of 12-01), fp8_gemm_wg_split_h200.json
+(the warpgroup split), fp8_gemm_splitk_h200.json (split-K against the unsplit kernel); what
+bounds the kernel: fp8_gemm_variants_h200.json, fp8_gemm_variants_carry_h200.json,
+fp8_gemm_variants_deferred_h200.json): correct on the device (calc_diff 1.3e-6 to 1.5e-6 against
+the exact product). Side by side with XLA's bf16 dot in one run: 1.44x at 8192^3 (1173 against
+812; XLA's raw FP8 dot without scales 1552), 1.15-1.51x at M = 4096, 1.40-1.72x at M = 128
+where split-K applies and 1.43-1.46x where it does not (128 x 7168 x 2048 ran split in that
+run, 1.31x; the default now leaves it whole, 1.57x in the earlier runs), 1.59-1.61x our bf16
+grouped kernel for the experts, the weight gradient 1.15-1.25x bf16. The path there: the first
+version reached 421 at 8192^3 (its 128 x 256 tiles need 256 registers a thread for the result
+and the fresh accumulator, over the 232 a compute warpgroup gets, and spilled); 128 x 128 tiles
+with 4 stages, which chain tiles for K in multiples of 512, gave 965; the "rows" split 1007; two
 K-blocks a stage 1143-1160; multicast 1.08x the same kernel without it within one run (1151
-against 1067; that run's baseline ran 7% under the earlier runs', so across runs the gain does
-not show at 8192^3: only side-by-side rows compare). Two row blocks in flight
-per warpgroup (`splits=2`) gain up to 3% on some shapes and lose on others. Still short of the
-dense 1.6x target (about 1300 TFLOP/s here; DeepGEMM 1550 on an H800): the same pipeline with
-the promotion removed reaches 1130 with 128 x 128 tiles and 1397 with 256 x 128, but promoting
-bigger tiles needs registers for a second accumulator in flight, and with one at a time they
-lost (0.50-0.73x; 0.74-0.98x with b multicast). Next: measuring split-K
-(`Fp8Config.split_k`, not yet run on a GPU) for M = 128 (0.82x bf16 at 128 x 2112 x 7168: 17
-tiles for 132 SMs), and bigger tiles with fewer registers (e.g. a third compute warpgroup).
+against 1067; across runs the spread is as large); two row blocks in flight per warpgroup
+(`splits=2`) gain up to 3% on some shapes and lose on others. Still short of the dense 1.6x target
+(about 1300 TFLOP/s here; DeepGEMM 1550 on an H800). What does not bound it: the promotion (the
+pipeline without it reaches 1130 with 128 x 128 tiles, and deferring each stage's second promotion
+into the next stage's first wgmma changed nothing, 0.95-1.01x). Bigger tiles reach 1397 without
+promotion but need registers for a second accumulator in flight, and with one at a time they lost
+(0.50-0.73x; 0.74-0.98x with b multicast). Keeping a wgmma in flight across pipeline steps makes
+ptxas serialize the wgmmas (0.35-0.51x; its warning and what the PTX does are in
+fp8_gemm_variants_carry_h200.json's note). Next: bigger tiles with fewer registers a thread (e.g. a
+third compute warpgroup).
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ WG_SPLITS = gm.WG_SPLITS
 # without a device at hand; `gemm_kernel` passes the device's own count.
 SMS = 132
 MAX_SPLIT_K = 8
+# split-K's shortest K range: 1792 (128 x 2112 x 7168 in 4 ranges) was measured to win, 1024
+# (128 x 7168 x 2048 in 2) to lose; `default_config`'s measurements
+MIN_SPLIT_RANGE = 1792
 
 
 def _check(a, s_a, b, s_b, b_scale: str) -> None:
@@ -180,8 +187,8 @@ class Fp8Config:
       items: for small M, whose few output tiles leave most SMs idle, e.g. 17 tiles at 128 x
       2176 for 132 SMs); the kernel writes S float32 partial products [S, M, N] and XLA sums
       them in float32 and casts. K / S must be whole stages. Dense GEMMs only, no multicast.
-      `default_config` takes it where the output tiles fill fewer than half the SMs
-      (`_split_k`; measured 1.2-1.76x the unsplit kernel at M = 128).
+      `default_config` takes it where the output tiles fill fewer than half the SMs and the
+      ranges are long enough (`_split_k`; measured 1.23-1.76x the unsplit kernel at M = 128).
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
     accumulator, block_m * block_n / 2 numbers each over 128 threads (either split), in at
@@ -274,7 +281,8 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
     the "rows" warpgroup split; where K is a multiple of 256 (k given), stages of two K-blocks
     with the first block's promotion over the second's wgmma (`overlap="stage"`), 3 stages and
     one epilogue slot (what fits the SMEM); for a dense GEMM (`dense`) whose output tiles fill
-    fewer than half the `sms`, K cut into 2, 4 or 8 ranges (`split_k`, `_split_k`), else, where
+    fewer than half the `sms`, K cut into 2, 4 or 8 ranges of at least MIN_SPLIT_RANGE
+    (`split_k`, `_split_k`), else, where
     M is an even number of 128-row tiles, clusters of two CTAs on neighbouring m tiles with the
     b tile multicast (`multicast="b"`); otherwise 4 one-block stages, so that K's 128-blocks
     come in whole rounds of stages for DeepSeek-V3's K (multiples of 512) and the TMA warpgroup
@@ -294,9 +302,14 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         2 such stages (which chain tiles) ran at 1.00-1.09x. A variant that also overlapped each
         stage's last promotion with the next stage's first wgmma (two accumulators carried
         across steps, stages released by hand; "+steps" in that file) ran at 0.64-0.91x the
-        one-block default and was dropped:
-        carrying in-flight accumulators through the loop probably makes ptxas serialize the
-        wgmmas (inferred, not inspected).
+        one-block default and was dropped. Its successor in experiments/fp8_gemm_variants.py
+        ("carry", 0.35-0.51x the default, fp8_gemm_variants_carry_h200.json) shows why: ptxas
+        warns that it serializes the wgmmas, because non-wgmma instructions read an in-flight
+        accumulator's registers (the PTX copies them into the loop-carried ones at the back
+        edge). Deferring the promotion instead ("deferred": the second block's product waited
+        for at the end of a step and promoted during the next step's first wgmma, nothing in
+        flight across the back edge, no such warning) ran at 0.95-1.01x the default
+        (fp8_gemm_variants_deferred_h200.json): the promotion does not bound the kernel.
       2026-12-02, later (experiments/fp8_gemm_variants.py: variants of this kernel, 10
         iterations, the rows of one device call side by side; experiments/results/
         fp8_gemm_variants_h200.json): without any promotion (wgmma accumulating in place,
@@ -316,7 +329,10 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         0.80x), 128 x 4096 x 7168 (32 tiles) 436 with 4 against 310, 128 x 7168 x 16384 (56
         tiles) 685 with 2 against 557 (1.70x bf16); more ranges than fill the SMs lost (4 at 56
         tiles: 611; 8: 520), and with 192 or more tiles no split won (128 x 24576 x 1536: 374
-        with 2 against 515).
+        with 2 against 515). In the complete run with split-K as the default (fp8_gemm.json)
+        128 x 7168 x 2048 in 2 ranges of 1024 ran 308 against the unsplit 355-356 of the two
+        earlier runs that day (across runs, but about twice their spread): ranges shorter than
+        MIN_SPLIT_RANGE stay whole.
     The grouped kernels (`dense=False`) take neither multicast nor split-K. `sms`: the
     device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""
     if k is not None and k % (2 * q8.BLOCK) == 0:
@@ -330,12 +346,13 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
 def _split_k(m: int, n: int, k: int, sms: int) -> int:
     """K ranges for a dense GEMM with two-block stages: doubled (up to MAX_SPLIT_K) while the
     work items, output tiles times ranges, still fit the SMs once over and each range is whole
-    stages. Few output tiles (small M: 17 of them at 128 x 2112) otherwise leave most SMs idle;
-    `default_config` has the measurements."""
+    stages of at least MIN_SPLIT_RANGE. Few output tiles (small M: 17 of them at 128 x 2112)
+    otherwise leave most SMs idle; short ranges do not repay the float32 partials and their
+    sum. `default_config` has the measurements."""
     tiles = -(-m // q8.BLOCK) * -(-n // q8.BLOCK)
     s = 1
     while (2 * s <= MAX_SPLIT_K and tiles * 2 * s <= sms
-           and k % (2 * s * 2 * q8.BLOCK) == 0):
+           and k % (2 * s * 2 * q8.BLOCK) == 0 and k // (2 * s) >= MIN_SPLIT_RANGE):
         s *= 2
     return s
 

@@ -144,7 +144,8 @@ def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
     # split-K where the output tiles fill fewer than half the SMs: ranges doubled while tiles x
     # ranges fit the SMs and each range is whole two-block stages (the M = 128 measurements)
     split = {(128, 2176, 7168): 4, (128, 4096, 7168): 4, (128, 7168, 16384): 2,
-             (128, 7168, 2048): 2, (128, 24576, 1536): 1, (128, 32768, 512): 1,
+             (128, 7168, 2048): 1,  # ranges of 1024: shorter than MIN_SPLIT_RANGE
+             (128, 7168, 4096): 2, (128, 24576, 1536): 1, (128, 32768, 512): 1,
              (128, 128, 7168): 4,  # 8 ranges of 896 would not be whole stages
              (128, 128, 16384): 8}  # the cap
     for (m, n, k), want in split.items():
@@ -372,7 +373,7 @@ def test_grouped_kernel_on_the_gpu():
                                     fg.Fp8Config(multicast="b"),
                                     fg.Fp8Config(),  # one-block stages, the default before
                                     fg.Fp8Config(overlap="stage", max_concurrent_steps=3,
-                                                 epilogue_slots=1, split_k=4)])  # not yet run
+                                                 epilogue_slots=1, split_k=4)])
 @pytest.mark.parametrize("m, n, k", [(4096, 4096, 7168), (128, 7168, 2048), (512, 2176, 7168)])
 def test_kernel_on_the_gpu(m, n, k, config):
     """Real FP8 tensor cores: DeepGEMM's calc_diff < 1e-3 against the exact product of the
@@ -380,9 +381,10 @@ def test_kernel_on_the_gpu(m, n, k, config):
     On an H200, 2026-12-02 (experiments/results/gpu_tests_fp8_h200_2026-12-02_*.log): the
     cases before multicast passed (the stage config without multicast was then the default,
     None); after it, None (now multicast b where M allows) and the two multicast configs
-    passed; split-K (the last config) has not run on a GPU yet. Only here can a wrong wgmma
-    wait show: interpret mode runs wgmma synchronously. A config the shape does not take must
-    be refused with an error (`check_shapes`), not run.
+    passed; with split-K the default (commit a17d2d2, _splitk.log) all 38 GPU tests of
+    test_fp8_gemm.py and test_fp8.py passed, the split-K config included. Only here can a
+    wrong wgmma wait show: interpret mode runs wgmma synchronously. A config the shape does
+    not take must be refused with an error (`check_shapes`), not run.
     Each config draws its own operands (those runs drew seed 7 for all), so an output tile a
     kernel leaves unwritten cannot hold a previous config's correct result from a reused
     buffer."""
@@ -402,7 +404,8 @@ def test_kernel_on_the_gpu(m, n, k, config):
 
 def test_fp8_gemm_variants_smoke_in_interpret_mode(tmp_path):
     """experiments/fp8_gemm_variants.py: each kind of variant (multicast, in place, serial with
-    column halves) computes the product it claims, so its timing on a GPU means something."""
+    column halves, the deferred promotion over two stages) computes the product it claims, so
+    its timing on a GPU means something; the GPU-only carry variant says so."""
     import pathlib
     import sys
 
@@ -410,11 +413,13 @@ def test_fp8_gemm_variants_smoke_in_interpret_mode(tmp_path):
     import fp8_gemm_variants as fv
 
     names = ["promote[128x128, 2-block stages, multicast b]", "inplace[256x128]",
-             "serial[128x256, 2 column halves]"]
-    recs = fv.main(["--interpret", "--shapes", "256x256x256", "--iterations", "1",
-                    "--variants", *names, "--json", str(tmp_path / "v.json")])
-    assert [r["variant"] for r in recs] == names
-    assert all(r["tflops"] and r["max_rel_err"] < 1e-2 for r in recs)  # e4m3 -> bf16 output
+             "serial[128x256, 2 column halves]", "deferred[128x128, 2-block stages]"]
+    recs = fv.main(["--interpret", "--shapes", "256x256x512", "--iterations", "1",
+                    "--variants", *names, "carry[128x128, 2-block stages]",
+                    "--json", str(tmp_path / "v.json")])
+    assert [r["variant"] for r in recs] == names + ["carry[128x128, 2-block stages]"]
+    assert all(r["tflops"] and r["max_rel_err"] < 1e-2 for r in recs[:-1])  # e4m3 -> bf16 out
+    assert recs[-1]["tflops"] is None and "GPU only" in recs[-1]["error"]
     assert fg._promoting_pipeline is fv._PROMOTING_PIPELINE  # the kernel is left as it was
     with pytest.raises(SystemExit, match="unknown"):
         fv.main(["--variants", "promote[9x9]"])
