@@ -37,7 +37,7 @@ Output: a table and experiments/results/fp8_gemm.json, a list of records
 Result (one H200, 2026-12-02, `--iterations 10`; experiments/results/fp8_gemm.json and
 fp8_quant.json, a complete run):
   pallas_fp8 (two K-blocks a stage, "rows" split; b multicast in clusters of two where M is an
-  even number of tiles; split-K where the tiles fill fewer than half the SMs) at 8192^3: 1173
+  even number of tiles; split-K where the tiles fill at most half the SMs) at 8192^3: 1173
   TFLOP/s = 1.44x xla_bf16 (812); xla_fp8_unscaled 1552, xla_dequant_bf16 728, triton_fp8 868.
   M = 4096, DeepSeek-V3's six (N, K): 1.15-1.51x bf16 (888-1233). M = 128: 1.40-1.72x with
   split-K (17-56 tiles), 1.43-1.46x without (192-256 tiles); 128 x 7168 x 2048 ran in 2 ranges

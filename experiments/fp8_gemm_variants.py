@@ -262,7 +262,8 @@ def _deferred_mma(cfg, b_blocks):
     acc1, promotes acc0 while that runs, and waits for acc1 without promoting it. No wgmma is
     in flight across the loop's back edge (the carry variant's in-flight accumulator made
     ptxas serialize the wgmmas), the stages are released as usual, and the registers peak at
-    the result and two accumulators' worth, as in the default."""
+    the result and two accumulators' worth, as in the default (ptxas still spilled 28 bytes
+    here, the default nothing)."""
     if cfg.k_blocks != 2 or cfg.splits != 1:
         raise ValueError("deferred variants take two K-blocks a stage and splits=1")
     rows, cols = cfg.wg_tile()

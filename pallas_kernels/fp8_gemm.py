@@ -187,7 +187,7 @@ class Fp8Config:
       items: for small M, whose few output tiles leave most SMs idle, e.g. 17 tiles at 128 x
       2176 for 132 SMs); the kernel writes S float32 partial products [S, M, N] and XLA sums
       them in float32 and casts. K / S must be whole stages. Dense GEMMs only, no multicast.
-      `default_config` takes it where the output tiles fill fewer than half the SMs and the
+      `default_config` takes it where the output tiles fill at most half the SMs and the
       ranges are long enough (`_split_k`; measured 1.23-1.76x the unsplit kernel at M = 128).
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
@@ -281,7 +281,7 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
     the "rows" warpgroup split; where K is a multiple of 256 (k given), stages of two K-blocks
     with the first block's promotion over the second's wgmma (`overlap="stage"`), 3 stages and
     one epilogue slot (what fits the SMEM); for a dense GEMM (`dense`) whose output tiles fill
-    fewer than half the `sms`, K cut into 2, 4 or 8 ranges of at least MIN_SPLIT_RANGE
+    at most half the `sms`, K cut into 2, 4 or 8 ranges of at least MIN_SPLIT_RANGE
     (`split_k`, `_split_k`), else, where
     M is an even number of 128-row tiles, clusters of two CTAs on neighbouring m tiles with the
     b tile multicast (`multicast="b"`); otherwise 4 one-block stages, so that K's 128-blocks
@@ -331,7 +331,8 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         tiles: 611; 8: 520), and with 192 or more tiles no split won (128 x 24576 x 1536: 374
         with 2 against 515). In the complete run with split-K as the default (fp8_gemm.json)
         128 x 7168 x 2048 in 2 ranges of 1024 ran 308 against the unsplit 355-356 of the two
-        earlier runs that day (across runs, but about twice their spread): ranges shorter than
+        earlier runs that day (across runs, but about twice the 7% spread between device
+        calls seen at 8192^3): ranges shorter than
         MIN_SPLIT_RANGE stay whole.
     The grouped kernels (`dense=False`) take neither multicast nor split-K. `sms`: the
     device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""

@@ -16,6 +16,7 @@ import pytest
 
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels import fp8_quant as q8
+from pallas_kernels import grouped_matmul as gm
 
 
 def _operands(m, n, k, seed=0, b_scale="blocks"):
@@ -141,13 +142,16 @@ def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
     assert fg.default_config(384, 7168, 7168).multicast == "none"  # 3 m tiles
     assert fg.default_config(4096, 4096, 7168, dense=False).multicast == "none"
     assert fg.default_config(4096, 4096, 384).multicast == "none"
-    # split-K where the output tiles fill fewer than half the SMs: ranges doubled while tiles x
-    # ranges fit the SMs and each range is whole two-block stages (the M = 128 measurements)
+    # split-K where the output tiles fill at most half the SMs: ranges doubled while tiles x
+    # ranges fit the SMs and each range is whole two-block stages of at least MIN_SPLIT_RANGE
+    # (the M = 128 measurements)
     split = {(128, 2176, 7168): 4, (128, 4096, 7168): 4, (128, 7168, 16384): 2,
              (128, 7168, 2048): 1,  # ranges of 1024: shorter than MIN_SPLIT_RANGE
              (128, 7168, 4096): 2, (128, 24576, 1536): 1, (128, 32768, 512): 1,
-             (128, 128, 7168): 4,  # 8 ranges of 896 would not be whole stages
-             (128, 128, 16384): 8}  # the cap
+             (128, 128, 7168): 4,  # 8 ranges of 896 would be too short
+             (128, 128, 3840): 1,  # 2 ranges of 1920: long enough, but not whole stages
+             (128, 128, 16384): 8,  # the cap
+             (128, 8448, 4096): 2}  # 66 tiles: exactly half the SMs still splits
     for (m, n, k), want in split.items():
         cfg = fg.default_config(m, n, k)
         assert cfg.split_k == want and cfg.multicast == "none", ((m, n, k), cfg)
@@ -159,6 +163,25 @@ def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
     assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
 
 
+def test_default_split_k_runs_with_the_devices_sm_count(monkeypatch):
+    """gemm_kernel's default asks for the device's SM count (interpret mode simulates 3), so a
+    one-tile GEMM with K = 3584 splits into 2 ranges there (1 x 2 <= 3 SMs, ranges of 1792) and
+    still computes the product."""
+    seen = []
+    real = fg.default_config
+
+    def spy(*args, **kw):
+        assert kw.get("sms") == gm._num_sms(True) == 3  # the simulated device's, not SMS
+        seen.append(real(*args, **kw))
+        return seen[-1]
+    monkeypatch.setattr(fg, "default_config", spy)
+    aq, sa, bq, sb = _operands(128, 128, 3584, seed=3)
+    sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
+    got = fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True, out_dtype=jnp.float32)
+    assert [c.split_k for c in seen] == [2]
+    assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
+
+
 @pytest.mark.parametrize("m, n, k, multicast", [
     (768, 128, 512, "b"),  # 3 work items on 2 clusters: unequal counts, the last flag differs
     (384, 512, 768, "a"),  # 6 work items on 2 clusters, chained
@@ -166,7 +189,6 @@ def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
 def test_multicast_on_two_clusters_in_interpret_mode(monkeypatch, m, n, k, multicast):
     """The other tests run one cluster (3 simulated SMs); here 5 SMs give two clusters, so the
     persistent loop strides over clusters and each cluster's last item differs."""
-    from pallas_kernels import grouped_matmul as gm
 
     monkeypatch.setattr(gm, "INTERPRET_NUM_SMS", 5)  # shapes no other test traces (jit cache)
     aq, sa, bq, sb = _operands(m, n, k, seed=3)
@@ -213,7 +235,6 @@ def test_identical_kernel_calls_share_one_lowering(monkeypatch):
     module, compiled once): the `small` FP8 train step had 117 Mosaic GPU call sites, each
     lowered and compiled on its own, before grouped_matmul.launch_shared (38 after). Lowered for
     CUDA on the CPU; two forward GEMMs of one shape and one of another give two kernels."""
-    from pallas_kernels import grouped_matmul as gm
 
     monkeypatch.setattr(gm, "_num_sms", lambda interpret: 132)  # no GPU to ask
     aq, sa, bq, sb = _operands(128, 256, 256)
@@ -279,7 +300,6 @@ def test_bench_fp8_gemm_smoke_in_interpret_mode(tmp_path):
 
 
 def _grouped_operands(sizes, n, k, seed=0):
-    from pallas_kernels import grouped_matmul as gm
 
     sizes = jnp.asarray(sizes, jnp.int32)
     m, e = int(sizes.sum()) + 7, sizes.shape[0]  # 7 rows past the last group: no group's
@@ -296,7 +316,6 @@ def _grouped_operands(sizes, n, k, seed=0):
 def test_grouped_kernel_equals_the_reference_in_interpret_mode(config):
     """Experts of 100, 0 (empty), 150 and 50 rows: each M-tile must use its own expert's
     weights and scales, and the unused tiles at the end must be zeros."""
-    from pallas_kernels import grouped_matmul as gm
 
     aq, sa, bq, sb, plan = _grouped_operands([100, 0, 150, 50], 256, 256)
     ref = fg.grouped_gemm_1d2d(aq, sa, bq, sb, plan, out_dtype=jnp.float32)
@@ -311,7 +330,6 @@ def test_grouped_kernel_equals_the_reference_in_interpret_mode(config):
 
 
 def test_grouped_kernel_checks_the_plan():
-    from pallas_kernels import grouped_matmul as gm
 
     aq, sa, bq, sb, plan = _grouped_operands([100, 60], 256, 128)
     with pytest.raises(ValueError, match="2 groups"):
@@ -328,7 +346,6 @@ def test_grouped_kernel_checks_the_plan():
 def test_grouped_wgrad_kernel_equals_the_reference_in_interpret_mode(config):
     """dw[g] = dy_g^T x_g over each expert's own tokens (quantized along tokens); an empty
     expert gets exact zeros."""
-    from pallas_kernels import grouped_matmul as gm
 
     sizes = jnp.asarray([100, 0, 150, 50], jnp.int32)
     m, n, k = 307, 128, 256
@@ -374,7 +391,8 @@ def test_grouped_kernel_on_the_gpu():
                                     fg.Fp8Config(),  # one-block stages, the default before
                                     fg.Fp8Config(overlap="stage", max_concurrent_steps=3,
                                                  epilogue_slots=1, split_k=4)])
-@pytest.mark.parametrize("m, n, k", [(4096, 4096, 7168), (128, 7168, 2048), (512, 2176, 7168)])
+@pytest.mark.parametrize("m, n, k", [(4096, 4096, 7168), (128, 7168, 2048), (512, 2176, 7168),
+                                     (128, 2176, 7168)])
 def test_kernel_on_the_gpu(m, n, k, config):
     """Real FP8 tensor cores: DeepGEMM's calc_diff < 1e-3 against the exact product of the
     quantized values (the benchmark's shapes gave 1.2e-6 to 1.5e-6 on an H200, 2026-12-02).
@@ -382,7 +400,8 @@ def test_kernel_on_the_gpu(m, n, k, config):
     cases before multicast passed (the stage config without multicast was then the default,
     None); after it, None (now multicast b where M allows) and the two multicast configs
     passed; with split-K the default (commit a17d2d2, _splitk.log) all 38 GPU tests of
-    test_fp8_gemm.py and test_fp8.py passed, the split-K config included. Only here can a
+    test_fp8_gemm.py and test_fp8.py passed, the split-K config included (the shape 128 x
+    2176 x 7168, where the default itself splits, was added after that run). Only here can a
     wrong wgmma wait show: interpret mode runs wgmma synchronously. A config the shape does
     not take must be refused with an error (`check_shapes`), not run.
     Each config draws its own operands (those runs drew seed 7 for all), so an output tile a
