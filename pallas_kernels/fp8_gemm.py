@@ -334,6 +334,8 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         earlier runs that day (across runs, but about twice the 7% spread between device
         calls seen at 8192^3): ranges shorter than
         MIN_SPLIT_RANGE stay whole.
+    Where both could apply (M an even number of tiles, few n tiles: 256 x 2176 x 7168, say)
+    split-K is taken and multicast not; that choice was not measured against the other.
     The grouped kernels (`dense=False`) take neither multicast nor split-K. `sms`: the
     device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""
     if k is not None and k % (2 * q8.BLOCK) == 0:
