@@ -172,8 +172,9 @@ def _scale_fns(rows, cols, b_blocks):
 def _carry_mma(cfg, b_blocks, holder):
     """Two K-blocks a stage with the stage's second wgmma left in flight into the next step:
     step s issues K-block 0 into acc0, then (only acc0 in flight) promotes the previous step's
-    acc1, issues K-block 1 into acc1 and promotes acc0. No promotion waits on an empty tensor
-    pipe, and the two warpgroups need not fall out of phase for the tensor cores to stay busy.
+    acc1, issues K-block 1 into acc1 and promotes acc0. The intent: no promotion waits on an
+    empty tensor pipe, whatever the two warpgroups' phase; in fact ptxas serializes its wgmmas
+    (the module docstring).
     The previous step's stage is released (its consumed barriers arrived on by hand) once its
     acc1 is read; the tile's last stage after the loop (`holder` carries the barrier refs and
     the accumulators, which live across the steps)."""
@@ -219,12 +220,10 @@ def _carry_mma(cfg, b_blocks, holder):
         def run_with(run):
             def with_accs(acc0, acc1):
                 holder["accs"] = (acc0, acc1)
-                r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
                 sa0 = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32),
                                         plgpu.Layout.WGMMA.reduce(1))
                 sb0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32),
                                         plgpu.Layout.WGMMA.reduce(0))
-                del r0, c0
                 result, last = run((fresh(), sa0 if b_blocks else (sa0, sb0)))
                 result = result + scaled(plgpu.wgmma_accumulator_load(acc1, wait_n=0), last)
                 release((num_steps - 1) % n_slots)
