@@ -34,20 +34,23 @@ values is checked per shape (DeepGEMM's calc_diff, and max relative error).
 Output: a table and experiments/results/fp8_gemm.json, a list of records
 {"shape": [M, N, K], "impl": ..., "tflops": ...} plus run metadata in the first record's
 "run" field ("complete": false while a run is cut short; the file is rewritten after each case).
-Result (one H200, 2026-12-02, `--iterations 10`; experiments/results/fp8_gemm.json and
-fp8_quant.json, a complete run):
-  pallas_fp8 (two K-blocks a stage, "rows" split; b multicast in clusters of two where M is an
-  even number of tiles; split-K where the tiles fill at most half the SMs) at 8192^3: 1173
-  TFLOP/s = 1.44x xla_bf16 (812); xla_fp8_unscaled 1552, xla_dequant_bf16 728, triton_fp8 868.
-  M = 4096, DeepSeek-V3's six (N, K): 1.15-1.51x bf16 (888-1233). M = 128: 1.40-1.72x with
-  split-K (17-56 tiles), 1.43-1.46x without (192-256 tiles); 128 x 7168 x 2048 ran in 2 ranges
-  in this run at 1.31x, which the default no longer does (ranges under 1792; unsplit 1.57x in
-  the earlier runs). Grouped 1.59-1.61x our bf16 grouped kernel; weight gradient 1.15-1.25x
-  bf16. Quantizers: XLA's 1.51-1.64 TB/s (46-50% of the bf16 copy's 3.27-3.28 TB/s), the
-  one-pass kernels 3.35-3.82 TB/s (102-117%), bit-identical to XLA's.
-  Earlier runs: multicast against the same kernel without it (fp8_gemm_h200_2026-12-02b.json,
-  cut before its last grouped and wgrad cases: 0.99-1.08x, 1151 against 1067 at 8192^3); the
-  complete run before multicast (fp8_gemm_h200_2026-12-02a.json: 1143 = 1.39x at 8192^3);
+Result (one H200, 2026-12-02, afternoon, `--iterations 10 --quant`, the quantizers skipped;
+experiments/results/fp8_gemm.json, a complete run, its weight-gradient rows from the next call,
+as its note says):
+  pallas_fp8 (two K-blocks a stage, "rows" split, scales read before each wgmma wait; b
+  multicast in clusters of two where M is an even number of tiles; split-K where the tiles fill
+  at most half the SMs) at 8192^3: 1194 TFLOP/s = 1.50x xla_bf16 (798); xla_fp8_unscaled 1523,
+  xla_dequant_bf16 718, triton_fp8 867. M = 4096, DeepSeek-V3's six (N, K): 1.16-1.58x bf16
+  (890-1272). M = 128: 1.38-1.73x (split-K at 17-56 tiles). Grouped 1.62-1.64x our bf16 grouped
+  kernel; weight gradient 1.12-1.26x bf16. Quantizers (fp8_quant.json, the morning's complete
+  run): XLA's 1.51-1.64 TB/s (46-50% of the bf16 copy's 3.27-3.28 TB/s), the one-pass kernels
+  3.35-3.82 TB/s (102-117%), bit-identical to XLA's.
+  Earlier runs: the morning's complete run (fp8_gemm_h200_2026-12-02c.json: 1173 = 1.44x at
+  8192^3, before the early scale reads); multicast against the same kernel without it
+  (fp8_gemm_h200_2026-12-02b.json, cut before its last grouped and wgrad cases: 0.99-1.08x,
+  1151 against 1067 at 8192^3); the complete run before multicast
+  (fp8_gemm_h200_2026-12-02a.json: 1143 = 1.39x at 8192^3); split-K and multicast pinned side by
+  side at M = 128 and 256 (fp8_gemm_pins_h200.json);
   split-K against the unsplit kernel at M = 128 (fp8_gemm_splitk_h200.json: 1.23-1.76x); the
   2026-12-01 run (fp8_gemm_h200_2026-12-01.json, the "cols" split, its table in
   fp8_gemm_h200_table.txt; quantizers in fp8_quant_h200_2026-12-01.json); the two-block

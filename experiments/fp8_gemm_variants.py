@@ -27,6 +27,14 @@ exact product:
                  result and one accumulator and bigger tiles fit; the tensor cores then stay
                  busy only through the other warpgroup's wgmmas (DeepGEMM's schedule). Parts
                  are row blocks (`splits`) or, for 128 x 256, two column halves
+  upfront[CFG]   the kernel's schedule until the afternoon of 2026-12-02: both fresh
+                 accumulators zeroed before the first wgmma, each K-block's scales read from
+                 SMEM after its wgmma is waited for
+  window[CFG]    two fresh accumulators sliding over a stage's parts (K-block, row block,
+                 column part): each part waited for while the next one runs, then promoted, and
+                 the part after next issued into a fresh accumulator, so wider tiles keep the
+                 overlap with two part-sized accumulators (128 x 192 as a 128- and a 64-column
+                 part; 256 x 128 as 64 x 64 parts)
 Output: a table and a JSON list of records {"shape", "variant", "config", "tflops", "ms",
 "max_rel_err"}, with "invalid" where the result is wrong (--json; metadata in the first
 record's "run").
@@ -49,6 +57,15 @@ The first file also holds scratch trials this script does not define: the scale 
 (a wrong result at 4096 x 24576 x 1536, not investigated) and in-place accumulation over two
 K-blocks a stage (two wgmmas into one accumulator with no wait between them: wrong results);
 rows with a wrong result carry "invalid", and their times mean nothing.
+The afternoon of 2026-12-02, three calls (the records' notes say what "promote" was in each):
+fp8_gemm_variants_window_h200.json: window over 128 x 192 and 256 x 128 tiles ran at 0.68-0.93x
+the kernel, and ptxas spilled registers in every one (32-216 bytes, its lines in the file; none
+at 128 x 128); window at 128 x 128 (the kernel's schedule with its scales read before the wait)
+ran at 1.02-1.05x. fp8_gemm_variants_upfront_h200.json: zeroing each accumulator just before its
+wgmma alone, 0.99-1.01x upfront. fp8_gemm_variants_scales_first_h200.json: the kernel with its
+scales read before the wait (now `promote`) against upfront, 1.02-1.05x with b multicast (1185
+against 1153 at 8192^3) and 1.02-1.03x without: the early scale load is the gain, and
+fp8_gemm._promoting_mma now does it.
 """
 
 import argparse
@@ -81,10 +98,11 @@ SHAPES = [(8192, 8192, 8192), (4096, 7168, 2048), (4096, 24576, 1536), (4096, 21
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VariantConfig(fg.Fp8Config):
     """Fp8Config plus the variants' knobs: `kb` K-blocks a stage (any schedule), `col_parts`
-    column halves a warpgroup (serial only), and the schedule."""
+    equal column parts a warpgroup (serial, window; 0 with window: runs of at most 128
+    columns, `_col_widths`), and the schedule."""
     kb: int = 1
     col_parts: int = 1
-    schedule: str = "promote"  # "promote" | "carry" | "deferred" | "inplace" | "serial"
+    schedule: str = "promote"  # promote carry deferred inplace serial window upfront
 
     @property
     def k_blocks(self) -> int:
@@ -144,6 +162,115 @@ def _serial_mma(cfg, b_blocks):
             res = run(zeros)
             for j in range(cfg.splits):
                 blocks = res[j * cfg.col_parts:(j + 1) * cfg.col_parts]
+                store_to(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1),
+                         j * rows)
+        return run_with
+    return mma, context
+
+
+def _upfront_mma(cfg, b_blocks):
+    """The promoting schedule as fp8_gemm had it until 2026-12-02: both fresh accumulators
+    zeroed (their scopes opened) before the first wgmma is issued, then both wgmmas, then the
+    promotions in issue order. The kernel now opens each accumulator's scope just before its
+    wgmma (`fp8_gemm._promoting_mma`)."""
+    if cfg.k_blocks != 2 or cfg.splits != 1:
+        raise ValueError("upfront variants take two K-blocks a stage and splits=1")
+    rows, cols = cfg.wg_tile()
+
+    def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
+        r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
+
+        def products(acc0, acc1):
+            for kb, acc in enumerate((acc0, acc1)):
+                blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
+                plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk],
+                            b_smem.at[pl.ds(c0, cols), blk].T)
+            out = carry[0]
+            for kb, acc in enumerate((acc0, acc1)):
+                part = plgpu.wgmma_accumulator_load(acc, wait_n=1 - kb)
+                out = out + part * fg._promotion_scale(
+                    sa_smem.at[kb], sb_smem.at[kb], pl.ds(r0, rows), c0, pl.ds(c0, cols),
+                    out.shape, b_blocks)
+            return (out,)
+        return pl.run_scoped(products, plgpu.ACC((rows, cols), jnp.float32),
+                             plgpu.ACC((rows, cols), jnp.float32))
+
+    def context(store_to):
+        def run_with(run):
+            zeros = plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
+            store_to(run((zeros,))[0], 0)
+        return run_with
+    return mma, context
+
+
+def _col_widths(wg_cols: int, col_parts: int) -> list[int]:
+    """Column widths of a warpgroup's parts: `col_parts` equal ones, or with col_parts=0 runs
+    of at most 128 columns (128 x 192: 128 + 64; each part lies in one weight block where the
+    tile starts on one)."""
+    if col_parts:
+        return [wg_cols // col_parts] * col_parts
+    return [min(q8.BLOCK, wg_cols - c) for c in range(0, wg_cols, q8.BLOCK)]
+
+
+def _window_mma(cfg, b_blocks):
+    """Two fresh accumulators sliding over a stage's parts (K-block, row block, column part):
+    parts 0 and 1 are issued, then each part is waited for with the next one still in flight,
+    promoted, and its accumulator's successor (part i + 2) issued. With two parts a stage this
+    is the kernel's schedule (scales read before the wait); with more, every promotion but the
+    stage's last overlaps a wgmma while only two part-sized accumulators are live (128 x 192 in
+    a 128- and a 64-column part: the result's 96 registers a thread and at most 64 + 32 for the
+    accumulators; ptxas still spilled, the module docstring). Each part's accumulator is a
+    scope of its own, opened just before its wgmma (the scopes nest), and its value is not
+    used after its promotion."""
+    wg_rows, wg_cols = cfg.wg_tile()
+    rows = wg_rows // cfg.splits
+    widths = _col_widths(wg_cols, cfg.col_parts)
+    starts = [sum(widths[:c]) for c in range(len(widths))]
+    parts = [(kb, j, c) for kb in range(cfg.k_blocks) for j in range(cfg.splits)
+             for c in range(len(widths))]
+    # b's scale is one number for a part only where every tile's part lies in one weight block:
+    # a 192-wide tile starts at column 192 (in block 1) too, so there each column has its own
+    scalar_b = [b_blocks and cfg.block_n % q8.BLOCK == 0 and q8.BLOCK % w == 0
+                and (cfg.wg_offsets(1)[1] + st) % w == 0 for w, st in zip(widths, starts)]
+
+    def mma(_, a_smem, b_smem, sa_smem, sb_smem, carry):
+        r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
+
+        def issue(acc, p):
+            kb, j, c = parts[p]
+            blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
+            plgpu.wgmma(acc, a_smem.at[pl.ds(r0 + j * rows, rows), blk],
+                        b_smem.at[pl.ds(c0 + starts[c], widths[c]), blk].T)
+
+        def promote(out, acc, p, wait_n):
+            kb, j, c = parts[p]
+            i, col0 = j * len(widths) + c, c0 + starts[c]
+            scale = fg._promotion_scale(sa_smem.at[kb], sb_smem.at[kb],
+                                        pl.ds(r0 + j * rows, rows), col0,
+                                        pl.ds(col0, widths[c]), out[i].shape,
+                                        scalar_b[c])
+            part = plgpu.wgmma_accumulator_load(acc, wait_n=wait_n)
+            return out[:i] + (out[i] + part * scale,) + out[i + 1:]
+
+        def step(p, prev, out):  # prev: part p - 1's accumulator, in flight
+            def body(acc):
+                issue(acc, p)
+                res = out if prev is None else promote(out, prev, p - 1, wait_n=1)
+                if p + 1 < len(parts):
+                    return step(p + 1, acc, res)
+                return promote(res, acc, p, wait_n=0)
+            return pl.run_scoped(body, plgpu.ACC((rows, widths[parts[p][2]]), jnp.float32))
+
+        return step(0, None, tuple(carry))
+
+    def context(store_to):
+        def run_with(run):
+            zeros = tuple(plgpu.layout_cast(jnp.zeros((rows, w), jnp.float32),
+                                            plgpu.Layout.WGMMA)
+                          for _ in range(cfg.splits) for w in widths)
+            res = run(zeros)
+            for j in range(cfg.splits):
+                blocks = res[j * len(widths):(j + 1) * len(widths)]
                 store_to(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1),
                          j * rows)
         return run_with
@@ -315,6 +442,10 @@ def _variant_pipeline(cfg, in_specs, grid, store_to, state=None, *, b_blocks=Fal
         mma, context = _deferred_mma(cfg, b_blocks and fg._b_scalar_ok(cfg))
     elif schedule == "inplace":
         mma, context = _inplace_mma(cfg)
+    elif schedule == "window":
+        mma, context = _window_mma(cfg, b_blocks)
+    elif schedule == "upfront":
+        mma, context = _upfront_mma(cfg, b_blocks and fg._b_scalar_ok(cfg))
     else:  # serial: b's scale is one number per column part that lies in one 128-column block
         mma, context = _serial_mma(cfg, b_blocks)
     return plgpu.emit_pipeline_warp_specialized(
@@ -360,6 +491,26 @@ VARIANTS = {
         schedule="serial", block_m=256, splits=2, epilogue_slots=1, multicast="a"),
     "serial[128x256, 2 column halves, multicast b]": VariantConfig(
         schedule="serial", block_n=256, col_parts=2, epilogue_slots=1, multicast="b"),
+    "upfront[128x128, 2-block stages]": VariantConfig(
+        schedule="upfront", kb=2, max_concurrent_steps=3, epilogue_slots=1),
+    "upfront[128x128, 2-block stages, multicast b]": VariantConfig(
+        schedule="upfront", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
+    "window[128x128, 2-block stages, multicast b]": VariantConfig(
+        schedule="window", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
+    "window[128x192, 128+64 columns, multicast b]": VariantConfig(
+        schedule="window", block_n=192, col_parts=0, max_concurrent_steps=4, multicast="b"),
+    "window[128x192, 128+64 columns, 2-block stages x2, multicast b]": VariantConfig(
+        schedule="window", block_n=192, col_parts=0, kb=2, max_concurrent_steps=2,
+        epilogue_slots=1, multicast="b"),
+    "window[128x192, 128+64 columns, 2-block stages x2]": VariantConfig(
+        schedule="window", block_n=192, col_parts=0, kb=2, max_concurrent_steps=2,
+        epilogue_slots=1),
+    "window[256x128, 2 row blocks x 2 column halves, multicast b]": VariantConfig(
+        schedule="window", block_m=256, splits=2, col_parts=2, max_concurrent_steps=3,
+        epilogue_slots=1, multicast="b"),
+    "window[256x128, 2 row blocks x 2 column halves, 2-block stages x2, multicast b]":
+        VariantConfig(schedule="window", block_m=256, splits=2, col_parts=2, kb=2,
+                      max_concurrent_steps=2, epilogue_slots=1, multicast="b"),
 }
 
 

@@ -38,36 +38,37 @@ element).
 **Multicast**: for a dense GEMM whose M is an even number of 128-row tiles and whose K takes
 two-block stages, the default launches clusters of two CTAs on neighbouring m tiles of one n
 tile, and TMA fetches each b tile once and multicasts it into both CTAs' SMEM
-(`Fp8Config.multicast`): the 128 x 128 tile's operand traffic, not the promotion, is what
-bounds this kernel (experiments/fp8_gemm_variants.py).
+(`Fp8Config.multicast`): the 128 x 128 tile's operand traffic, not the promotion's
+arithmetic, is what bounds this kernel (experiments/fp8_gemm_variants.py).
 
 **Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-02; experiments/results/
-fp8_gemm.json, a complete run of the current default but for one split; earlier runs:
+fp8_gemm.json, a complete run of the current default, its weight-gradient rows from the next
+call; earlier runs: fp8_gemm_h200_2026-12-02c.json (before the early scale reads),
 fp8_gemm_h200_2026-12-02b.json (multicast against the kernel without it),
 fp8_gemm_h200_2026-12-02a.json (before multicast), fp8_gemm_overlap_h200.json (two-block stages
 against one-block ones), fp8_gemm_sweep.json (the tile sweep of 12-01), fp8_gemm_wg_split_h200.json
-(the warpgroup split), fp8_gemm_splitk_h200.json (split-K against the unsplit kernel); what
-bounds the kernel: fp8_gemm_variants_h200.json, fp8_gemm_variants_carry_h200.json,
-fp8_gemm_variants_deferred_h200.json): correct on the device (calc_diff 1.3e-6 to 1.5e-6 against
-the exact product). Side by side with XLA's bf16 dot in one run: 1.44x at 8192^3 (1173 against
-812; XLA's raw FP8 dot without scales 1552), 1.15-1.51x at M = 4096, 1.40-1.72x at M = 128
-where split-K applies and 1.43-1.46x where it does not (128 x 7168 x 2048 ran split in that
-run, 1.31x; the default now leaves it whole, 1.57x in the earlier runs), 1.59-1.61x our bf16
-grouped kernel for the experts, the weight gradient 1.15-1.25x bf16. The path there: the first
-version reached 421 at 8192^3 (its 128 x 256 tiles need 256 registers a thread for the result
-and the fresh accumulator, over the 232 a compute warpgroup gets, and spilled); 128 x 128 tiles
-with 4 stages, which chain tiles for K in multiples of 512, gave 965; the "rows" split 1007; two
-K-blocks a stage 1143-1160; multicast 1.08x the same kernel without it within one run (1151
-against 1067; across runs the spread is as large); two row blocks in flight per warpgroup
-(`splits=2`) gain up to 3% on some shapes and lose on others. Still short of the dense 1.6x target
-(about 1300 TFLOP/s here; DeepGEMM 1550 on an H800). What does not bound it: the promotion (the
-pipeline without it reaches 1130 with 128 x 128 tiles, and deferring each stage's second promotion
-into the next stage's first wgmma changed nothing, 0.95-1.01x). Bigger tiles reach 1397 without
-promotion but need registers for a second accumulator in flight, and with one at a time they lost
-(0.50-0.73x; 0.74-0.98x with b multicast). Keeping a wgmma in flight across pipeline steps makes
-ptxas serialize the wgmmas (0.35-0.51x; its warning and what the PTX does are in
-fp8_gemm_variants_carry_h200.json's note). Next: bigger tiles with fewer registers a thread (e.g. a
-third compute warpgroup).
+(the warpgroup split), fp8_gemm_splitk_h200.json and fp8_gemm_pins_h200.json (split-K against
+the unsplit kernel and multicast); what bounds the kernel: fp8_gemm_variants_*.json): correct on
+the device (calc_diff 1.2e-6 to 1.5e-6 against the exact product). Side by side with XLA's bf16
+dot in one run: 1.50x at 8192^3 (1194 against 798; XLA's raw FP8 dot without scales 1523),
+1.16-1.58x at M = 4096, 1.38-1.73x at M = 128 (split-K where the tiles are few), 1.62-1.64x our
+bf16 grouped kernel for the experts, the weight gradient 1.12-1.26x bf16. The path there: the
+first version reached 421 at 8192^3 (its 128 x 256 tiles need 256 registers a thread for the
+result and the fresh accumulator, over the 232 a compute warpgroup gets, and spilled); 128 x 128
+tiles with 4 stages, which chain tiles for K in multiples of 512, gave 965; the "rows" split
+1007; two K-blocks a stage 1143-1160; multicast 1.08x the same kernel without it within one run
+(1151 against 1067; across runs the spread is as large); each K-block's scales read before its
+wgmma is waited for, 1.02-1.05x (`_promoting_mma`). Two row blocks in flight per warpgroup
+(`splits=2`) gain up to 3% on some shapes and lose on others. Still short of the dense 1.6x
+target (about 1300 TFLOP/s here; DeepGEMM 1550 on an H800). What does not bound it: the
+promotion's CUDA-core work (the pipeline without it reaches 1130 with 128 x 128 tiles, and
+deferring each stage's second promotion into the next stage's first wgmma changed nothing,
+0.95-1.01x). Bigger tiles reach 1397 without promotion but need registers for the result and
+the accumulators in flight: one at a time they lost (0.50-0.73x; 0.74-0.98x with b multicast),
+and two part-sized ones sliding over a 128 x 192 or 256 x 128 tile's parts lost too (0.68-0.93x;
+ptxas spilled in each). Keeping a wgmma in flight across pipeline steps makes ptxas serialize the
+wgmmas (0.35-0.51x; its warning and what the PTX does are in fp8_gemm_variants_carry_h200.json's
+note). Next: bigger tiles with fewer registers a thread (e.g. a third compute warpgroup).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ WG_SPLITS = gm.WG_SPLITS
 SMS = 132
 MAX_SPLIT_K = 8
 # split-K's shortest K range: 1792 (128 x 2112 x 7168 in 4 ranges) was measured to win, 1024
-# (128 x 7168 x 2048 in 2) to lose; `default_config`'s measurements
+# (128 x 7168 x 2048 in 2: 305 TFLOP/s against 359 whole, side by side) to lose;
+# `default_config`'s measurements
 MIN_SPLIT_RANGE = 1792
 
 
@@ -315,7 +317,7 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         fp8_gemm_variants_h200.json): without any promotion (wgmma accumulating in place,
         scales ignored) 128 x 128 tiles reach only 1130 TFLOP/s at 8192^3 and 1253 at 4096 x
         7168 x 2048, where 256 x 128 tiles reach 1397 and 1359 (the promoting default: 1058
-        and 1112 in that call): the tile's operand traffic, not the promotion, bounds this
+        and 1112 in that call): the tile's operand traffic, not the promotion's arithmetic, bounds this
         kernel. Bigger tiles with promotion do not fit the registers two accumulators at a
         time; one at a time (each K-block's wgmma waited for and promoted before the next, the
         overlap left to the other warpgroup, as DeepGEMM schedules it) ran at 0.50-0.73x the
@@ -329,13 +331,15 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         0.80x), 128 x 4096 x 7168 (32 tiles) 436 with 4 against 310, 128 x 7168 x 16384 (56
         tiles) 685 with 2 against 557 (1.70x bf16); more ranges than fill the SMs lost (4 at 56
         tiles: 611; 8: 520), and with 192 or more tiles no split won (128 x 24576 x 1536: 374
-        with 2 against 515). In the complete run with split-K as the default (fp8_gemm.json)
-        128 x 7168 x 2048 in 2 ranges of 1024 ran 308 against the unsplit 355-356 of the two
-        earlier runs that day (across runs, but about twice the 7% spread between device
-        calls seen at 8192^3): ranges shorter than
-        MIN_SPLIT_RANGE stay whole.
-    Where both could apply (M an even number of tiles, few n tiles: 256 x 2176 x 7168, say)
-    split-K is taken and multicast not; that choice was not measured against the other.
+        with 2 against 515). In the complete run with split-K as the default
+        (fp8_gemm_h200_2026-12-02c.json) 128 x 7168 x 2048 in 2 ranges of 1024 ran 308 against
+        the unsplit 355-356 of two earlier runs, so ranges shorter than MIN_SPLIT_RANGE stay
+        whole (side by side below).
+      2026-12-02, afternoon (experiments/results/fp8_gemm_pins_h200.json, one run): 128 x 7168
+        x 2048 whole 359 against 305 in 2 ranges of 1024 and 258 in 4 (MIN_SPLIT_RANGE); where
+        both split-K and multicast could apply (M an even number of tiles, few n tiles) split-K
+        is taken: 256 x 2176 x 7168 455 in 2 ranges against 353 with b multicast (321 with
+        neither), 256 x 4096 x 7168 696 against 620 (591).
     The grouped kernels (`dense=False`) take neither multicast nor split-K. `sms`: the
     device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""
     if k is not None and k % (2 * q8.BLOCK) == 0:
@@ -388,7 +392,8 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
     The carry is a tuple of `cfg.splits` row blocks of the warpgroup's result, and a stage holds
     `cfg.k_blocks` K-blocks of 128. One wgmma per (K-block, row block) is issued first, each
     into its own accumulator; they are promoted in issue order, each once only the wgmmas issued
-    after it are still in flight, so every promotion but the last overlaps tensor-core work (the
+    after it are still in flight (with weight blocks its scales are read before that wait), so
+    every promotion but the last overlaps tensor-core work (the
     overlap of tensor-core and CUDA-core work the V3 report asks of its kernels, §3.3.2).
     Fp8Config allows two accumulators at most (splits=2 or overlap "stage"): registers.
     `b_blocks`: b's scales are 128 x 128 blocks and this warpgroup's columns lie in one block
@@ -403,22 +408,39 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
         r0, c0 = cfg.wg_offsets(wg)
         cols = pl.ds(c0, wg_cols)
 
-        def products(*accs):
-            for acc, (kb, j) in zip(accs, pairs):
+        def promote_all(accs):
+            out = list(carry)
+            for i, (acc, (kb, j)) in enumerate(zip(accs, pairs)):
+                scale = functools.partial(_promotion_scale, sa_smem.at[kb], sb_smem.at[kb],
+                                          pl.ds(r0 + j * rows, rows), c0, cols, out[j].shape,
+                                          b_blocks)
+                # with weight blocks the scales (two numbers a thread) are read from SMEM
+                # before the wait, so the load's latency passes while the wgmma runs: 1.02-1.05x
+                # (fp8_gemm_variants_scales_first_h200.json). Per-column scales (the weight
+                # gradient: 32 numbers a thread) held across the wait cost registers: that
+                # kernel ran at 0.90-0.92x (two calls; fp8_gemm.json's note), so they are read
+                # after it
+                early = scale() if b_blocks else None
+                part = plgpu.wgmma_accumulator_load(acc, wait_n=len(pairs) - 1 - i)
+                out[j] = out[j] + part * (early if b_blocks else scale())
+            return tuple(out)
+
+        def issue_from(i, accs):
+            # each accumulator's scope opens just before its wgmma, so the second is zeroed
+            # while the first wgmma runs: measured neutral (0.99-1.01x zeroing both first,
+            # experiments/results/fp8_gemm_variants_upfront_h200.json), kept as measured
+            if i == len(pairs):
+                return promote_all(accs)
+
+            def scope(acc):
+                kb, j = pairs[i]
                 blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
                 plgpu.wgmma(acc, a_smem.at[pl.ds(r0 + j * rows, rows), blk],
                             b_smem.at[cols, blk].T)
-            out = list(carry)
-            for i, (acc, (kb, j)) in enumerate(zip(accs, pairs)):
-                part = plgpu.wgmma_accumulator_load(acc, wait_n=len(pairs) - 1 - i)
-                scale = _promotion_scale(sa_smem.at[kb], sb_smem.at[kb],
-                                         pl.ds(r0 + j * rows, rows), c0, cols, out[j].shape,
-                                         b_blocks)
-                out[j] = out[j] + part * scale
-            return tuple(out)
+                return issue_from(i + 1, accs + (acc,))
+            return pl.run_scoped(scope, plgpu.ACC((rows, wg_cols), jnp.float32))
 
-        return pl.run_scoped(products, *[plgpu.ACC((rows, wg_cols), jnp.float32)
-                                         for _ in pairs])
+        return issue_from(0, ())
     return mma
 
 
