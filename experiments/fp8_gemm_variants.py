@@ -35,6 +35,9 @@ exact product:
                  the part after next issued into a fresh accumulator, so wider tiles keep the
                  overlap with two part-sized accumulators (128 x 192 as a 128- and a 64-column
                  part; 256 x 128 as 64 x 64 parts)
+  release[CFG]   the kernel's schedule with the stage released (its consumed barriers arrived
+                 on by hand) as soon as its last wgmma is done and the scales are in registers,
+                 before the last promotion, instead of after the step (not yet measured)
 Output: a table and a JSON list of records {"shape", "variant", "config", "tflops", "ms",
 "max_rel_err"}, with "invalid" where the result is wrong (--json; metadata in the first
 record's "run").
@@ -102,7 +105,7 @@ class VariantConfig(fg.Fp8Config):
     columns, `_col_widths`), and the schedule."""
     kb: int = 1
     col_parts: int = 1
-    schedule: str = "promote"  # promote carry deferred inplace serial window upfront
+    schedule: str = "promote"  # promote carry deferred inplace serial window upfront release
 
     @property
     def k_blocks(self) -> int:
@@ -194,6 +197,49 @@ def _upfront_mma(cfg, b_blocks):
             return (out,)
         return pl.run_scoped(products, plgpu.ACC((rows, cols), jnp.float32),
                              plgpu.ACC((rows, cols), jnp.float32))
+
+    def context(store_to):
+        def run_with(run):
+            zeros = plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
+            store_to(run((zeros,))[0], 0)
+        return run_with
+    return mma, context
+
+
+def _release_mma(cfg, b_blocks):
+    """The kernel's schedule (two K-blocks a stage, scales read before each wait) with the
+    stage released early: its consumed barriers (`manual_consumed_barriers`) are arrived on
+    once the stage's last wgmma is done and its scales are in registers, before that block's
+    promotion, so the TMA warpgroup may refill the slot while the warpgroup still promotes
+    (DeepGEMM releases a stage right after its wait, kernels.md §2.3). The pipeline otherwise
+    arrives after the step's body returns."""
+    if cfg.k_blocks != 2 or cfg.splits != 1:
+        raise ValueError("release variants take two K-blocks a stage and splits=1")
+    rows, cols = cfg.wg_tile()
+    scales, scaled = _scale_fns(rows, cols, b_blocks)
+
+    def mma(_, a_smem, b_smem, sa_smem, sb_smem, *rest):
+        *consumed, carry = rest
+        r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
+
+        def issue(acc, kb):
+            blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
+            plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk], b_smem.at[pl.ds(c0, cols), blk].T)
+
+        def first(acc0):
+            issue(acc0, 0)
+
+            def second(acc1):
+                issue(acc1, 1)
+                sc0 = scales(sa_smem.at[0], sb_smem.at[0], r0, c0)
+                out = carry[0] + scaled(plgpu.wgmma_accumulator_load(acc0, wait_n=1), sc0)
+                sc1 = scales(sa_smem.at[1], sb_smem.at[1], r0, c0)
+                part1 = plgpu.wgmma_accumulator_load(acc1, wait_n=0)
+                for barrier in consumed:  # nothing of this stage's SMEM is read after here
+                    plgpu.barrier_arrive(barrier)
+                return (out + scaled(part1, sc1),)
+            return pl.run_scoped(second, plgpu.ACC((rows, cols), jnp.float32))
+        return pl.run_scoped(first, plgpu.ACC((rows, cols), jnp.float32))
 
     def context(store_to):
         def run_with(run):
@@ -446,12 +492,15 @@ def _variant_pipeline(cfg, in_specs, grid, store_to, state=None, *, b_blocks=Fal
         mma, context = _window_mma(cfg, b_blocks)
     elif schedule == "upfront":
         mma, context = _upfront_mma(cfg, b_blocks and fg._b_scalar_ok(cfg))
+    elif schedule == "release":
+        mma, context = _release_mma(cfg, b_blocks and fg._b_scalar_ok(cfg))
     else:  # serial: b's scale is one number per column part that lies in one 128-column block
         mma, context = _serial_mma(cfg, b_blocks)
     return plgpu.emit_pipeline_warp_specialized(
         mma, grid=grid, in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
         memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg",
-        compute_context=context(store_to), pipeline_state=state)
+        compute_context=context(store_to), pipeline_state=state,
+        manual_consumed_barriers=schedule == "release")
 
 
 def _stage(**kw):
@@ -495,6 +544,10 @@ VARIANTS = {
         schedule="upfront", kb=2, max_concurrent_steps=3, epilogue_slots=1),
     "upfront[128x128, 2-block stages, multicast b]": VariantConfig(
         schedule="upfront", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
+    "release[128x128, 2-block stages]": VariantConfig(
+        schedule="release", kb=2, max_concurrent_steps=3, epilogue_slots=1),
+    "release[128x128, 2-block stages, multicast b]": VariantConfig(
+        schedule="release", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
     "window[128x128, 2-block stages, multicast b]": VariantConfig(
         schedule="window", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
     "window[128x192, 128+64 columns, multicast b]": VariantConfig(

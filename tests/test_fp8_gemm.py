@@ -424,8 +424,8 @@ def test_kernel_on_the_gpu(m, n, k, config):
 def test_fp8_gemm_variants_smoke_in_interpret_mode(tmp_path):
     """experiments/fp8_gemm_variants.py: each kind of variant (multicast, in place, serial with
     column halves, the deferred promotion over two stages, the kernel's former schedule, the
-    sliding window over a wider tile) computes the product it claims, so
-    its timing on a GPU means something; the GPU-only carry variant says so."""
+    early stage release, the sliding window over a wider tile) computes the product it claims,
+    so its timing on a GPU means something; the GPU-only carry variant says so."""
     import pathlib
     import sys
 
@@ -441,10 +441,10 @@ def test_fp8_gemm_variants_smoke_in_interpret_mode(tmp_path):
     assert all(r["tflops"] and r["max_rel_err"] < 1e-2 for r in recs[:-1])  # e4m3 -> bf16 out
     assert recs[-1]["tflops"] is None and "GPU only" in recs[-1]["error"]
     assert fg._promoting_pipeline is fv._PROMOTING_PIPELINE  # the kernel is left as it was
-    # the kernel's schedule before its scales were read early, and the sliding window over a
-    # 128 x 192 tile's parts, whose tiles start on a weight block only every other time (a
-    # scalar b scale per part came out wrong in the second tile)
-    wide = ["upfront[128x128, 2-block stages]",
+    # the kernel's schedule before its scales were read early, the early stage release, and the
+    # sliding window over a 128 x 192 tile's parts, whose tiles start on a weight block only
+    # every other time (a scalar b scale per part came out wrong in the second tile)
+    wide = ["upfront[128x128, 2-block stages]", "release[128x128, 2-block stages, multicast b]",
             "window[128x192, 128+64 columns, 2-block stages x2]"]
     recs = fv.main(["--interpret", "--shapes", "256x384x512", "--iterations", "1",
                     "--variants", *wide, "--json", str(tmp_path / "w.json")])
