@@ -17,11 +17,12 @@ iteration by rewriting a 256 MiB buffer whose kernel is left out of the sum):
                     gets today for the recipe
   triton_fp8        our jax-triton block-scaled kernel (pallas_kernels/fp8_triton.py; needs
                     jax-triton 0.3.1 next to triton 3.6, else recorded as not run)
-  pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][+kS][_e1]]  the kernel with the tile configs
-                    of --configs (a sweep; r: the "rows" warpgroup split, +stage: two K-blocks
-                    a stage, +ma/+mb: a or b multicast in clusters of two CTAs, +kS: split-K
-                    in S ranges, _e1: one epilogue slot), also for the grouped (neither
-                    multicast nor split-K) and wgrad cases
+  pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][+kS][+gG][_e1]]  the kernel with the tile
+                    configs of --configs (a sweep; r: the "rows" warpgroup split, +stage: two
+                    K-blocks a stage, +ma/+mb: a or b multicast in clusters of two CTAs, +kS:
+                    split-K in S ranges, +gG: work items in groups of G rows, _e1: one
+                    epilogue slot), also for the grouped (none of multicast, split-K, group_m)
+                    and wgrad cases
 grouped cases (G experts x ROWS rows, the MoE layout): pallas_fp8_grouped (our grouped FP8
 kernel) against pallas_bf16_grouped (our bf16 grouped kernel, the baseline); weight-gradient
 cases (--wgrad): pallas_fp8_wgrad (1 x 128 tiles along tokens, fp32 out) against
@@ -101,15 +102,16 @@ def parse_args(argv=None):
                          "in {(4096, 7168), (7168, 2048)}; pass none to skip: --grouped)")
     ap.add_argument("--configs", nargs="*", default=[],
                     help="extra kernel tile configs to time next to the default, as "
-                         "BMxBNxSTAGES[xSPLITS][r][+stage][+ma|+mb][+kS] (e.g. 128x128x5x2 "
+                         "BMxBNxSTAGES[xSPLITS][r][+stage][+ma|+mb][+kS][+gG] (e.g. 128x128x5x2 "
                          "128x256x3 128x128x4r 128x128x3r+stage 128x128x3r+stage+mb "
                          "128x128x3r+stage+k4; r = Fp8Config.wg_split 'rows', +stage = "
                          "Fp8Config.overlap 'stage', +ma / +mb = Fp8Config.multicast 'a' / 'b', "
-                         "+kS = Fp8Config.split_k S, with one epilogue slot where two do not "
+                         "+kS = Fp8Config.split_k S, +gG = Fp8Config.group_m G (work items in "
+                         "groups of G rows), with one epilogue slot where two do not "
                          "fit), in the dense, grouped and wgrad cases whose sizes they divide "
-                         "(multicast and split-K: dense only; multicast needs an even tile "
+                         "(multicast, split-K, group_m: dense only; multicast needs an even tile "
                          "count); recorded as impl "
-                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][+kS][_e1]]' "
+                         "'pallas_fp8[BMxBNxSTAGESxSPLITS[r][+stage][+mX][+kS][+gG][_e1]]' "
                          "(…_grouped[…], …_wgrad[…])")
     ap.add_argument("--wgrad", nargs="*", default=None,
                     help="weight-gradient cases NxKxTOKENS: dw [N, K] = dy^T x over TOKENS, "
@@ -144,24 +146,26 @@ def _config(text: str) -> "fg.Fp8Config":
     split = "rows" if body.endswith("r") else "cols"
     try:
         split_flags = [f for f in flags if f[:1] == "k" and f[1:].isdigit()]
+        group_flags = [f for f in flags if f[:1] == "g" and f[1:].isdigit()]
         unknown = [f for f in flags if f not in MULTICAST_FLAGS and f not in fg.OVERLAPS[1:]
-                   and f not in split_flags]
+                   and f not in split_flags and f not in group_flags]
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}")
         overlap = next((f for f in flags if f in fg.OVERLAPS), "none")
         multicast = next((MULTICAST_FLAGS[f] for f in flags if f in MULTICAST_FLAGS), "none")
         split_k = int(split_flags[0][1:]) if split_flags else 1
+        group_m = int(group_flags[0][1:]) if group_flags else 1
         bm, bn, stages, *splits = (int(v) for v in body.rstrip("r").split("x"))
         kw = dict(block_m=bm, block_n=bn, max_concurrent_steps=stages,
                   splits=splits[0] if splits else 1, wg_split=split, overlap=overlap,
-                  multicast=multicast, split_k=split_k)
+                  multicast=multicast, split_k=split_k, group_m=group_m)
         # two-block stages may leave room for one epilogue slot only
         slots = 2 if fg.Fp8Config(**kw, epilogue_slots=1).smem_bytes(4) + (
             fg.gm._epilogue_bytes(2) - fg.gm._epilogue_bytes(1)) <= fg.gm.SMEM_BYTES else 1
         return fg.Fp8Config(**kw, epilogue_slots=slots)
     except (ValueError, IndexError) as e:
         raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS][r][+stage]"
-                         "[+ma|+mb][+kS])") from None
+                         "[+ma|+mb][+kS][+gG])") from None
 
 
 def _tag(cfg) -> str:
@@ -170,6 +174,7 @@ def _tag(cfg) -> str:
             + ("" if cfg.overlap == "none" else f"+{cfg.overlap}")
             + ("" if cfg.multicast == "none" else f"+m{cfg.multicast}")
             + ("" if cfg.split_k == 1 else f"+k{cfg.split_k}")
+            + ("" if cfg.group_m == 1 else f"+g{cfg.group_m}")
             + ("" if cfg.epilogue_slots == 2 else f"_e{cfg.epilogue_slots}"))
 
 
@@ -394,7 +399,7 @@ def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpr
     }
     for c in configs:  # the plan's 128-row tiles fix block_m; multicast is dense only
         if (c.block_m == plan.block_m and n % c.block_n == 0 and c.multicast == "none"
-                and c.split_k == 1):
+                and c.split_k == 1 and c.group_m == 1):
             fns[f"pallas_fp8_grouped[{_tag(c)}]"] = (
                 lambda a, s1, b, s2, c=c: fg.grouped_gemm_1d2d(
                     a, s1, b, s2, plan, impl="pallas", interpret=interpret, config=c),

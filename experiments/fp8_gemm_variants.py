@@ -511,6 +511,12 @@ VARIANTS = {
     "promote[128x128, 2-block stages]": _stage(),
     "promote[128x128, 2-block stages, multicast b]": _stage(multicast="b"),
     "promote[128x128, 2-block stages, multicast a]": _stage(multicast="a"),
+    "promote[128x128, 2-block stages, multicast b, groups of 4 rows]": _stage(
+        multicast="b", group_m=4),
+    "promote[128x128, 2-block stages, multicast b, groups of 8 rows]": _stage(
+        multicast="b", group_m=8),
+    "promote[128x128, 2-block stages, multicast b, groups of 16 rows]": _stage(
+        multicast="b", group_m=16),
     "promote[128x128, 2-block stages, multicast a, tiles not chained]": _stage(
         multicast="a", chain_tiles=False),
     "promote[128x128, multicast a]": fg.Fp8Config(multicast="a"),

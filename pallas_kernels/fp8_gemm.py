@@ -198,6 +198,12 @@ class Fp8Config:
     warpgroup). 128 x 256 tiles need 256 and spill; 128 x 128 need 128, 128 x 192 192. With
     overlap "stage" it holds two fresh accumulators: 192 at 128 x 128, the largest share it
     accepts (a warpgroup's 64 x 128).
+
+    group_m: the order of a dense GEMM's work items. 1: N minor (row of items after row), so
+    the CTAs working at one time read one or two a tiles and, at 8192 x 8192, every b tile (64
+    MiB of e4m3, more than the 50 MiB L2); G > 1: in groups of G rows of items, M minor within
+    a group, so they read G rows of a and about (SMs / G) columns of b (the grouped order of
+    DeepGEMM's scheduler and Triton's tutorials; not yet measured here).
     """
     block_m: int = 128
     block_n: int = 128
@@ -209,6 +215,7 @@ class Fp8Config:
     overlap: str = "none"
     multicast: str = "none"
     split_k: int = 1
+    group_m: int = 1
 
     def __post_init__(self):
         if self.wg_split not in WG_SPLITS:
@@ -233,6 +240,8 @@ class Fp8Config:
         if self.split_k < 1 or (self.split_k > 1 and self.multicast != "none"):
             raise ValueError(f"Fp8Config.split_k={self.split_k} must be >= 1, and 1 with "
                              f"multicast={self.multicast!r}")
+        if self.group_m < 1:
+            raise ValueError(f"Fp8Config.group_m={self.group_m} must be >= 1")
         if self.overlap != "none" and self.splits != 1:
             raise ValueError(f"Fp8Config.overlap={self.overlap!r} needs splits=1, got "
                              f"splits={self.splits}")
@@ -507,17 +516,31 @@ def _work_items(cfg: Fp8Config, m_tiles: int, n_tiles: int) -> int:
     return m_tiles * n_tiles // cfg.cluster * cfg.split_k
 
 
-def _tile_of(cfg: Fp8Config, lin, n_tiles: int):
-    """(m tile, n tile) of work item `lin` on this CTA, N minor: CTAs working at one time share
-    the a tile and neighbouring b tiles (L2). With multicast the two CTAs of a cluster take
-    neighbouring m tiles ("b") or n tiles ("a") of one item."""
+def _item_of(lin, m_items: int, n_items: int, group: int):
+    """(row, column) of work item `lin` in the [m_items, n_items] grid of items: N minor, or with
+    group > 1 in groups of `group` rows, M minor within a group (the last group may be
+    shorter). `Fp8Config.group_m`."""
+    if group == 1:
+        return lax.div(lin, jnp.int32(n_items)), lax.rem(lin, jnp.int32(n_items))
+    per_group = jnp.int32(group * n_items)
+    first = lax.div(lin, per_group) * group
+    rows = jnp.minimum(jnp.int32(group), m_items - first)
+    r = lax.rem(lin, per_group)
+    return first + lax.rem(r, rows), lax.div(r, rows)
+
+
+def _tile_of(cfg: Fp8Config, lin, m_tiles: int, n_tiles: int):
+    """(m tile, n tile) of work item `lin` on this CTA, in `cfg.group_m`'s order (`_item_of`).
+    With multicast the two CTAs of a cluster take neighbouring m tiles ("b") or n tiles ("a")
+    of one item."""
     if cfg.multicast == "none":
-        return lax.div(lin, jnp.int32(n_tiles)), lax.rem(lin, jnp.int32(n_tiles))
+        return _item_of(lin, m_tiles, n_tiles, cfg.group_m)
     cta = lax.axis_index("cluster")
     if cfg.multicast == "b":
-        return 2 * lax.div(lin, jnp.int32(n_tiles)) + cta, lax.rem(lin, jnp.int32(n_tiles))
-    pairs = n_tiles // 2
-    return lax.div(lin, jnp.int32(pairs)), 2 * lax.rem(lin, jnp.int32(pairs)) + cta
+        mi, ni = _item_of(lin, m_tiles // 2, n_tiles, cfg.group_m)
+        return 2 * mi + cta, ni
+    mi, ni = _item_of(lin, m_tiles, n_tiles // 2, cfg.group_m)
+    return mi, 2 * ni + cta
 
 
 def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool):
@@ -553,7 +576,7 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
                 ks = pl.ds(pl.multiple_of(part * k_part, q8.BLOCK), k_part)
                 kbs = pl.ds(part * (k_part // q8.BLOCK), k_part // q8.BLOCK)
                 out_row0 = part * m
-            m_idx, n_idx = _tile_of(cfg, item, n_tiles)
+            m_idx, n_idx = _tile_of(cfg, item, m_tiles, n_tiles)
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
             out_rows = rows if splits == 1 else pl.ds(
@@ -646,6 +669,9 @@ def _dense_only(cfg: Fp8Config, what: str) -> None:
                          "only (their work items pair neighbouring tiles); use 'none'")
     if cfg.split_k != 1:
         raise ValueError(f"{what}: Fp8Config.split_k={cfg.split_k} is for the dense GEMMs only; "
+                         "use 1")
+    if cfg.group_m != 1:
+        raise ValueError(f"{what}: Fp8Config.group_m={cfg.group_m} is for the dense GEMMs only; "
                          "use 1")
 
 

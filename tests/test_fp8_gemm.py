@@ -198,6 +198,37 @@ def test_multicast_on_two_clusters_in_interpret_mode(monkeypatch, m, n, k, multi
     assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
 
 
+@pytest.mark.parametrize("m_items, n_items, group", [(5, 3, 2), (4, 6, 4), (3, 7, 8), (6, 1, 4)])
+def test_grouped_item_order_is_a_permutation(m_items, n_items, group):
+    """Fp8Config.group_m's order visits every (row, column) item once, M minor within each
+    group of `group` rows (the last group shorter), N minor between groups."""
+    lin = jnp.arange(m_items * n_items, dtype=jnp.int32)
+    mi, ni = (np.asarray(v) for v in fg._item_of(lin, m_items, n_items, group))
+    assert sorted(zip(mi.tolist(), ni.tolist())) == [
+        (i, j) for i in range(m_items) for j in range(n_items)]
+    want = [(g + r, j) for g in range(0, m_items, group) for j in range(n_items)
+            for r in range(min(group, m_items - g))]
+    assert list(zip(mi.tolist(), ni.tolist())) == want
+    one = [np.asarray(v).tolist() for v in fg._item_of(lin, m_items, n_items, 1)]
+    assert one == [(lin // n_items).tolist(), (lin % n_items).tolist()]
+
+
+@pytest.mark.parametrize("m, n, k, multicast, group", [
+    (768, 256, 512, "b", 2),  # 3 row pairs, 2 n tiles: groups of 2 pairs, then 1
+    (640, 384, 256, "none", 2),  # 5 x 3 tiles: the last group one row
+    (384, 512, 512, "a", 4),  # 3 rows of 2 n pairs: one short group
+])
+def test_grouped_item_order_in_interpret_mode(monkeypatch, m, n, k, multicast, group):
+    """The kernel with work items in groups of rows (`Fp8Config.group_m`) computes the product,
+    with and without multicast, on two clusters (5 simulated SMs)."""
+    monkeypatch.setattr(gm, "INTERPRET_NUM_SMS", 5)
+    aq, sa, bq, sb = _operands(m, n, k, seed=4)
+    cfg = fg.Fp8Config(overlap="stage", max_concurrent_steps=2, epilogue_slots=1,
+                       multicast=multicast, group_m=group)
+    got = fg._pallas_gemm(aq, sa, bq, sb, "blocks", jnp.float32, True, cfg)
+    assert _rel(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)) < 1e-5
+
+
 def test_multicast_and_split_k_check_their_inputs():
     with pytest.raises(ValueError, match="multicast='c' must be one of"):
         fg.Fp8Config(multicast="c")
@@ -205,6 +236,8 @@ def test_multicast_and_split_k_check_their_inputs():
         fg.Fp8Config(multicast="b", split_k=2)
     with pytest.raises(ValueError, match="split_k=0 must be >= 1"):
         fg.Fp8Config(split_k=0)
+    with pytest.raises(ValueError, match="group_m=0 must be >= 1"):
+        fg.Fp8Config(group_m=0)
     aq, sa, bq, sb = _operands(384, 384, 256)
     sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
     with pytest.raises(ValueError, match="K = 256 must split into Fp8Config.split_k=3 equal"):
@@ -228,6 +261,9 @@ def test_multicast_and_split_k_check_their_inputs():
     with pytest.raises(ValueError, match="split_k=2 is for the dense GEMMs only"):
         fg.grouped_gemm_1d2d(gaq, gsa, gbq, gsb, plan, impl="pallas", interpret=True,
                              config=fg.Fp8Config(split_k=2))
+    with pytest.raises(ValueError, match="group_m=2 is for the dense GEMMs only"):
+        fg.grouped_gemm_1d2d(gaq, gsa, gbq, gsb, plan, impl="pallas", interpret=True,
+                             config=fg.Fp8Config(group_m=2))
 
 
 def test_identical_kernel_calls_share_one_lowering(monkeypatch):
