@@ -68,7 +68,10 @@ the accumulators in flight: one at a time they lost (0.50-0.73x; 0.74-0.98x with
 and two part-sized ones sliding over a 128 x 192 or 256 x 128 tile's parts lost too (0.68-0.93x;
 ptxas spilled in each). Keeping a wgmma in flight across pipeline steps makes ptxas serialize the
 wgmmas (0.35-0.51x; its warning and what the PTX does are in fp8_gemm_variants_carry_h200.json's
-note). Next: bigger tiles with fewer registers a thread (e.g. a third compute warpgroup).
+note). Prepared, not yet measured: work items in groups of rows (`Fp8Config.group_m`, for L2
+reuse where b outgrows it) and a stage released before its last promotion (`release` in
+experiments/fp8_gemm_variants.py). Next after those: bigger tiles with fewer registers a thread
+(e.g. a third compute warpgroup).
 """
 
 from __future__ import annotations
@@ -326,14 +329,14 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         fp8_gemm_variants_h200.json): without any promotion (wgmma accumulating in place,
         scales ignored) 128 x 128 tiles reach only 1130 TFLOP/s at 8192^3 and 1253 at 4096 x
         7168 x 2048, where 256 x 128 tiles reach 1397 and 1359 (the promoting default: 1058
-        and 1112 in that call): the tile's operand traffic, not the promotion's arithmetic, bounds this
-        kernel. Bigger tiles with promotion do not fit the registers two accumulators at a
-        time; one at a time (each K-block's wgmma waited for and promoted before the next, the
-        overlap left to the other warpgroup, as DeepGEMM schedules it) ran at 0.50-0.73x the
-        default (256 x 128: 831 against 1132 at 8192^3; 128 x 128 so scheduled 0.80-0.90x;
-        bigger tiles so scheduled with b multicast 0.74-0.98x). Multicast in clusters of two
-        instead: on b, 1135 against 1050 at 8192^3, 1115 against 1103 at 4096 x 7168 x 2048, 1057
-        against 1013 at 4096 x 24576 x 1536; on a, 1104, 1092 and 1031.
+        and 1112 in that call): the tile's operand traffic, not the promotion's arithmetic,
+        bounds this kernel. Bigger tiles with promotion do not fit the registers two
+        accumulators at a time; one at a time (each K-block's wgmma waited for and promoted
+        before the next, the overlap left to the other warpgroup, as DeepGEMM schedules it) ran
+        at 0.50-0.73x the default (256 x 128: 831 against 1132 at 8192^3; 128 x 128 so scheduled
+        0.80-0.90x; bigger tiles so scheduled with b multicast 0.74-0.98x). Multicast in
+        clusters of two instead: on b, 1135 against 1050 at 8192^3, 1115 against 1103 at 4096 x
+        7168 x 2048, 1057 against 1013 at 4096 x 24576 x 1536; on a, 1104, 1092 and 1031.
       2026-12-02, later still (experiments/results/fp8_gemm_splitk_h200.json): split-K
         (`_split_k`) for M = 128, against the unsplit default in one run: 128 x 2112 x 7168
         (17 tiles) 303 TFLOP/s with 4 K ranges against 172 (1.41x XLA's bf16 dot against
