@@ -9,7 +9,8 @@ scales uniform in [0.5, 2], 128 x 128 weight blocks; CUPTI kernel time, median o
 L2 flushed, pallas_kernels/timing.py), each variant's TFLOP/s and its max error relative to the
 exact product:
   promote[CFG]   the kernel as it is (fp32 promotion every 128 of K) with tile config CFG,
-                 multicast included (`Fp8Config.multicast`)
+                 multicast included (`Fp8Config.multicast`); work items row after row unless CFG
+                 names groups of rows (`Fp8Config.group_m`; the kernel's default takes 8)
   inplace[CFG]   the same pipeline and tiles with the promotion removed: every wgmma accumulates
                  into one fp32 accumulator and the scales are ignored (its error is against the
                  unscaled product). The kernel's ceiling for its tiles: what the TMA and the
@@ -37,7 +38,7 @@ exact product:
                  part; 256 x 128 as 64 x 64 parts)
   release[CFG]   the kernel's schedule with the stage released (its consumed barriers arrived
                  on by hand) as soon as its last wgmma is done and the scales are in registers,
-                 before the last promotion, instead of after the step (not yet measured)
+                 before the last promotion, instead of after the step
 Output: a table and a JSON list of records {"shape", "variant", "config", "tflops", "ms",
 "max_rel_err"}, with "invalid" where the result is wrong (--json; metadata in the first
 record's "run").
@@ -69,6 +70,12 @@ wgmma alone, 0.99-1.01x upfront. fp8_gemm_variants_scales_first_h200.json: the k
 scales read before the wait (now `promote`) against upfront, 1.02-1.05x with b multicast (1185
 against 1153 at 8192^3) and 1.02-1.03x without: the early scale load is the gain, and
 fp8_gemm._promoting_mma now does it.
+The evening of 2026-12-02, two calls, the second in reversed order
+(fp8_gemm_variants_release_groups_h200.json, fp8_gemm_variants_groups_reversed_h200.json; b
+multicast in all): work items in groups of 8 rows ran at 1.08-1.10x row after row where b is large
+(1346 and 1343 against 1219 at 8192^3; 1343 and 1342 against 1243 and 1245 at 4096 x 7168 x 16384)
+and 1.00x at 4096 x 2176 x 7168; groups of 4 and 16 less well on the whole; release at 0.97-1.00x
+(1197 against 1219 at 8192^3). Groups of 8 rows are now fp8_gemm.default_config's (GROUP_M).
 """
 
 import argparse
@@ -159,9 +166,7 @@ def _serial_mma(cfg, b_blocks):
 
     def context(store_to):
         def run_with(run):
-            zeros = tuple(plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32),
-                                            plgpu.Layout.WGMMA)
-                          for _ in range(cfg.splits * cfg.col_parts))
+            zeros = tuple(_fresh(rows, cols) for _ in range(cfg.splits * cfg.col_parts))
             res = run(zeros)
             for j in range(cfg.splits):
                 blocks = res[j * cfg.col_parts:(j + 1) * cfg.col_parts]
@@ -169,6 +174,29 @@ def _serial_mma(cfg, b_blocks):
                          j * rows)
         return run_with
     return mma, context
+
+
+def _fresh(rows, cols):
+    """A zero float32 [rows, cols] value in the wgmma accumulator's layout."""
+    return plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _issuer(a_smem, b_smem, r0, rows, c0, cols):
+    """issue(acc, kb): the warpgroup's wgmma of the stage's K-block kb into accumulator acc."""
+    def issue(acc, kb):
+        blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
+        plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk], b_smem.at[pl.ds(c0, cols), blk].T)
+    return issue
+
+
+def _result_only_context(rows, cols):
+    """compute_context for schedules that carry the warpgroup's result alone: zeros in, the
+    pipeline's result stored."""
+    def context(store_to):
+        def run_with(run):
+            store_to(run((_fresh(rows, cols),))[0], 0)
+        return run_with
+    return context
 
 
 def _upfront_mma(cfg, b_blocks):
@@ -184,10 +212,9 @@ def _upfront_mma(cfg, b_blocks):
         r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
 
         def products(acc0, acc1):
+            issue = _issuer(a_smem, b_smem, r0, rows, c0, cols)
             for kb, acc in enumerate((acc0, acc1)):
-                blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
-                plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk],
-                            b_smem.at[pl.ds(c0, cols), blk].T)
+                issue(acc, kb)
             out = carry[0]
             for kb, acc in enumerate((acc0, acc1)):
                 part = plgpu.wgmma_accumulator_load(acc, wait_n=1 - kb)
@@ -197,13 +224,7 @@ def _upfront_mma(cfg, b_blocks):
             return (out,)
         return pl.run_scoped(products, plgpu.ACC((rows, cols), jnp.float32),
                              plgpu.ACC((rows, cols), jnp.float32))
-
-    def context(store_to):
-        def run_with(run):
-            zeros = plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
-            store_to(run((zeros,))[0], 0)
-        return run_with
-    return mma, context
+    return mma, _result_only_context(rows, cols)
 
 
 def _release_mma(cfg, b_blocks):
@@ -221,10 +242,7 @@ def _release_mma(cfg, b_blocks):
     def mma(_, a_smem, b_smem, sa_smem, sb_smem, *rest):
         *consumed, carry = rest
         r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
-
-        def issue(acc, kb):
-            blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
-            plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk], b_smem.at[pl.ds(c0, cols), blk].T)
+        issue = _issuer(a_smem, b_smem, r0, rows, c0, cols)
 
         def first(acc0):
             issue(acc0, 0)
@@ -240,13 +258,7 @@ def _release_mma(cfg, b_blocks):
                 return (out + scaled(part1, sc1),)
             return pl.run_scoped(second, plgpu.ACC((rows, cols), jnp.float32))
         return pl.run_scoped(first, plgpu.ACC((rows, cols), jnp.float32))
-
-    def context(store_to):
-        def run_with(run):
-            zeros = plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
-            store_to(run((zeros,))[0], 0)
-        return run_with
-    return mma, context
+    return mma, _result_only_context(rows, cols)
 
 
 def _col_widths(wg_cols: int, col_parts: int) -> list[int]:
@@ -342,6 +354,14 @@ def _scale_fns(rows, cols, b_blocks):
     return scales, scaled
 
 
+def _zero_scales(rows, cols, b_blocks):
+    """Zero scales in `_scale_fns`'s form (a carried pending block's scales before the first
+    step): the row scales, or with per-column b scales (rows, columns)."""
+    sa0 = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    sb0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32), plgpu.Layout.WGMMA.reduce(0))
+    return sa0 if b_blocks else (sa0, sb0)
+
+
 def _carry_mma(cfg, b_blocks, holder):
     """Two K-blocks a stage with the stage's second wgmma left in flight into the next step:
     step s issues K-block 0 into acc0, then (only acc0 in flight) promotes the previous step's
@@ -361,24 +381,18 @@ def _carry_mma(cfg, b_blocks, holder):
         for barrier in holder["consumed"]:
             plgpu.barrier_arrive(barrier.at[slot])
 
-    def fresh():
-        return plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
-
     def mma(idx, a_smem, b_smem, sa_smem, sb_smem, *rest):
         carry = rest[-1]  # rest: the four consumed barriers of this slot (unused), the carry
         result, prev = carry
         step = idx[0]
         acc0, acc1 = holder["accs"]
         r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
-
-        def issue(acc, kb):
-            blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
-            plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk], b_smem.at[pl.ds(c0, cols), blk].T)
+        issue = _issuer(a_smem, b_smem, r0, rows, c0, cols)
 
         issue(acc0, 0)
         part1 = plgpu.wgmma_accumulator_load(acc1, wait_n=1)  # the previous step's block 1
         result = result + scaled(part1, prev)  # zero at step 0 (acc1 fresh)
-        acc1[...] = fresh()
+        acc1[...] = _fresh(rows, cols)
 
         @pl.when(step > 0)
         def _():
@@ -386,18 +400,15 @@ def _carry_mma(cfg, b_blocks, holder):
         issue(acc1, 1)
         part0 = plgpu.wgmma_accumulator_load(acc0, wait_n=1)
         result = result + scaled(part0, scales(sa_smem.at[0], sb_smem.at[0], r0, c0))
-        acc0[...] = fresh()
+        acc0[...] = _fresh(rows, cols)
         return result, scales(sa_smem.at[1], sb_smem.at[1], r0, c0)
 
     def context(store_to, num_steps):
         def run_with(run):
             def with_accs(acc0, acc1):
                 holder["accs"] = (acc0, acc1)
-                sa0 = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32),
-                                        plgpu.Layout.WGMMA.reduce(1))
-                sb0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32),
-                                        plgpu.Layout.WGMMA.reduce(0))
-                result, last = run((fresh(), sa0 if b_blocks else (sa0, sb0)))
+                no_scales = _zero_scales(rows, cols, b_blocks)
+                result, last = run((_fresh(rows, cols), no_scales))
                 result = result + scaled(plgpu.wgmma_accumulator_load(acc1, wait_n=0), last)
                 release((num_steps - 1) % n_slots)
                 store_to(result, 0)
@@ -446,10 +457,7 @@ def _deferred_mma(cfg, b_blocks):
         r0, c0 = cfg.wg_offsets(lax.axis_index("wg"))
 
         def products(acc0, acc1):
-            def issue(acc, kb):
-                blk = pl.ds(kb * q8.BLOCK, q8.BLOCK)
-                plgpu.wgmma(acc, a_smem.at[pl.ds(r0, rows), blk],
-                            b_smem.at[pl.ds(c0, cols), blk].T)
+            issue = _issuer(a_smem, b_smem, r0, rows, c0, cols)
             issue(acc0, 0)
             out = result + scaled(pending, prev)  # the previous stage's block 1 (zero at first)
             issue(acc1, 1)
@@ -462,12 +470,8 @@ def _deferred_mma(cfg, b_blocks):
 
     def context(store_to):
         def run_with(run):
-            zeros = plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
-            sa0 = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            sb0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(0))
-            result, pending, last = run((zeros, zeros, sa0 if b_blocks else (sa0, sb0)))
+            zeros = _fresh(rows, cols)
+            result, pending, last = run((zeros, zeros, _zero_scales(rows, cols, b_blocks)))
             store_to(result + scaled(pending, last), 0)
         return run_with
     return mma, context
@@ -507,6 +511,12 @@ def _stage(**kw):
     return fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1, **kw)
 
 
+def _stages2(schedule, **kw):
+    """A variant schedule with the kernel's default stages: two K-blocks each, 3 of them, one
+    epilogue slot."""
+    return VariantConfig(schedule=schedule, kb=2, max_concurrent_steps=3, epilogue_slots=1, **kw)
+
+
 VARIANTS = {
     "promote[128x128, 2-block stages]": _stage(),
     "promote[128x128, 2-block stages, multicast b]": _stage(multicast="b"),
@@ -520,14 +530,10 @@ VARIANTS = {
     "promote[128x128, 2-block stages, multicast a, tiles not chained]": _stage(
         multicast="a", chain_tiles=False),
     "promote[128x128, multicast a]": fg.Fp8Config(multicast="a"),
-    "carry[128x128, 2-block stages]": VariantConfig(
-        schedule="carry", kb=2, max_concurrent_steps=3, epilogue_slots=1),
-    "carry[128x128, 2-block stages, multicast b]": VariantConfig(
-        schedule="carry", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
-    "deferred[128x128, 2-block stages]": VariantConfig(
-        schedule="deferred", kb=2, max_concurrent_steps=3, epilogue_slots=1),
-    "deferred[128x128, 2-block stages, multicast b]": VariantConfig(
-        schedule="deferred", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
+    "carry[128x128, 2-block stages]": _stages2("carry"),
+    "carry[128x128, 2-block stages, multicast b]": _stages2("carry", multicast="b"),
+    "deferred[128x128, 2-block stages]": _stages2("deferred"),
+    "deferred[128x128, 2-block stages, multicast b]": _stages2("deferred", multicast="b"),
     "inplace[128x128]": VariantConfig(schedule="inplace"),
     "inplace[128x256]": VariantConfig(schedule="inplace", block_n=256, max_concurrent_steps=3,
                                       epilogue_slots=1),
@@ -546,16 +552,11 @@ VARIANTS = {
         schedule="serial", block_m=256, splits=2, epilogue_slots=1, multicast="a"),
     "serial[128x256, 2 column halves, multicast b]": VariantConfig(
         schedule="serial", block_n=256, col_parts=2, epilogue_slots=1, multicast="b"),
-    "upfront[128x128, 2-block stages]": VariantConfig(
-        schedule="upfront", kb=2, max_concurrent_steps=3, epilogue_slots=1),
-    "upfront[128x128, 2-block stages, multicast b]": VariantConfig(
-        schedule="upfront", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
-    "release[128x128, 2-block stages]": VariantConfig(
-        schedule="release", kb=2, max_concurrent_steps=3, epilogue_slots=1),
-    "release[128x128, 2-block stages, multicast b]": VariantConfig(
-        schedule="release", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
-    "window[128x128, 2-block stages, multicast b]": VariantConfig(
-        schedule="window", kb=2, max_concurrent_steps=3, epilogue_slots=1, multicast="b"),
+    "upfront[128x128, 2-block stages]": _stages2("upfront"),
+    "upfront[128x128, 2-block stages, multicast b]": _stages2("upfront", multicast="b"),
+    "release[128x128, 2-block stages]": _stages2("release"),
+    "release[128x128, 2-block stages, multicast b]": _stages2("release", multicast="b"),
+    "window[128x128, 2-block stages, multicast b]": _stages2("window", multicast="b"),
     "window[128x192, 128+64 columns, multicast b]": VariantConfig(
         schedule="window", block_n=192, col_parts=0, max_concurrent_steps=4, multicast="b"),
     "window[128x192, 128+64 columns, 2-block stages x2, multicast b]": VariantConfig(

@@ -41,37 +41,48 @@ tile, and TMA fetches each b tile once and multicasts it into both CTAs' SMEM
 (`Fp8Config.multicast`): the 128 x 128 tile's operand traffic, not the promotion's
 arithmetic, is what bounds this kernel (experiments/fp8_gemm_variants.py).
 
+**Work items in groups of rows**: a persistent CTA takes its output tiles in the order
+`Fp8Config.group_m` sets; the dense default (`GROUP_M` = 8) walks groups of 8 rows of items, M
+minor within a group, so the 132 CTAs running at one time read 8 row blocks of a and about 132 / 8
+column blocks of b (with multicast 16 and 66 / 8) instead of one or two row blocks of a and, at
+8192^3, all 64 MiB of b (over the 50 MiB L2). Against row after row, side by side on an H200, with
+b multicast: 1.08-1.10x where b is large, neutral at N = 2176 (experiments/results/
+fp8_gemm_variants_release_groups_h200.json and its reversed-order repeat
+fp8_gemm_variants_groups_reversed_h200.json: 1346 and 1343 against 1219 at 8192^3), 1.07-1.08x in
+a bench call (fp8_gemm_groups_pins_h200.json: 1329 against 1227); without multicast 1.14-1.15x
+(the same call: 1322 against 1150).
+
 **Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-02; experiments/results/
-fp8_gemm.json, a complete run of the current default, its weight-gradient rows from the next
-call; earlier runs: fp8_gemm_h200_2026-12-02c.json (before the early scale reads),
+fp8_gemm.json, a complete run of the current default; earlier runs: fp8_gemm_h200_2026-12-02d.json
+(before the groups of rows), fp8_gemm_h200_2026-12-02c.json (before the early scale reads),
 fp8_gemm_h200_2026-12-02b.json (multicast against the kernel without it),
 fp8_gemm_h200_2026-12-02a.json (before multicast), fp8_gemm_overlap_h200.json (two-block stages
 against one-block ones), fp8_gemm_sweep.json (the tile sweep of 12-01), fp8_gemm_wg_split_h200.json
-(the warpgroup split), fp8_gemm_splitk_h200.json and fp8_gemm_pins_h200.json (split-K against
-the unsplit kernel and multicast); what bounds the kernel: fp8_gemm_variants_*.json): correct on
-the device (calc_diff 1.2e-6 to 1.5e-6 against the exact product). Side by side with XLA's bf16
-dot in one run: 1.50x at 8192^3 (1194 against 798; XLA's raw FP8 dot without scales 1523),
-1.16-1.58x at M = 4096, 1.38-1.73x at M = 128 (split-K where the tiles are few), 1.62-1.64x our
-bf16 grouped kernel for the experts, the weight gradient 1.12-1.26x bf16. The path there: the
-first version reached 421 at 8192^3 (its 128 x 256 tiles need 256 registers a thread for the
-result and the fresh accumulator, over the 232 a compute warpgroup gets, and spilled); 128 x 128
-tiles with 4 stages, which chain tiles for K in multiples of 512, gave 965; the "rows" split
-1007; two K-blocks a stage 1143-1160; multicast 1.08x the same kernel without it within one run
-(1151 against 1067; across runs the spread is as large); each K-block's scales read before its
-wgmma is waited for, 1.02-1.05x (`_promoting_mma`). Two row blocks in flight per warpgroup
-(`splits=2`) gain up to 3% on some shapes and lose on others. Still short of the dense 1.6x
-target (about 1300 TFLOP/s here; DeepGEMM 1550 on an H800). What does not bound it: the
-promotion's CUDA-core work (the pipeline without it reaches 1130 with 128 x 128 tiles, and
-deferring each stage's second promotion into the next stage's first wgmma changed nothing,
-0.95-1.01x). Bigger tiles reach 1397 without promotion but need registers for the result and
-the accumulators in flight: one at a time they lost (0.50-0.73x; 0.74-0.98x with b multicast),
-and two part-sized ones sliding over a 128 x 192 or 256 x 128 tile's parts lost too (0.68-0.93x;
-ptxas spilled in each). Keeping a wgmma in flight across pipeline steps makes ptxas serialize the
-wgmmas (0.35-0.51x; its warning and what the PTX does are in fp8_gemm_variants_carry_h200.json's
-note). Prepared, not yet measured: work items in groups of rows (`Fp8Config.group_m`, for L2
-reuse where b outgrows it) and a stage released before its last promotion (`release` in
-experiments/fp8_gemm_variants.py). Next after those: bigger tiles with fewer registers a thread
-(e.g. a third compute warpgroup).
+(the warpgroup split), fp8_gemm_splitk_h200.json and fp8_gemm_pins_h200.json (split-K against the
+unsplit kernel and multicast), fp8_gemm_groups_pins_h200.json (groups of rows); what bounds the
+kernel: fp8_gemm_variants_*.json): correct on the device (calc_diff 1.2e-6 to 1.5e-6 against the
+exact product). Side by side with XLA's bf16 dot in one run: 1.64x at 8192^3 (1332 against 814;
+XLA's raw FP8 dot without scales 1552), 1.18-1.64x at M = 4096, 1.39-1.72x at M = 128 (split-K
+where the tiles are few), 1.60-1.63x our bf16 grouped kernel for the experts, the weight gradient
+1.16-1.26x bf16. The path there: the first version reached 421 at 8192^3 (its 128 x 256 tiles need
+256 registers a thread for the result and the fresh accumulator, over the 232 a compute warpgroup
+gets, and spilled); 128 x 128 tiles with 4 stages, which chain tiles for K in multiples of 512,
+gave 965; the "rows" split 1007; two K-blocks a stage 1143-1160; multicast 1.08x the same kernel
+without it within one run (1151 against 1067; across runs the spread is as large); each K-block's
+scales read before its wgmma is waited for, 1.02-1.05x (`_promoting_mma`); work items in groups of
+8 rows, 1.07-1.10x with multicast (1332 at 8192^3). Two row blocks in flight per warpgroup
+(`splits=2`) gain up to 3% on some shapes and lose on others. DeepGEMM reaches 1550 on an H800;
+XLA's unscaled FP8 dot 1552 here. What does not bound it: the promotion's CUDA-core work (the
+pipeline without it reaches 1130 with 128 x 128 tiles, and deferring each stage's second promotion
+into the next stage's first wgmma changed nothing, 0.95-1.01x; neither did releasing a stage before
+its last promotion, 0.97-1.00x, `release` in experiments/fp8_gemm_variants.py). Bigger tiles reach
+1397 without promotion but need registers for the result and the accumulators in flight: one at a
+time they lost (0.50-0.73x; 0.74-0.98x with b multicast), and two part-sized ones sliding over a
+128 x 192 or 256 x 128 tile's parts lost too (0.68-0.93x; ptxas spilled in each). Keeping a wgmma
+in flight across pipeline steps makes ptxas serialize the wgmmas (0.35-0.51x; its warning and what
+the PTX does are in fp8_gemm_variants_carry_h200.json's note). Those in-place and bigger-tile
+figures are from before the groups of rows. Next: bigger tiles with fewer registers a thread (e.g.
+a third compute warpgroup), and the groups of rows for the grouped kernels.
 """
 
 from __future__ import annotations
@@ -101,6 +112,9 @@ MAX_SPLIT_K = 8
 # (128 x 7168 x 2048 in 2: 305 TFLOP/s against 359 whole, side by side) to lose;
 # `default_config`'s measurements
 MIN_SPLIT_RANGE = 1792
+# rows of work items per group in a dense GEMM's order (`Fp8Config.group_m`): 8 beat 4, 16
+# and row after row (1) side by side, twice; `default_config`'s measurements
+GROUP_M = 8
 
 
 def _check(a, s_a, b, s_b, b_scale: str) -> None:
@@ -206,7 +220,8 @@ class Fp8Config:
     the CTAs working at one time read one or two a tiles and, at 8192 x 8192, every b tile (64
     MiB of e4m3, more than the 50 MiB L2); G > 1: in groups of G rows of items, M minor within
     a group, so they read G rows of a and about (SMs / G) columns of b (the grouped order of
-    DeepGEMM's scheduler and Triton's tutorials; not yet measured here).
+    DeepGEMM's scheduler and Triton's tutorials). `default_config` takes GROUP_M = 8 for the
+    dense kernel (its measurements).
     """
     block_m: int = 128
     block_n: int = 128
@@ -296,7 +311,7 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
     with the first block's promotion over the second's wgmma (`overlap="stage"`), 3 stages and
     one epilogue slot (what fits the SMEM); for a dense GEMM (`dense`) whose output tiles fill
     at most half the `sms`, K cut into 2, 4 or 8 ranges of at least MIN_SPLIT_RANGE
-    (`split_k`, `_split_k`), else, where
+    (`split_k`, `_split_k`), else work items in groups of GROUP_M rows (`group_m`) and, where
     M is an even number of 128-row tiles, clusters of two CTAs on neighbouring m tiles with the
     b tile multicast (`multicast="b"`); otherwise 4 one-block stages, so that K's 128-blocks
     come in whole rounds of stages for DeepSeek-V3's K (multiples of 512) and the TMA warpgroup
@@ -352,13 +367,25 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         both split-K and multicast could apply (M an even number of tiles, few n tiles) split-K
         is taken: 256 x 2176 x 7168 455 in 2 ranges against 353 with b multicast (321 with
         neither), 256 x 4096 x 7168 696 against 620 (591).
-    The grouped kernels (`dense=False`) take neither multicast nor split-K. `sms`: the
-    device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""
+      2026-12-02, evening (experiments/fp8_gemm_variants.py, b multicast, at 8192^3, 4096 x 7168
+        x 16384, 4096 x 24576 x 1536, 4096 x 2176 x 7168; two calls, the second in reversed
+        order: fp8_gemm_variants_release_groups_h200.json, fp8_gemm_variants_groups_reversed_
+        h200.json): work items in groups of 8 rows (`group_m`) 1346 / 1343, 1343 / 1342, 1202 /
+        1206, 1125 / 1133 against row after row's 1219 / 1219, 1243 / 1245, 1104 / 1104, 1126 /
+        1133; groups of 4 1325-1337 at the first two shapes, of 16 1284-1307 (best at 4096 x
+        24576 x 1536 by under 1%, worst at N = 2176 by 4%). Without multicast, in one bench call
+        (fp8_gemm_groups_pins_h200.json): groups of 8 1322 against 1150 at 8192^3, 1333 against
+        1169 at 4096 x 7168 x 16384. Split GEMMs keep row after row: their M is one or two
+        tiles. The stage released before its last promotion (`release` there) ran at 0.97-1.00x
+        and was not taken.
+    The grouped kernels (`dense=False`) take none of multicast, split-K and groups of rows.
+    `sms`: the device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""
     if k is not None and k % (2 * q8.BLOCK) == 0:
         splits = _split_k(m, n, k, sms) if dense else 1
         pair = (dense and splits == 1 and m % q8.BLOCK == 0 and (m // q8.BLOCK) % 2 == 0)
         return Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
-                         multicast="b" if pair else "none", split_k=splits)
+                         multicast="b" if pair else "none", split_k=splits,
+                         group_m=GROUP_M if dense and splits == 1 else 1)
     return Fp8Config()
 
 

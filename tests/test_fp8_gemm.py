@@ -133,14 +133,19 @@ def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
         fg.gemm_kernel(aq, bq, sa_t, sb_t, b_blocks=True, interpret=True,
                        config=fg.Fp8Config(overlap="stage", max_concurrent_steps=2))
     # the default takes K as it comes: two-block stages where K allows, one-block ones elsewhere;
-    # b multicast where M is an even number of tiles, for the dense kernel only
+    # b multicast where M is an even number of tiles, and work items in groups of GROUP_M rows,
+    # for the dense kernel only
     assert fg.default_config(128, 128, 384).overlap == "none"
+    assert fg.default_config(128, 128, 384).group_m == 1  # one-block stages: not measured
     assert fg.default_config(384, 4096, 7168) == fg.Fp8Config(  # 96 tiles: no split
-        overlap="stage", max_concurrent_steps=3, epilogue_slots=1)
+        overlap="stage", max_concurrent_steps=3, epilogue_slots=1, group_m=fg.GROUP_M)
     assert fg.default_config(4096, 4096, 7168) == fg.Fp8Config(
-        overlap="stage", max_concurrent_steps=3, epilogue_slots=1, multicast="b")
+        overlap="stage", max_concurrent_steps=3, epilogue_slots=1, multicast="b",
+        group_m=fg.GROUP_M)
+    assert fg.GROUP_M == 8  # the measured winner (default_config's note)
     assert fg.default_config(384, 7168, 7168).multicast == "none"  # 3 m tiles
-    assert fg.default_config(4096, 4096, 7168, dense=False).multicast == "none"
+    assert fg.default_config(4096, 4096, 7168, dense=False) == fg.Fp8Config(
+        overlap="stage", max_concurrent_steps=3, epilogue_slots=1)  # grouped: none of them
     assert fg.default_config(4096, 4096, 384).multicast == "none"
     # split-K where the output tiles fill at most half the SMs: ranges doubled while tiles x
     # ranges fit the SMs and each range is whole two-block stages of at least MIN_SPLIT_RANGE
@@ -155,6 +160,7 @@ def test_overlap_stage_checks_its_inputs_and_is_the_default_where_k_allows():
     for (m, n, k), want in split.items():
         cfg = fg.default_config(m, n, k)
         assert cfg.split_k == want and cfg.multicast == "none", ((m, n, k), cfg)
+        assert cfg.group_m == (fg.GROUP_M if want == 1 else 1), ((m, n, k), cfg)
     assert fg.default_config(128, 2176, 7168, dense=False).split_k == 1
     assert fg.default_config(128, 2176, 16384).split_k == 4  # 8 x 17 tiles > 132 SMs
     assert fg.default_config(128, 2176, 16384, sms=264).split_k == 8  # the SM count decides
