@@ -112,8 +112,9 @@ MAX_SPLIT_K = 8
 # (128 x 7168 x 2048 in 2: 305 TFLOP/s against 359 whole, side by side) to lose;
 # `default_config`'s measurements
 MIN_SPLIT_RANGE = 1792
-# rows of work items per group in a dense GEMM's order (`Fp8Config.group_m`): 8 beat 4, 16
-# and row after row (1) side by side, twice; `default_config`'s measurements
+# rows of work items per group in a dense GEMM's order (`Fp8Config.group_m`): 8 was the best,
+# or within 1% of it, at every shape measured against 4, 16 and row after row (1), twice;
+# `default_config`'s measurements
 GROUP_M = 8
 
 
@@ -367,17 +368,17 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
         both split-K and multicast could apply (M an even number of tiles, few n tiles) split-K
         is taken: 256 x 2176 x 7168 455 in 2 ranges against 353 with b multicast (321 with
         neither), 256 x 4096 x 7168 696 against 620 (591).
-      2026-12-02, evening (experiments/fp8_gemm_variants.py, b multicast, at 8192^3, 4096 x 7168
-        x 16384, 4096 x 24576 x 1536, 4096 x 2176 x 7168; two calls, the second in reversed
-        order: fp8_gemm_variants_release_groups_h200.json, fp8_gemm_variants_groups_reversed_
-        h200.json): work items in groups of 8 rows (`group_m`) 1346 / 1343, 1343 / 1342, 1202 /
-        1206, 1125 / 1133 against row after row's 1219 / 1219, 1243 / 1245, 1104 / 1104, 1126 /
-        1133; groups of 4 1325-1337 at the first two shapes, of 16 1284-1307 (best at 4096 x
-        24576 x 1536 by under 1%, worst at N = 2176 by 4%). Without multicast, in one bench call
+      2026-12-02, evening (experiments/fp8_gemm_variants.py, b multicast, at 8192^3, 4096 x 7168 x
+        16384, 4096 x 24576 x 1536, 4096 x 2176 x 7168; two calls, the second in reversed order:
+        fp8_gemm_variants_release_groups_h200.json, fp8_gemm_variants_groups_reversed_h200.json):
+        work items in groups of 8 rows (`group_m`) 1346 / 1343, 1343 / 1342, 1202 / 1206, 1124 /
+        1133 against row after row's 1219 / 1219, 1243 / 1245, 1104 / 1104, 1126 / 1133; groups of
+        4 1325-1337 at the first two shapes, of 16 1284-1307 (best at 4096 x 24576 x 1536 by under
+        1%, worst at N = 2176 by 4%). Without multicast, in one bench call
         (fp8_gemm_groups_pins_h200.json): groups of 8 1322 against 1150 at 8192^3, 1333 against
-        1169 at 4096 x 7168 x 16384. Split GEMMs keep row after row: their M is one or two
-        tiles. The stage released before its last promotion (`release` there) ran at 0.97-1.00x
-        and was not taken.
+        1169 at 4096 x 7168 x 16384. Split GEMMs keep row after row: their M is one or two tiles.
+        The stage released before its last promotion (`release` there) ran at 0.97-1.00x and was
+        not taken.
     The grouped kernels (`dense=False`) take none of multicast, split-K and groups of rows.
     `sms`: the device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""
     if k is not None and k % (2 * q8.BLOCK) == 0:
@@ -457,8 +458,8 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
                 # before the wait, so the load's latency passes while the wgmma runs: 1.02-1.05x
                 # (fp8_gemm_variants_scales_first_h200.json). Per-column scales (the weight
                 # gradient: 32 numbers a thread) held across the wait cost registers: that
-                # kernel ran at 0.90-0.92x (two calls; fp8_gemm.json's note), so they are read
-                # after it
+                # kernel ran at 0.90-0.92x (two calls; fp8_gemm_h200_2026-12-02d.json's
+                # note), so they are read after it
                 early = scale() if b_blocks else None
                 part = plgpu.wgmma_accumulator_load(acc, wait_n=len(pairs) - 1 - i)
                 out[j] = out[j] + part * (early if b_blocks else scale())
