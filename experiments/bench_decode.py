@@ -87,11 +87,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def _time_ms(fn, args, iterations: int, interpret: bool) -> float:
-    """Median kernel time (ms) of fn(*args): pallas_kernels/timing.py (CUPTI, L2 flushed)."""
-    return timing.kernel_ms(fn, args, iterations, interpret=interpret)
-
-
 def _lengths(b: int, s: int, tq: int, varlen: bool, seed: int) -> tuple[np.ndarray, int]:
     """Per-row cache lengths and the cache size S_max (a multiple of 64)."""
     if not varlen:
@@ -119,8 +114,8 @@ def run_case(b, s, tq, h, a) -> list[dict]:
     lengths = jnp.asarray(lengths_np)
     q, kv = _inputs(b, tq, h, s_max)
     scale = 1.0 / math.sqrt(md.D_K)
-    splits = a.num_splits or md.choose_num_splits(
-        b, tq, h, s_max, a.block_s, md.DEFAULT_NUM_SMS if a.interpret else None)
+    # the device's SMs, or an H100/H200's 132 without a GPU (interpret mode on a CPU)
+    splits = a.num_splits or md.choose_num_splits(b, tq, h, s_max, a.block_s)
     if a.form == "split":  # sliced once here, outside the timed functions
         c = md.V_DIM
         args = (q[..., :c], q[..., c:], kv[..., :c], kv[..., c:], lengths)
@@ -153,7 +148,7 @@ def run_case(b, s, tq, h, a) -> list[dict]:
         try:
             if want is not None:
                 rec.update(_errors(jax.jit(fns[impl])(*args), want))
-            ms = _time_ms(fns[impl], args, a.iterations, a.interpret)
+            ms = timing.kernel_ms(fns[impl], args, a.iterations, interpret=a.interpret)
             rec.update(ms=ms, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9)
         except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
             rec.update(ms=None, gbps=None, tflops=None,

@@ -61,7 +61,7 @@ experiments/results/fp8_gemm.json, one complete run):
   stages against one-block ones (fp8_gemm_overlap_h200.json, 1.07-1.18x); the warpgroup split
   (fp8_gemm_wg_split_h200.json).
   Targets: dense 1.6x (at 8192^3), grouped 1.3x, wgrad 1.1x and quantizers 80% of copy met.
-  What bounded the kernel on the way: experiments/fp8_gemm_variants.py.
+  What bounded the kernel on the way: experiments/lab/fp8_gemm_variants.py.
 """
 
 import argparse
@@ -75,6 +75,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _mosaic
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels import fp8_quant as q8
 from pallas_kernels import grouped_matmul as gm
@@ -163,9 +164,12 @@ def _config(text: str) -> "fg.Fp8Config":
                   splits=splits[0] if splits else 1, wg_split=split, overlap=overlap,
                   multicast=multicast, split_k=split_k, group_m=group_m)
         # two-block stages may leave room for one epilogue slot only
-        slots = 2 if fg.Fp8Config(**kw, epilogue_slots=1).smem_bytes(4) + (
-            fg.gm._epilogue_bytes(2) - fg.gm._epilogue_bytes(1)) <= fg.gm.SMEM_BYTES else 1
-        return fg.Fp8Config(**kw, epilogue_slots=slots)
+        try:
+            return fg.Fp8Config(**kw, epilogue_slots=2)
+        except ValueError as e:
+            if "bytes of shared memory" not in str(e):
+                raise
+            return fg.Fp8Config(**kw, epilogue_slots=1)
     except (ValueError, IndexError) as e:
         raise SystemExit(f"--configs: {text!r}: {e} (want BMxBNxSTAGES[xSPLITS][r][+stage]"
                          "[+ma|+mb][+kS][+gG])") from None
@@ -194,11 +198,6 @@ def _pad128(v: int) -> int:
     return -(-v // q8.BLOCK) * q8.BLOCK
 
 
-def _time_ms(fn, args, iterations: int, interpret: bool) -> float:
-    """Median kernel time (ms) of fn(*args): pallas_kernels/timing.py (CUPTI, L2 flushed)."""
-    return timing.kernel_ms(fn, args, iterations, interpret=interpret)
-
-
 def calc_diff(x, y) -> float:
     """DeepGEMM's 1 - 2<x,y>/(|x|^2+|y|^2): 0 for equal arrays; < 1e-3 passes there."""
     x, y = x.astype(jnp.float64 if jax.config.x64_enabled else jnp.float32), y.astype(x.dtype)
@@ -214,7 +213,7 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool,
     aq, sa = jax.jit(q8.quantize_rows)(x)
     bq, sb = jax.jit(q8.quantize_blocks)(w)
     sa_t, sb_t = fg.kernel_scales(sa, sb, "blocks")
-    cfg = fg.default_config(m, n_pad, k, sms=gm._num_sms(interpret))
+    cfg = fg.default_config(m, n_pad, k, sms=_mosaic.num_sms(interpret))
 
     def kernel(c):
         return (lambda a, b, s1, s2: fg.gemm_kernel(a, b, s1, s2, config=c, b_blocks=True,
@@ -249,7 +248,7 @@ def run_case(m: int, n: int, k: int, impls, iterations: int, interpret: bool,
                 err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
                 check = {"calc_diff": calc_diff(got, want), "max_rel_err": err,
                          "config": _tag(kernels[impl])}
-            ms = _time_ms(fn, args, iterations, interpret)
+            ms = timing.kernel_ms(fn, args, iterations, interpret=interpret)
             rec = {"shape": [m, n, k], "impl": impl, "tflops": flops / ms / 1e9, "ms": ms}
             if impl in kernels:
                 rec.update(check)
@@ -277,7 +276,7 @@ def _triton_case(m, n, k, aq, sa, bq, sb, want, iterations, interpret) -> dict:
         got = jax.jit(fn)(aq, sa, bq, sb).astype(jnp.float32)
         check = {"calc_diff": calc_diff(got, want),
                  "max_rel_err": float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))}
-        ms = _time_ms(fn, (aq, sa, bq, sb), iterations, interpret)
+        ms = timing.kernel_ms(fn, (aq, sa, bq, sb), iterations, interpret=interpret)
         return {**rec, "tflops": 2 * m * n * k / ms / 1e9, "ms": ms, **check}
     except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
         return {**rec, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -315,7 +314,7 @@ def run_wgrad_case(n: int, k: int, t: int, iterations: int, interpret: bool,
             if impl.startswith("pallas_fp8_wgrad"):
                 got = jax.jit(fn)(*args)
                 rec["calc_diff"] = calc_diff(got, want)
-            ms = _time_ms(fn, args, iterations, interpret)
+            ms = timing.kernel_ms(fn, args, iterations, interpret=interpret)
             rec.update(tflops=2 * n * k * t / ms / 1e9, ms=ms)
         except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -363,7 +362,7 @@ def run_quant_case(m: int, k: int, iterations: int, interpret: bool) -> list[dic
     out = []
     for impl, (fn, nbytes) in cases.items():
         try:
-            ms = _time_ms(fn, (x,), iterations, interpret)
+            ms = timing.kernel_ms(fn, (x,), iterations, interpret=interpret)
             rec = {"shape": [m, k], "impl": impl, "ms": ms, "gbps": nbytes / ms / 1e6}
             if impl in checks:
                 ref_fn, transposed = checks[impl]
@@ -411,7 +410,7 @@ def run_grouped_case(g: int, rows: int, n: int, k: int, iterations: int, interpr
     out = []
     for impl, (fn, args) in fns.items():
         try:
-            ms = _time_ms(fn, args, iterations, interpret)
+            ms = timing.kernel_ms(fn, args, iterations, interpret=interpret)
             out.append({"shape": [m, n, k], "groups": g, "impl": impl, "tflops": flops / ms / 1e9,
                         "ms": ms})
         except Exception as e:  # noqa: BLE001 - a failed implementation is a result, said so

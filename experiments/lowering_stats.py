@@ -33,7 +33,7 @@ import jax
 from bench_train import synthetic_batch  # noqa: E402
 from dsv3_jax import train  # noqa: E402
 from dsv3_jax.config import get_config  # noqa: E402
-from pallas_kernels import grouped_matmul as gm  # noqa: E402
+from pallas_kernels import _mosaic  # noqa: E402
 
 H100_SMS = 132  # the persistent kernels size their grid by the SM count, which a CPU lacks
 
@@ -80,16 +80,12 @@ def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     records = []
     print(f"{'precision':>9} {'trace s':>8} {'lower s':>8} {'call sites':>11} {'kernels':>8}")
-    num_sms = gm._num_sms
-    gm._num_sms = lambda interpret: H100_SMS  # restored below: interpret runs use their own
-    try:
+    with _mosaic.assume_num_sms(H100_SMS):  # no GPU to ask while lowering on a CPU
         for precision in a.precision:
             rec = lower_step(a.preset, precision, a.batch, a.seq_len, a.fp8_quant_impl)
             records.append(rec)
             print(f"{precision:>9} {rec['trace_s']:>8} {rec['lower_s']:>8} "
                   f"{rec['mosaic_gpu_call_sites']:>11} {rec['distinct_kernels']:>8}", flush=True)
-    finally:
-        gm._num_sms = num_sms
     records[0]["run"] = {"command": "python experiments/lowering_stats.py " + " ".join(
                              argv if argv is not None else sys.argv[1:]),
                          "date": datetime.date.today().isoformat(), "jax": jax.__version__,

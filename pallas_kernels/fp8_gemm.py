@@ -21,68 +21,31 @@ keep about 14 bits, so accumulating a long K inside them loses precision; the V3
 `impl` picks the implementation: "xla" dequantizes and multiplies in float32 (the reference:
 exact products of the quantized values, any backend), "pallas" our Mosaic GPU kernel (Hopper).
 
-**The kernel** (`gemm_kernel`) is persistent (one CTA per SM looping over output tiles) and
-warp-specialized like our grouped bf16 kernel (pallas_kernels/grouped_matmul.py, whose
-pipeline, epilogue and launch helpers it reuses): a TMA warpgroup streams, per stage of one or
-two K-blocks of 128 (`Fp8Config.overlap`), the a tile [block_m, 128 kb], the b tile [block_n,
-128 kb] (e4m3, 128-byte swizzle, both K-major) and their scale rows; two compute warpgroups
-each own half of the tile's rows (`wg_split` "rows", DeepGEMM's split; "cols", half of the
-columns, is the older choice). Per K-block a warpgroup runs the FP8 wgmma into a fresh fp32
-accumulator and adds it, times s_a[row] * s_b[col], to its carried fp32 result; with two
-blocks a stage both wgmmas are issued first and the first block is promoted while the second
-runs. 128 x 128 weight blocks are passed as one scale per column (the block scale repeated:
-exact), so the data-gradient and weight-gradient scalings use the same kernel; with weight
-blocks a warpgroup's columns share one scale, which is folded into the row scales (one FMA per
-element).
+**The kernel** (`gemm_kernel`) is persistent (one CTA per SM looping over work items) and
+warp-specialized, on the launch, K pipeline and epilogue of `pallas_kernels._mosaic`: a TMA
+warpgroup streams, per stage of one or two K-blocks of 128 (`Fp8Config.overlap`), the a tile
+[block_m, 128 kb], the b tile [block_n, 128 kb] (e4m3, 128-byte swizzle, both K-major) and their
+scale rows; two compute warpgroups each own half of the tile's rows (`wg_split` "rows",
+DeepGEMM's split) or of its columns ("cols"). Per K-block a warpgroup runs the FP8 wgmma into a
+fresh fp32 accumulator and adds it, times s_a[row] * s_b[col], to its carried fp32 result
+(`promoting_pipeline`); with two blocks a stage both wgmmas are issued first and the first block
+is promoted while the second runs. 128 x 128 weight blocks are passed as one scale per column
+(the block scale repeated: exact), so the data-gradient and weight-gradient scalings use the
+same kernel; with weight blocks a warpgroup's columns share one scale, which is folded into the
+row scales (one FMA per element).
 
-**Multicast**: for a dense GEMM whose M is an even number of 128-row tiles and whose K takes
-two-block stages, the default launches clusters of two CTAs on neighbouring m tiles of one n
-tile, and TMA fetches each b tile once and multicasts it into both CTAs' SMEM
-(`Fp8Config.multicast`): the 128 x 128 tile's operand traffic, not the promotion's
-arithmetic, is what bounds this kernel (experiments/fp8_gemm_variants.py).
+For a dense GEMM the default (`default_config`) also takes: clusters of two CTAs on
+neighbouring m tiles whose shared b tile TMA fetches once and multicasts into both CTAs' SMEM
+(`Fp8Config.multicast`: the 128 x 128 tile's operand traffic, not the promotion's arithmetic,
+bounds this kernel); work items in groups of GROUP_M rows (`Fp8Config.group_m`), so the CTAs
+running at one time share a few rows of a and columns of b in L2; and, where the output tiles
+fill at most half the SMs (small M), K cut into ranges that are work items of their own
+(`Fp8Config.split_k`).
 
-**Work items in groups of rows**: a persistent CTA takes its output tiles in the order
-`Fp8Config.group_m` sets; the dense default (`GROUP_M` = 8) walks groups of 8 rows of items, M
-minor within a group, so the 132 CTAs running at one time read 8 row blocks of a and about 132 / 8
-column blocks of b (with multicast 16 and 66 / 8) instead of one or two row blocks of a and, at
-8192^3, all 64 MiB of b (over the 50 MiB L2). Against row after row, side by side on an H200, with
-b multicast: 1.08-1.10x where b is large, neutral at N = 2176 (experiments/results/
-fp8_gemm_variants_release_groups_h200.json and its reversed-order repeat
-fp8_gemm_variants_groups_reversed_h200.json: 1346 and 1343 against 1219 at 8192^3), 1.07-1.08x in
-a bench call (fp8_gemm_groups_pins_h200.json: 1329 against 1227); without multicast 1.14-1.15x
-(the same call: 1322 against 1150).
-
-**Measured** (experiments/bench_fp8_gemm.py, one H200, 2026-12-02; experiments/results/
-fp8_gemm.json, a complete run of the current default; earlier runs: fp8_gemm_h200_2026-12-02d.json
-(before the groups of rows), fp8_gemm_h200_2026-12-02c.json (before the early scale reads),
-fp8_gemm_h200_2026-12-02b.json (multicast against the kernel without it),
-fp8_gemm_h200_2026-12-02a.json (before multicast), fp8_gemm_overlap_h200.json (two-block stages
-against one-block ones), fp8_gemm_sweep.json (the tile sweep of 12-01), fp8_gemm_wg_split_h200.json
-(the warpgroup split), fp8_gemm_splitk_h200.json and fp8_gemm_pins_h200.json (split-K against the
-unsplit kernel and multicast), fp8_gemm_groups_pins_h200.json (groups of rows); what bounds the
-kernel: fp8_gemm_variants_*.json): correct on the device (calc_diff 1.2e-6 to 1.5e-6 against the
-exact product). Side by side with XLA's bf16 dot in one run: 1.64x at 8192^3 (1332 against 814;
-XLA's raw FP8 dot without scales 1552), 1.18-1.64x at M = 4096, 1.39-1.72x at M = 128 (split-K
-where the tiles are few), 1.60-1.63x our bf16 grouped kernel for the experts, the weight gradient
-1.16-1.26x bf16. The path there: the first version reached 421 at 8192^3 (its 128 x 256 tiles need
-256 registers a thread for the result and the fresh accumulator, over the 232 a compute warpgroup
-gets, and spilled); 128 x 128 tiles with 4 stages, which chain tiles for K in multiples of 512,
-gave 965; the "rows" split 1007; two K-blocks a stage 1143-1160; multicast 1.08x the same kernel
-without it within one run (1151 against 1067; across runs the spread is as large); each K-block's
-scales read before its wgmma is waited for, 1.02-1.05x (`_promoting_mma`); work items in groups of
-8 rows, 1.07-1.10x with multicast (1332 at 8192^3). Two row blocks in flight per warpgroup
-(`splits=2`) gain up to 3% on some shapes and lose on others. DeepGEMM reaches 1550 on an H800;
-XLA's unscaled FP8 dot 1552 here. What does not bound it: the promotion's CUDA-core work (the
-pipeline without it reaches 1130 with 128 x 128 tiles, and deferring each stage's second promotion
-into the next stage's first wgmma changed nothing, 0.95-1.01x; neither did releasing a stage before
-its last promotion, 0.97-1.00x, `release` in experiments/fp8_gemm_variants.py). Bigger tiles reach
-1397 without promotion but need registers for the result and the accumulators in flight: one at a
-time they lost (0.50-0.73x; 0.74-0.98x with b multicast), and two part-sized ones sliding over a
-128 x 192 or 256 x 128 tile's parts lost too (0.68-0.93x; ptxas spilled in each). Keeping a wgmma
-in flight across pipeline steps makes ptxas serialize the wgmmas (0.35-0.51x; its warning and what
-the PTX does are in fp8_gemm_variants_carry_h200.json's note). Those in-place and bigger-tile
-figures are from before the groups of rows. Next: bigger tiles with fewer registers a thread (e.g.
-a third compute warpgroup), and the groups of rows for the grouped kernels.
+`python -m pallas_kernels.fp8_gemm` checks the kernels against the "xla" reference (interpret
+mode without a Hopper GPU). Tuning choices, what bounds the kernel, and the measurements:
+docs/kernels.md#fp8-gemm; the benchmark is experiments/bench_fp8_gemm.py, the measured and
+rejected variants experiments/lab/fp8_gemm_variants.py.
 """
 
 from __future__ import annotations
@@ -97,28 +60,25 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _mosaic as mg
 from pallas_kernels import fp8_quant as q8
-from pallas_kernels import grouped_matmul as gm
 
 IMPLS = ("xla", "pallas")
 OVERLAPS = ("none", "stage")
 MULTICASTS = ("none", "a", "b")
-WG_SPLITS = gm.WG_SPLITS
-# Streaming multiprocessors of an H100 / H200 / H800 (SXM), for `default_config` called
-# without a device at hand; `gemm_kernel` passes the device's own count.
-SMS = 132
 MAX_SPLIT_K = 8
-# split-K's shortest K range: 1792 (128 x 2112 x 7168 in 4 ranges) was measured to win, 1024
-# (128 x 7168 x 2048 in 2: 305 TFLOP/s against 359 whole, side by side) to lose;
-# `default_config`'s measurements
+# split-K's shortest K range: ranges of 1792 were measured to win, ranges of 1024 to lose
+# (docs/kernels.md#fp8-gemm, "Split-K")
 MIN_SPLIT_RANGE = 1792
 # rows of work items per group in a dense GEMM's order (`Fp8Config.group_m`): 8 was the best,
-# or within 1% of it, at every shape measured against 4, 16 and row after row (1), twice;
-# `default_config`'s measurements
+# or within 1% of it, at every shape measured against 4, 16 and row after row (1)
 GROUP_M = 8
 
 
-def _check(a, s_a, b, s_b, b_scale: str) -> None:
+def check_operands(a, s_a, b, s_b, b_scale: str) -> None:
+    """Raises a ValueError naming the operand unless a [M, K] and b [N, K] are e4m3 with float32
+    scales of the layout `b_scale` says ("blocks": 128 x 128 blocks of b, "rows": 1 x 128
+    tiles): what every implementation of gemm_1d2d / gemm_1d1d takes (fp8_triton too)."""
     for name, x in (("a", a), ("b", b)):
         if x.ndim != 2 or x.dtype != q8.FP8:
             raise ValueError(f"fp8 gemm: {name} must be a 2-D float8_e4m3fn array, got "
@@ -147,7 +107,7 @@ def _reference(a, s_a, b_deq, out_dtype):
 def gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array, *,
               out_dtype=jnp.bfloat16, impl: str = "xla", interpret: bool = False) -> jax.Array:
     """y [M, N] = dequant(a) @ dequant(b)^T; a 1 x 128-scaled, b 128 x 128-scaled."""
-    _check(a, s_a, b, s_b, "blocks")
+    check_operands(a, s_a, b, s_b, "blocks")
     if impl == "xla":
         return _reference(a, s_a, q8.dequantize_blocks(b, s_b), out_dtype)
     if impl == "pallas":
@@ -158,7 +118,7 @@ def gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array, *,
 def gemm_1d1d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array, *,
               out_dtype=jnp.float32, impl: str = "xla", interpret: bool = False) -> jax.Array:
     """y [M, N] = dequant(a) @ dequant(b)^T; both 1 x 128-scaled along K (the weight gradient)."""
-    _check(a, s_a, b, s_b, "rows")
+    check_operands(a, s_a, b, s_b, "rows")
     if impl == "xla":
         return _reference(a, s_a, q8.dequantize_rows(b, s_b), out_dtype)
     if impl == "pallas":
@@ -200,15 +160,14 @@ class Fp8Config:
       share one operand tile, which TMA fetches from L2 once and multicasts into both CTAs'
       SMEM: "b", two m tiles of one n tile (the b tile shared; M / block_m must be even); "a",
       two n tiles of one m tile (N / block_n even). It halves that operand's L2 traffic, which
-      bounds 128 x 128 tiles (`default_config`'s measurements). The scale rows are not
-      multicast (they are 3% of the bytes, and a trial that multicast them too came out wrong
-      at one of three shapes, not investigated). Dense GEMMs only (the grouped ones refuse it).
+      bounds 128 x 128 tiles (docs/kernels.md#fp8-gemm). The scale rows are not multicast
+      (they are 3% of the bytes). Dense GEMMs only (the grouped ones refuse it).
     split_k: S > 1 cuts K into S equal ranges, each a work item of its own (S times the work
       items: for small M, whose few output tiles leave most SMs idle, e.g. 17 tiles at 128 x
       2176 for 132 SMs); the kernel writes S float32 partial products [S, M, N] and XLA sums
       them in float32 and casts. K / S must be whole stages. Dense GEMMs only, no multicast.
       `default_config` takes it where the output tiles fill at most half the SMs and the
-      ranges are long enough (`_split_k`; measured 1.23-1.76x the unsplit kernel at M = 128).
+      ranges are long enough (`_split_k`).
 
     Registers bound the tile: a compute warpgroup holds its fp32 result and the K-block's fresh
     accumulator, block_m * block_n / 2 numbers each over 128 threads (either split), in at
@@ -222,7 +181,7 @@ class Fp8Config:
     MiB of e4m3, more than the 50 MiB L2); G > 1: in groups of G rows of items, M minor within
     a group, so they read G rows of a and about (SMs / G) columns of b (the grouped order of
     DeepGEMM's scheduler and Triton's tutorials). `default_config` takes GROUP_M = 8 for the
-    dense kernel (its measurements).
+    dense kernel.
     """
     block_m: int = 128
     block_n: int = 128
@@ -237,8 +196,9 @@ class Fp8Config:
     group_m: int = 1
 
     def __post_init__(self):
-        if self.wg_split not in WG_SPLITS:
-            raise ValueError(f"Fp8Config.wg_split={self.wg_split!r} must be one of {WG_SPLITS}")
+        if self.wg_split not in mg.WG_SPLITS:
+            raise ValueError(f"Fp8Config.wg_split={self.wg_split!r} must be one of "
+                             f"{mg.WG_SPLITS}")
         rows_split = self.wg_split == "rows"
         m_step, n_step = (128, 64) if rows_split else (64, 128)
         if self.block_m <= 0 or self.block_m % m_step:
@@ -272,17 +232,18 @@ class Fp8Config:
         if self.max_concurrent_steps < 2:
             raise ValueError(f"Fp8Config.max_concurrent_steps={self.max_concurrent_steps} must "
                              "be >= 2")
-        if self.smem_bytes(4) > gm.SMEM_BYTES:
+        if self.smem_bytes(4) > mg.PIPELINED_SMEM_BYTES:
             raise ValueError(f"Fp8Config: {self.smem_bytes(4)} bytes of shared memory needed, more "
-                             f"than {gm.SMEM_BYTES}; lower max_concurrent_steps or the blocks")
+                             f"than {mg.PIPELINED_SMEM_BYTES}; lower max_concurrent_steps or the "
+                             "blocks")
 
     def wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's share of the output tile."""
-        return gm.wg_share(self.wg_split, self.block_m, self.block_n)
+        return mg.wg_share(self.wg_split, self.block_m, self.block_n)
 
     def wg_offsets(self, wg) -> tuple:
         """(first row, first column) of warpgroup `wg`'s share within the tile."""
-        return gm.wg_offsets(self.wg_split, *self.wg_tile(), wg)
+        return mg.wg_offsets(self.wg_split, *self.wg_tile(), wg)
 
     def wg_part(self, tile_ref, wg):
         """Warpgroup `wg`'s share of an output tile ref [block_m, block_n]."""
@@ -302,11 +263,11 @@ class Fp8Config:
     def smem_bytes(self, out_itemsize: int) -> int:
         # fp8 tiles + their f32 scale rows
         stage = (self.block_m + self.block_n) * (q8.BLOCK + 4) * self.k_blocks
-        return self.max_concurrent_steps * stage + gm._epilogue_bytes(self.epilogue_slots)
+        return self.max_concurrent_steps * stage + mg.epilogue_bytes(self.epilogue_slots)
 
 
 def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
-                   sms: int = SMS) -> Fp8Config:
+                   sms: int = mg.DEFAULT_NUM_SMS) -> Fp8Config:
     """128 x 128 tiles (wider ones spill the compute warpgroups' registers: Fp8Config's note) and
     the "rows" warpgroup split; where K is a multiple of 256 (k given), stages of two K-blocks
     with the first block's promotion over the second's wgmma (`overlap="stage"`), 3 stages and
@@ -316,69 +277,8 @@ def default_config(m: int, n: int, k: int | None = None, *, dense: bool = True,
     M is an even number of 128-row tiles, clusters of two CTAs on neighbouring m tiles with the
     b tile multicast (`multicast="b"`); otherwise 4 one-block stages, so that K's 128-blocks
     come in whole rounds of stages for DeepSeek-V3's K (multiples of 512) and the TMA warpgroup
-    runs on into a CTA's next tile (`chain_tiles`). Measured side by side on an H200:
-      2026-12-01: 4 stages beat 5, which cannot chain, by 4-15% (965 against 886 TFLOP/s at
-        8192^3);
-      2026-12-01, later (experiments/results/fp8_gemm_wg_split_h200.json): "rows" beats "cols" by
-        3-11% dense (1007 against 928 at 8192^3; 1.15-1.29x XLA's bf16 dot against 1.11-1.17x),
-        14% grouped (1082 against 947) and 9% on the weight gradient (868 against 799).
-        128 x 192 "rows" tiles lost 5% to 128 x 128 (919 against 964) and 256 x 128 with two
-        row blocks per warpgroup ran at half speed (425 at 8192^3; 128 rows and two fresh
-        accumulators a warpgroup, so the registers spill, by the count in Fp8Config's note).
-      2026-12-02 (experiments/results/fp8_gemm_overlap_h200.json): two-block stages, 3 of them,
-        beat the one-block default by 7-18%: 1160 against 1038 at 8192^3 (1.39x XLA's bf16 dot
-        against 1.25x), 1.25-1.40x against 1.15-1.24x at M = 4096, 1203 against 1098 grouped
-        (1.56x our bf16 grouped kernel), 957 against 895 on the weight gradient (1.17x bf16);
-        2 such stages (which chain tiles) ran at 1.00-1.09x. A variant that also overlapped each
-        stage's last promotion with the next stage's first wgmma (two accumulators carried
-        across steps, stages released by hand; "+steps" in that file) ran at 0.64-0.91x the
-        one-block default and was dropped. Its successor in experiments/fp8_gemm_variants.py
-        ("carry", 0.35-0.51x the default, fp8_gemm_variants_carry_h200.json) shows why: ptxas
-        warns that it serializes the wgmmas, because non-wgmma instructions read an in-flight
-        accumulator's registers (the PTX copies them into the loop-carried ones at the back
-        edge). Deferring the promotion instead ("deferred": the second block's product waited
-        for at the end of a step and promoted during the next step's first wgmma, nothing in
-        flight across the back edge, no such warning) ran at 0.95-1.01x the default
-        (fp8_gemm_variants_deferred_h200.json): the promotion does not bound the kernel.
-      2026-12-02, later (experiments/fp8_gemm_variants.py: variants of this kernel, 10
-        iterations, the rows of one device call side by side; experiments/results/
-        fp8_gemm_variants_h200.json): without any promotion (wgmma accumulating in place,
-        scales ignored) 128 x 128 tiles reach only 1130 TFLOP/s at 8192^3 and 1253 at 4096 x
-        7168 x 2048, where 256 x 128 tiles reach 1397 and 1359 (the promoting default: 1058
-        and 1112 in that call): the tile's operand traffic, not the promotion's arithmetic,
-        bounds this kernel. Bigger tiles with promotion do not fit the registers two
-        accumulators at a time; one at a time (each K-block's wgmma waited for and promoted
-        before the next, the overlap left to the other warpgroup, as DeepGEMM schedules it) ran
-        at 0.50-0.73x the default (256 x 128: 831 against 1132 at 8192^3; 128 x 128 so scheduled
-        0.80-0.90x; bigger tiles so scheduled with b multicast 0.74-0.98x). Multicast in
-        clusters of two instead: on b, 1135 against 1050 at 8192^3, 1115 against 1103 at 4096 x
-        7168 x 2048, 1057 against 1013 at 4096 x 24576 x 1536; on a, 1104, 1092 and 1031.
-      2026-12-02, later still (experiments/results/fp8_gemm_splitk_h200.json): split-K
-        (`_split_k`) for M = 128, against the unsplit default in one run: 128 x 2112 x 7168
-        (17 tiles) 303 TFLOP/s with 4 K ranges against 172 (1.41x XLA's bf16 dot against
-        0.80x), 128 x 4096 x 7168 (32 tiles) 436 with 4 against 310, 128 x 7168 x 16384 (56
-        tiles) 685 with 2 against 557 (1.70x bf16); more ranges than fill the SMs lost (4 at 56
-        tiles: 611; 8: 520), and with 192 or more tiles no split won (128 x 24576 x 1536: 374
-        with 2 against 515). In the complete run with split-K as the default
-        (fp8_gemm_h200_2026-12-02c.json) 128 x 7168 x 2048 in 2 ranges of 1024 ran 308 against
-        the unsplit 355-356 of two earlier runs, so ranges shorter than MIN_SPLIT_RANGE stay
-        whole (side by side below).
-      2026-12-02, afternoon (experiments/results/fp8_gemm_pins_h200.json, one run): 128 x 7168
-        x 2048 whole 359 against 305 in 2 ranges of 1024 and 258 in 4 (MIN_SPLIT_RANGE); where
-        both split-K and multicast could apply (M an even number of tiles, few n tiles) split-K
-        is taken: 256 x 2176 x 7168 455 in 2 ranges against 353 with b multicast (321 with
-        neither), 256 x 4096 x 7168 696 against 620 (591).
-      2026-12-02, evening (experiments/fp8_gemm_variants.py, b multicast, at 8192^3, 4096 x 7168 x
-        16384, 4096 x 24576 x 1536, 4096 x 2176 x 7168; two calls, the second in reversed order:
-        fp8_gemm_variants_release_groups_h200.json, fp8_gemm_variants_groups_reversed_h200.json):
-        work items in groups of 8 rows (`group_m`) 1346 / 1343, 1343 / 1342, 1202 / 1206, 1124 /
-        1133 against row after row's 1219 / 1219, 1243 / 1245, 1104 / 1104, 1126 / 1133; groups of
-        4 1325-1337 at the first two shapes, of 16 1284-1307 (best at 4096 x 24576 x 1536 by under
-        1%, worst at N = 2176 by 4%). Without multicast, in one bench call
-        (fp8_gemm_groups_pins_h200.json): groups of 8 1322 against 1150 at 8192^3, 1333 against
-        1169 at 4096 x 7168 x 16384. Split GEMMs keep row after row: their M is one or two tiles.
-        The stage released before its last promotion (`release` there) ran at 0.97-1.00x and was
-        not taken.
+    runs on into a CTA's next tile (`chain_tiles`). Each choice won side by side on an H200
+    (docs/kernels.md#fp8-gemm).
     The grouped kernels (`dense=False`) take none of multicast, split-K and groups of rows.
     `sms`: the device's streaming multiprocessors (`gemm_kernel` passes the device's count)."""
     if k is not None and k % (2 * q8.BLOCK) == 0:
@@ -395,7 +295,7 @@ def _split_k(m: int, n: int, k: int, sms: int) -> int:
     work items, output tiles times ranges, still fit the SMs once over and each range is whole
     stages of at least MIN_SPLIT_RANGE. Few output tiles (small M: 17 of them at 128 x 2112)
     otherwise leave most SMs idle; short ranges do not repay the float32 partials and their
-    sum. `default_config` has the measurements."""
+    sum."""
     tiles = -(-m // q8.BLOCK) * -(-n // q8.BLOCK)
     s = 1
     while (2 * s <= MAX_SPLIT_K and tiles * 2 * s <= sms
@@ -415,9 +315,9 @@ def _specs(cfg: Fp8Config) -> list:
     def shared(operand):  # the operand tile both CTAs of a cluster read (`Fp8Config.multicast`)
         return ("cluster",) if cfg.multicast == operand else None
     return [
-        plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8),
+        plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=mg.swizzled(bk, fp8),
                         collective_axes=shared("a")),
-        plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=gm._swizzled(bk, fp8),
+        plgpu.BlockSpec((bn, bk), lambda k: (0, k), transforms=mg.swizzled(bk, fp8),
                         collective_axes=shared("b")),
         plgpu.BlockSpec((kb, bm), lambda k: (k, 0)),
         plgpu.BlockSpec((kb, bn), lambda k: (k, 0)),
@@ -433,11 +333,11 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
     `cfg.k_blocks` K-blocks of 128. One wgmma per (K-block, row block) is issued first, each
     into its own accumulator; they are promoted in issue order, each once only the wgmmas issued
     after it are still in flight (with weight blocks its scales are read before that wait), so
-    every promotion but the last overlaps tensor-core work (the
-    overlap of tensor-core and CUDA-core work the V3 report asks of its kernels, §3.3.2).
+    every promotion but the last overlaps tensor-core work (the overlap of tensor-core and
+    CUDA-core work the V3 report asks of its kernels, §3.3.2).
     Fp8Config allows two accumulators at most (splits=2 or overlap "stage"): registers.
     `b_blocks`: b's scales are 128 x 128 blocks and this warpgroup's columns lie in one block
-    (`_b_scalar_ok`), so the column scale is one number, folded into the row scales: one FMA per
+    (`b_scalar_ok`), so the column scale is one number, folded into the row scales: one FMA per
     element instead of a multiply and an FMA."""
     wg_rows, wg_cols = cfg.wg_tile()
     rows = wg_rows // cfg.splits
@@ -451,15 +351,14 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
         def promote_all(accs):
             out = list(carry)
             for i, (acc, (kb, j)) in enumerate(zip(accs, pairs)):
-                scale = functools.partial(_promotion_scale, sa_smem.at[kb], sb_smem.at[kb],
+                scale = functools.partial(promotion_scale, sa_smem.at[kb], sb_smem.at[kb],
                                           pl.ds(r0 + j * rows, rows), c0, cols, out[j].shape,
                                           b_blocks)
                 # with weight blocks the scales (two numbers a thread) are read from SMEM
-                # before the wait, so the load's latency passes while the wgmma runs: 1.02-1.05x
-                # (fp8_gemm_variants_scales_first_h200.json). Per-column scales (the weight
-                # gradient: 32 numbers a thread) held across the wait cost registers: that
-                # kernel ran at 0.90-0.92x (two calls; fp8_gemm_h200_2026-12-02d.json's
-                # note), so they are read after it
+                # before the wait, so the load's latency passes while the wgmma runs.
+                # Per-column scales (the weight gradient: 32 numbers a thread) held across the
+                # wait cost registers and made that kernel slower, so they are read after it
+                # (docs/kernels.md#fp8-gemm, "Scales read before the wait")
                 early = scale() if b_blocks else None
                 part = plgpu.wgmma_accumulator_load(acc, wait_n=len(pairs) - 1 - i)
                 out[j] = out[j] + part * (early if b_blocks else scale())
@@ -467,8 +366,8 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
 
         def issue_from(i, accs):
             # each accumulator's scope opens just before its wgmma, so the second is zeroed
-            # while the first wgmma runs: measured neutral (0.99-1.01x zeroing both first,
-            # experiments/results/fp8_gemm_variants_upfront_h200.json), kept as measured
+            # while the first wgmma runs (measured neutral against zeroing both first; kept as
+            # the schedule every later measurement used)
             if i == len(pairs):
                 return promote_all(accs)
 
@@ -484,7 +383,7 @@ def _promoting_mma(cfg: Fp8Config, b_blocks: bool):
     return mma
 
 
-def _promotion_scale(sa_row, sb_row, rows, c0, cols, shape, b_blocks: bool):
+def promotion_scale(sa_row, sb_row, rows, c0, cols, shape, b_blocks: bool):
     """s_a[row] * s_b[col] over a warpgroup's [rows, cols] share of one K-block, from that
     block's scale rows in SMEM (sa_row [bm], sb_row [bn]); with `b_blocks` the column scale is
     the one number at c0."""
@@ -495,19 +394,20 @@ def _promotion_scale(sa_row, sb_row, rows, c0, cols, shape, b_blocks: bool):
     return lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
 
 
-def _b_scalar_ok(cfg: Fp8Config) -> bool:
+def b_scalar_ok(cfg: Fp8Config) -> bool:
     """A compute warpgroup's columns (at a multiple of their width) lie within one 128-column
     weight block."""
     return q8.BLOCK % cfg.wg_tile()[1] == 0
 
 
-def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, store_to, state=None, *,
-                        b_blocks: bool = False):
-    """The warp-specialized K pipeline of every FP8 kernel here: each compute warpgroup carries
-    its zero-initialised fp32 result (`cfg.wg_tile()`, in `cfg.splits` row blocks) through
-    `_promoting_mma` and hands the blocks to `store_to(block, row0)`
-    (the epilogue, row0 within the warpgroup's share); `state` chains a CTA's consecutive tiles
-    (grouped_matmul)."""
+def promoting_pipeline(cfg: Fp8Config, in_specs, grid, store_to, state=None, *,
+                       b_blocks: bool = False):
+    """The warp-specialized K pipeline of every FP8 kernel here (`_mosaic.warp_specialized`):
+    each compute warpgroup carries its zero-initialised fp32 result (`cfg.wg_tile()`, in
+    `cfg.splits` row blocks) through `_promoting_mma` and hands the blocks to
+    `store_to(block, row0)` (the epilogue, row0 within the warpgroup's share); `state` chains a
+    CTA's consecutive tiles (`_mosaic.run_tile`). `dense_body` takes another pipeline of this
+    signature in its place (experiments/lab/fp8_gemm_variants.py)."""
     wg_rows, wg_cols = cfg.wg_tile()
     rows = wg_rows // cfg.splits
 
@@ -516,11 +416,8 @@ def _promoting_pipeline(cfg: Fp8Config, in_specs, grid, store_to, state=None, *,
                                         plgpu.Layout.WGMMA) for _ in range(cfg.splits))
         for j, block in enumerate(run(zeros)):
             store_to(block, j * rows)
-    return plgpu.emit_pipeline_warp_specialized(
-        _promoting_mma(cfg, b_blocks and _b_scalar_ok(cfg)), grid=grid, in_specs=in_specs,
-        max_concurrent_steps=cfg.max_concurrent_steps, memory_registers=gm.MEMORY_REGISTERS,
-        num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg", compute_context=context,
-        pipeline_state=state)
+    return mg.warp_specialized(_promoting_mma(cfg, b_blocks and b_scalar_ok(cfg)), context,
+                               in_specs, grid, cfg.max_concurrent_steps, state)
 
 
 def _k_steps(cfg: Fp8Config, k: int) -> int:
@@ -534,10 +431,10 @@ def _k_steps(cfg: Fp8Config, k: int) -> int:
 
 
 def _store(slots, dst):
-    """`store_to` for `_promoting_pipeline`: row block `block` at row `row0` of the
+    """`store_to` for `promoting_pipeline`: row block `block` at row `row0` of the
     warpgroup's output tile `dst`."""
     def store_to(block, row0):
-        gm._store_tile(block, slots, dst.at[pl.ds(row0, block.shape[0])])
+        mg.store_tile(block, slots, dst.at[pl.ds(row0, block.shape[0])])
     return store_to
 
 
@@ -574,10 +471,13 @@ def _tile_of(cfg: Fp8Config, lin, m_tiles: int, n_tiles: int):
     return mi, 2 * ni + cta
 
 
-def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool):
-    """a_ref [M, K], b_ref [N, K] (e4m3); sa_ref [K/128, M], sb_ref [K/128, N] (f32);
-    y_ref [M, N]. Persistent: each CTA (each cluster, with multicast) loops over work items
-    (`_work_items`, `_tile_of`)."""
+def dense_body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool,
+               pipeline=promoting_pipeline):
+    """The dense kernel's body (`gemm_kernel` launches it with `_mosaic.launch_shared`):
+    a_ref [M, K], b_ref [N, K] (e4m3); sa_ref [K/128, M], sb_ref [K/128, N] (f32); y_ref
+    [split_k * M, N]. Persistent: each CTA (each cluster, with multicast) loops over work items
+    (`_work_items`, `_tile_of`). `pipeline`: the K pipeline, `promoting_pipeline` or another of
+    its signature (the lab's variants)."""
     bm, bn, splits = cfg.block_m, cfg.block_n, cfg.split_k
     m = a_ref.shape[0]  # y_ref is [split_k * M, N]: one partial product per K range
     m_tiles, n_tiles = m // bm, y_ref.shape[1] // bn
@@ -586,9 +486,8 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
     chain = cfg.chain_tiles and k_steps % min(cfg.max_concurrent_steps, k_steps) == 0
     in_specs = _specs(cfg)
 
-    def pipeline(store_to, state=None):
-        return _promoting_pipeline(cfg, in_specs, (k_steps,), store_to, state,
-                                   b_blocks=b_blocks)
+    def make(store_to, state=None):
+        return pipeline(cfg, in_specs, (k_steps,), store_to, state, b_blocks=b_blocks)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -614,20 +513,20 @@ def _body(a_ref, b_ref, sa_ref, sb_ref, y_ref, *, cfg: Fp8Config, b_blocks: bool
                 pl.multiple_of(out_row0 + m_idx * bm, bm), bm)
             y_tile = cfg.wg_part(y_ref.at[out_rows, cols], wg)
             store = _store(epi.at[wg], y_tile)
-            gm._run_tile(lambda state=None: pipeline(store, state),
-                         (a_ref.at[rows, ks], b_ref.at[cols, ks], sa_ref.at[kbs, rows],
-                          sb_ref.at[kbs, cols]),
-                         allocs, chain=chain, first=info.local_index == 0,
-                         last=lin + num_sms >= total)
+            mg.run_tile(lambda state=None: make(store, state),
+                        (a_ref.at[rows, ks], b_ref.at[cols, ks], sa_ref.at[kbs, rows],
+                         sb_ref.at[kbs, cols]),
+                        allocs, chain=chain, first=info.local_index == 0,
+                        last=lin + num_sms >= total)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     first_k, first_kb = ((slice(None), slice(None)) if splits == 1 else
                          (pl.ds(0, k_part), pl.ds(0, k_part // q8.BLOCK)))
-    allocs = pipeline(None).get_allocations(
+    allocs = make(None).get_allocations(
         a_ref.at[pl.ds(0, bm), first_k], b_ref.at[pl.ds(0, bn), first_k],
         sa_ref.at[first_kb, pl.ds(0, bm)], sb_ref.at[first_kb, pl.ds(0, bn)])
-    pl.run_scoped(scoped, allocs=allocs, epi=gm._epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
+    pl.run_scoped(scoped, allocs=allocs, epi=mg.epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
                   collective_axes="wg")
 
 
@@ -649,14 +548,14 @@ def gemm_kernel(a: jax.Array, b: jax.Array, sa_t: jax.Array, sb_t: jax.Array, *,
     b_blocks=True promises that sb_t's columns repeat in runs of 128 (`kernel_scales` of 128 x
     128 weight blocks); the kernel then reads one b scale per warpgroup and K-block."""
     (m, k), n = a.shape, b.shape[0]
-    cfg = config or default_config(m, n, k, sms=gm._num_sms(interpret))
+    cfg = config or default_config(m, n, k, sms=mg.num_sms(interpret))
     check_shapes(cfg, m, n, k)
     for name, x, want in (("sa_t", sa_t, (k // q8.BLOCK, m)), ("sb_t", sb_t, (k // q8.BLOCK, n))):
         if x.shape != want:
             raise ValueError(f"fp8 gemm (pallas): {name} must be [K/128, rows] = {list(want)}, "
                              f"got {list(x.shape)}")
     splits = cfg.split_k  # > 1: float32 partial products [S, M, N], summed here
-    y = gm.launch_shared(a, b, sa_t, sb_t, body=_body,
+    y = mg.launch_shared(a, b, sa_t, sb_t, body=dense_body,
                          params=(("cfg", cfg), ("b_blocks", b_blocks)),
                          out_type=jax.ShapeDtypeStruct(
                              (splits * m, n), out_dtype if splits == 1 else jnp.float32),
@@ -720,7 +619,7 @@ def _check_grouped(a, s_a, b, s_b, plan) -> None:
     if plan.block_m % q8.BLOCK and q8.BLOCK % plan.block_m:
         raise ValueError(f"grouped fp8 gemm: the plan's block_m={plan.block_m} must divide or be "
                          f"a multiple of {q8.BLOCK}")
-    _check(a, s_a, b[0], s_b[0] if s_b.ndim == 3 else s_b, "blocks")
+    check_operands(a, s_a, b[0], s_b[0] if s_b.ndim == 3 else s_b, "blocks")
     if s_b.shape != (e, n // q8.BLOCK, k // q8.BLOCK):
         raise ValueError(f"grouped fp8 gemm: s_b must be float32[{e}, {n // q8.BLOCK}, "
                          f"{k // q8.BLOCK}], got {list(s_b.shape)}")
@@ -756,7 +655,7 @@ def grouped_gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array
         raise ValueError(f"grouped fp8 gemm (pallas): N = {b.shape[1]} must be a multiple of "
                          f"block_n = {cfg.block_n}")
     sb_t = jnp.swapaxes(jnp.repeat(s_b, q8.BLOCK, axis=1), 1, 2)  # [E, K/128, N]
-    return gm.launch_shared(
+    return mg.launch_shared(
         plan.num_tiles.reshape(1), plan.tile_group, a, b, s_a.T, sb_t, body=_grouped_body,
         params=(("cfg", cfg),),
         out_type=jax.ShapeDtypeStruct((plan.padded_rows, b.shape[1]), out_dtype),
@@ -765,8 +664,8 @@ def grouped_gemm_1d2d(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array
 
 def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y_ref, *,
                   cfg: Fp8Config):
-    """As `_body`, with the b tile and its scales taken from the tile's expert; the tiles past
-    the last group store zeros."""
+    """As `dense_body`, with the b tile and its scales taken from the tile's expert; the tiles
+    past the last group store zeros."""
     bm, bn = cfg.block_m, cfg.block_n
     n_tiles = y_ref.shape[1] // bn
     k_steps = _k_steps(cfg, a_ref.shape[1])
@@ -774,7 +673,7 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
     in_specs = _specs(cfg)
 
     def pipeline(store_to, state=None):
-        return _promoting_pipeline(cfg, in_specs, (k_steps,), store_to, state, b_blocks=True)
+        return promoting_pipeline(cfg, in_specs, (k_steps,), store_to, state, b_blocks=True)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -793,22 +692,22 @@ def _grouped_body(num_tiles_ref, tile_group_ref, a_ref, b_ref, sa_ref, sb_ref, y
             def _compute():
                 g = tile_group_ref[m_idx]
                 store = _store(epi.at[wg], y_tile)
-                gm._run_tile(lambda state=None: pipeline(store, state),
-                             (a_ref.at[rows, :], b_ref.at[g, cols, :], sa_ref.at[:, rows],
-                              sb_ref.at[g, :, cols]),
-                             allocs, chain=chain, first=info.local_index == 0,
-                             last=lin + num_sms >= used)
+                mg.run_tile(lambda state=None: pipeline(store, state),
+                            (a_ref.at[rows, :], b_ref.at[g, cols, :], sa_ref.at[:, rows],
+                             sb_ref.at[g, :, cols]),
+                            allocs, chain=chain, first=info.local_index == 0,
+                            last=lin + num_sms >= used)
 
-            @pl.when(jnp.logical_and(lin >= used, wg < gm.NUM_COMPUTE_WGS))
+            @pl.when(jnp.logical_and(lin >= used, wg < mg.NUM_COMPUTE_WGS))
             def _zeros():
-                gm._zero_tile(cfg.wg_tile(), epi.at[wg], y_tile)
+                mg.zero_tile(cfg.wg_tile(), epi.at[wg], y_tile)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     allocs = pipeline(None).get_allocations(
         a_ref.at[pl.ds(0, bm), :], b_ref.at[0, pl.ds(0, bn), :], sa_ref.at[:, pl.ds(0, bm)],
         sb_ref.at[0, :, pl.ds(0, bn)])
-    pl.run_scoped(scoped, allocs=allocs, epi=gm._epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
+    pl.run_scoped(scoped, allocs=allocs, epi=mg.epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
                   collective_axes="wg")
 
 
@@ -830,7 +729,7 @@ def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.
         if x.ndim != 2 or x.shape[1] != plan.padded_rows:
             raise ValueError(f"grouped fp8 wgrad: {name} must be [rows, padded_rows="
                              f"{plan.padded_rows}] (tokens last), got {list(x.shape)}")
-    _check(a_t, s_a, b_t, s_b, "rows")
+    check_operands(a_t, s_a, b_t, s_b, "rows")
     e = plan.num_groups
     if impl == "xla":
         t = plan.tile_group.shape[0]
@@ -853,7 +752,7 @@ def grouped_wgrad_1d1d(a_t: jax.Array, s_a: jax.Array, b_t: jax.Array, s_b: jax.
                              f"the {block}-wide tile")
     # longest experts first, as grouped_matmul.tgmm does (skewed routing)
     order = jnp.argsort(-plan.group_tile_count, stable=True).astype(jnp.int32)
-    return gm.launch_shared(order, plan.group_tile_start, plan.group_tile_count, a_t, b_t,
+    return mg.launch_shared(order, plan.group_tile_start, plan.group_tile_count, a_t, b_t,
                             s_a.T, s_b.T, body=_kgrouped_body, params=(("cfg", cfg),),
                             out_type=jax.ShapeDtypeStruct((e, n, k), out_dtype),
                             interpret=interpret)
@@ -871,14 +770,14 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
     def pipeline(first, steps, store_to):
         in_specs = [
             plgpu.BlockSpec((bm, q8.BLOCK), lambda s: (0, first + s),
-                            transforms=gm._swizzled(q8.BLOCK, fp8)),
+                            transforms=mg.swizzled(q8.BLOCK, fp8)),
             plgpu.BlockSpec((bn, q8.BLOCK), lambda s: (0, first + s),
-                            transforms=gm._swizzled(q8.BLOCK, fp8)),
+                            transforms=mg.swizzled(q8.BLOCK, fp8)),
             plgpu.BlockSpec((1, bm), lambda s: (first + s, 0)),
             plgpu.BlockSpec((1, bn), lambda s: (first + s, 0)),
         ]
 
-        return _promoting_pipeline(cfg, in_specs, (steps,), store_to)
+        return promoting_pipeline(cfg, in_specs, (steps,), store_to)
 
     def scoped(allocs, epi):
         wg = lax.axis_index("wg")
@@ -903,5 +802,98 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
     allocs = pipeline(0, cfg.max_concurrent_steps, None).get_allocations(
         a_ref.at[pl.ds(0, bm), :], b_ref.at[pl.ds(0, bn), :], sa_ref.at[:, pl.ds(0, bm)],
         sb_ref.at[:, pl.ds(0, bn)])
-    pl.run_scoped(scoped, allocs=allocs, epi=gm._epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
+    pl.run_scoped(scoped, allocs=allocs, epi=mg.epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
                   collective_axes="wg")
+
+
+# --------------------------------------------------------------------------------------------
+# python -m pallas_kernels.fp8_gemm: the self-check
+# --------------------------------------------------------------------------------------------
+
+
+def _selfcheck_operands(m: int, n: int, k: int, b_scale: str, seed: int = 0):
+    """e4m3 operands with scales over a wide range across K-blocks, rows and weight blocks, so a
+    scale applied to the wrong block moves the result by far more than the tolerance."""
+    ka, kb = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(ka, (m, k)) * jnp.exp2(jnp.arange(k) // q8.BLOCK % 6 * 2.0 - 3)
+    x = x * jnp.exp2(jnp.arange(m) % 5 - 2.0)[:, None]
+    w = jax.random.normal(kb, (n, k)) * jnp.exp2(jnp.arange(n) // q8.BLOCK % 8 - 1.0)[:, None]
+    aq, sa = q8.quantize_rows(x)
+    bq, sb = q8.quantize_blocks(w) if b_scale == "blocks" else q8.quantize_rows(w)
+    return aq, sa, bq, sb
+
+
+def _checks(interpret) -> list:
+    """The four GEMMs against impl="xla" in float32 out. Dense: the default configs (two-block
+    stages, b multicast and groups of rows at 256 x 256 x 512), one-block stages, and split-K;
+    grouped: experts of 100, 0 (empty), 150 and 50 rows. Interpret mode computes wgmma exactly
+    (1e-5); the tensor cores round within each 128-block of K (1e-2)."""
+    tol = 1e-5 if interpret else 1e-2
+
+    def dense(m, n, k, b_scale, config=None):
+        aq, sa, bq, sb = _selfcheck_operands(m, n, k, b_scale)
+        sa_t, sb_t = kernel_scales(sa, sb, b_scale)
+        got = gemm_kernel(aq, bq, sa_t, sb_t, out_dtype=jnp.float32, config=config,
+                          b_blocks=b_scale == "blocks", interpret=interpret)
+        ref = (gemm_1d2d if b_scale == "blocks" else gemm_1d1d)(aq, sa, bq, sb,
+                                                                out_dtype=jnp.float32)
+        return mg.rel_error(got, ref)
+
+    def plan_and_rows(n_cols, seed):
+        from pallas_kernels import grouped_matmul as gm  # the padded layout's public API
+
+        sizes = jnp.asarray([100, 0, 150, 50], jnp.int32)
+        m = int(sizes.sum()) + 7  # 7 rows past the last group: no group's
+        plan = gm.pad_plan(sizes, m, q8.BLOCK)
+        x = jax.random.normal(jax.random.key(seed), (m, n_cols))
+        x = x * jnp.exp2(jnp.arange(n_cols) // q8.BLOCK * 2.0 - 2)
+        return plan, gm.pad_rows(x, plan)
+
+    def grouped():
+        n, k = 256, 256
+        plan, x_pad = plan_and_rows(k, 1)
+        w = jax.random.normal(jax.random.key(2), (4, n, k)) * jnp.exp2(jnp.arange(4) - 1.0)[
+            :, None, None]
+        (aq, sa), (bq, sb) = q8.quantize_rows(x_pad), q8.quantize_blocks(w)
+        got = grouped_gemm_1d2d(aq, sa, bq, sb, plan, out_dtype=jnp.float32, impl="pallas",
+                                interpret=interpret)
+        return mg.rel_error(got, grouped_gemm_1d2d(aq, sa, bq, sb, plan, out_dtype=jnp.float32))
+
+    def wgrad():
+        plan, dy_pad = plan_and_rows(128, 3)
+        _, x_pad = plan_and_rows(256, 4)
+        (aq, sa), (bq, sb) = q8.quantize_cols(dy_pad), q8.quantize_cols(x_pad)
+        got = grouped_wgrad_1d1d(aq, sa, bq, sb, plan, impl="pallas", interpret=interpret)
+        return mg.rel_error(got, grouped_wgrad_1d1d(aq, sa, bq, sb, plan))
+
+    one_block = Fp8Config()
+    split = Fp8Config(overlap="stage", max_concurrent_steps=2, split_k=2)
+    return [
+        mg.Check("gemm_1d2d default", "256x256x512", lambda: dense(256, 256, 512, "blocks"), tol),
+        mg.Check("gemm_1d1d default", "256x256x512", lambda: dense(256, 256, 512, "rows"), tol),
+        mg.Check("gemm_1d2d one-block stages", "384x256x384",
+                 lambda: dense(384, 256, 384, "blocks", one_block), tol),
+        mg.Check("gemm_1d2d split-K 2", "128x384x1024",
+                 lambda: dense(128, 384, 1024, "blocks", split), tol),
+        mg.Check("grouped_gemm_1d2d default", "E=4 rows=307 N=256 K=256", grouped, tol),
+        mg.Check("grouped_wgrad_1d1d default", "E=4 rows=307 P=128 Q=256", wgrad, tol),
+    ]
+
+
+def main(argv=None) -> int:
+    """python -m pallas_kernels.fp8_gemm [--interpret]: the Pallas GEMMs against the XLA
+    reference, natively on a Hopper GPU, else (or with --interpret) in GPU interpret mode;
+    prints a table and exits non-zero if a check fails. The benchmark is
+    experiments/bench_fp8_gemm.py."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="FP8 GEMM kernels: self-check")
+    ap.add_argument("--interpret", action="store_true",
+                    help="check in GPU interpret mode even on a Hopper GPU")
+    args = ap.parse_args(argv)
+    interpret, where = mg.mode(args.interpret)
+    return mg.run_checks(f"pallas_kernels.fp8_gemm ({where})", _checks(interpret))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,10 +12,10 @@ each scale up to a power of two (the report's option; DeepSeek's `ue8m0` format)
 is exact.
 
 These are plain jnp functions (the route kernels.md §8 recommends trying first for a
-memory-bound op). XLA compiles each into two fusions, the tile amax and then the scale and cast,
-so the input is read twice: 1.49-1.64 TB/s on an H200, 46-49% of a bf16 copy
-(experiments/results/fp8_quant.json); `fp8_quant_kernel` has one-pass Mosaic GPU kernels with
-bit-identical results. x q/s are what the FP8 GEMMs in `fp8_gemm` take.
+memory-bound op) and the reference of the kernels. XLA compiles each into two fusions, the tile
+amax and then the scale and cast, so the input is read twice (under half of a bf16 copy's
+bandwidth: docs/kernels.md#fp8-quantizers); `fp8_quant_kernel` has one-pass Mosaic GPU kernels
+with bit-identical results. x q/s are what the FP8 GEMMs in `fp8_gemm` take.
 Shapes whose quantized axis is not a multiple of 128 raise, naming the axis: padding is the
 caller's explicit choice, never implicit.
 """
@@ -88,9 +88,9 @@ def _fp8_values(q: jax.Array) -> jax.Array:
 
     XLA on GPU may drop a narrowing convert followed by a widening one (excess precision is
     allowed by default), so quantize -> dequantize inside one jit computed with the original
-    values: the XLA reference path of fp8_linear came out 3.7% (normwise) from the exact FP8
-    product on an H200 (2026-12-01), e4m3's rounding error, while the same GEMM on
-    pre-quantized inputs matched to 3e-7. The optimization barrier keeps the rounding."""
+    values: the XLA reference path of fp8_linear came out e4m3's rounding error away from the
+    exact FP8 product on an H200, while the same GEMM on pre-quantized inputs matched
+    (docs/kernels.md#fp8-quantizers). The optimization barrier keeps the rounding."""
     return jax.lax.optimization_barrier(q).astype(jnp.float32)
 
 
@@ -114,9 +114,9 @@ def rows_to_cols(q: jax.Array, s: jax.Array, *, name: str = "x") -> tuple[jax.Ar
     of the float32 values: q [M, K] e4m3 in 1 x 128 tiles (s [M, K/128]) -> (q [K, M], s [K,
     M/128]) in 128 x 1 tiles. The weight gradient re-tiles the cached FP8 activations this way
     (the report's §3.3.4). Transposing first moves 1 byte an element where the float32 route
-    moved 4 (XLA materialized that transpose on its own: two fusions of ~1.4 ms a step in a
-    `small` FP8 step's expert backward on an H200, 2026-12-02; the gain is not measured yet).
-    The products q * s are the same float32 multiplications either way, so the bits are."""
+    moved 4 (XLA materialized that float32 transpose on its own in a `small` FP8 step's expert
+    backward: docs/kernels.md#fp8-quantizers). The products q * s are the same float32
+    multiplications either way, so the bits are."""
     if (q.ndim != 2 or s.ndim != 2 or s.shape[0] != q.shape[0] or not s.shape[1]
             or q.shape[1] % s.shape[1]):
         raise ValueError(f"{name}: rows_to_cols takes q [M, K] and s [M, K/tile], got "

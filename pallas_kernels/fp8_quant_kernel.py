@@ -2,9 +2,8 @@
 
 **Why.** `fp8_quant.quantize_rows` / `quantize_cols` are plain jnp, and XLA compiles each into
 two fusions: a reduction for the per-tile amax and a second pass that reads the input again to
-scale and convert. On an H200 they moved 1.49-1.64 TB/s, 46-49% of a bf16 copy's 3.3 TB/s
-(experiments/bench_fp8_gemm.py --quant, experiments/results/fp8_quant.json); issue 5 asks for
-80%. A quantizer is memory-bound (2 bytes in, 1 + 4/128 bytes out per element), so the kernel
+scale and convert, so they move well under half of a bf16 copy's bandwidth (issue 5 asks for
+80%). A quantizer is memory-bound (2 bytes in, 1 + 4/128 bytes out per element), so the kernel
 has to read each input element exactly once: load a tile, reduce it in registers, scale,
 convert and write, with the next tiles' loads already in flight.
 
@@ -73,16 +72,19 @@ No fallback: a shape the kernel cannot take raises ValueError naming the dimensi
 Interpret mode (`interpret=True` or a `plgpu.InterpretGPUParams`) runs the same kernels on the
 CPU through jax's GPU interpreter, which checks the barrier and TMA protocol (fresh SMEM is
 NaN, so a read before a TMA write shows); the GPU path is checked on the CPU by lowering it for
-CUDA (Mosaic GPU's layout and transfer checks run at lowering). Speed: experiments/
-bench_fp8_gemm.py --quant times both kernels next to the XLA quantizers (on an H200,
-2026-12-01, 3.39-3.83 TB/s against XLA's 1.59-1.64 and a bf16 copy's 3.34;
-experiments/results/fp8_quant.json).
+CUDA (Mosaic GPU's layout and transfer checks run at lowering).
+
+`python -m pallas_kernels.fp8_quant_kernel` checks both kernels bit for bit against fp8_quant
+(interpret mode without a Hopper GPU); `--sweep` times the configs of `SWEEP`. Speed and the
+side-by-side with XLA's quantizers (experiments/bench_fp8_gemm.py --quant):
+docs/kernels.md#fp8-quantizers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -91,13 +93,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _mosaic as mg
 from pallas_kernels import fp8_quant as q8
 
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16),)
-# H100/H200 SMs: the default K split aims at two or more CTAs per SM.
-DEFAULT_NUM_SMS = 132
-# Shared memory per CTA on H100/H200 (232,448 bytes, gpu_facts.md), less room for barriers.
-SMEM_BYTES = 232_448 - 1024
 # Rows of one WGMMA-layout register tile (a warpgroup's 4 warps x 16 rows).
 WG_ROWS = 64
 # bits + POW2_ROUND, masked with POW2_MASK: the next power of two of a positive normal float.
@@ -122,8 +121,8 @@ class QuantConfig:
     SMEM per CTA: stages x (tile bf16) + out_stages x (tile e4m3 + scale row). The defaults
     (rows: 64 x 128, cols: 128 x 64; 4 + 2 stages) take 80.5 KiB: two CTAs fit on an SM, each
     with 4 loads of 16 KiB in flight (Little's law: 3.3 TB/s x ~1 us of latency is ~25 KiB per
-    SM). Untuned: the first GPU run should sweep these (bench_fp8_gemm.py --quant times the
-    defaults).
+    SM). Not tuned yet: `python -m pallas_kernels.fp8_quant_kernel --sweep` times the
+    alternatives of `SWEEP`.
     """
     block_m: int = 64
     block_k: int = 128
@@ -154,7 +153,7 @@ ROWS_CONFIG = QuantConfig()
 COLS_CONFIG = QuantConfig(block_m=q8.BLOCK, block_k=64)
 
 
-def default_k_splits(row_blocks: int, k_steps: int, num_sms: int = DEFAULT_NUM_SMS) -> int:
+def default_k_splits(row_blocks: int, k_steps: int, num_sms: int = mg.DEFAULT_NUM_SMS) -> int:
     """The fewest K splits (a divisor of the K steps) that give two or more CTAs per SM: long
     streams per CTA amortise the pipeline's fill and drain, and a second CTA per SM hides one
     CTA's drain behind the other's loads."""
@@ -164,17 +163,8 @@ def default_k_splits(row_blocks: int, k_steps: int, num_sms: int = DEFAULT_NUM_S
     return k_steps
 
 
-def _swizzled(minor_elems: int, dtype) -> tuple:
-    """SMEM tiling + swizzle for rows of `minor_elems` elements (128 bytes for all our tiles:
-    TMA and the register loads read 8-row groups of a 128-byte swizzled layout without bank
-    conflicts)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
-def _scale(amax: jax.Array, pow2: bool) -> jax.Array:
-    """fp8_quant._scale as XLA compiles it (max(amax, 1e-4) * fl(1/448): module docstring),
+def _scale_as_xla(amax: jax.Array, pow2: bool) -> jax.Array:
+    """fp8_quant's scale as XLA compiles it (max(amax, 1e-4) * fl(1/448): module docstring),
     in operations Mosaic GPU lowers (no frexp/ldexp)."""
     s = jnp.maximum(amax, q8.AMAX_FLOOR) * INV_E4M3_MAX
     if pow2:
@@ -188,7 +178,7 @@ def _quantize_tile(x: jax.Array, pow2: bool) -> tuple[jax.Array, jax.Array]:
     per row. abs and max are exact in any float type; q = x * fl(1/s) in fp32, the arithmetic
     XLA compiles `tiles / s` to (module docstring)."""
     xf = x.astype(jnp.float32)
-    s = _scale(jnp.max(jnp.abs(xf), axis=1), pow2)
+    s = _scale_as_xla(jnp.max(jnp.abs(xf), axis=1), pow2)
     inv = 1.0 / s  # one IEEE division per row (no approx_math), not one per element
     q = (xf * lax.broadcast_in_dim(inv, xf.shape, [0])).astype(q8.FP8)
     return q, s
@@ -256,8 +246,8 @@ def _rows_body(x_ref, q_ref, st_ref, *, cfg: QuantConfig, k_splits: int, pow2: b
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((cfg.stages, bm, bk), x_ref.dtype, transforms=_swizzled(bk, x_ref.dtype)),
-        plgpu.SMEM((cfg.out_stages, bm, bk), q8.FP8, transforms=_swizzled(bk, q8.FP8)),
+        plgpu.SMEM((cfg.stages, bm, bk), x_ref.dtype, transforms=mg.swizzled(bk, x_ref.dtype)),
+        plgpu.SMEM((cfg.out_stages, bm, bk), q8.FP8, transforms=mg.swizzled(bk, q8.FP8)),
         plgpu.SMEM((cfg.out_stages, groups, bm), jnp.float32),
         plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages))
 
@@ -298,21 +288,13 @@ def _cols_body(x_ref, q_ref, st_ref, *, cfg: QuantConfig, k_splits: int, pow2: b
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((cfg.stages, tm, bk), x_ref.dtype, transforms=_swizzled(bk, x_ref.dtype)),
-        plgpu.SMEM((cfg.out_stages, bk, tm), q8.FP8, transforms=_swizzled(tm, q8.FP8)),
+        plgpu.SMEM((cfg.stages, tm, bk), x_ref.dtype, transforms=mg.swizzled(bk, x_ref.dtype)),
+        plgpu.SMEM((cfg.out_stages, bk, tm), q8.FP8, transforms=mg.swizzled(tm, q8.FP8)),
         plgpu.SMEM((cfg.out_stages, 1, bk), jnp.float32),
         plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages))
 
 
-def _interpret_params(interpret):
-    """False: compile for the GPU; True: GPU interpret mode with defaults; or the caller's
-    `plgpu.InterpretGPUParams`."""
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else None
-
-
-def _check(fn: str, x: jax.Array, cfg: QuantConfig, rows: int, k_multiple: int) -> None:
+def _check_input(fn: str, x: jax.Array, cfg: QuantConfig, rows: int, k_multiple: int) -> None:
     """Every message names the tensor and the dimension (../shared/DESIGN.md convention 4)."""
     if x.ndim != 2:
         raise ValueError(f"{fn}: x must be 2-D [M, K], got shape {x.shape}")
@@ -330,12 +312,12 @@ def _check(fn: str, x: jax.Array, cfg: QuantConfig, rows: int, k_multiple: int) 
         raise ValueError(f"{fn}: QuantConfig.k_splits = {cfg.k_splits} must divide the "
                          f"{k // cfg.block_k} steps of block_k = {cfg.block_k} along x K "
                          f"(shape[1]) = {k}")
-    if cfg.smem_bytes(rows) > SMEM_BYTES:
+    if cfg.smem_bytes(rows) > mg.PIPELINED_SMEM_BYTES:
         raise ValueError(f"{fn}: {cfg} needs {cfg.smem_bytes(rows)} bytes of shared memory, "
-                         f"more than {SMEM_BYTES}; lower stages or the blocks")
+                         f"more than {mg.PIPELINED_SMEM_BYTES}; lower stages or the blocks")
 
 
-def _launch(body, x, out_shapes, rows: int, cfg: QuantConfig, pow2: bool, interpret):
+def _launch_quantizer(body, x, out_shapes, rows: int, cfg: QuantConfig, pow2: bool, interpret):
     m, k = x.shape
     k_steps = k // cfg.block_k
     splits = cfg.k_splits or default_k_splits(m // rows, k_steps)
@@ -347,14 +329,13 @@ def _launch(body, x, out_shapes, rows: int, cfg: QuantConfig, pow2: bool, interp
                                              "pow2", "interpret"))
 def _launch_shared(x, *, body, out_shapes, rows, cfg, splits, pow2, interpret):
     """The launch under a jit keyed by the kernel's statics, so that equal calls share one
-    lowered function and one compiled kernel (as grouped_matmul.launch_shared does for the
-    GEMMs): without it the `small` FP8 train step with these quantizers lowered 155 Mosaic GPU
-    call sites of 144 distinct kernels for CUDA, each compiled on its own."""
+    lowered function and one compiled kernel, as `_mosaic.launch_shared` does for the
+    persistent kernels (docs/kernels.md, "Shared launches")."""
     run = plgpu.kernel(
         functools.partial(body, cfg=cfg, k_splits=splits, pow2=pow2),
         out_type=tuple(jax.ShapeDtypeStruct(s, d) for s, d in out_shapes),
         grid=(x.shape[0] // rows, splits), grid_names=("m", "k"),
-        interpret=_interpret_params(interpret))
+        interpret=mg.interpret_params(interpret))
     return run(x)
 
 
@@ -368,10 +349,11 @@ def quantize_rows_kernel(x: jax.Array, *, pow2: bool = False, interpret=False,
     if cfg.block_k % q8.BLOCK:
         raise ValueError(f"quantize_rows_kernel: QuantConfig.block_k = {cfg.block_k} must be "
                          f"a multiple of {q8.BLOCK} (one scale per 128 columns)")
-    _check("quantize_rows_kernel", x, cfg, cfg.block_m, cfg.block_k)
+    _check_input("quantize_rows_kernel", x, cfg, cfg.block_m, cfg.block_k)
     m, k = x.shape
-    q, st = _launch(_rows_body, x, (((m, k), q8.FP8), ((k // q8.BLOCK, m), jnp.float32)),
-                    cfg.block_m, cfg, pow2, interpret)
+    q, st = _launch_quantizer(_rows_body, x,
+                              (((m, k), q8.FP8), ((k // q8.BLOCK, m), jnp.float32)),
+                              cfg.block_m, cfg, pow2, interpret)
     return q, (st if transposed_scales else st.T)
 
 
@@ -384,15 +366,17 @@ def quantize_cols_kernel(x: jax.Array, *, pow2: bool = False, interpret=False,
     M must be a multiple of 128, K of config.block_k (64). config.block_m is not used (the
     kernel's row block is the 128-row scale tile)."""
     cfg = config or COLS_CONFIG
-    _check("quantize_cols_kernel", x, cfg, q8.BLOCK, cfg.block_k)
+    _check_input("quantize_cols_kernel", x, cfg, q8.BLOCK, cfg.block_k)
     m, k = x.shape
-    q, st = _launch(_cols_body, x, (((k, m), q8.FP8), ((m // q8.BLOCK, k), jnp.float32)),
-                    q8.BLOCK, cfg, pow2, interpret)
+    q, st = _launch_quantizer(_cols_body, x,
+                              (((k, m), q8.FP8), ((m // q8.BLOCK, k), jnp.float32)),
+                              q8.BLOCK, cfg, pow2, interpret)
     return q, (st if transposed_scales else st.T)
 
 
 # --------------------------------------------------------------------------------------------
-# Tuning sweep (the side-by-side with XLA's quantizers is experiments/bench_fp8_gemm.py --quant)
+# python -m pallas_kernels.fp8_quant_kernel: the self-check, and the tuning sweep (--sweep)
+# (the side-by-side with XLA's quantizers is experiments/bench_fp8_gemm.py --quant)
 # --------------------------------------------------------------------------------------------
 
 SWEEP = {
@@ -407,14 +391,14 @@ SWEEP = {
 }
 
 
-def main(argv=None) -> list[dict]:
+def sweep(argv=None) -> list[dict]:
     """Per shape, every config of `SWEEP` for both kernels (scales in the kernel's transposed
     layout: the kernel alone): GB/s (bf16 in + e4m3 out + f32 scales over CUPTI kernel time,
     median, L2 flushed: pallas_kernels/timing.py), the fraction of a bf16 copy's GB/s (x + 1)
     measured in the same run, and whether q and s are bit-identical to fp8_quant's.
 
-    python -m pallas_kernels.fp8_quant_kernel [--shapes 8192x7168 16384x2048] [--json PATH]
-    python -m pallas_kernels.fp8_quant_kernel --interpret --shapes 128x256 --iterations 1
+    python -m pallas_kernels.fp8_quant_kernel --sweep [--shapes 8192x7168 16384x2048] [--json PATH]
+    python -m pallas_kernels.fp8_quant_kernel --sweep --interpret --shapes 128x256 --iterations 1
         (a CPU smoke run in GPU interpret mode; times meaningless)
     """
     import argparse
@@ -470,5 +454,68 @@ def main(argv=None) -> list[dict]:
     return records
 
 
+def _bit_mismatches(got, want) -> float:
+    """Values of (q, s) whose bits differ from the reference's (0: bit-identical)."""
+    (q, s), (q_ref, s_ref) = got, want
+    if q.shape != q_ref.shape or s.shape != s_ref.shape:
+        raise ValueError(f"shapes {q.shape}, {s.shape} != {q_ref.shape}, {s_ref.shape}")
+    return float(np.sum(np.asarray(q).view(np.uint8) != np.asarray(q_ref).view(np.uint8))
+                 + np.sum(np.asarray(s).view(np.uint32) != np.asarray(s_ref).view(np.uint32)))
+
+
+def _checks(interpret) -> list:
+    """Both kernels against fp8_quant's XLA quantizers, counting differing values (must be 0):
+    tiles whose magnitudes differ by up to 2^50 (some land in e4m3's subnormals), one all-zero
+    128 x 128 block and scattered zeros; with and without pow2, the default configs and one
+    that streams several steps per CTA through fewer stages."""
+    def x_of(m, k, seed):
+        kx, kz = jax.random.split(jax.random.key(seed))
+        x = jax.random.normal(kx, (m, k), jnp.float32)
+        x = x * jnp.exp2((jnp.arange(m) * 7 % 11) * 3.0 - 15.0)[:, None]
+        x = x * jnp.exp2((jnp.arange(k) // 64 % 5) * 5.0 - 10.0)[None, :]
+        x = jnp.where(jax.random.bernoulli(kz, 0.02, (m, k)), 0.0, x.at[:128, :128].set(0.0))
+        return x.astype(jnp.bfloat16)
+
+    def case(kernel, reference, m, k, pow2=False, config=None):
+        x = x_of(m, k, seed=m + k + pow2)
+        got = jax.jit(lambda v: kernel(v, pow2=pow2, config=config, interpret=interpret))(x)
+        return _bit_mismatches(got, jax.jit(lambda v: reference(v, pow2=pow2))(x))
+
+    rows = functools.partial(case, quantize_rows_kernel, q8.quantize_rows)
+    cols = functools.partial(case, quantize_cols_kernel, q8.quantize_cols)
+    streamed_rows = QuantConfig(k_splits=1, stages=2, out_stages=1)
+    streamed_cols = QuantConfig(block_m=q8.BLOCK, block_k=64, k_splits=1, stages=2, out_stages=1)
+    return [
+        mg.Check("quantize_rows_kernel", "256x384", lambda: rows(256, 384), 0),
+        mg.Check("quantize_rows_kernel pow2", "256x384", lambda: rows(256, 384, True), 0),
+        mg.Check("quantize_rows_kernel streamed", "128x768",
+                 lambda: rows(128, 768, config=streamed_rows), 0),
+        mg.Check("quantize_cols_kernel", "256x384", lambda: cols(256, 384), 0),
+        mg.Check("quantize_cols_kernel pow2", "256x384", lambda: cols(256, 384, True), 0),
+        mg.Check("quantize_cols_kernel streamed", "128x512",
+                 lambda: cols(128, 512, config=streamed_cols), 0),
+    ]
+
+
+def main(argv=None) -> int:
+    """python -m pallas_kernels.fp8_quant_kernel [--interpret]
+        both kernels against fp8_quant's quantizers, bit for bit (natively on a Hopper GPU, else
+        in GPU interpret mode); prints a table and exits non-zero if a check fails.
+    python -m pallas_kernels.fp8_quant_kernel --sweep [sweep's options]: `sweep`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sweep" in argv:
+        argv.remove("--sweep")
+        sweep(argv)
+        return 0
+    import argparse
+
+    ap = argparse.ArgumentParser(description="FP8 quantizer kernels: self-check (or --sweep)")
+    ap.add_argument("--interpret", action="store_true",
+                    help="check in GPU interpret mode even on a Hopper GPU")
+    args = ap.parse_args(argv)
+    interpret, where = mg.mode(args.interpret)
+    return mg.run_checks(f"pallas_kernels.fp8_quant_kernel ({where})", _checks(interpret))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 `fp8_gemm.gemm_1d2d` / `gemm_1d1d` and a baseline for our Mosaic GPU kernel
 (../shared/reference/kernels.md §2.4-2.5, §5).
 
-Same products, operands and scales as `fp8_gemm` (whose `_check` validates them):
+Same products, operands and scales as `fp8_gemm` (whose `check_operands` validates them):
   gemm_1d2d_triton   y [M, N] = dequant(a) @ dequant(b)^T, a [M, K] e4m3 in 1 x 128 tiles
                      (s_a [M, K/128]), b [N, K] e4m3 in 128 x 128 blocks (s_b [N/128, K/128]);
   gemm_1d1d_triton   b in 1 x 128 tiles too (s_b [N, K/128]): the weight gradient.
@@ -23,23 +23,15 @@ multiple of 128 (the scale tile). The output tile order is grouped (GROUP_M tile
 column sweep) so programs running together share a and b tiles in L2.
 
 Shapes, block sizes and strides are compile-time constants (`tl.constexpr`): one compile per
-shape, as DeepGEMM's JIT does; scales are read in the caller's layout (no transposes).
-Compiled for sm_90 by Triton 3.6 on a CPU (ptxas -v, 2026-12-01): four `wgmma ... k32
-.f32.e4m3.e4m3` per K-block behind a cp.async pipeline of `num_stages` a/b tiles, no spills
-for any `AUTOTUNE_CONFIGS` entry (1d2d: 171-195 registers; 1d1d, a scale per column:
-246-255). Each K-block still waits for its wgmma (`wgmma.wait_group 0`) before promoting, as
-in our Mosaic kernel, so tensor cores and promotion FMAs take turns: a likely reason Triton
-block-FP8 lands near bf16 speed rather than near the FP8 ceiling.
-
-**Measured** (one H200, 2026-12-01, experiments/bench_fp8_gemm.py, `triton_fp8`; default
-config): its GPU tests pass (tests/test_fp8_triton.py), calc_diff 1.3e-6 to 1.4e-6 like our
-kernel; 861 TFLOP/s at 8192^3 (1.06x XLA's bf16 dot, 0.94x our Mosaic kernel), 0.62-1.07x
-bf16 at DeepSeek-V3's M = 4096 shapes (481 at N = 32768, K = 512), 0.43-0.90x at M = 128.
+shape, as DeepGEMM's JIT does; scales are read in the caller's layout (no transposes). Each
+K-block waits for its wgmma before promoting, as in our Mosaic kernel, so tensor cores and
+promotion FMAs take turns: a likely reason Triton block-FP8 lands near bf16 speed rather than
+near the FP8 ceiling (what ptxas makes of it, and the measurements:
+docs/kernels.md#fp8-gemm-in-triton).
 
 **Configs**: `default_config(m, n)` is fixed and deterministic (128 x 128 tiles, 8 warps, 4
-stages: the config of the jax-triton port that ran 761 TFLOP/s at 8192^3 on an H100,
-../shared/reference/gpu_facts.md; 64-row tiles for M <= 64); `config="autotune"` lets Triton's
-autotuner, through jax-triton, time `AUTOTUNE_CONFIGS` on the first call of each shape.
+stages; 64-row tiles for M <= 64); `config="autotune"` lets Triton's autotuner, through
+jax-triton, time `AUTOTUNE_CONFIGS` on the first call of each shape.
 
 **Installing**: Triton is imported only when a GEMM is called, so this module imports on a
 CPU machine without it. jax-triton 0.3.1 is the release that matches triton 3.6 (0.4 needs
@@ -47,25 +39,32 @@ CPU machine without it. jax-triton 0.3.1 is the release that matches triton 3.6 
 jax-triton 0.3.1 also needs a jaxlib with GPU support, and `triton_call` has no CPU
 lowering, no JVP and no vmap: the kernel runs on NVIDIA GPUs only (sm_89+ for e4m3).
 
-Benchmark: `python -m pallas_kernels.fp8_triton [--autotune] [--shapes MxNxK ...]` (one GPU).
+`python -m pallas_kernels.fp8_triton` checks both GEMMs against `fp8_gemm`'s reference on a
+GPU (where Triton cannot run it says so and exits 0); `--bench [--autotune] [--shapes MxNxK
+...]` times the kernel against XLA's bf16 dot (one GPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _mosaic as mg
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels import fp8_quant as q8
+from pallas_kernels import timing
 
 INSTALL_HINT = ("the Triton FP8 GEMM needs triton 3.6 and jax-triton 0.3.1 on a GPU build of "
                 "jax; next to triton 3.6 install jax-triton with "
                 "`pip install --no-deps jax-triton==0.3.1` (jax-triton 0.4 needs triton >= 3.7)")
 OUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-SMEM_BYTES = 232_448  # per block on H100/H200 (gpu_facts.md)
+# Shared memory for the pipeline buffers: a block's whole opt-in budget (Triton places its own
+# barriers and reports a config that does not fit when it compiles).
+SMEM_BYTES = mg.SMEM_PER_BLOCK
 
 # `triton.language`, bound by `_modules()` on first use. The kernel below is a plain function
 # until then (its `tl.constexpr` annotations are strings under `from __future__ import
@@ -111,7 +110,8 @@ class TritonConfig:
 
 
 def default_config(m: int, n: int) -> TritonConfig:
-    """128 x 128 tiles, 8 warps, 4 stages; 64-row tiles (one warpgroup) when M <= 64."""
+    """128 x 128 tiles, 8 warps, 4 stages (the config of the jax-triton port in
+    ../shared/reference/gpu_facts.md); 64-row tiles (one warpgroup) when M <= 64."""
     del n
     if m <= 64:
         return TritonConfig(block_m=64, block_n=128, num_warps=4, num_stages=5)
@@ -259,7 +259,7 @@ def gemm_1d2d_triton(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array,
                      config: TritonConfig | str | None = None) -> jax.Array:
     """y [M, N] = dequant(a) @ dequant(b)^T; a 1 x 128-scaled, b 128 x 128-scaled (as
     `fp8_gemm.gemm_1d2d`). config: None (`default_config`), a TritonConfig, or "autotune"."""
-    fg._check(a, s_a, b, s_b, "blocks")
+    fg.check_operands(a, s_a, b, s_b, "blocks")
     return _gemm(a, s_a, b, s_b, "blocks", out_dtype, config)
 
 
@@ -268,12 +268,12 @@ def gemm_1d1d_triton(a: jax.Array, s_a: jax.Array, b: jax.Array, s_b: jax.Array,
                      config: TritonConfig | str | None = None) -> jax.Array:
     """y [M, N] = dequant(a) @ dequant(b)^T; both 1 x 128-scaled along K (as
     `fp8_gemm.gemm_1d1d`, the weight gradient)."""
-    fg._check(a, s_a, b, s_b, "rows")
+    fg.check_operands(a, s_a, b, s_b, "rows")
     return _gemm(a, s_a, b, s_b, "rows", out_dtype, config)
 
 
 # --------------------------------------------------------------------------------------------
-# Benchmark (GPU): python -m pallas_kernels.fp8_triton [--autotune] [--shapes MxNxK ...]
+# python -m pallas_kernels.fp8_triton: the self-check, and the benchmark (--bench, GPU)
 # --------------------------------------------------------------------------------------------
 
 
@@ -283,12 +283,12 @@ def calc_diff(x: jax.Array, y: jax.Array) -> float:
     return float(1 - 2 * jnp.sum(x * y) / (jnp.sum(x * x) + jnp.sum(y * y)))
 
 
-def main(argv=None) -> list[dict]:
+def bench(argv=None) -> list[dict]:
     """Per shape: the Triton kernel's TFLOP/s (CUPTI kernel time, median) and calc_diff
-    against the exact reference, next to XLA's bf16 dot on the same (unquantized) inputs."""
-    import argparse
+    against the exact reference, next to XLA's bf16 dot on the same (unquantized) inputs.
 
-    from pallas_kernels import grouped_matmul as gm
+    python -m pallas_kernels.fp8_triton --bench [--autotune] [--shapes MxNxK ...]"""
+    import argparse
 
     ap = argparse.ArgumentParser(description="jax-triton block-scaled FP8 GEMM benchmark")
     ap.add_argument("--shapes", nargs="*", default=["8192x8192x8192", "4096x7168x16384",
@@ -305,17 +305,75 @@ def main(argv=None) -> list[dict]:
         aq, sa = jax.jit(q8.quantize_rows)(x)
         bq, sb = jax.jit(q8.quantize_blocks)(w)
         want = fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32)
-        row = {"shape": [m, n, k], "xla_bf16": 2 * m * n * k / gm._time_ms(
-            lambda p, q: jnp.einsum("mk,nk->mn", p, q), x, w) / 1e9}
+        row = {"shape": [m, n, k], "xla_bf16": 2 * m * n * k / timing.kernel_ms(
+            lambda p, q: jnp.einsum("mk,nk->mn", p, q), (x, w), 20) / 1e9}
         for name, cfg in (("triton", None), ("triton_autotune", "autotune"))[:1 + args.autotune]:
             fn = functools.partial(gemm_1d2d_triton, config=cfg)
             row[f"{name}_calc_diff"] = calc_diff(jax.jit(fn)(aq, sa, bq, sb), want)
-            row[name] = 2 * m * n * k / gm._time_ms(fn, aq, sa, bq, sb) / 1e9
+            row[name] = 2 * m * n * k / timing.kernel_ms(fn, (aq, sa, bq, sb), 20) / 1e9
         print({key: round(v, 7 if "diff" in key else 1) if isinstance(v, float) else v
                for key, v in row.items()}, flush=True)
         rows.append(row)
     return rows
 
 
+def _checks() -> list:
+    """Both GEMMs against `fp8_gemm`'s reference in float32 out (1e-2: FP8 tensor cores round
+    within each 128-block of K): the default config, a ragged M and N (edge tiles), a 64-row
+    tile, and one row (decode)."""
+    def case(m, n, k, b_scale, config=None):
+        ka, kb = jax.random.split(jax.random.key(m + n + k))
+        x = jax.random.normal(ka, (m, k)) * jnp.exp2(jnp.arange(k) // q8.BLOCK % 4 * 2.0 - 3)
+        w = jax.random.normal(kb, (n, k)) * jnp.exp2(jnp.arange(n) // q8.BLOCK % 4 - 1.0)[
+            :, None]
+        aq, sa = q8.quantize_rows(x)
+        if b_scale == "blocks":
+            bq, sb = q8.quantize_blocks(w)
+            got = gemm_1d2d_triton(aq, sa, bq, sb, out_dtype=jnp.float32, config=config)
+            return mg.rel_error(got, fg.gemm_1d2d(aq, sa, bq, sb, out_dtype=jnp.float32))
+        bq, sb = q8.quantize_rows(w)
+        got = gemm_1d1d_triton(aq, sa, bq, sb, out_dtype=jnp.float32, config=config)
+        return mg.rel_error(got, fg.gemm_1d1d(aq, sa, bq, sb))
+
+    small = TritonConfig(block_m=64, block_n=128, num_warps=4)
+    return [
+        mg.Check("gemm_1d2d_triton default", "256x256x512",
+                 lambda: case(256, 256, 512, "blocks"), 1e-2),
+        mg.Check("gemm_1d2d_triton ragged", "200x384x384",
+                 lambda: case(200, 384, 384, "blocks"), 1e-2),
+        mg.Check("gemm_1d2d_triton 64-row tiles", "128x256x256",
+                 lambda: case(128, 256, 256, "blocks", small), 1e-2),
+        mg.Check("gemm_1d1d_triton ragged", "200x200x256",
+                 lambda: case(200, 200, 256, "rows"), 1e-2),
+        mg.Check("gemm_1d1d_triton one row", "1x136x256", lambda: case(1, 136, 256, "rows"), 1e-2),
+    ]
+
+
+def main(argv=None) -> int:
+    """python -m pallas_kernels.fp8_triton: both GEMMs against the reference on a GPU; prints a
+    table and exits non-zero if a check fails. Without a GPU or without triton / jax-triton it
+    says why it cannot run them and exits 0 (jax-triton has no CPU path; tests/test_fp8_triton.py
+    runs the kernel in Triton's interpreter where triton is installed).
+    python -m pallas_kernels.fp8_triton --bench [bench's options]: `bench`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--bench" in argv:
+        argv.remove("--bench")
+        bench(argv)
+        return 0
+    if argv:
+        raise SystemExit(f"unknown arguments {argv}; the self-check takes none (or --bench)")
+    if jax.devices()[0].platform != "gpu":
+        print("pallas_kernels.fp8_triton: not run (jax-triton runs on NVIDIA GPUs only; no GPU "
+              "here)")
+        return 0
+    try:
+        _modules()
+    except ImportError as e:
+        print(f"pallas_kernels.fp8_triton: not run ({e})")
+        return 0
+    return mg.run_checks(f"pallas_kernels.fp8_triton ({jax.devices()[0].device_kind}, native)",
+                         _checks())
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

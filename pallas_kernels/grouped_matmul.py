@@ -3,8 +3,7 @@
 The MoE layer sorts its (token, expert) rows by expert, so the rows of expert `g` form one
 contiguous group of `group_sizes[g]` rows, and multiplies each group by that expert's weight.
 `jax.lax.ragged_dot` does this, but on GPU XLA rewrites it into a dense masked dot that costs
-about (number of groups) times the useful FLOPs (../shared/reference/gpu_facts.md, "ragged_dot":
-32 groups ran at 25 TFLOP/s where a batched einsum of the same work ran near 780).
+about (number of groups) times the useful FLOPs (../shared/reference/gpu_facts.md, "ragged_dot").
 
 **The padded-group layout.** Before the matmul, `pad_rows` moves the sorted rows into a buffer
 in which every group starts at a multiple of `block_m` and the rows between groups are zeros:
@@ -23,21 +22,23 @@ Every M-tile of `block_m` rows then belongs to exactly one group, which buys thr
     all three kernels of the forward and backward pass.
 The price is at most `block_m - 1` zero rows per group, about `block_m / 2` on average (with
 expert parallelism over 8 GPUs a device holds 32 of V3's 256 experts: ~2k padding rows against
-~65k routed rows, 3%), and one gather/scatter of the rows, which the MoE layer does anyway when
-it sorts tokens by expert. Buffers are sized by the static bound `max_tiles`; the unused tiles at
-the end only cost a zero store.
+~65k routed rows, 3%), and one gather of the rows, which the MoE layer does anyway when it sorts
+tokens by expert. Buffers are sized by the static bound `max_tiles`; the unused tiles at the end
+only cost a zero store.
 
 **The kernels.** `gmm` (y = x @ w[g], also with w transposed for the data gradient) and `tgmm`
-(dw[g] = x_g^T @ dy_g) are persistent kernels: one CTA per SM, each looping over output tiles in
-an interleaved order (`plgpu.nd_loop`). Each CTA runs three warpgroups: one issues the TMA loads
-of the K pipeline, two issue wgmma on halves of the output tile (`emit_pipeline_warp_specialized`),
-then write their halves back through a small double-buffered SMEM epilogue with TMA stores. In
-`gmm` the K pipelines of a CTA's consecutive tiles are chained, so the loads of the next tile
-overlap the last steps and the epilogue of the current one.
-The structure follows the Hopper recipe of CUTLASS's warp-specialized GEMMs and of the Pallas
-Mosaic GPU matmul in jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py (jax 0.11.2); the
-group handling is ours: a tile's group is one table lookup, tiles past the last group store zeros,
-and `tgmm`'s pipeline length is the group's own tile count (empty groups store exact zeros).
+(dw[g] = x_g^T @ dy_g) are persistent, warp-specialized kernels on the launch, K pipeline and
+epilogue of `pallas_kernels._mosaic`: one CTA per SM looping over output tiles in an interleaved
+order, one warpgroup issuing the TMA loads, two issuing wgmma on halves of the output tile and
+writing them back through a double-buffered SMEM epilogue. In `gmm` the K pipelines of a CTA's
+consecutive tiles are chained, so the loads of the next tile overlap the last steps and the
+epilogue of the current one. The structure follows the Hopper recipe of CUTLASS's
+warp-specialized GEMMs and of the Pallas Mosaic GPU matmul in
+jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py (jax 0.11.2); the group handling is ours: a
+tile's group is one table lookup, tiles past the last group store zeros, and `tgmm`'s pipeline
+length is the group's own tile count (empty groups store exact zeros). `tgmm` visits the longest
+groups first; with skewed routing it is still bound by the longest group's tiles, each of which
+contracts over all of that group's rows on one SM.
 
 `grouped_matmul_padded` ties them together with a `jax.custom_vjp`: forward `gmm`, backward
 dx = gmm(dy, w, transpose_w=True) and dw = tgmm(x, dy).
@@ -45,20 +46,9 @@ dx = gmm(dy, w, transpose_w=True) and dw = tgmm(x, dy).
 Interpret mode (`interpret=True`) runs the same kernels on the CPU through
 `plgpu.InterpretGPUParams()`; it computes wgmma in fp32 and checks indexing and data flow.
 
-**Measured** (`python -m pallas_kernels.grouped_matmul --tune --json out.json`, one NVIDIA H200,
-jax 0.11.2, 2026-12-01; CUPTI kernel time, median of 20; TFLOP/s of useful work 2 M K N at
-G = 64 groups, M = 98,304 rows; "skewed" is a shuffled Zipf split, largest group 20,722 rows):
-
-    K     N     sizes    gmm   gmm_T  tgmm   ragged_dot  dense einsum (equal groups)
-    1024  512   equal    682   681    676    10.1        710
-    1024  512   skewed   647   647    372    10.1
-    512   1024  equal    625   626    671    11.6        711
-    512   1024  skewed   610   611    370    11.5
-
-gmm runs at 88-96% of a batched einsum of the same work and 60x ragged_dot. tgmm with skewed
-sizes is bound by its longest tile: a (k, n) tile of the largest group contracts over all of its
-rows (here 21% of M) on one SM; splitting such groups over rows (split-K with a reduction) would
-remove that bound and is not done here.
+`python -m pallas_kernels.grouped_matmul` checks the kernels against `gmm_reference` and
+`tgmm_reference` (interpret mode without a Hopper GPU); `--bench [--tune]` times them at MoE
+sizes. Speed, tuning choices and their measurements: docs/kernels.md#grouped-bf16-matmul.
 """
 
 from __future__ import annotations
@@ -75,26 +65,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _mosaic as mg
+from pallas_kernels import timing
+from pallas_kernels._mosaic import launch_shared  # noqa: F401 - part of this module's API
 from pallas_kernels.rows import gather_rows
 
 # Dtypes wgmma takes with both operand transposes (fp8 would need K-major operands on both
 # sides; gpu_facts.md "FP8 wgmma needs both operands K-major").
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# Shared memory per CTA on H100/H200 (gpu_facts.md: 232,448 bytes); we leave 1 KiB for barriers.
-SMEM_BYTES = 232_448 - 1024
-# SM count used in interpret mode. Deliberately small and odd: every simulated SM then loops over
-# several tiles, so the tests exercise the persistent loop (barrier phases carried across tiles,
-# epilogue slots reused) rather than one tile per SM; a real count comes from the device.
-INTERPRET_NUM_SMS = 3
-# Registers kept by the TMA-issuing warpgroup; the two compute warpgroups share the rest
-# (value taken from the Mosaic GPU docs of emit_pipeline_warp_specialized: "40 is reasonable").
-MEMORY_REGISTERS = 40
-NUM_COMPUTE_WGS = 2
-# Epilogue sub-tile: 64 rows x 128 bytes (the TMA swizzle width); with the default two slots per
-# warpgroup the epilogue needs 32 KiB of SMEM whatever the output dtype, leaving the rest to the
-# K pipeline.
-EPI_ROWS = 64
-EPI_BYTES = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,20 +101,16 @@ class TileConfig:
     epilogue_slots: SMEM slots (64 rows x 128 bytes each) per compute warpgroup for the output;
       2 double-buffers the TMA stores; 4 lets a 128 x 128 bf16 warpgroup tile go out without
       waiting for any of its own stores (and leaves room for 3 stages).
-    wg_split: how `gmm`'s two compute warpgroups share a tile: "cols", each all block_m rows
-      and half of the columns (two m64 wgmmas per K step of 16, each reading the warpgroup's
-      whole B half: 4 + 8 KiB of SMEM for 262,144 MACs at 128 x 256); "rows", each half of the
-      rows (block_m a multiple of 128) and all the columns (one m64n256 wgmma: 2 + 8 KiB). The
-      FP8 kernel's "rows" split beat "cols" by 3-14% on an H200 (fp8_gemm.default_config);
-      here it is worth less: gmm 672.7 against 672.1 TFLOP/s at K = 1024, N = 512 and 628.2
-      against 620.0 at K = 512, N = 1024 (gmm_T alike; one H200, 2026-12-02,
-      `python -m pallas_kernels.grouped_matmul --tune`, experiments/results/gmm_tune_h200.json),
-      within about the spread of repeated runs, so "cols", the default every end-to-end
-      number was measured with, stays. `tgmm` always splits its columns.
+    wg_split: how `gmm`'s two compute warpgroups share a tile (`_mosaic.WG_SPLITS`): "cols",
+      each all block_m rows and half of the columns (two m64 wgmmas per K step of 16, each
+      reading the warpgroup's whole B half: 4 + 8 KiB of SMEM for 262,144 MACs at 128 x 256);
+      "rows", each half of the rows (block_m a multiple of 128) and all the columns (one m64n256
+      wgmma: 2 + 8 KiB). Here the two measured within the spread of repeated runs, so "cols",
+      the default every end-to-end number was measured with, stays. `tgmm` always splits its
+      columns.
 
-    The defaults were the fastest on an H200 at the benchmark sizes (gmm): block_n = 128 was
-    about 15% slower, unchained tiles 3-10%, 4 epilogue slots with 3 stages 6-10%; block_k = 128
-    with 2 stages was up to 3% slower than the unchained kernel and cost tgmm 18% (2 stages).
+    The defaults were the fastest of the configs measured at the benchmark sizes
+    (docs/kernels.md#grouped-bf16-matmul).
     """
 
     block_m: int = 128
@@ -151,7 +125,7 @@ class TileConfig:
     wg_split: str = "cols"
 
     def __post_init__(self):
-        if self.wg_split not in WG_SPLITS:
+        if self.wg_split not in mg.WG_SPLITS:
             raise ValueError(f"TileConfig.wg_split={self.wg_split!r} must be 'cols' or 'rows'")
         _check_multiple("block_m", self.block_m, 128 if self.wg_split == "rows" else 64)
         _check_multiple("block_n", self.block_n, 128)
@@ -170,51 +144,31 @@ class TileConfig:
                 f"TileConfig.max_concurrent_steps={self.max_concurrent_steps} must be >= 2 "
                 "(one stage loading while another is multiplied)")
         for name, nbytes in (("gmm", self.gmm_smem_bytes()), ("tgmm", self.tgmm_smem_bytes())):
-            if nbytes > SMEM_BYTES:
+            if nbytes > mg.PIPELINED_SMEM_BYTES:
                 raise ValueError(
                     f"TileConfig: the {name} tiles need {nbytes} bytes of shared memory, more than "
-                    f"{SMEM_BYTES}; lower max_concurrent_steps={self.max_concurrent_steps} "
-                    "or the blocks")
+                    f"{mg.PIPELINED_SMEM_BYTES}; lower "
+                    f"max_concurrent_steps={self.max_concurrent_steps} or the blocks")
 
     def replace(self, **changes) -> TileConfig:
         return dataclasses.replace(self, **changes)
 
     def gmm_wg_tile(self) -> tuple[int, int]:
         """(rows, columns) of one compute warpgroup's share of a `gmm` output tile."""
-        return wg_share(self.wg_split, self.block_m, self.block_n)
+        return mg.wg_share(self.wg_split, self.block_m, self.block_n)
 
     def gmm_smem_bytes(self, itemsize: int = 2) -> int:
         stage = (self.block_m * self.block_k + self.block_k * self.block_n) * itemsize
-        return self.max_concurrent_steps * stage + _epilogue_bytes(self.epilogue_slots)
+        return self.max_concurrent_steps * stage + mg.epilogue_bytes(self.epilogue_slots)
 
     def tgmm_smem_bytes(self, itemsize: int = 2) -> int:
         stage = self.tgmm_block_rows * (self.tgmm_block_k + self.tgmm_block_n) * itemsize
-        return self.max_concurrent_steps * stage + _epilogue_bytes(self.epilogue_slots)
-
-
-WG_SPLITS = ("cols", "rows")  # how two compute warpgroups share a tile (here and in fp8_gemm)
-
-
-def wg_share(split: str, block_m: int, block_n: int) -> tuple[int, int]:
-    """(rows, columns) of one compute warpgroup's share of a [block_m, block_n] output tile:
-    "rows" halves the rows, "cols" the columns (this kernel's and fp8_gemm's `wg_split`)."""
-    if split == "rows":
-        return block_m // NUM_COMPUTE_WGS, block_n
-    return block_m, block_n // NUM_COMPUTE_WGS
-
-
-def wg_offsets(split: str, rows: int, cols: int, wg) -> tuple:
-    """(first row, first column) of warpgroup `wg`'s (rows, cols) share within the tile."""
-    return (wg * rows, 0) if split == "rows" else (0, wg * cols)
+        return self.max_concurrent_steps * stage + mg.epilogue_bytes(self.epilogue_slots)
 
 
 def _check_multiple(name: str, value: int, multiple: int) -> None:
     if value <= 0 or value % multiple:
         raise ValueError(f"TileConfig.{name}={value} must be a positive multiple of {multiple}")
-
-
-def _epilogue_bytes(slots: int) -> int:
-    return NUM_COMPUTE_WGS * slots * EPI_ROWS * EPI_BYTES
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,99 +319,14 @@ def tgmm_reference(x_pad: jax.Array, dy_pad: jax.Array, plan: PadPlan,
 # --------------------------------------------------------------------------------------------
 
 
-def _swizzled(minor_elems: int, dtype) -> tuple:
-    """SMEM transforms for a tile whose minor dimension has `minor_elems` elements.
-
-    wgmma and TMA read 8-row groups of a swizzled layout; the widest swizzle that divides the
-    row (128 bytes for our tiles) avoids bank conflicts (Mosaic GPU's `find_swizzle`).
-    """
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
-def _epilogue_smem(dtype, slots: int):
-    """Output slots per compute warpgroup: [wg, slot, EPI_ROWS, EPI_BYTES / itemsize]."""
-    cols = EPI_BYTES // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM((NUM_COMPUTE_WGS, slots, EPI_ROWS, cols), dtype,
-                      transforms=_swizzled(cols, dtype))
-
-
-def _store_tile(acc: jax.Array, slots, dst) -> None:
-    """Writes one warpgroup's fp32 tile `acc` [rows, cols] to GMEM `dst` through the SMEM
-    `slots` [S, epi_rows, epi_cols] in round robin.
-
-    Each sub-tile is cast, written to a slot, fenced (`commit_smem`, so the TMA engine sees the
-    stores) and sent with a TMA store; before a slot is reused we wait until at most S - 1 stores
-    are still reading SMEM, so the one that read this slot is done. The stores of the previous
-    tile were issued a whole K loop ago, so the wait at the start costs nothing in practice.
-    """
-    rows, cols = acc.shape
-    num_slots, epi_rows, epi_cols = slots.shape
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    step = 0
-    for i in range(rows // epi_rows):
-        for j in range(cols // epi_cols):
-            slot = step % num_slots
-            if step >= num_slots:
-                plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
-            r0, c0 = i * epi_rows, j * epi_cols
-            slots[slot] = acc[r0:r0 + epi_rows, c0:c0 + epi_cols].astype(slots.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                slots.at[slot], dst.at[pl.ds(r0, epi_rows), pl.ds(c0, epi_cols)])
-            step += 1
-
-
-def _zero_tile(shape: tuple[int, int], slots, dst) -> None:
-    """Stores zeros to `dst`. The zeros come from an unused (zero-initialised) accumulator so they
-    carry the wgmma register layout that `_store_tile` expects."""
-    zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC(shape, jnp.float32))
-    _store_tile(zeros, slots, dst)
-
-
-def _warp_specialized(mma, acc_shape, store_to, in_specs, grid, max_steps: int, state=None):
-    """Our K pipeline: warpgroup 2 issues the TMA loads, warpgroups 0 and 1 each run `mma` into
-    their own fp32 accumulator of `acc_shape` and then hand it to `store_to` (the epilogue).
-    `state` chains consecutive pipelines (see `_gmm_body`)."""
+def _accumulating_pipeline(mma, acc_shape, store_to, in_specs, grid, max_steps: int, state=None):
+    """The bf16 kernels' K pipeline (`_mosaic.warp_specialized`): each compute warpgroup runs
+    `mma` into its own fp32 accumulator of `acc_shape` and then hands it to `store_to` (the
+    epilogue). `state` chains consecutive pipelines (`_mosaic.run_tile`)."""
     def context(run):
         acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC(acc_shape, jnp.float32))
         store_to(acc)
-    return plgpu.emit_pipeline_warp_specialized(
-        mma, grid=grid, in_specs=in_specs, max_concurrent_steps=max_steps,
-        memory_registers=MEMORY_REGISTERS, num_compute_wgs=NUM_COMPUTE_WGS, wg_axis="wg",
-        compute_context=context, pipeline_state=state)
-
-
-def _num_sms(interpret: bool) -> int:
-    if interpret:
-        return INTERPRET_NUM_SMS
-    return jax.devices()[0].core_count
-
-
-@functools.partial(jax.jit, static_argnames=("body", "params", "out_type", "interpret",
-                                             "cluster"))
-def launch_shared(*args, body, params: tuple, out_type, interpret: bool, cluster: int = 1):
-    """`_launch(partial(body, **dict(params)), out_type, interpret, cluster)(*args)` under a jit
-    keyed by the kernel's statics (`body` a module-level function, `params` hashable (name, value)
-    pairs, `out_type`): every call with the same statics and operand shapes shares one lowered
-    function. Without it each call site lowers and compiles its own copy of the kernel (the
-    kernel hash differs per site): the `small` FP8 train step, scanned, had 117 Mosaic GPU call
-    sites, took 87 s to lower on a 2-core CPU and over 115 s to compile on an H200; now 38
-    sites of 27 kernels, 25 s (experiments/lowering_stats.py)."""
-    return _launch(functools.partial(body, **dict(params)), out_type, interpret, cluster)(*args)
-
-
-def _launch(body, out_type, interpret: bool, cluster: int = 1):
-    """A persistent launch: one CTA per SM, three warpgroups per CTA. With `cluster` > 1 the CTAs
-    come in clusters of that many (axis "cluster") and the grid axis "sm" counts clusters, so
-    TMA can multicast a tile to every CTA of a cluster (`fp8_gemm.Fp8Config.multicast`)."""
-    clusters = {} if cluster == 1 else dict(cluster=(cluster,), cluster_names=("cluster",))
-    return plgpu.kernel(
-        body, out_type=out_type, grid=(_num_sms(interpret) // cluster,), grid_names=("sm",),
-        num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg", **clusters,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
+    return mg.warp_specialized(mma, context, in_specs, grid, max_steps, state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,9 +340,9 @@ def _gmm_specs(cfg: TileConfig, dtype, transpose_w: bool) -> list:
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     w_block = (bn, bk) if transpose_w else (bk, bn)
     return [
-        plgpu.BlockSpec((bm, bk), lambda s: (0, s), transforms=_swizzled(bk, dtype)),
+        plgpu.BlockSpec((bm, bk), lambda s: (0, s), transforms=mg.swizzled(bk, dtype)),
         plgpu.BlockSpec(w_block, (lambda s: (0, s)) if transpose_w else (lambda s: (s, 0)),
-                        transforms=_swizzled(w_block[1], dtype)),
+                        transforms=mg.swizzled(w_block[1], dtype)),
     ]
 
 
@@ -484,7 +353,7 @@ def _gmm_mma(transpose_w: bool, cfg: TileConfig):
 
     def mma(_, x_smem, w_smem, acc):
         wg = lax.axis_index("wg")
-        r0, c0 = wg_offsets(cfg.wg_split, rows, cols, wg)
+        r0, c0 = mg.wg_offsets(cfg.wg_split, rows, cols, wg)
         a = x_smem.at[pl.ds(r0, rows)]
         if transpose_w:  # w tile [bn, bk]: this warpgroup's rows, read K-major by wgmma.
             b = w_smem.at[pl.ds(c0, cols), :].T
@@ -495,26 +364,6 @@ def _gmm_mma(transpose_w: bool, cfg: TileConfig):
         plgpu.wgmma_wait(0)
         return acc
     return mma
-
-
-def _run_tile(make_pipeline, operands, allocs, *, chain: bool, first, last) -> None:
-    """Runs one tile's K pipeline, chained to the CTA's previous and next tiles if `chain`.
-
-    Chained, the TMA warpgroup runs on into the next tile's loads as soon as stages free up,
-    instead of draining the pipeline after every tile: only a CTA's first tile fills it and only
-    its last drains it (`plgpu.PipelinePipeline` START / STEADY / STOP). At MoE sizes a tile has
-    only 8-16 K steps, and this lifted gmm from 561 to 625 TFLOP/s at K = 512 on an H200.
-    A CTA with a single tile needs both fill and drain, which is a plain pipeline.
-    """
-    if not chain:
-        make_pipeline()(*operands, allocations=allocs)
-        return
-    states = plgpu.PipelinePipeline
-    state = jnp.where(first, jnp.int32(states.START),
-                      jnp.where(last, jnp.int32(states.STOP), jnp.int32(states.STEADY)))
-    lax.cond(jnp.logical_and(first, last),
-             lambda: make_pipeline()(*operands, allocations=allocs),
-             lambda: make_pipeline(state)(*operands, allocations=allocs))
 
 
 def _gmm_body(num_tiles_ref, tile_group_ref, x_ref, w_ref, y_ref, *, cfg: TileConfig,
@@ -546,34 +395,34 @@ def _gmm_body(num_tiles_ref, tile_group_ref, x_ref, w_ref, y_ref, *, cfg: TileCo
             n_idx = lax.rem(lin, jnp.int32(n_tiles))
             rows = pl.ds(pl.multiple_of(m_idx * bm, bm), bm)
             cols = pl.ds(pl.multiple_of(n_idx * bn, bn), bn)
-            r0, c0 = wg_offsets(cfg.wg_split, *wg_tile, wg)
+            r0, c0 = mg.wg_offsets(cfg.wg_split, *wg_tile, wg)
             y_tile = y_ref.at[rows, cols].at[pl.ds(r0, wg_tile[0]), pl.ds(c0, wg_tile[1])]
 
             @pl.when(lin < used)
             def _compute():
                 g = tile_group_ref[m_idx]
                 w_tile = w_ref.at[g, cols, :] if transpose_w else w_ref.at[g, :, cols]
-                store = functools.partial(_store_tile, slots=epi.at[wg], dst=y_tile)
+                store = functools.partial(mg.store_tile, slots=epi.at[wg], dst=y_tile)
 
                 def make(state=None):
-                    return _warp_specialized(mma, wg_tile, store, in_specs, (k_steps,),
+                    return _accumulating_pipeline(mma, wg_tile, store, in_specs, (k_steps,),
                                              cfg.max_concurrent_steps, state=state)
 
-                _run_tile(make, (x_ref.at[rows, :], w_tile), allocs, chain=chain,
+                mg.run_tile(make, (x_ref.at[rows, :], w_tile), allocs, chain=chain,
                           first=info.local_index == 0, last=lin + num_sms >= used)
 
             # Tiles past the last group hold zero rows; store zeros so no output row is undefined.
-            @pl.when(jnp.logical_and(lin >= used, wg < NUM_COMPUTE_WGS))
+            @pl.when(jnp.logical_and(lin >= used, wg < mg.NUM_COMPUTE_WGS))
             def _zeros():
-                _zero_tile(wg_tile, epi.at[wg], y_tile)
+                mg.zero_tile(wg_tile, epi.at[wg], y_tile)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    allocs = _warp_specialized(mma, wg_tile, None, in_specs, (k_steps,),
+    allocs = _accumulating_pipeline(mma, wg_tile, None, in_specs, (k_steps,),
                                cfg.max_concurrent_steps).get_allocations(
         x_ref.at[pl.ds(0, bm), :],
         w_ref.at[0, pl.ds(0, bn), :] if transpose_w else w_ref.at[0, :, pl.ds(0, bn)])
-    pl.run_scoped(scoped, allocs=allocs, epi=_epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
+    pl.run_scoped(scoped, allocs=allocs, epi=mg.epilogue_smem(y_ref.dtype, cfg.epilogue_slots),
                   collective_axes="wg")
 
 
@@ -614,7 +463,7 @@ def _tgmm_body(order_ref, start_ref, count_ref, x_ref, dy_ref, dw_ref, *, cfg: T
     """Kernel body. x_ref [Mp, K], dy_ref [Mp, N], dw_ref [G, K, N]; order_ref [G] is the order
     in which groups are visited, start_ref / count_ref [G] their first tile and tile count."""
     tk, tn, br = cfg.tgmm_block_k, cfg.tgmm_block_n, cfg.tgmm_block_rows
-    half = tn // NUM_COMPUTE_WGS
+    half = tn // mg.NUM_COMPUTE_WGS
     num_groups, k, n = dw_ref.shape
     k_tiles, n_tiles = k // tk, n // tn
     steps_per_tile = cfg.block_m // br
@@ -632,11 +481,11 @@ def _tgmm_body(order_ref, start_ref, count_ref, x_ref, dy_ref, dw_ref, *, cfg: T
         # length (`steps`, dynamic); an empty group runs no step and stores the zero accumulator.
         in_specs = [
             plgpu.BlockSpec((br, tk), lambda s: (first_step + s, 0),
-                            transforms=_swizzled(tk, dtype)),
+                            transforms=mg.swizzled(tk, dtype)),
             plgpu.BlockSpec((br, tn), lambda s: (first_step + s, 0),
-                            transforms=_swizzled(tn, dtype)),
+                            transforms=mg.swizzled(tn, dtype)),
         ]
-        return _warp_specialized(mma, (tk, half), store_to, in_specs, (steps,),
+        return _accumulating_pipeline(mma, (tk, half), store_to, in_specs, (steps,),
                                  cfg.max_concurrent_steps)
 
     def scoped(allocs, epi):
@@ -653,7 +502,7 @@ def _tgmm_body(order_ref, start_ref, count_ref, x_ref, dy_ref, dw_ref, *, cfg: T
             ns = pl.ds(pl.multiple_of(n_idx * tn, tn), tn)
             dw_tile = dw_ref.at[g, ks, ns].at[:, pl.ds(wg * half, half)]
             pipeline = make_pipeline(start_ref[g] * steps_per_tile, count_ref[g] * steps_per_tile,
-                                     lambda acc: _store_tile(acc, epi.at[wg], dw_tile))
+                                     lambda acc: mg.store_tile(acc, epi.at[wg], dw_tile))
             pipeline(x_ref.at[:, ks], dy_ref.at[:, ns], allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -663,7 +512,7 @@ def _tgmm_body(order_ref, start_ref, count_ref, x_ref, dy_ref, dw_ref, *, cfg: T
     # (dynamic-length) pipelines will not shrink it either.
     allocs = make_pipeline(0, cfg.max_concurrent_steps, None).get_allocations(
         x_ref.at[:, pl.ds(0, tk)], dy_ref.at[:, pl.ds(0, tn)])
-    pl.run_scoped(scoped, allocs=allocs, epi=_epilogue_smem(dw_ref.dtype, cfg.epilogue_slots),
+    pl.run_scoped(scoped, allocs=allocs, epi=mg.epilogue_smem(dw_ref.dtype, cfg.epilogue_slots),
                   collective_axes="wg")
 
 
@@ -805,17 +654,47 @@ def unsupported_dims(k: int, n: int, config: TileConfig | None = None,
 
 
 # --------------------------------------------------------------------------------------------
-# Benchmark (GPU): python -m pallas_kernels.grouped_matmul
+# python -m pallas_kernels.grouped_matmul: the self-check, and the benchmark (--bench, GPU)
 # --------------------------------------------------------------------------------------------
 
+# Small tiles for the self-check, so that interpret mode takes seconds: 64-row tiles, 128-wide
+# CTA tiles, 4 K steps at K = 256. (tgmm's steps stay 64 rows: its wgmma reads x transposed,
+# which the GPU lowering takes only with K = 64 a step; interpret mode would take 32 too.)
+_SMALL = TileConfig(block_m=64, block_n=128, block_k=64, tgmm_block_k=64, tgmm_block_n=128,
+                    tgmm_block_rows=64)
 
-def _time_ms(fn, *args, repeats: int = 20) -> float:
-    """Median device time of `fn(*args)` in ms (pallas_kernels/timing.py: CUPTI kernel time,
-    L2 flushed; a CUPTI failure raises). The numbers quoted in this module were measured before
-    the L2 flush, with CUPTI alone."""
-    from pallas_kernels import timing
 
-    return timing.kernel_ms(fn, args, repeats)
+def _checks(interpret) -> list:
+    """gmm, gmm with transposed weights and tgmm against `gmm_reference` / `tgmm_reference`:
+    4 groups of 120, 0 (empty), 130 and 50 rows out of 300 (the last 0 past every group), small
+    tiles and the default ones; bf16 in, bf16 out for gmm (2e-2: the output's rounding), fp32
+    out for tgmm."""
+    g, m, k, n = 4, 300, 256, 256
+    kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(kw, (g, k, n), jnp.float32) / math.sqrt(k)).astype(jnp.bfloat16)
+    dy = jax.random.normal(kd, (m, n), jnp.float32).astype(jnp.bfloat16)
+    sizes = jnp.asarray([120, 0, 130, 50], jnp.int32)
+    shape = f"G={g} M={m} K={k} N={n}"
+
+    def case(cfg, kernel):
+        plan = pad_plan(sizes, m, cfg.block_m)
+        x_pad, dy_pad = pad_rows(x, plan), pad_rows(dy, plan)
+        if kernel == "gmm":
+            return mg.rel_error(gmm(x_pad, w, plan, config=cfg, interpret=interpret),
+                                gmm_reference(x_pad, w, plan))
+        if kernel == "gmm_T":
+            w_t = jnp.swapaxes(w, 1, 2)
+            return mg.rel_error(gmm(x_pad, w_t, plan, transpose_w=True, config=cfg,
+                                    interpret=interpret),
+                                gmm_reference(x_pad, w_t, plan, transpose_w=True))
+        return mg.rel_error(tgmm(x_pad, dy_pad, plan, g, config=cfg, interpret=interpret),
+                            tgmm_reference(x_pad, dy_pad, plan, g))
+
+    return [mg.Check(f"{kernel} {name} tiles", shape,
+                     functools.partial(case, cfg, kernel), 1e-3 if kernel == "tgmm" else 2e-2)
+            for name, cfg in (("small", _SMALL), ("default", TileConfig()))
+            for kernel in ("gmm", "gmm_T", "tgmm")]
 
 
 def _group_sizes(m: int, g: int, skewed: bool, key) -> jax.Array:
@@ -853,7 +732,7 @@ def _bench_case(cfg: TileConfig, g: int, m: int, k: int, n: int, skewed: bool,
                 lambda a, b: jnp.einsum("gmk,gkn->gmn", a.reshape(g, m // g, k), b), x, w)
     flops = 2 * m * k * n
     for name, (fn, a, b) in runs.items():
-        row[name] = round(flops / _time_ms(fn, a, b) / 1e9, 1)  # ms -> TFLOP/s
+        row[name] = round(flops / timing.kernel_ms(fn, (a, b), 20) / 1e9, 1)  # TFLOP/s
     print(row, flush=True)
     return row
 
@@ -910,12 +789,32 @@ def _bench(tune: bool = False, g: int = 64, m: int = 98304) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """python -m pallas_kernels.grouped_matmul [--interpret]
+        the kernels against the references (natively on a Hopper GPU, else in interpret mode);
+        prints a table and exits non-zero if a check fails.
+    python -m pallas_kernels.grouped_matmul --bench [--tune] [--json PATH]   (one GPU)
+        `_bench`: TFLOP/s of the default config (with --tune, of other configs too)."""
+    import argparse
     import json
-    import sys
-    results = _bench(tune="--tune" in sys.argv)
-    if "--json" in sys.argv:
-        path = sys.argv[sys.argv.index("--json") + 1]
-        meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
-        with open(path, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+
+    ap = argparse.ArgumentParser(description="grouped matmul kernels: self-check or benchmark")
+    ap.add_argument("--interpret", action="store_true",
+                    help="check in GPU interpret mode even on a Hopper GPU")
+    ap.add_argument("--bench", action="store_true", help="time the kernels (GPU)")
+    ap.add_argument("--tune", action="store_true", help="with --bench: other configs too")
+    ap.add_argument("--json", default=None, help="with --bench: write the rows here")
+    args = ap.parse_args(argv)
+    if args.bench or args.tune:
+        results = _bench(tune=args.tune)
+        if args.json:
+            meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
+        return 0
+    interpret, where = mg.mode(args.interpret)
+    return mg.run_checks(f"pallas_kernels.grouped_matmul ({where})", _checks(interpret))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -62,12 +62,9 @@ Mosaic GPU kernel (Hopper). `mla_decode_reference` is the float32 definition the
   * Shapes. C (= the values' width) is a multiple of 64 up to 512: each math warpgroup owns a
     C/2-wide half of O, whole 32-column swizzle tiles and at most a 256-wide wgmma N (V3 and
     `small`: 512 and 256). R is a multiple of 64 (V3: 64): Mosaic GPU also lowers R = 16, 32
-    and 48 for CUDA, but interpret-mode runs at R = 32 did not finish on our 2-core CPU (nor
-    did some with 32-key blocks, which the one-tile version of commit 99b3a14 ran; one such
-    run finished with XLA's flag --xla_cpu_enable_concurrency_optimized_scheduler=false, so
-    we suspect the CPU interpreter's thread scheduling, not the kernel, but have not shown
-    it), so `kernel_refusal` admits only R that was checked numerically, and the model uses
-    64-key blocks only. SMEM: query block (C + R) x 64, stages of block_s x (C + R).
+    and 48 for CUDA, but those were never checked numerically (interpret mode did not finish
+    on them: docs/kernels.md#mla-decode), so `kernel_refusal` admits only R that was, and the
+    model uses 64-key blocks only. SMEM: query block (C + R) x 64, stages of block_s x (C + R).
   * Swizzle. Mosaic GPU's wgmma takes a single swizzle for both SMEM operands, and each
     warpgroup's 32-key half of P must be whole swizzle tiles, so Q, the cache ring and P are
     64-byte swizzled (FlashMLA: 128). A 32-key P half cannot be a wgmma A operand by itself
@@ -90,6 +87,10 @@ layout inference, wgmma/TMA constraints and the SMEM budget all run at lowering)
 Requirement: cache entries at positions >= lengths[b] inside the last cache block that a row
 reads must be finite (masked keys get probability 0, but 0 * inf is NaN in the P @ V product,
 as in FlashMLA). dsv3_jax/generate.py zero-initialises its caches, so they are.
+
+`python -m pallas_kernels.mla_decode` checks both forms of the kernel against
+`mla_decode_reference` (interpret mode without a Hopper GPU); experiments/bench_decode.py times
+it. Measurements and design notes: docs/kernels.md#mla-decode.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _mosaic as mg
+
 IMPLS = ("xla", "pallas")
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # DeepSeek-V3's latent row: kv_lora_rank C = 512 values (= keys' nope part) + R = 64 rope dims
@@ -114,19 +117,17 @@ V_DIM = 512
 D_K = 576
 # Rows per wgmma / per CTA row block (Hopper's wgmma is 64 rows per warpgroup).
 BLOCK_M = 64
-NUM_COMPUTE_WGS = 2
-# Register split between the math warpgroups (each holds a 64 x 256 fp32 half of O: 128
-# registers a thread) and the TMA warpgroup: (2 x 232 + 40) x 128 threads = 64,512 of the SM's
-# 65,536, the split the warp-specialized Mosaic GPU kernels in jax's examples use.
+# Registers of each math warpgroup (each holds a 64 x 256 fp32 half of O: 128 registers a
+# thread): with the TMA warpgroup's _mosaic.MEMORY_REGISTERS, (2 x 232 + 40) x 128 threads =
+# 64,512 of the SM's 65,536, the split the warp-specialized Mosaic GPU kernels in jax's examples
+# use.
 COMPUTE_REGISTERS = 232
-MEMORY_REGISTERS = 40
-# Shared memory per CTA on H100/H200 (gpu_facts.md: 232,448 bytes), less what Mosaic GPU adds
-# for barriers and alignment (1,352-1,384 bytes at lowering with our allocations). The kernel
-# sets CompilerParams.reduction_scratch_bytes = 0: its reductions are along wgmma rows, within
-# a warp, and the 2 KiB default would not leave room for two cache stages.
-SMEM_BYTES = 232_448 - 1536
-# SM count used by the split heuristic when no GPU is attached (H100/H200: 132).
-DEFAULT_NUM_SMS = 132
+# What Mosaic GPU adds to our allocations for barriers and alignment (1,352-1,384 bytes at
+# lowering). The kernel sets CompilerParams.reduction_scratch_bytes = 0: its reductions are
+# along wgmma rows, within a warp, and the 2 KiB default would not leave room for two cache
+# stages.
+SMEM_RESERVE = 1536
+SMEM_BYTES = mg.SMEM_PER_BLOCK - SMEM_RESERVE
 # FlashMLA's load model counts a fixed overhead of 5 blocks per split (prologue, Q load,
 # epilogue, combine), kernels.md §3.3.
 SPLIT_OVERHEAD_BLOCKS = 5
@@ -205,9 +206,9 @@ def choose_num_splits(batch: int, tq: int, heads: int, s_max: int, block_s: int 
     (waves of CTAs) x (cache blocks per CTA + a fixed overhead per split); we take the split
     count that minimises that, the smallest on ties (FlashMLA balances the same two terms in
     `get_mla_metadata`, kernels.md §3.3; it counts 5 blocks of overhead per split). The model is
-    static: it uses S_max, not the (traced) lengths.
+    static: it uses S_max, not the (traced) lengths. `num_sms` None: `_mosaic.device_num_sms()`.
     """
-    num_sms = num_sms or _device_num_sms()
+    num_sms = num_sms or mg.device_num_sms()
     n_blk = max(1, -(-s_max // block_s))
     ctas = batch * row_blocks(tq, heads)
 
@@ -216,13 +217,6 @@ def choose_num_splits(batch: int, tq: int, heads: int, s_max: int, block_s: int 
         return waves * (-(-n_blk // s) + SPLIT_OVERHEAD_BLOCKS)
 
     return min(range(1, min(MAX_SPLITS, n_blk) + 1), key=lambda s: (cost(s), s))
-
-
-def _device_num_sms() -> int:
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-        return int(dev.core_count)
-    return DEFAULT_NUM_SMS
 
 
 def split_schedule(lengths: jax.Array, s_max: int, block_s: int,
@@ -257,14 +251,6 @@ def combine_splits(o_part: jax.Array, lse_part: jax.Array) -> tuple[jax.Array, j
 # --------------------------------------------------------------------------------------------
 
 
-def _swizzled(minor_elems: int, dtype, max_swizzle: int = 128) -> tuple:
-    """SMEM tiling + swizzle for a tile whose rows have `minor_elems` elements: the widest
-    swizzle (<= max_swizzle bytes) that divides the row, as wgmma and TMA read it."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = min(max_swizzle, plgpu.find_swizzle(minor_elems * itemsize * 8))
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def num_stages(d_k: int, block_s: int, itemsize: int = 2) -> int:
     """Cache-ring stages that fit in SMEM next to the query block (2 at 576 x 64, bf16)."""
     fixed = _fixed_smem_bytes(d_k, block_s, itemsize)
@@ -275,7 +261,7 @@ def num_stages(d_k: int, block_s: int, itemsize: int = 2) -> int:
 def _fixed_smem_bytes(d_k: int, block_s: int, itemsize: int) -> int:
     q = BLOCK_M * d_k * itemsize
     p = BLOCK_M * block_s * itemsize
-    stats = NUM_COMPUTE_WGS * BLOCK_M * 4 + BLOCK_M * 4  # row max / sum exchange, lse
+    stats = mg.NUM_COMPUTE_WGS * BLOCK_M * 4 + BLOCK_M * 4  # row max / sum exchange, lse
     return q + p + stats
 
 
@@ -366,7 +352,7 @@ class _Smem(NamedTuple):
 def _smem_types(dtype, out_dtype, c: int, r: int, block_s: int, stages: int) -> list:
     """Allocation order of `_Smem` (the ring and o in one `RefUnion`: their lifetimes are
     disjoint)."""
-    half_s, half_v = block_s // 2, c // NUM_COMPUTE_WGS
+    half_s, half_v = block_s // 2, c // mg.NUM_COMPUTE_WGS
     # Mosaic GPU's wgmma takes one swizzle for both SMEM operands (mosaic/gpu/wgmma.py), and
     # each math warpgroup writes its half_s keys of the P tile, which must be whole swizzle
     # tiles: so every 16-bit tile an MMA with P reads (P, and V: the latent ring) is swizzled
@@ -375,23 +361,23 @@ def _smem_types(dtype, out_dtype, c: int, r: int, block_s: int, stages: int) -> 
     # scores Q_r @ K_r^T are their own wgmma, so q_r and the rope ring only agree with each
     # other (the widest swizzle, up to the same cap, that divides an R-wide row).
     swz = half_s * jnp.dtype(dtype).itemsize
-    ring = (plgpu.SMEM((stages, block_s, c), dtype, transforms=_swizzled(c, dtype, swz)),
-            plgpu.SMEM((stages, block_s, r), dtype, transforms=_swizzled(r, dtype, swz)))
-    out = plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_M, half_v), out_dtype,
-                     transforms=_swizzled(half_v, out_dtype))
+    ring = (plgpu.SMEM((stages, block_s, c), dtype, transforms=mg.swizzled(c, dtype, swz)),
+            plgpu.SMEM((stages, block_s, r), dtype, transforms=mg.swizzled(r, dtype, swz)))
+    out = plgpu.SMEM((mg.NUM_COMPUTE_WGS, BLOCK_M, half_v), out_dtype,
+                     transforms=mg.swizzled(half_v, out_dtype))
     return [
-        plgpu.SMEM((BLOCK_M, c), dtype, transforms=_swizzled(c, dtype, swz)),
-        plgpu.SMEM((BLOCK_M, r), dtype, transforms=_swizzled(r, dtype, swz)),
+        plgpu.SMEM((BLOCK_M, c), dtype, transforms=mg.swizzled(c, dtype, swz)),
+        plgpu.SMEM((BLOCK_M, r), dtype, transforms=mg.swizzled(r, dtype, swz)),
         plgpu.RefUnion(ring, out),
-        plgpu.SMEM((BLOCK_M, block_s), dtype, transforms=_swizzled(block_s, dtype, swz)),
-        plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_M), jnp.float32),
+        plgpu.SMEM((BLOCK_M, block_s), dtype, transforms=mg.swizzled(block_s, dtype, swz)),
+        plgpu.SMEM((mg.NUM_COMPUTE_WGS, BLOCK_M), jnp.float32),
         plgpu.SMEM((BLOCK_M,), jnp.float32),
         # A barrier that TMA copies complete counts one arrival per copy (as jax's own
         # pipelines set num_arrivals = copies per step, pallas/mosaic_gpu/pipeline.py).
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=2),
+        plgpu.Barrier(num_arrivals=mg.NUM_COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=mg.NUM_COMPUTE_WGS, num_barriers=2),
     ]
 
 
@@ -413,14 +399,14 @@ def _body(lengths_ref, start_ref, count_ref, q_c_ref, q_r_ref, kv_c_ref, kv_r_re
         smem = _Smem(q, q_r, kv, kv_r, o, *rest)
         wg = lax.axis_index("wg")
 
-        @pl.when(wg < NUM_COMPUTE_WGS)
+        @pl.when(wg < mg.NUM_COMPUTE_WGS)
         def _math():
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             _math_wg(cta, smem, wg, o_ref, lse_ref)
 
-        @pl.when(wg == NUM_COMPUTE_WGS)
+        @pl.when(wg == mg.NUM_COMPUTE_WGS)
         def _memory():
-            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+            plgpu.set_max_registers(mg.MEMORY_REGISTERS, action="decrease")
             _memory_wg(cta, smem, q_c_ref, q_r_ref, kv_c_ref, kv_r_ref)
 
     pl.run_scoped(scoped, *_smem_types(q_c_ref.dtype, o_ref.dtype, cta.cols.c, cta.cols.r,
@@ -491,7 +477,7 @@ def _math_wg(cta: _Cta, smem: _Smem, w, o_ref, lse_ref) -> None:
     """Math warpgroup w: online softmax over the CTA's cache blocks, this warpgroup scoring
     keys w * half_s .. of each block and owning output columns w * V/2 .. (kernels.md §3.4)."""
     wgmma, row_vec = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
-    half_s, half_v = cta.block_s // 2, o_ref.shape[-1] // NUM_COMPUTE_WGS
+    half_s, half_v = cta.block_s // 2, o_ref.shape[-1] // mg.NUM_COMPUTE_WGS
     key_room = _key_room(cta, w)
     scale_log2 = cta.scale * LOG2E  # exp(x * scale) = exp2(x * scale * log2 e)
     plgpu.barrier_wait(smem.q_bar)
@@ -522,7 +508,7 @@ def _math_wg(cta: _Cta, smem: _Smem, w, o_ref, lse_ref) -> None:
         # Publish P_w into its half of the block's P tile (whole swizzle tiles: a static slice
         # per warpgroup), fence for the wgmma's async proxy, wait for the other half.
         p16 = p.astype(smem.p.dtype)
-        for j in range(NUM_COMPUTE_WGS):
+        for j in range(mg.NUM_COMPUTE_WGS):
             @pl.when(w == j)
             def _publish(keys=slice(j * half_s, (j + 1) * half_s)):
                 smem.p[:, keys] = p16
@@ -567,22 +553,14 @@ def _epilogue(cta: _Cta, smem: _Smem, w, o, m, l, o_ref, lse_ref) -> None:
     plgpu.wait_smem_to_gmem(0)
 
 
-def _interpret_params(interpret):
-    """`interpret`: False (compile for the GPU), True (GPU interpret mode with defaults; the
-    interpreter fills fresh SMEM with NaNs, so a read before a write shows), or an
-    `plgpu.InterpretGPUParams`."""
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else None
-
-
 # A jit keyed by the statics: the decode step's call sites with equal shapes (the dense and MoE
 # layer stacks, the MTP module) share one lowered kernel instead of lowering and compiling one
-# each (grouped_matmul.launch_shared says why).
+# each (as `_mosaic.launch_shared` does for the persistent kernels).
 @functools.partial(jax.jit, static_argnames=("cols", "tq", "heads", "scale", "block_s",
                                              "out_dtype", "interpret"))
-def _launch(q_c, q_r, kv_c, kv_r, lengths, start, count, *, cols: _Cols, tq: int, heads: int,
-            scale: float, block_s: int, out_dtype, interpret) -> tuple[jax.Array, jax.Array]:
+def _launch_decode(q_c, q_r, kv_c, kv_r, lengths, start, count, *, cols: _Cols, tq: int,
+                   heads: int, scale: float, block_s: int, out_dtype,
+                   interpret) -> tuple[jax.Array, jax.Array]:
     bsz, m_pad = q_c.shape[:2]
     splits = start.shape[1]
     out_dtype = jnp.dtype(out_dtype or jnp.float32)
@@ -593,12 +571,12 @@ def _launch(q_c, q_r, kv_c, kv_r, lengths, start, count, *, cols: _Cols, tq: int
                 jax.ShapeDtypeStruct((bsz, splits, m_pad), jnp.float32))
     run = plgpu.kernel(
         body, out_type=out_type, grid=(m_pad // BLOCK_M, splits, bsz),
-        grid_names=("rows", "split", "batch"), num_threads=NUM_COMPUTE_WGS + 1,
+        grid_names=("rows", "split", "batch"), num_threads=mg.NUM_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
             reduction_scratch_bytes=0),
-        interpret=_interpret_params(interpret))
+        interpret=mg.interpret_params(interpret))
     return run(lengths.astype(jnp.int32), start, count, q_c, q_r, kv_c, kv_r)
 
 
@@ -616,8 +594,9 @@ def mla_decode_kernel(q_rows: jax.Array, kv: jax.Array, lengths: jax.Array, star
     it is the final output). The same arrays feed both column ranges (no copy).
     """
     cols = _Cols(c=v_dim, r=kv.shape[-1] - v_dim, q_c0=0, q_r0=v_dim, kv_c0=0, kv_r0=v_dim)
-    return _launch(q_rows, q_rows, kv, kv, lengths, start, count, cols=cols, tq=tq, heads=heads,
-                   scale=scale, block_s=block_s, out_dtype=out_dtype, interpret=interpret)
+    return _launch_decode(q_rows, q_rows, kv, kv, lengths, start, count, cols=cols, tq=tq,
+                          heads=heads, scale=scale, block_s=block_s, out_dtype=out_dtype,
+                          interpret=interpret)
 
 
 def mla_decode_kernel_latent(q_lat_rows, q_rope_rows, c_kv, k_rope, lengths, start, count, *,
@@ -627,9 +606,9 @@ def mla_decode_kernel_latent(q_lat_rows, q_rope_rows, c_kv, k_rope, lengths, sta
     q_rope_rows [B, M_pad, R], c_kv [B, S_max, C], k_rope [B, S_max, R]; otherwise as
     `mla_decode_kernel` (o [B, P, M_pad, C])."""
     cols = _Cols(c=c_kv.shape[-1], r=k_rope.shape[-1], q_c0=0, q_r0=0, kv_c0=0, kv_r0=0)
-    return _launch(q_lat_rows, q_rope_rows, c_kv, k_rope, lengths, start, count, cols=cols,
-                   tq=tq, heads=heads, scale=scale, block_s=block_s, out_dtype=out_dtype,
-                   interpret=interpret)
+    return _launch_decode(q_lat_rows, q_rope_rows, c_kv, k_rope, lengths, start, count,
+                          cols=cols, tq=tq, heads=heads, scale=scale, block_s=block_s,
+                          out_dtype=out_dtype, interpret=interpret)
 
 
 def _as_rows(q: jax.Array) -> jax.Array:
@@ -865,3 +844,83 @@ def mla_decode_latent(q_lat: jax.Array, q_rope: jax.Array, c_kv: jax.Array, k_ro
         o, lse = _pallas_decode(q_lat.shape, q_lat.dtype, kernel, lengths, c_kv.shape[1],
                                 num_splits, block_s, interpret)
     return (o, lse) if return_lse else o
+
+
+# --------------------------------------------------------------------------------------------
+# python -m pallas_kernels.mla_decode: the self-check
+# --------------------------------------------------------------------------------------------
+
+
+def _output_error(o, lse, ro, rl) -> float:
+    """max |o - ro| / max |ro|, or the largest lse difference if that is larger; inf where the
+    empty windows (lse = -inf) differ or a value is NaN."""
+    o, lse, ro, rl = (np.asarray(a, np.float32) for a in (o, lse, ro, rl))
+    if np.isnan(o).any() or np.isnan(lse).any() or not np.array_equal(np.isneginf(lse),
+                                                                       np.isneginf(rl)):
+        return float("inf")
+    finite = np.isfinite(rl)
+    lse_err = float(np.max(np.abs(lse[finite] - rl[finite]), initial=0.0))
+    return max(float(np.max(np.abs(o - ro)) / max(float(np.max(np.abs(ro))), 1e-30)), lse_err)
+
+
+def _checks(interpret) -> list:
+    """Both forms against `mla_decode_reference` in bf16 (2e-2: the output's rounding and the
+    bf16 probabilities): one split writing the output directly, a causal pair of tokens over
+    uneven splits, an empty row and empty splits, `small`'s C = 256 with a token that sees no
+    key. Cache entries past each row's length hold a large finite value, so a key the mask
+    misses shows."""
+    def inputs(b, tq, h, s, d, lengths, seed):
+        kq, kk = jax.random.split(jax.random.key(seed))
+        q = jax.random.normal(kq, (b, tq, h, d), jnp.float32).astype(jnp.bfloat16)
+        kv = jax.random.normal(kk, (b, s, d), jnp.float32)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        kv = jnp.where(jnp.arange(s)[None, :, None] >= lengths[:, None, None], 4.0, kv)
+        return q, kv.astype(jnp.bfloat16), lengths
+
+    def one_array(b, tq, h, s, lengths, splits):
+        q, kv, lengths = inputs(b, tq, h, s, D_K, lengths, seed=b * 10 + h)
+        scale = 3.0 / math.sqrt(D_K)
+        o, lse = mla_decode(q, kv, lengths, scale=scale, impl="pallas", num_splits=splits,
+                            interpret=interpret, return_lse=True)
+        return _output_error(o, lse, *mla_decode_reference(q, kv, lengths, scale))
+
+    def two_arrays(b, tq, h, s, c, lengths, splits):
+        q, kv, lengths = inputs(b, tq, h, s, c + 64, lengths, seed=b * 10 + h + c)
+        scale = 3.0 / math.sqrt(c + 64)
+        o, lse = mla_decode_latent(q[..., :c], q[..., c:], kv[..., :c], kv[..., c:], lengths,
+                                   scale=scale, impl="pallas", num_splits=splits,
+                                   interpret=interpret, return_lse=True)
+        return _output_error(o, lse, *mla_decode_reference(q, kv, lengths, scale, v_dim=c))
+
+    check = functools.partial(mg.Check, tol=2e-2)
+    return [
+        check("mla_decode 1 split", "B=2 Tq=1 H=16 S=256 C+R=576",
+              lambda: one_array(2, 1, 16, 256, [256, 77], 1)),
+        check("mla_decode 3 splits, Tq=2", "B=2 Tq=2 H=16 S=256 C+R=576",
+              lambda: one_array(2, 2, 16, 256, [200, 70], 3)),
+        check("mla_decode empty row", "B=3 Tq=1 H=16 S=256 C+R=576",
+              lambda: one_array(3, 1, 16, 256, [0, 64, 255], 4)),
+        check("mla_decode_latent V3", "B=2 Tq=1 H=16 S=128 C=512 R=64",
+              lambda: two_arrays(2, 1, 16, 128, 512, [128, 77], 1)),
+        check("mla_decode_latent small", "B=2 Tq=2 H=16 S=256 C=256 R=64",
+              lambda: two_arrays(2, 2, 16, 256, 256, [200, 1], 3)),
+    ]
+
+
+def main(argv=None) -> int:
+    """python -m pallas_kernels.mla_decode [--interpret]: the kernel (both cache forms) against
+    `mla_decode_reference`, natively on a Hopper GPU, else (or with --interpret) in GPU
+    interpret mode; prints a table and exits non-zero if a check fails. The benchmark is
+    experiments/bench_decode.py."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="MLA decode kernel: self-check")
+    ap.add_argument("--interpret", action="store_true",
+                    help="check in GPU interpret mode even on a Hopper GPU")
+    args = ap.parse_args(argv)
+    interpret, where = mg.mode(args.interpret)
+    return mg.run_checks(f"pallas_kernels.mla_decode ({where})", _checks(interpret))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,12 +2,11 @@
 and the grouped kernels' padded layout.
 
 `x[idx]` differentiates to a scatter-add into x, which XLA cannot prove collision-free and runs
-with atomics: on an H200 two such scatters of 98,304 x 1,024 bf16 rows (the `small` preset's MoE
-at 16k tokens) took 8.5 ms each per step (profile of experiments/bench_train.py, 2026-12-01); a
-gather reads and writes those 200 MB once, about 0.1 ms at the H200's bandwidth (an estimate;
-with the bf16 head backward, the step went from 183 to 159.5 ms). Every row movement in the MoE
-is a bijection between the rows that exist (a permutation, or a placement into padding), so its
-transpose is a gather through the inverse map, which the caller has anyway.
+with atomics: in a profile of the `small` preset's MoE at 16k tokens two such scatters of the
+rows cost several milliseconds each per step, where a gather reads and writes the rows once
+(docs/kernels.md#row-gathers). Every row movement in the MoE is a bijection between the rows
+that exist (a permutation, or a placement into padding), so its transpose is a gather through
+the inverse map, which the caller has anyway.
 """
 
 import jax

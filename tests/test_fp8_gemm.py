@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _mosaic as mg
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels import fp8_quant as q8
 from pallas_kernels import grouped_matmul as gm
@@ -177,7 +178,7 @@ def test_default_split_k_runs_with_the_devices_sm_count(monkeypatch):
     real = fg.default_config
 
     def spy(*args, **kw):
-        assert kw.get("sms") == gm._num_sms(True) == 3  # the simulated device's, not SMS
+        assert kw.get("sms") == mg.num_sms(True) == 3  # the simulated device's, not 132
         seen.append(real(*args, **kw))
         return seen[-1]
     monkeypatch.setattr(fg, "default_config", spy)
@@ -196,7 +197,7 @@ def test_multicast_on_two_clusters_in_interpret_mode(monkeypatch, m, n, k, multi
     """The other tests run one cluster (3 simulated SMs); here 5 SMs give two clusters, so the
     persistent loop strides over clusters and each cluster's last item differs."""
 
-    monkeypatch.setattr(gm, "INTERPRET_NUM_SMS", 5)  # shapes no other test traces (jit cache)
+    monkeypatch.setattr(mg, "INTERPRET_NUM_SMS", 5)  # the launch's jit is keyed by the count
     aq, sa, bq, sb = _operands(m, n, k, seed=3)
     cfg = fg.Fp8Config(overlap="stage", max_concurrent_steps=3, epilogue_slots=1,
                        multicast=multicast)
@@ -227,7 +228,7 @@ def test_grouped_item_order_is_a_permutation(m_items, n_items, group):
 def test_grouped_item_order_in_interpret_mode(monkeypatch, m, n, k, multicast, group):
     """The kernel with work items in groups of rows (`Fp8Config.group_m`) computes the product,
     with and without multicast, on two clusters (5 simulated SMs)."""
-    monkeypatch.setattr(gm, "INTERPRET_NUM_SMS", 5)
+    monkeypatch.setattr(mg, "INTERPRET_NUM_SMS", 5)
     aq, sa, bq, sb = _operands(m, n, k, seed=4)
     cfg = fg.Fp8Config(overlap="stage", max_concurrent_steps=2, epilogue_slots=1,
                        multicast=multicast, group_m=group)
@@ -272,13 +273,12 @@ def test_multicast_and_split_k_check_their_inputs():
                              config=fg.Fp8Config(group_m=2))
 
 
-def test_identical_kernel_calls_share_one_lowering(monkeypatch):
+def test_identical_kernel_calls_share_one_lowering():
     """Calls of a kernel with the same statics and shapes lower to one function (one Mosaic GPU
     module, compiled once): the `small` FP8 train step had 117 Mosaic GPU call sites, each
-    lowered and compiled on its own, before grouped_matmul.launch_shared (38 after). Lowered for
+    lowered and compiled on its own, before `_mosaic.launch_shared` (38 after). Lowered for
     CUDA on the CPU; two forward GEMMs of one shape and one of another give two kernels."""
 
-    monkeypatch.setattr(gm, "_num_sms", lambda interpret: 132)  # no GPU to ask
     aq, sa, bq, sb = _operands(128, 256, 256)
     bq2, sb2 = bq[:128], sb[:1]
 
@@ -288,8 +288,9 @@ def test_identical_kernel_calls_share_one_lowering(monkeypatch):
         y3 = fg.gemm_1d2d(aq, sa, bq2, sb2, impl="pallas")    # N = 128: another kernel
         return y1, y2, y3
 
-    text = jax.jit(f).trace(aq, sa, bq, sb, bq2, sb2).lower(
-        lowering_platforms=("cuda",)).as_text()
+    with mg.assume_num_sms(132):  # no GPU to ask
+        text = jax.jit(f).trace(aq, sa, bq, sb, bq2, sb2).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
 
 
@@ -464,14 +465,14 @@ def test_kernel_on_the_gpu(m, n, k, config):
 
 
 def test_fp8_gemm_variants_smoke_in_interpret_mode(tmp_path):
-    """experiments/fp8_gemm_variants.py: each kind of variant (multicast, in place, serial with
+    """experiments/lab/fp8_gemm_variants.py: each kind of variant (multicast, in place, serial with
     column halves, the deferred promotion over two stages, the kernel's former schedule, the
     early stage release, the sliding window over a wider tile) computes the product it claims,
     so its timing on a GPU means something; the GPU-only carry variant says so."""
     import pathlib
     import sys
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "lab"))
     import fp8_gemm_variants as fv
 
     names = ["promote[128x128, 2-block stages, multicast b]", "inplace[256x128]",
@@ -482,7 +483,6 @@ def test_fp8_gemm_variants_smoke_in_interpret_mode(tmp_path):
     assert [r["variant"] for r in recs] == names + ["carry[128x128, 2-block stages]"]
     assert all(r["tflops"] and r["max_rel_err"] < 1e-2 for r in recs[:-1])  # e4m3 -> bf16 out
     assert recs[-1]["tflops"] is None and "GPU only" in recs[-1]["error"]
-    assert fg._promoting_pipeline is fv._PROMOTING_PIPELINE  # the kernel is left as it was
     # the kernel's schedule before its scales were read early, the early stage release, and the
     # sliding window over a 128 x 192 tile's parts, whose tiles start on a weight block only
     # every other time (a scalar b scale per part came out wrong in the second tile)

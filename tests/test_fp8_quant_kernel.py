@@ -129,7 +129,7 @@ def test_every_sweep_config_lowers_for_cuda(fn):
 
 def test_identical_quantizer_calls_share_one_lowering():
     """Equal calls (statics and shapes) lower to one Mosaic GPU kernel, as the GEMMs do
-    (grouped_matmul.launch_shared): the `small` FP8 step with these quantizers had 155 call
+    (_mosaic.launch_shared): the `small` FP8 step with these quantizers had 155 call
     sites of 144 distinct kernels before, 61 of 43 after (experiments/lowering_stats.py).
     Two rows calls of one shape, one of another, one cols call: three kernels."""
     def f(x, y):
@@ -214,8 +214,8 @@ def test_gpu_alternative_configs_match_xla(fn):
 def test_tuning_sweep_smoke_in_interpret_mode(tmp_path):
     import json
 
-    recs = qk.main(["--interpret", "--shapes", "128x256", "--iterations", "1",
-                    "--json", str(tmp_path / "sweep.json")])
+    recs = qk.sweep(["--interpret", "--shapes", "128x256", "--iterations", "1",
+                     "--json", str(tmp_path / "sweep.json")])
     assert len(recs) == len(qk.SWEEP["rows"]) + len(qk.SWEEP["cols"])
     assert all(r.get("matches_xla") and r["gbps"] > 0 for r in recs), recs
     assert json.loads((tmp_path / "sweep.json").read_text())[0]["run"]["interpret"]

@@ -266,9 +266,9 @@ def test_latent_xla_impl_is_the_reference():
     _assert_latent_matches_reference(o, lse, *args, scale)
 
 
-# Interpret mode runs these at 64-key blocks; see the module docstring of mla_decode.py on
-# the configurations (32-key blocks, R < 64) whose interpreted runs did not finish on a
-# 2-core CPU, which the kernel's limits and the model's dispatch leave out.
+# Interpret mode runs these at 64-key blocks; docs/kernels.md#mla-decode says which
+# configurations (32-key blocks, R < 64) did not finish interpreted on a 2-core CPU, which the
+# kernel's limits and the model's dispatch leave out.
 @pytest.mark.parametrize("shape, b, tq, h, s, lengths, splits", [
     ("v3", 2, 1, 16, 128, [128, 77], 1),  # one split, a full cache
     ("v3", 2, 2, 16, 192, [150, 65], 2),  # Tq = 2, uneven splits, ring refills

@@ -1,8 +1,14 @@
 """What bounds the FP8 GEMM kernel: variants of pallas_kernels/fp8_gemm.py's pipeline, side by side.
 
-Command:   python experiments/fp8_gemm_variants.py                       (one GPU)
-           python experiments/fp8_gemm_variants.py --interpret --shapes 512x512x512 --iterations 1
-               (a CPU smoke run in Pallas' GPU interpret mode; times meaningless)
+A lab experiment: the measured variants, most of them rejected, kept runnable so that their
+results can be reproduced (docs/kernels.md#fp8-gemm tells the story). Each variant runs the
+kernel's own body (`fp8_gemm.dense_body`) with another K pipeline in place of
+`fp8_gemm.promoting_pipeline`.
+
+Command:   python experiments/lab/fp8_gemm_variants.py                       (one GPU)
+           python experiments/lab/fp8_gemm_variants.py --interpret --shapes 512x512x512 \
+               --iterations 1     (a CPU smoke run in Pallas' GPU interpret mode; times
+                                   meaningless)
 Hardware:  one H100/H200 for the numbers.
 What it measures, per shape y[M, N] = a[M, K] @ b[N, K]^T (e4m3 from random normals, K-block
 scales uniform in [0.5, 2], 128 x 128 weight blocks; CUPTI kernel time, median of --iterations,
@@ -69,7 +75,7 @@ ran at 1.02-1.05x. fp8_gemm_variants_upfront_h200.json: zeroing each accumulator
 wgmma alone, 0.99-1.01x upfront. fp8_gemm_variants_scales_first_h200.json: the kernel with its
 scales read before the wait (now `promote`) against upfront, 1.02-1.05x with b multicast (1185
 against 1153 at 8192^3) and 1.02-1.03x without: the early scale load is the gain, and
-fp8_gemm._promoting_mma now does it.
+fp8_gemm's promoting pipeline now does it.
 The evening of 2026-12-02, two calls, the second in reversed order
 (fp8_gemm_variants_release_groups_h200.json, fp8_gemm_variants_groups_reversed_h200.json; b
 multicast in all): work items in groups of 8 rows ran at 1.08-1.10x row after row where b is large
@@ -86,7 +92,7 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -95,12 +101,12 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
 
+from pallas_kernels import _mosaic as mg  # noqa: E402
 from pallas_kernels import fp8_gemm as fg  # noqa: E402
 from pallas_kernels import fp8_quant as q8  # noqa: E402
-from pallas_kernels import grouped_matmul as gm  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 MAX_REL_ERR = 1e-2  # bf16 output rounding is ~4e-3 of the largest value; a wrong tile is O(1)
 SHAPES = [(8192, 8192, 8192), (4096, 7168, 2048), (4096, 24576, 1536), (4096, 2176, 7168)]
 
@@ -157,7 +163,7 @@ def _serial_mma(cfg, b_blocks):
 
             def one(acc):
                 plgpu.wgmma(acc, a_smem.at[row_sl, blk], b_smem.at[pl.ds(col0, cols), blk].T)
-                scale = fg._promotion_scale(sa_smem.at[kb], sb_smem.at[kb], row_sl, col0,
+                scale = fg.promotion_scale(sa_smem.at[kb], sb_smem.at[kb], row_sl, col0,
                                             pl.ds(col0, cols), out[i].shape,
                                             b_blocks and q8.BLOCK % cols == 0)
                 return plgpu.wgmma_accumulator_load(acc, wait_n=0) * scale
@@ -203,7 +209,7 @@ def _upfront_mma(cfg, b_blocks):
     """The promoting schedule as fp8_gemm had it until 2026-12-02: both fresh accumulators
     zeroed (their scopes opened) before the first wgmma is issued, then both wgmmas, then the
     promotions in issue order. The kernel now opens each accumulator's scope just before its
-    wgmma (`fp8_gemm._promoting_mma`)."""
+    wgmma (fp8_gemm's promoting pipeline)."""
     if cfg.k_blocks != 2 or cfg.splits != 1:
         raise ValueError("upfront variants take two K-blocks a stage and splits=1")
     rows, cols = cfg.wg_tile()
@@ -218,7 +224,7 @@ def _upfront_mma(cfg, b_blocks):
             out = carry[0]
             for kb, acc in enumerate((acc0, acc1)):
                 part = plgpu.wgmma_accumulator_load(acc, wait_n=1 - kb)
-                out = out + part * fg._promotion_scale(
+                out = out + part * fg.promotion_scale(
                     sa_smem.at[kb], sb_smem.at[kb], pl.ds(r0, rows), c0, pl.ds(c0, cols),
                     out.shape, b_blocks)
             return (out,)
@@ -303,7 +309,7 @@ def _window_mma(cfg, b_blocks):
         def promote(out, acc, p, wait_n):
             kb, j, c = parts[p]
             i, col0 = j * len(widths) + c, c0 + starts[c]
-            scale = fg._promotion_scale(sa_smem.at[kb], sb_smem.at[kb],
+            scale = fg.promotion_scale(sa_smem.at[kb], sb_smem.at[kb],
                                         pl.ds(r0 + j * rows, rows), col0,
                                         pl.ds(col0, widths[c]), out[i].shape,
                                         scalar_b[c])
@@ -423,11 +429,8 @@ def _carry_pipeline(cfg, in_specs, grid, store_to, state, b_blocks):
     returned pipeline hands its barrier allocations to the body before it is traced."""
     holder = {}
     mma, context = _carry_mma(cfg, b_blocks, holder)
-    inner = plgpu.emit_pipeline_warp_specialized(
-        mma, grid=grid, in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
-        memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg",
-        compute_context=context(store_to, grid[0]), pipeline_state=state,
-        manual_consumed_barriers=True)
+    inner = mg.warp_specialized(mma, context(store_to, grid[0]), in_specs, grid,
+                                cfg.max_concurrent_steps, state, manual_consumed_barriers=True)
 
     def pipeline(*refs, allocations=None):
         if allocations is None:
@@ -477,34 +480,42 @@ def _deferred_mma(cfg, b_blocks):
     return mma, context
 
 
-_PROMOTING_PIPELINE = fg._promoting_pipeline
-
-
 def _variant_pipeline(cfg, in_specs, grid, store_to, state=None, *, b_blocks=False):
-    """Stands in for fp8_gemm._promoting_pipeline while a variant runs."""
+    """The K pipeline of `cfg`'s schedule, in fp8_gemm.promoting_pipeline's place."""
     schedule = getattr(cfg, "schedule", "promote")
     if schedule == "promote":
-        return _PROMOTING_PIPELINE(cfg, in_specs, grid, store_to, state, b_blocks=b_blocks)
+        return fg.promoting_pipeline(cfg, in_specs, grid, store_to, state, b_blocks=b_blocks)
     if schedule == "carry":
         return _carry_pipeline(cfg, in_specs, grid, store_to, state,
-                               b_blocks and fg._b_scalar_ok(cfg))
+                               b_blocks and fg.b_scalar_ok(cfg))
     if schedule == "deferred":
-        mma, context = _deferred_mma(cfg, b_blocks and fg._b_scalar_ok(cfg))
+        mma, context = _deferred_mma(cfg, b_blocks and fg.b_scalar_ok(cfg))
     elif schedule == "inplace":
         mma, context = _inplace_mma(cfg)
     elif schedule == "window":
         mma, context = _window_mma(cfg, b_blocks)
     elif schedule == "upfront":
-        mma, context = _upfront_mma(cfg, b_blocks and fg._b_scalar_ok(cfg))
+        mma, context = _upfront_mma(cfg, b_blocks and fg.b_scalar_ok(cfg))
     elif schedule == "release":
-        mma, context = _release_mma(cfg, b_blocks and fg._b_scalar_ok(cfg))
+        mma, context = _release_mma(cfg, b_blocks and fg.b_scalar_ok(cfg))
     else:  # serial: b's scale is one number per column part that lies in one 128-column block
         mma, context = _serial_mma(cfg, b_blocks)
-    return plgpu.emit_pipeline_warp_specialized(
-        mma, grid=grid, in_specs=in_specs, max_concurrent_steps=cfg.max_concurrent_steps,
-        memory_registers=gm.MEMORY_REGISTERS, num_compute_wgs=gm.NUM_COMPUTE_WGS, wg_axis="wg",
-        compute_context=context(store_to), pipeline_state=state,
-        manual_consumed_barriers=schedule == "release")
+    return mg.warp_specialized(mma, context(store_to), in_specs, grid, cfg.max_concurrent_steps,
+                               state, manual_consumed_barriers=schedule == "release")
+
+
+def variant_gemm(a, b, sa_t, sb_t, *, cfg, interpret=False):
+    """fp8_gemm.gemm_kernel's dense GEMM (b in 128 x 128 blocks, bf16 out) with the K pipeline
+    of `cfg`'s schedule: the kernel's body and launch, `_variant_pipeline` in it."""
+    (m, k), n = a.shape, b.shape[0]
+    if cfg.split_k != 1:
+        raise ValueError("variants run unsplit K (split_k=1)")
+    fg.check_shapes(cfg, m, n, k)
+    return mg.launch_shared(
+        a, b, sa_t, sb_t, body=fg.dense_body,
+        params=(("cfg", cfg), ("b_blocks", True), ("pipeline", _variant_pipeline)),
+        out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16), interpret=interpret,
+        cluster=cfg.cluster)
 
 
 def _stage(**kw):
@@ -593,9 +604,7 @@ def run_variant(m, n, k, name, cfg, iterations, interpret) -> dict:
     b_deq = b.astype(jnp.float32).reshape(n, -1, q8.BLOCK) * sb_w.T[:, :, None]
     want = jnp.einsum("mk,nk->mn", a_deq.reshape(m, k), b_deq.reshape(n, k),
                       precision=lax.Precision.HIGHEST)
-    fn = jax.jit(functools.partial(fg.gemm_kernel, config=cfg, b_blocks=True,
-                                   interpret=interpret))
-    fg._promoting_pipeline = _variant_pipeline
+    fn = jax.jit(functools.partial(variant_gemm, cfg=cfg, interpret=interpret))
     try:
         # numpy: XLA's max on the CPU skips NaN, which is what an unwritten tile holds in
         # interpret mode
@@ -608,8 +617,6 @@ def run_variant(m, n, k, name, cfg, iterations, interpret) -> dict:
         rec.update(tflops=2 * m * n * k / ms / 1e9, ms=ms)
     except Exception as e:  # noqa: BLE001 - a variant that fails is a result, said so
         rec.update(tflops=None, error=f"{type(e).__name__}: {str(e)[:300]}")
-    finally:
-        fg._promoting_pipeline = _PROMOTING_PIPELINE
     return rec
 
 
@@ -632,7 +639,7 @@ def main(argv=None) -> list[dict]:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-    run = {"command": "python experiments/fp8_gemm_variants.py " + " ".join(
+    run = {"command": "python experiments/lab/fp8_gemm_variants.py " + " ".join(
                argv if argv is not None else sys.argv[1:]),
            "date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "interpret": a.interpret, "iterations": a.iterations}
