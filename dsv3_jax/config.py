@@ -7,8 +7,10 @@ Sources (see ../shared/reference/deepseek_v3.md §1): the official configs
 
 Every feature is an explicit field: nothing is inferred from another field's value (the official
 code's `bias if dim == 7168` is the anti-pattern). Invalid combinations raise `ValueError` naming
-the field. Training defaults that the V3 report fixes (MTP weight, balance alpha, bias speed, init
-std) live here too so that presets carry them; experiment flags override them with `replace`.
+the field. `Config` is the architecture, what a checkpoint needs to be read, plus the model's own
+dtype and init scale (HF `torch_dtype`, `initializer_range`); how a process runs it (compute
+dtype, remat, kernels) is a `dsv3_jax.runtime.Runtime`, and the training objective's weights
+live with the loss (`dsv3_jax.train.loss.LossWeights`).
 """
 
 import dataclasses
@@ -20,23 +22,7 @@ from typing import Any, Literal
 ScoreFunc = Literal["sigmoid", "softmax"]
 GroupScore = Literal["top2_sum", "max"]
 RopeScaling = Literal["yarn", "none"]
-Remat = Literal["none", "full", "dots", "dots_no_batch"]
 DType = Literal["float32", "bfloat16", "float16"]
-
-
-def _backend() -> str:
-    import jax  # the config itself stays importable without initialising a backend
-
-    return jax.default_backend()
-
-
-def _hopper_gpu() -> bool:
-    """The default device is a Hopper GPU (compute capability 9.x: H100, H200, H800), the only
-    chips our FP8 wgmma kernels are built for."""
-    import jax
-
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -87,41 +73,12 @@ class Config:
     rms_norm_eps: float = 1e-6
     # --- multi-token prediction ---
     mtp_depth: int = 1  # D in the V3 report; 0 = no MTP module
-    # --- training defaults from the V3 report §4.2 (overridable per run) ---
-    mtp_loss_weight: float = 0.3  # lambda (0.3 for the first 10T tokens, then 0.1)
-    balance_loss_alpha: float = 1e-4  # alpha of the sequence-wise balance loss
-    bias_update_speed: float = 1e-3  # gamma of the auxiliary-loss-free bias update
-    init_std: float = 0.006  # all parameters ~ N(0, 0.006) ([PAPER] §4.2)
-    # --- compute ---
-    dtype: DType = "bfloat16"  # activations and matmul inputs
-    param_dtype: DType = "float32"  # master weights
-    remat: Remat = "none"  # jax.checkpoint policy on each layer
-    # Layers of a stack run as one lax.scan (compile time flat in depth) or unrolled (each layer
-    # its own code: no stacking of saved activations into [L, ...] buffers in the backward pass;
-    # measured faster on a GPU for `small`, see experiments/bench_train.py).
-    scan_layers: bool = True
-    # Kernels, resolved at trace time: "auto" = the fast path of the default backend (GPU with a
-    # 16-bit dtype: the Pallas grouped matmul, cuDNN attention; otherwise ragged_dot, XLA).
-    grouped_impl: str = "auto"  # routed-expert GEMMs: auto, ragged_dot, pallas
-    attention_impl: str = "auto"  # training/prefill attention core: auto, xla, cudnn
-    # Absorbed decode attention over the latent cache (dsv3_jax/mla.py `mla_cached`): auto,
-    # xla (einsums), pallas (pallas_kernels/mla_decode.py, a Mosaic GPU kernel for Hopper).
-    decode_attention_impl: str = "auto"
-    # FP8 mixed precision ([PAPER] §3.3; dsv3_jax/fp8.py): e4m3 GEMM inputs with float32 tile
-    # scales (activations 1 x 128, weights 128 x 128) and float32 accumulation for the MLA
-    # projections, the dense FFN and the shared and routed experts, forward and backward.
-    # Embedding, head, router, norms, attention core and MTP projection keep `dtype`, which
-    # stays the activation dtype (bf16 in V3; float32 works too, for tight tests).
-    fp8: bool = False
-    fp8_impl: str = "auto"  # FP8 GEMMs: auto, xla (dequantize reference), pallas (Mosaic GPU)
-    # FP8 activation quantizers (with fp8): "xla" = pallas_kernels/fp8_quant.py (two XLA passes
-    # over each input); "pallas" = the one-pass Mosaic GPU kernels of
-    # pallas_kernels/fp8_quant_kernel.py for the bf16 activations x and dy (bit-identical;
-    # 3.4-3.8 TB/s vs 1.6 TB/s on an H200, and a `small` FP8 step 181 ms against 192 ms).
-    # "pallas" needs dtype="bfloat16" and a Hopper GPU (no fallback); "auto" picks it where
-    # both hold and the GEMMs run our kernels (resolved_fp8_quant_impl). Weights always use
-    # XLA's quantizers.
-    fp8_quant_impl: str = "auto"
+    init_std: float = 0.006  # all matrices ~ N(0, 0.006) ([PAPER] §4.2; HF initializer_range)
+    # --- dtypes ---
+    # The model's own dtype (HF `torch_dtype`): what a Runtime computes in unless told otherwise
+    # (`dsv3_jax.runtime`). `tiny` computes in float32 so CPU tests can hold tight tolerances.
+    dtype: DType = "bfloat16"
+    param_dtype: DType = "float32"  # master weights, as stored in a checkpoint
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -143,102 +100,13 @@ class Config:
         self._check_choice("score_func", ("sigmoid", "softmax"))
         self._check_choice("group_score", ("top2_sum", "max"))
         self._check_choice("rope_scaling", ("yarn", "none"))
-        self._check_choice("remat", ("none", "full", "dots", "dots_no_batch"))
-        if not isinstance(self.scan_layers, bool):
-            raise ValueError(f"Config.scan_layers must be a bool, got {self.scan_layers!r}")
         self._check_choice("dtype", ("float32", "bfloat16", "float16"))
         self._check_choice("param_dtype", ("float32", "bfloat16", "float16"))
-        self._check_choice("grouped_impl", ("auto", "ragged_dot", "pallas"))
-        self._check_choice("attention_impl", ("auto", "xla", "cudnn"))
-        self._check_choice("decode_attention_impl", ("auto", "xla", "pallas"))
-        if not isinstance(self.fp8, bool):
-            raise ValueError(f"Config.fp8 must be a bool, got {self.fp8!r}")
-        self._check_choice("fp8_impl", ("auto", "xla", "pallas"))
-        self._check_choice("fp8_quant_impl", ("auto", "xla", "pallas"))
-        if self.fp8_quant_impl == "pallas" and self.dtype != "bfloat16":
-            raise ValueError(f"Config.fp8_quant_impl='pallas' needs Config.dtype='bfloat16' (the "
-                             f"quantizer kernels take bf16 only), got dtype={self.dtype!r}")
         self._validate_routing()
         self._validate_rope()
         for f in ("route_scale", "rms_norm_eps", "init_std"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"Config.{f} must be > 0, got {getattr(self, f)!r}")
-        for f in ("mtp_loss_weight", "balance_loss_alpha", "bias_update_speed"):
-            if not getattr(self, f) >= 0:
-                raise ValueError(f"Config.{f} must be >= 0, got {getattr(self, f)!r}")
-
-    def resolved_grouped_impl(self) -> str:
-        """grouped_impl with "auto" decided: "pallas" (our grouped kernels,
-        pallas_kernels/grouped_matmul.py) on a GPU in 16-bit when the experts' widths fit its
-        tiles (dim and moe_inter_dim multiples of 256 with the default tiles: `small` and the
-        released models do; `tiny` does not), "ragged_dot" otherwise. "pallas" where the
-        widths do not fit raises naming the dimension."""
-        if self.grouped_impl != "auto":
-            return self.grouped_impl
-        if _backend() != "gpu" or self.dtype == "float32":  # both kernels are 16-bit
-            return "ragged_dot"
-        return "ragged_dot" if self.grouped_kernel_problem() else "pallas"
-
-    def grouped_kernel_problem(self) -> str | None:
-        """Why the grouped kernels cannot run the routed experts' SwiGLU, or None: gate and up
-        are [*, dim] @ [E, dim, moe_inter_dim] products (fused to 2 moe_inter_dim columns in
-        bf16), down [*, moe_inter_dim] @ [E, moe_inter_dim, dim]; the backward kernels take the
-        transposed problems, so both widths meet every tile."""
-        from pallas_kernels.grouped_matmul import unsupported_dims
-
-        return unsupported_dims(self.dim, self.moe_inter_dim, names=("dim", "moe_inter_dim"))
-
-    def resolved_attention_impl(self) -> str:
-        """attention_impl with "auto" decided by the default backend (cudnn on GPU)."""
-        if self.attention_impl != "auto":
-            return self.attention_impl
-        fast = _backend() == "gpu" and self.dtype != "float32"
-        return "cudnn" if fast else "xla"
-
-    def resolved_decode_attention_impl(self) -> str:
-        """decode_attention_impl with "auto" decided: "pallas" (our Mosaic GPU MLA decode
-        kernel, pallas_kernels/mla_decode.py) on a Hopper GPU with bf16 activations, "xla"
-        elsewhere. On an H200 (B = 128, caches of 4K-16K) the kernel ran 1.4-2.1x the XLA
-        einsum path. The cache shapes are checked where the cache is seen: mla_cached falls
-        back to "xla" under "auto" when the kernel refuses them, and raises under "pallas"."""
-        if self.decode_attention_impl != "auto":
-            return self.decode_attention_impl
-        return "pallas" if self.dtype == "bfloat16" and _hopper_gpu() else "xla"
-
-    def resolved_fp8_impl(self) -> str:
-        """fp8_impl with "auto" decided: "pallas" (our Mosaic GPU FP8 kernels,
-        pallas_kernels/fp8_gemm.py) on a Hopper GPU, "xla" (the dequantize + float32 matmul
-        reference) elsewhere. On an H200 (2026-12-01) the kernels match the exact product of
-        the quantized values (calc_diff 1.3e-6) at 1.15-1.29x XLA's bf16 dot for M = 4096
-        (1.45x our bf16 grouped kernel for the experts; experiments/results/
-        fp8_gemm_wg_split_h200.json); the XLA path is a float32 matmul,
-        several times slower, and is meant for CPUs and checks. The routed experts use
-        fp8_gemm's grouped FP8 kernels under "pallas"; under "xla" they multiply the
-        dequantized values with grouped_impl (dsv3_jax/grouped.py)."""
-        if self.fp8_impl != "auto":
-            return self.fp8_impl
-        return "pallas" if _hopper_gpu() else "xla"
-
-    def resolved_fp8_quant_impl(self) -> str:
-        """fp8_quant_impl with "auto" decided: "pallas" (the one-pass quantizer kernels) when
-        the FP8 GEMMs run our Mosaic GPU kernels (so on a Hopper GPU) and the activations are
-        bf16, the kernels' one dtype; "xla" otherwise. On an H200 (2026-12-02,
-        experiments/results/train_small_h200_quant_ab_*.json) the `small` FP8
-        step took 181.4 ms with them against 191.9 ms with XLA's quantizers."""
-        if self.fp8_quant_impl != "auto":
-            return self.fp8_quant_impl
-        mosaic = self.resolved_fp8_impl() == "pallas" and self.dtype == "bfloat16"
-        return "pallas" if mosaic else "xla"
-
-    def fp8_gemm_impl(self):
-        """What the linear layers pass to `fp8.matmul` / `fp8.fp8_grouped_matmul`: None (plain
-        einsum) unless fp8, else `fp8.Fp8Impl(gemm=resolved_fp8_impl(),
-        quant=resolved_fp8_quant_impl())`."""
-        if not self.fp8:
-            return None
-        from dsv3_jax.fp8 import Fp8Impl  # lazy: config stays importable without jax
-
-        return Fp8Impl(self.resolved_fp8_impl(), self.resolved_fp8_quant_impl())
 
     def _check_choice(self, field: str, choices: tuple[str, ...]):
         if getattr(self, field) not in choices:
@@ -468,8 +336,11 @@ class Config:
             path = os.fspath(hf)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path) as fh:
-                hf = json.load(fh)
+            try:
+                with open(path) as fh:
+                    hf = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls(**{**_fields_from_hf(hf), **overrides})
 
 

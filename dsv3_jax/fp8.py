@@ -27,16 +27,17 @@ slices the gradients back. Real shapes (`small`, V3) need none except the shared
 projection w_kr [D, R = 64]: on one device the last part of the w_dkv + w_kr GEMM
 (`matmul_parts`; V3's N = 512 + 64 runs padded to 640), on a mesh alone, padded to N = 128.
 
-Activation quantizers (`Fp8Impl.quant`, `Config.fp8_quant_impl`): "xla" quantizes everything
-with `pallas_kernels.fp8_quant` (two XLA passes over the input: amax, then scale and convert);
+How the ops run is a `dsv3_jax.runtime.Fp8` (`Runtime.fp8`; every `fp8_impl` argument here
+also takes a plain gemm string, meaning quant "xla"): `gemm` "xla" multiplies the dequantized
+values in float32 (any backend: FP8 numerics, not FP8 speed), "pallas" runs our Mosaic GPU
+kernels on the e4m3 operands. `quant` "xla" quantizes everything with
+`pallas_kernels.fp8_quant` (two XLA passes over the input: amax, then scale and convert);
 "pallas" sends the bf16 activation quantizations -- quantize_rows(x), quantize_rows(dy) and
 quantize_cols(dy), dense and grouped -- through the one-pass Mosaic GPU kernels of
 `pallas_kernels.fp8_quant_kernel` (bit-identical, bf16 only; no fallback: another dtype or a
 shape off the kernels' tiles raises). Weights (quantize_blocks, transpose_blocks) and the
-wgrad's re-tiling of the cached FP8 x (`fp8_quant.rows_to_cols`) stay XLA.
-The kernels measured 3.4-3.8 TB/s against the XLA quantizers' 1.6 TB/s on an H200, and took
-the `small` FP8 step from 191.9 to 181.4 ms (experiments/results/train_small_h200_quant_ab_*.json),
-so `Config.fp8_quant_impl="auto"` picks them wherever the GEMMs run our kernels.
+wgrad's re-tiling of the cached FP8 x (`fp8_quant.rows_to_cols`) stay XLA. Measurements of
+both choices: docs/fp8.md.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.runtime import Fp8
 from pallas_kernels import fp8_gemm
 from pallas_kernels import fp8_quant as q8
 from pallas_kernels import fp8_quant_kernel as qk
+from pallas_kernels import grouped_matmul as gk
 
 BLOCK = q8.BLOCK
 _log = logging.getLogger(__name__)
@@ -67,16 +70,6 @@ def _log_once(key: str, message: str) -> None:
 QUANT_IMPLS = ("xla", "pallas")
 
 
-class Fp8Impl(NamedTuple):
-    """How the FP8 ops run (what `Config.fp8_gemm_impl()` returns when fp8 is on; hashable, so
-    it can be a static argument). gemm: fp8_gemm's impl ("xla" reference or "pallas" Mosaic GPU
-    kernels); quant: the activation quantizers ("xla": fp8_quant; "pallas": the one-pass bf16
-    kernels of fp8_quant_kernel). Every `fp8_impl` argument
-    of this module also takes a plain gemm string, meaning quant="xla"."""
-    gemm: str
-    quant: str = "xla"
-
-
 class _Statics(NamedTuple):
     """The static (nondiff) argument of the dense and grouped custom_vjps."""
     gemm: str  # fp8_gemm impl
@@ -86,9 +79,9 @@ class _Statics(NamedTuple):
     grouped: str | None = None  # grouped path: the dequantized matmul under gemm "xla"
 
 
-def as_impl(fp8_impl: "str | Fp8Impl") -> Fp8Impl:
-    """`fp8_impl` (a gemm impl string or an Fp8Impl) as a checked Fp8Impl."""
-    impl = Fp8Impl(fp8_impl) if isinstance(fp8_impl, str) else Fp8Impl(*fp8_impl)
+def as_impl(fp8_impl: "str | Fp8") -> Fp8:
+    """`fp8_impl` (a gemm impl string or an Fp8) as a checked Fp8."""
+    impl = Fp8(fp8_impl) if isinstance(fp8_impl, str) else Fp8(*fp8_impl)
     if impl.gemm not in fp8_gemm.IMPLS or impl.quant not in QUANT_IMPLS:
         raise ValueError(f"fp8: fp8_impl={fp8_impl!r}: gemm must be one of {fp8_gemm.IMPLS} and "
                          f"quant one of {QUANT_IMPLS}")
@@ -137,14 +130,13 @@ def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
 # ------------------------------------------------------------------------------ dense linear
 
 
-def fp8_linear(x: jax.Array, w: jax.Array, impl: "str | Fp8Impl" = "xla", *,
+def fp8_linear(x: jax.Array, w: jax.Array, impl: "str | Fp8" = "xla", *,
                interpret=False) -> jax.Array:
     """x [..., K] @ w [K, N] (our [in, out] layout) with FP8 GEMMs both ways -> [..., N] in
     x's dtype; the weight gradient comes back in w's dtype. `impl`: fp8_gemm's impl ("xla": the
     dequantize + fp32 matmul reference, any backend; "pallas": the Mosaic GPU kernel), or an
-    `Fp8Impl` that also picks the activation quantizers (quant "pallas": the one-pass kernels,
-    bf16 x only). `interpret`: run those quantizer kernels in Pallas GPU interpret mode (CPU
-    tests; the dense GEMM kernel's own interpret is not plumbed here)."""
+    `Fp8` that also picks the activation quantizers (quant "pallas": the one-pass kernels,
+    bf16 x only). `interpret`: run the Pallas kernels in GPU interpret mode (CPU tests)."""
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"fp8_linear: x {x.shape} must be [..., K] and w {w.shape} [K, N]")
     impl = as_impl(impl)
@@ -172,7 +164,8 @@ def _fp8_matmul(x, w, mm):
 def _fp8_matmul_fwd(x, w, mm):
     qx, sx = _quant_rows(x, "x", mm.quant, mm.interpret)  # 1 x 128 tiles along K
     qw, sw = q8.quantize_blocks(w.T, name="w^T")  # [Np, Kp]: K-major, as the GEMM reads it
-    y = fp8_gemm.gemm_1d2d(qx, sx, qw, sw, out_dtype=x.dtype, impl=mm.gemm)
+    y = fp8_gemm.gemm_1d2d(qx, sx, qw, sw, out_dtype=x.dtype, impl=mm.gemm,
+                           interpret=mm.interpret)
     return y, (qx, sx, qw, sw)
 
 
@@ -182,7 +175,8 @@ def _fp8_matmul_bwd(mm, res, dy):
     # as the [Kp, Np] operand.
     qdy, sdy = _quant_rows(dy, "dy", mm.quant, mm.interpret)
     qwt, swt = q8.transpose_blocks(qw, sw)
-    dx = fp8_gemm.gemm_1d2d(qdy, sdy, qwt, swt, out_dtype=dy.dtype, impl=mm.gemm)
+    dx = fp8_gemm.gemm_1d2d(qdy, sdy, qwt, swt, out_dtype=dy.dtype, impl=mm.gemm,
+                            interpret=mm.interpret)
     # wgrad dw [Kp, Np] = x^T @ dy, contracting over the Mp tokens: the cached FP8 x (its
     # exact values, re-tiled by q8.rows_to_cols) and dy, quantized in 128 x 1 tiles along the
     # tokens. The cached x always takes the XLA quantizer (the kernels are bf16 only). x^T is the
@@ -191,7 +185,8 @@ def _fp8_matmul_bwd(mm, res, dy):
     # gradient (fused into the optimizer's first read, ~4 ms of a `small` step on an H200).
     xt, sxt = q8.rows_to_cols(qx, sx, name="x")  # [Kp, Mp]
     dyt, sdyt = _quant_cols(dy, "dy", mm.quant, mm.interpret)  # [Np, Mp]
-    dw = fp8_gemm.gemm_1d1d(xt, sxt, dyt, sdyt, out_dtype=jnp.float32, impl=mm.gemm)
+    dw = fp8_gemm.gemm_1d1d(xt, sxt, dyt, sdyt, out_dtype=jnp.float32, impl=mm.gemm,
+                            interpret=mm.interpret)
     return dx, dw.astype(mm.w_dtype)
 
 
@@ -213,10 +208,10 @@ def _linear_spec(spec: str, x: jax.Array, w: jax.Array) -> int:
 
 
 def matmul(spec: str, x: jax.Array, w: jax.Array,
-           fp8_impl: "str | Fp8Impl | None" = None) -> jax.Array:
+           fp8_impl: "str | Fp8 | None" = None) -> jax.Array:
     """A linear layer written as an einsum (`"btq,qnk->btnk"`): `jnp.einsum(spec, x, w)` when
     `fp8_impl` is None, else `fp8_linear` with x and w flattened to 2-D around the call
-    (`fp8_impl`: a gemm impl string or an Fp8Impl, `Config.fp8_gemm_impl()`)."""
+    (`fp8_impl`: a gemm impl string or an `Fp8`, `Runtime.fp8`)."""
     if fp8_impl is None:
         return jnp.einsum(spec, x, w)
     n_in = _linear_spec(spec, x, w)
@@ -227,7 +222,7 @@ def matmul(spec: str, x: jax.Array, w: jax.Array,
 
 
 def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
-                 fp8_impl: "str | Fp8Impl | None" = None, *, fuse: bool = True) -> list:
+                 fp8_impl: "str | Fp8 | None" = None, *, fuse: bool = True) -> list:
     """`[matmul(spec, x, w, fp8_impl) for w in ws]`, the linear layers of one input, as one FP8
     GEMM over the weights concatenated along their flattened output axis when `fuse` (and
     `fp8_impl` is set): x is quantized, cached and re-tiled for the weight gradient once
@@ -237,13 +232,11 @@ def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
     1 x 128 tiles, and the outputs and weight gradients are those of separate layers (tested
     bit for bit on the XLA reference path on the CPU; our Mosaic GPU kernel's per-element K
     order does not depend on N, except where its default splits K for few output tiles
-    (`fp8_gemm._split_k`, small M) and splits the fused GEMM and the parts differently: then
-    the last bit can differ; the data gradient accumulates all parts in one float32 sum
-    before its bf16 rounding, instead of rounding each part's product and adding them in
-    bf16). Callers pass fuse=False where the weights are sharded along their outputs (a
-    concatenation would reshuffle the shards). Measured: the `small` FP8 train step (8 x 2048
-    tokens, one H200, 2026-12-02) went from 171.4 to 164.5 ms (bf16 141.5;
-    experiments/results/train_small_h200_fused_fp8.json)."""
+    (small M) and splits the fused GEMM and the parts differently: then the last bit can
+    differ; the data gradient accumulates all parts in one float32 sum before its bf16
+    rounding, instead of rounding each part's product and adding them in bf16). Callers pass
+    fuse=False where the weights are sharded along their outputs (a concatenation would
+    reshuffle the shards). Its effect on the step time: docs/fp8.md."""
     if fp8_impl is None or not fuse or len(ws) == 1:
         return [matmul(spec, x, w, fp8_impl) for w in ws]
     n_in = _linear_spec(spec, x, ws[0])
@@ -272,7 +265,7 @@ def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
 
 
 def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *,
-                       fp8_impl: "str | Fp8Impl" = "xla",
+                       fp8_impl: "str | Fp8" = "xla",
                        grouped_impl: str = "ragged_dot", interpret: bool = False) -> jax.Array:
     """The routed experts' GEMM with FP8 inputs both ways, in the padded-group layout of
     `pallas_kernels.grouped_matmul` (each expert's rows start on a 128-row tile): x_pad [Mp, K],
@@ -283,12 +276,11 @@ def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *,
     layout never straddle two experts. The products:
       fp8_impl="pallas": fp8_gemm's grouped Mosaic GPU kernels (grouped_gemm_1d2d forward and
         dgrad, grouped_wgrad_1d1d wgrad), reading the e4m3 operands;
-      fp8_impl="xla": the dequantized values multiplied by `grouped_impl` (the reference until
-        the FP8 grouped kernels are ready): "ragged_dot" in float32 (exact products of the
-        quantized values, like fp8_gemm's "xla"), or "pallas", our bf16 grouped kernel (each
-        dequantized value rounded to x's 16-bit dtype: a relative 2^-9 in bf16, 1/32 of e4m3's
-        own step).
-    `fp8_impl` may be an `Fp8Impl`: its gemm is the fp8_impl above, and quant "pallas" sends
+      fp8_impl="xla": the dequantized values multiplied by `grouped_impl` (the reference path,
+        any backend): "ragged_dot" in float32 (exact products of the quantized values, like
+        fp8_gemm's "xla"), or "pallas", our bf16 grouped kernel (each dequantized value rounded
+        to x's 16-bit dtype: a relative 2^-9 in bf16, 1/32 of e4m3's own step).
+    `fp8_impl` may be an `Fp8`: its gemm is the fp8_impl above, and quant "pallas" sends
     the bf16 activation quantizations (rows of x and dy, dy's token tiles) through the one-pass
     fp8_quant_kernel quantizers (`interpret` reaches them too).
     K and N are zero-padded to multiples of 128 around the op, as in `fp8_linear`."""
@@ -305,7 +297,7 @@ def fp8_grouped_matmul(x_pad: jax.Array, w: jax.Array, plan, *,
     if impl.gemm == "xla":
         _log_once("grouped", "fp8: routed experts quantize their GEMM inputs to FP8 and multiply "
                              f"the dequantized values with grouped_impl={grouped_impl!r} (the "
-                             "reference path until the FP8 grouped kernels are ready)")
+                             "XLA reference path: FP8 numerics, not FP8 speed)")
     _, k, n = w.shape
     xp = _pad_axis(x_pad, 1, _round_up(k))
     wp = _pad_axis(_pad_axis(w, 1, _round_up(k)), 2, _round_up(n))
@@ -356,8 +348,6 @@ def _grouped_1d2d(qa, sa, qb, sb, plan, mm, out_dtype):
                                precision=jax.lax.Precision.HIGHEST,
                                preferred_element_type=jnp.float32)
         return y.astype(out_dtype)
-    from pallas_kernels import grouped_matmul as gk
-
     return gk.gmm(a.astype(out_dtype), b.astype(out_dtype), plan, transpose_w=True,
                   interpret=interpret)
 
@@ -377,7 +367,5 @@ def _grouped_wgrad(a_t, s_a, b_t, s_b, plan, mm, act_dtype):
         return jax.lax.ragged_dot_general(a, b, plan.group_tile_count * plan.block_m, dims,
                                           precision=jax.lax.Precision.HIGHEST,
                                           preferred_element_type=jnp.float32)
-    from pallas_kernels import grouped_matmul as gk
-
     return gk.tgmm(a.astype(act_dtype), b.astype(act_dtype), plan, plan.num_groups,
                    out_dtype=jnp.float32, interpret=interpret)

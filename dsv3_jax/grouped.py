@@ -11,32 +11,22 @@ Rows of x are sorted by group (expert); group e multiplies its own weight matrix
   for the three matmuls of an expert FFN (the padding rows are zeros and stay zeros through
   SwiGLU), `grouped_matmul` pads per call.
 
-`Config.grouped_impl` chooses ("auto": pallas on GPU in 16-bit, ragged_dot otherwise).
-With `Config.fp8`, `grouped_swiglu` quantizes the GEMM inputs to FP8
-(`dsv3_jax.fp8.fp8_grouped_matmul`): `fp8_impl="pallas"` multiplies them with the FP8 grouped
-kernels of `pallas_kernels.fp8_gemm`, "xla" multiplies the dequantized values with the choice
-above; `Config.fp8_quant_impl="pallas"` (an `fp8.Fp8Impl` with quant "pallas") quantizes the
-bf16 activations with the one-pass kernels of `pallas_kernels.fp8_quant_kernel` ("auto", the
-default, does wherever the FP8 GEMMs are ours).
-`ragged_dot` on a GPU says so once, as a warning.
+`Runtime.grouped` chooses (`runtime.resolve`'s "auto": pallas on a GPU in 16 bits where the
+experts' widths fit, ragged_dot otherwise). With FP8 on (`Runtime.fp8`), `grouped_swiglu`
+quantizes the GEMM inputs to FP8 (`dsv3_jax.fp8.fp8_grouped_matmul`): gemm "pallas"
+multiplies them with the FP8 grouped kernels of `pallas_kernels.fp8_gemm`, "xla" multiplies
+the dequantized values with the choice above; quant "pallas" quantizes the bf16 activations
+with the one-pass kernels of `pallas_kernels.fp8_quant_kernel`.
+Choosing `ragged_dot` for a GPU says so once, as a warning (`runtime.resolve`).
 """
-
-import logging
 
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.fp8 import BLOCK, fp8_grouped_matmul
+from pallas_kernels import grouped_matmul as gk
+
 IMPLS = ("ragged_dot", "pallas")
-_log = logging.getLogger(__name__)
-_warned = False
-
-
-def _warn_if_gpu() -> None:
-    global _warned
-    if not _warned and jax.default_backend() == "gpu":
-        _warned = True
-        _log.warning("grouped_matmul: jax.lax.ragged_dot on GPU costs about (experts) x the "
-                     "useful FLOPs; use grouped_impl='pallas' (the default 'auto' does in bf16)")
 
 
 def _check(x, w, group_sizes, impl):
@@ -48,7 +38,6 @@ def _check(x, w, group_sizes, impl):
 
 
 def _ragged(x, w, group_sizes):
-    _warn_if_gpu()
     out = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
                              preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
@@ -62,8 +51,6 @@ def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray, *,
     _check(x, w, group_sizes, impl)
     if impl == "ragged_dot":
         return _ragged(x, w, group_sizes)
-    from pallas_kernels import grouped_matmul as gk
-
     plan = gk.pad_plan(group_sizes, x.shape[0], gk.TileConfig().block_m)
     y = gk.grouped_matmul_padded(gk.pad_rows(x, plan), w.astype(x.dtype), plan, interpret=interpret)
     return gk.unpad_rows(y, plan)
@@ -73,18 +60,16 @@ def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
                    impl: str = "ragged_dot", interpret: bool = False,
                    fp8_impl=None) -> jnp.ndarray:
     """Each expert's SwiGLU over its contiguous rows: p {w_gate, w_up [E, D, F], w_down
-    [E, F, D]}, rows [M, D] sorted by expert, sizes [E] -> [M, D]. `fp8_impl`
-    (`Config.fp8_gemm_impl()`, a gemm impl string or an `fp8.Fp8Impl` that also picks the
-    activation quantizers): FP8 GEMM inputs (`fp8.fp8_grouped_matmul`); None: as before.
-    `interpret` also reaches the FP8 quantizer kernels under quant "pallas"."""
+    [E, F, D]}, rows [M, D] sorted by expert, sizes [E] -> [M, D]. `fp8_impl` (`Runtime.fp8`,
+    a gemm impl string or an `Fp8` that also picks the activation quantizers): FP8 GEMM
+    inputs (`fp8.fp8_grouped_matmul`); None: the GEMMs in the rows' dtype. `interpret` also
+    reaches the FP8 kernels."""
     _check(rows, p["w_gate"], sizes, impl)
     if fp8_impl is not None:
         return _grouped_swiglu_fp8(p, rows, sizes, impl, fp8_impl, interpret)
     if impl == "ragged_dot":
         h = jax.nn.silu(_ragged(rows, p["w_gate"], sizes)) * _ragged(rows, p["w_up"], sizes)
         return _ragged(h, p["w_down"], sizes)
-    from pallas_kernels import grouped_matmul as gk
-
     plan = gk.pad_plan(sizes, rows.shape[0], gk.TileConfig().block_m)
     x = gk.pad_rows(rows, plan)
 
@@ -112,11 +97,6 @@ def _grouped_swiglu_fp8(p: dict, rows, sizes, impl: str, fp8_impl,
     gradients are those of two products (the data gradient sums both in float32 before its
     rounding). The experts' weights are local here (inside shard_map on a mesh), so the
     concatenation moves no shards."""
-    from dsv3_jax.fp8 import BLOCK, as_impl, fp8_grouped_matmul
-    from pallas_kernels import grouped_matmul as gk
-
-    if impl == "ragged_dot" and as_impl(fp8_impl).gemm == "xla":
-        _warn_if_gpu()
     plan = gk.pad_plan(sizes, rows.shape[0], BLOCK)
     x = gk.pad_rows(rows, plan)
 

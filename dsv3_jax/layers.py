@@ -23,8 +23,8 @@ def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.n
            fp8_impl=None) -> jnp.ndarray:
     """down(silu(x gate) * x up): x [B, T, D], w_gate/w_up [D, F], w_down [F, D] (reference
     §2.1). On a mesh the hidden [B, T, F] is constrained by `width`'s rule (tensor parallelism).
-    `fp8_impl` (`Config.fp8_gemm_impl()`: a gemm impl string or an `fp8.Fp8Impl`): FP8 GEMM
-    inputs through `fp8.matmul`; None: plain."""
+    `fp8_impl` (`Runtime.fp8`: an `Fp8` or None): FP8 GEMM inputs through `fp8.matmul`;
+    None: plain."""
     # FP8: gate and up as one GEMM on one device (x quantized once; fp8.matmul_parts); on a
     # mesh their F is split by tensor parallelism and a concatenation would reshuffle it
     g, u = matmul_parts("btd,df->btf", x, [w_gate, w_up], fp8_impl, fuse=single_device(shard))

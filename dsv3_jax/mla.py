@@ -13,11 +13,13 @@ gotcha 5). Softmax in float32 with the YaRN-corrected scale on the whole logit (
 w_uq [Q|D, N, K], w_qr [Q|D, N, R], w_dkv [D, C], w_kr [D, R], kv_norm [C], w_uk [C, N, K],
 w_uv [C, N, H], w_o [N, H, D].
 
-The absorbed form's attention core runs as einsums ("xla") or, with
-`Config.resolved_decode_attention_impl()` = "pallas", as our Mosaic GPU kernel over the two
-cache arrays (pallas_kernels/mla_decode.py `mla_decode_latent`, Hopper); see `mla_cached`.
+How each piece runs is the `rt` argument (a resolved `dsv3_jax.runtime.Runtime`; None =
+`Runtime()`, XLA everywhere): the training/prefill attention core as einsums or through cuDNN
+(`rt.attention`), the absorbed form's core as einsums or as our Mosaic GPU kernel over the two
+cache arrays (`rt.decode_attention`; pallas_kernels/mla_decode.py `mla_decode_latent`,
+Hopper); see `mla_cached`.
 
-With `Config.fp8` the projections (w_dq, w_uq, w_qr, w_dkv, w_kr, w_uk, w_uv of the expanded and
+With FP8 on (`rt.fp8`) the projections (w_dq, w_uq, w_qr, w_dkv, w_kr, w_uk, w_uv of the expanded and
 cuDNN forms, and w_o) take FP8 inputs (`dsv3_jax.fp8`); the attention core does not (the V3
 report keeps it in BF16, §3.3.1), nor do the absorbed form's folded w_uk / w_uv products.
 The projections that share an input (w_uq and w_qr, w_dkv and w_kr, w_uk and w_uv) run as one
@@ -29,25 +31,30 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax import latent_cache
-from dsv3_jax.config import Config, _hopper_gpu
+from dsv3_jax.config import Config
 from dsv3_jax.fp8 import matmul, matmul_parts
 from dsv3_jax.layers import rms_norm
 from dsv3_jax.rope import apply_rope
+from dsv3_jax.runtime import Runtime
+from pallas_kernels import mla_decode as decode_kernel
 from sharding.context import ShardingContext, constrain, single_device
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays NaN-free
+_XLA = Runtime()
 
-# Test-only switch: run the Pallas decode kernel in Pallas' GPU interpret mode (on the CPU)
-# wherever decode_attention_impl resolves to "pallas", so CPU tests can check the model's
-# kernel path against "xla" (tests/test_mla.py). It is read at trace time: set it before
-# tracing (e.g. pytest's monkeypatch.setattr(mla, "_INTERPRET_DECODE_KERNEL", True)). With it
-# off, "pallas" needs a Hopper GPU.
-_INTERPRET_DECODE_KERNEL = False
+# 64-key cache blocks, the size measured on the GPU (the kernel's 32-key blocks are not used
+# here: not measured); so the cache length must be a multiple of 64.
+DECODE_BLOCK_S = 64
 
 
-def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _fp8(rt: Runtime | None):
+    return (rt or _XLA).fp8
+
+
+def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, rt: Runtime | None = None,
+          shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """q_nope [B, T, N, K] and rotated q_rope [B, T, N, R] from x [B, T, D]."""
-    fp8 = cfg.fp8_gemm_impl()
+    fp8 = _fp8(rt)
     if cfg.q_lora_rank:
         x = rms_norm(matmul("btd,dq->btq", x, p["w_dq"], fp8), p["q_norm"], cfg.rms_norm_eps)
     heads = ("batch", "seq", "heads", None)  # tensor parallelism splits the heads
@@ -58,10 +65,10 @@ def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, shard=None) -> tuple[j
     return q_nope, apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
 
 
-def latent(p: dict, x: jnp.ndarray, cos, sin, cfg: Config,
+def latent(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, rt: Runtime | None = None,
            shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """What the cache stores: normalised c_kv [B, S, C] and rotated shared k_rope [B, S, R]."""
-    c_kv, k_rope = matmul_parts("bsd,dc->bsc", x, [p["w_dkv"], p["w_kr"]], cfg.fp8_gemm_impl(),
+    c_kv, k_rope = matmul_parts("bsd,dc->bsc", x, [p["w_dkv"], p["w_kr"]], _fp8(rt),
                                 fuse=single_device(shard))
     c_kv = rms_norm(c_kv, p["kv_norm"], cfg.rms_norm_eps)
     return c_kv, apply_rope(k_rope, cos, sin, interleave=cfg.rope_interleave)
@@ -73,34 +80,36 @@ def _softmax(scores: jnp.ndarray, mask: jnp.ndarray, cfg: Config, dtype) -> jnp.
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
-def _output(p: dict, out: jnp.ndarray, cfg: Config, shard) -> jnp.ndarray:
+def _output(p: dict, out: jnp.ndarray, rt: Runtime | None, shard) -> jnp.ndarray:
     """[B, T, N, H] -> [B, T, D]; with heads split, XLA reduces the partial sums here."""
     out = constrain(out, ("batch", "seq", "heads", None), shard, "attention output")
-    return constrain(matmul("btnh,nhd->btd", out, p["w_o"], cfg.fp8_gemm_impl()),
+    return constrain(matmul("btnh,nhd->btd", out, p["w_o"], _fp8(rt)),
                      ("batch", "seq", "embed"), shard, "attention projection")
 
 
-def _keys_values(p: dict, c_kv, cfg: Config, shard) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _keys_values(p: dict, c_kv, rt: Runtime | None, shard) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Per-head k_nope [B, S, N, K] and v [B, S, N, H] from the latent c_kv [B, S, C]."""
     kv_heads = ("batch", "kv_seq", "heads", None)
-    k_nope, v = matmul_parts("bsc,cnk->bsnk", c_kv, [p["w_uk"], p["w_uv"]], cfg.fp8_gemm_impl(),
+    k_nope, v = matmul_parts("bsc,cnk->bsnk", c_kv, [p["w_uk"], p["w_uv"]], _fp8(rt),
                              fuse=single_device(shard))
     return constrain(k_nope, kv_heads, shard, "k_nope"), constrain(v, kv_heads, shard, "v")
 
 
-def attend_expanded(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard=None) -> jnp.ndarray:
+def attend_expanded(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config,
+                    rt: Runtime | None = None, shard=None) -> jnp.ndarray:
     """Training / prefill form: per-head keys and values from the latent. Returns [B, T, D]."""
-    k_nope, v = _keys_values(p, c_kv, cfg, shard)
+    k_nope, v = _keys_values(p, c_kv, rt, shard)
     f32 = jnp.float32
     with jax.named_scope("attention_core"):  # benchmarks attribute profile time by scope
         scores = (jnp.einsum("btnk,bsnk->bnts", q_nope, k_nope, preferred_element_type=f32)
                   + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
         probs = _softmax(scores, mask, cfg, v.dtype)
         out = jnp.einsum("bnts,bsnh->btnh", probs, v)
-    return _output(p, out, cfg, shard)
+    return _output(p, out, rt, shard)
 
 
-def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard=None) -> jnp.ndarray:
+def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config,
+                    rt: Runtime | None = None, shard=None) -> jnp.ndarray:
     """Decode form over the latent cache: W^UK folded into q, W^UV into the output. [B, T, D]."""
     f32 = jnp.float32
     q_lat = jnp.einsum("btnk,cnk->btnc", q_nope, p["w_uk"])
@@ -109,55 +118,49 @@ def attend_absorbed(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, sh
                   + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=f32))
         probs = _softmax(scores, mask, cfg, c_kv.dtype)
         o_lat = jnp.einsum("bnts,bsc->btnc", probs, c_kv)
-    return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), cfg, shard)
+    return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), rt, shard)
 
 
-def _decode_kernel_plan(cfg: Config, c_kv, k_rope, shard) -> int | None:
-    """The cache block size the Pallas decode kernel runs with, or None for the XLA path.
+def use_decode_kernel(rt: Runtime | None, c_kv, k_rope, shard) -> bool:
+    """Whether the absorbed form's attention core runs in the Pallas decode kernel.
 
-    "auto" takes the kernel only where it can run; "pallas" where it cannot is an error that
-    names the field and the reason (no silent fallback)."""
-    from pallas_kernels import mla_decode as kernel  # only the decode path needs it
-
-    if cfg.resolved_decode_attention_impl() != "pallas":
-        return None
-    # 64-key cache blocks, the size measured on the GPU (the kernel's 32-key blocks are not
-    # used here: not measured); so the cache length must be a multiple of 64.
-    s_max, block_s = c_kv.shape[1], 64
-    if not (_INTERPRET_DECODE_KERNEL or _hopper_gpu()):
-        why = ("the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x) as the "
-               "default device")
-    elif shard is not None and shard.mesh.size > 1:
+    `rt.decode_attention` "pallas_if_fits" takes it where the kernel takes the cache's shapes
+    and the program runs on one device, XLA's einsums elsewhere; "pallas" where it cannot run
+    is an error that names the reason (no silent fallback). Only shapes are looked at here:
+    whether the devices can run it was settled when the Runtime was resolved."""
+    choice = (rt or _XLA).decode_attention
+    if choice == "xla":
+        return False
+    if shard is not None and shard.mesh.size > 1:
         why = (f"the kernel is not partitioned over a mesh yet (this one has "
                f"{shard.mesh.size} devices)")
     else:
-        why = kernel.kernel_refusal(c_kv.shape[2], k_rope.shape[2], s_max, c_kv.dtype, block_s,
-                                    c_name="kv_lora_rank", r_name="qk_rope_head_dim")
+        why = decode_kernel.kernel_refusal(c_kv.shape[2], k_rope.shape[2], c_kv.shape[1],
+                                           c_kv.dtype, DECODE_BLOCK_S, c_name="kv_lora_rank",
+                                           r_name="qk_rope_head_dim")
     if why is None:
-        return block_s
-    if cfg.decode_attention_impl == "pallas":
-        raise ValueError(f"Config.decode_attention_impl='pallas' cannot run here: {why} "
-                         f"(latent cache c_kv {c_kv.dtype}{list(c_kv.shape)}, k_rope "
+        return True
+    if choice == "pallas":
+        raise ValueError(f"Runtime.decode_attention='pallas' cannot run here: {why} (latent "
+                         f"cache c_kv {c_kv.dtype}{list(c_kv.shape)}, k_rope "
                          f"{list(k_rope.shape)}); use 'auto' or 'xla'")
-    return None
+    return False
 
 
 def attend_absorbed_kernel(p: dict, q_nope, q_rope, c_kv, k_rope, positions, cfg: Config,
-                           shard=None, *, block_s: int = 64) -> jnp.ndarray:
+                           rt: Runtime | None = None, shard=None) -> jnp.ndarray:
     """attend_absorbed through the Pallas decode kernel: the same W^UK fold and W^UV / W^O
     output, the attention core over the two cache arrays with no [S] mask. The mask
     `slots <= positions` is the kernel's causal rule with lengths = positions[:, -1] + 1,
     because each row's new tokens sit at consecutive positions (mla_cached writes them at
     positions[:, 0] onwards). [B, T, D]."""
-    from pallas_kernels.mla_decode import mla_decode_latent
-
     q_lat = jnp.einsum("btnk,cnk->btnc", q_nope, p["w_uk"])
     with jax.named_scope("attention_core"):
-        o_lat = mla_decode_latent(
+        o_lat = decode_kernel.mla_decode_latent(
             q_lat.astype(c_kv.dtype), q_rope.astype(c_kv.dtype), c_kv, k_rope,
-            positions[:, -1] + 1, scale=cfg.softmax_scale, impl="pallas", block_s=block_s,
-            interpret=_INTERPRET_DECODE_KERNEL)
-    return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), cfg, shard)
+            positions[:, -1] + 1, scale=cfg.softmax_scale, impl="pallas",
+            block_s=DECODE_BLOCK_S, interpret=(rt or _XLA).interpret)
+    return _output(p, jnp.einsum("btnc,cnh->btnh", o_lat, p["w_uv"]), rt, shard)
 
 
 def causal_mask(positions: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
@@ -172,21 +175,21 @@ def causal_mask(positions: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.
     return mask
 
 
-def attend_cudnn(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config, shard=None, *,
-                 causal: bool = False) -> jnp.ndarray:
+def attend_cudnn(p: dict, q_nope, q_rope, c_kv, k_rope, mask, cfg: Config,
+                 rt: Runtime | None = None, shard=None, *, causal: bool = False) -> jnp.ndarray:
     """attend_expanded through cuDNN's fused attention (GPU): the same math, no [T, S] scores
     in memory. Queries and keys become [nope | rope] heads of width K + R (the rope key part
     broadcast over heads); values keep their own width H. cuDNN >= 9.10 runs qk != v widths
     ("MLA") on Hopper, forward and backward; jax 0.11.2's public `jax.nn.dot_product_attention`
     refuses them (it checks value against key shape), so we call the cuDNN primitive it wraps.
     """
-    k_nope, v = _keys_values(p, c_kv, cfg, shard)
+    k_nope, v = _keys_values(p, c_kv, rt, shard)
     with jax.named_scope("attention_core"):
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3]
                                                        + k_rope.shape[-1:])], axis=-1)
         out = _cudnn_attention(q, k, v, None if causal else mask[:, None], cfg.softmax_scale)
-    return _output(p, out, cfg, shard)
+    return _output(p, out, rt, shard)
 
 
 def _cudnn_attention(q, k, v, mask, scale: float) -> jnp.ndarray:
@@ -201,36 +204,38 @@ def _cudnn_attention(q, k, v, mask, scale: float) -> jnp.ndarray:
 
 
 def mla(p: dict, x: jnp.ndarray, cos, sin, mask: jnp.ndarray, cfg: Config,
-        shard: ShardingContext | None = None, *, causal: bool = False) -> jnp.ndarray:
+        rt: Runtime | None = None, shard: ShardingContext | None = None, *,
+        causal: bool = False) -> jnp.ndarray:
     """Self-attention of x [B, T, D] over itself (training path). `causal`: `mask` is the plain
     causal mask (lets cuDNN use its own)."""
-    q_nope, q_rope = query(p, x, cos, sin, cfg, shard)
-    c_kv, k_rope = latent(p, x, cos, sin, cfg, shard)
-    if cfg.resolved_attention_impl() == "cudnn":
-        return attend_cudnn(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard, causal=causal)
-    return attend_expanded(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard)
+    q_nope, q_rope = query(p, x, cos, sin, cfg, rt, shard)
+    c_kv, k_rope = latent(p, x, cos, sin, cfg, rt, shard)
+    if (rt or _XLA).attention == "cudnn":
+        return attend_cudnn(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, rt, shard, causal=causal)
+    return attend_expanded(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, rt, shard)
 
 
 def mla_cached(p: dict, x: jnp.ndarray, cos, sin, positions: jnp.ndarray, layer_cache: dict,
-               cfg: Config, *, absorbed: bool, shard=None) -> tuple[jnp.ndarray, dict]:
+               cfg: Config, rt: Runtime | None = None, *, absorbed: bool,
+               shard=None) -> tuple[jnp.ndarray, dict]:
     """Attention of new tokens x [B, T, D] at `positions` [B, T] over a latent cache.
 
     layer_cache = {"c_kv": [B, S_max, C], "k_rope": [B, S_max, R]} (plus "c_kv_scale" for an
     FP8 cache, dsv3_jax/latent_cache.py); cache slot s holds absolute
     position s, so writing at positions[:, 0] and masking slots > the query position is the whole
     bookkeeping (a general [T, start + T] mask, reference gotcha 18). The absorbed form runs
-    its attention core in the Pallas kernel when `cfg.resolved_decode_attention_impl()` is
-    "pallas" and the kernel takes these shapes (`_decode_kernel_plan`).
+    its attention core in the Pallas kernel where `rt.decode_attention` asks for it and the
+    kernel takes these shapes (`use_decode_kernel`).
     """
-    q_nope, q_rope = query(p, x, cos, sin, cfg, shard)
-    c_new, k_new = latent(p, x, cos, sin, cfg, shard)
+    q_nope, q_rope = query(p, x, cos, sin, cfg, rt, shard)
+    c_new, k_new = latent(p, x, cos, sin, cfg, rt, shard)
     start = positions[:, 0]
     cache = latent_cache.store(layer_cache, c_new, k_new, start)  # FP8-quantized if stored so
     slots = jnp.arange(cache["c_kv"].shape[1])
     mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S_max]
     c_kv, k_rope = latent_cache.load(cache, x.dtype)
-    if absorbed and (block_s := _decode_kernel_plan(cfg, c_kv, k_rope, shard)):
-        return attend_absorbed_kernel(p, q_nope, q_rope, c_kv, k_rope, positions, cfg, shard,
-                                      block_s=block_s), cache
+    if absorbed and use_decode_kernel(rt, c_kv, k_rope, shard):
+        return attend_absorbed_kernel(p, q_nope, q_rope, c_kv, k_rope, positions, cfg, rt,
+                                      shard), cache
     attend = attend_absorbed if absorbed else attend_expanded
-    return attend(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, shard), cache
+    return attend(p, q_nope, q_rope, c_kv, k_rope, mask, cfg, rt, shard), cache

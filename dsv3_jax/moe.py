@@ -14,7 +14,8 @@ every device sees the global per-expert load and the bias update stays identical
 
 `p` is one layer's MoE weights: router [D, E], shared {w_gate, w_up [D, s], w_down [s, D]}
 (absent with no shared experts), experts {w_gate, w_up [E, D, f], w_down [E, f, D]}.
-With `Config.fp8` the shared and routed experts' GEMMs take FP8 inputs; the router does not.
+With FP8 on (`Runtime.fp8`) the shared and routed experts' GEMMs take FP8 inputs; the router
+does not.
 """
 
 import jax
@@ -25,20 +26,27 @@ from dsv3_jax.config import Config
 from dsv3_jax import grouped
 from dsv3_jax.layers import swiglu
 from dsv3_jax.router import expert_counts, route, sequence_balance_terms
+from dsv3_jax.runtime import Runtime
 from pallas_kernels.rows import gather_rows
 from sharding import ep
 from sharding.context import ShardingContext, constrain
 
 
-def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, impl: str = "ragged_dot",
-                   fp8_impl: str | None = None) -> jnp.ndarray:
-    """Each expert's SwiGLU over its contiguous rows: rows [M, D], sizes [E] -> [M, D]."""
+_XLA = Runtime()
+
+
+def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray,
+                   rt: Runtime | None = None) -> jnp.ndarray:
+    """Each expert's SwiGLU over its contiguous rows: rows [M, D], sizes [E] -> [M, D], with
+    the grouped GEMMs `rt` names (`rt.grouped`, `rt.fp8`, `rt.interpret`)."""
+    rt = rt or _XLA
     with jax.named_scope("expert_gemms"):  # benchmarks attribute profile time by scope
-        return grouped.grouped_swiglu(p, rows, sizes, impl=impl, fp8_impl=fp8_impl)
+        return grouped.grouped_swiglu(p, rows, sizes, impl=rt.grouped, fp8_impl=rt.fp8,
+                                      interpret=rt.interpret)
 
 
 def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.ndarray,
-                   impl: str = "ragged_dot", fp8_impl: str | None = None) -> jnp.ndarray:
+                   rt: Runtime | None = None) -> jnp.ndarray:
     """Dropless expert FFN on one device: x [M0, D], indices/weights [M0, A] -> [M0, D] (fp32)."""
     m0, a = indices.shape
     with jax.named_scope("dispatch"):
@@ -48,14 +56,15 @@ def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.n
         sizes = jnp.bincount(flat, length=p["w_gate"].shape[0]).astype(jnp.int32)
         # pair j of token j // A: repeat, then permute; both directions are gathers (rows.py)
         rows = gather_rows(jnp.repeat(x, a, axis=0), order, inverse)
-    ys = grouped_swiglu(p, rows, sizes, impl, fp8_impl)  # [M, D]
+    ys = grouped_swiglu(p, rows, sizes, rt)  # [M, D]
     with jax.named_scope("combine"):
         y = gather_rows(ys, inverse, order).reshape(m0, a, -1)
         # combine in float32 (HF does; the official code and V3 training combine in BF16)
         return jnp.einsum("mad,ma->md", y.astype(jnp.float32), weights)
 
 
-def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, ep_axis, impl):
+def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, rt: Runtime,
+                       ep_axis, impl):
     """Route local tokens x [B, T, D] and run the routed experts (with EP when ep_axis is set).
     Returns (y [B, T, D] float32, counts [B, E], balance terms, indices [B, T, A])."""
     b, t, d = x.shape
@@ -64,14 +73,12 @@ def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, ep
         r = route(xf, p_router, bias, cfg, None if forced is None else forced.reshape(b * t, -1))
     with jax.named_scope("experts"):
         if ep_axis is None:
-            y = routed_experts(experts, xf, r.indices, r.weights, cfg.resolved_grouped_impl(),
-                               cfg.fp8_gemm_impl())
+            y = routed_experts(experts, xf, r.indices, r.weights, rt)
         else:
             with jax.named_scope("dispatch"):
                 rows, sizes, plan = ep.dispatch(xf, r.indices, n_experts=cfg.n_routed_experts,
                                                 axis=ep_axis, impl=impl)
-            ys = grouped_swiglu(experts, rows, sizes, cfg.resolved_grouped_impl(),
-                                cfg.fp8_gemm_impl())
+            ys = grouped_swiglu(experts, rows, sizes, rt)
             with jax.named_scope("combine"):
                 y = ep.combine(ys, r.weights, plan, axis=ep_axis, impl=impl)
     indices = r.indices.reshape(b, t, -1)
@@ -80,14 +87,15 @@ def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, ep
     return y.reshape(b, t, d), counts, terms, indices
 
 
-def _moe_local(p, x, bias, token_mask, cfg, forced):
+def _moe_local(p, x, bias, token_mask, cfg, rt, forced):
     y, counts, (per_seq, has), indices = _route_and_compute(
-        p["router"], p["experts"], x, bias, token_mask, forced, cfg, None, None)
+        p["router"], p["experts"], x, bias, token_mask, forced, cfg, rt, None, None)
     balance = (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
     return y, counts.sum(0), balance, indices
 
 
-def _moe_sharded(p, x, bias, token_mask, cfg: Config, forced, shard: ShardingContext):
+def _moe_sharded(p, x, bias, token_mask, cfg: Config, rt: Runtime, forced,
+                 shard: ShardingContext):
     batch = shard.batch_axes or None
     ep_axis = shard.expert_axis
     tp = shard.tensor_axis if "tensor" in dict(shard.strategy.params)["expert_mlp"] else None
@@ -97,7 +105,7 @@ def _moe_sharded(p, x, bias, token_mask, cfg: Config, forced, shard: ShardingCon
 
     def local(x, mask, forced, w_router, bias, experts):
         y, counts, (per_seq, has), indices = _route_and_compute(
-            w_router, experts, x, bias, mask, forced, cfg, ep_axis, shard.dispatch)
+            w_router, experts, x, bias, mask, forced, cfg, rt, ep_axis, shard.dispatch)
         if tp:  # each tensor rank summed its slice of the expert width
             y = jax.lax.psum(y, tp)
         load = jax.lax.psum(counts.sum(0), sum_axes) if sum_axes else counts.sum(0)
@@ -115,20 +123,22 @@ def _moe_sharded(p, x, bias, token_mask, cfg: Config, forced, shard: ShardingCon
 
 
 def moe(p: dict, x: jnp.ndarray, bias: jnp.ndarray | None, token_mask: jnp.ndarray, cfg: Config,
-        forced: jnp.ndarray | None = None, shard: ShardingContext | None = None):
+        rt: Runtime | None = None, forced: jnp.ndarray | None = None,
+        shard: ShardingContext | None = None):
     """x [B, T, D] -> (y [B, T, D], aux).
 
     aux: `load` [E] tokens per expert over the whole batch (masked tokens excluded), `balance`
     the unscaled sequence-wise balance loss, `indices` [B, T, A] the experts used (for replay).
     """
+    rt = rt or _XLA
     if shard is None:
-        y, load, balance, indices = _moe_local(p, x, bias, token_mask, cfg, forced)
+        y, load, balance, indices = _moe_local(p, x, bias, token_mask, cfg, rt, forced)
     else:
-        y, load, balance, indices = _moe_sharded(p, x, bias, token_mask, cfg, forced, shard)
+        y, load, balance, indices = _moe_sharded(p, x, bias, token_mask, cfg, rt, forced, shard)
     y = constrain(y.astype(x.dtype), ("batch", "seq", "embed"), shard, "moe combine")
     if "shared" in p:
         with jax.named_scope("shared_experts"):
             s = p["shared"]
             y = y + swiglu(x, s["w_gate"], s["w_up"], s["w_down"], shard, "expert_mlp",
-                           fp8_impl=cfg.fp8_gemm_impl())
+                           fp8_impl=rt.fp8)
     return y, {"load": load, "balance": balance, "indices": indices}

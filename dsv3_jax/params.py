@@ -76,6 +76,15 @@ class Decl:
     stack: str | None = None  # "dense" | "moe" | "mtp": what the L index means
     index: tuple[str, ...] = ()  # leading letters that index separate HF tensors ("L", "E")
     dtype: str | None = None  # fixed dtype (router bias: float32); None = the param dtype
+    # Per-leaf facts, read by the optimizer, the model and the sharding rules:
+    decay: bool = True  # AdamW weight decay applies (matrices; never norm gains, [PAPER] §4.2)
+    keep_fp32: bool = False  # computed in float32 whatever the compute dtype (norms, router:
+    # the V3 report keeps them in higher precision, §3.3.1)
+    replicated: bool = False  # whole on every device (gains: a few KiB; the router bias: every
+    # device routes with all of it, and it must stay bitwise identical everywhere)
+
+
+FACTS = ("decay", "keep_fp32", "replicated")
 
 
 def letter_sizes(cfg: Config, stack: str | None) -> dict[str, int]:
@@ -108,8 +117,7 @@ def _attention(cfg: Config, pre: tuple[str, ...], stack: str) -> list[Decl]:
     out = []
     if q:  # low-rank query: c^Q = RMSNorm(x W^DQ), q = c^Q W^UQ (eqs 6-8)
         out += [mat("w_dq", "D Q", HFLinear(at + "q_a_proj.weight", (q,), (d,))),
-                Decl(p + ("q_norm",), "L Q", "ones", HFVector(at + "q_a_layernorm.weight"),
-                     stack, ("L",))]
+                _gain(p + ("q_norm",), "L Q", at + "q_a_layernorm.weight", stack)]
         q_src, q_in, q_letter = at + "q_b_proj.weight", (q,), "Q"
     else:  # V2-Lite: one plain query projection
         q_src, q_in, q_letter = at + "q_proj.weight", (d,), "D"
@@ -120,7 +128,7 @@ def _attention(cfg: Config, pre: tuple[str, ...], stack: str) -> list[Decl]:
         # kv_a output is [c_kv C | k_rope R], the rope key shared by all heads
         mat("w_dkv", "D C", HFLinear(at + "kv_a_proj_with_mqa.weight", (c + r,), (d,), (0, c))),
         mat("w_kr", "D R", HFLinear(at + "kv_a_proj_with_mqa.weight", (c + r,), (d,), (c, c + r))),
-        Decl(p + ("kv_norm",), "L C", "ones", HFVector(at + "kv_a_layernorm.weight"), stack, ("L",)),
+        _gain(p + ("kv_norm",), "L C", at + "kv_a_layernorm.weight", stack),
         # kv_b per head is [k_nope K | v H]
         mat("w_uk", "C N K", HFLinear(at + "kv_b_proj.weight", (n, k + h), (c,), (0, k))),
         mat("w_uv", "C N H", HFLinear(at + "kv_b_proj.weight", (n, k + h), (c,), (k, k + h))),
@@ -129,12 +137,16 @@ def _attention(cfg: Config, pre: tuple[str, ...], stack: str) -> list[Decl]:
     return out
 
 
+def _gain(path: tuple[str, ...], letters: str, hf_name: str, stack: str | None) -> Decl:
+    """An RMSNorm gain: ones, no weight decay, float32, replicated."""
+    return Decl(path, letters, "ones", HFVector(hf_name), stack, ("L",) if stack else (),
+                decay=False, keep_fp32=True, replicated=True)
+
+
 def _norms(pre: tuple[str, ...], stack: str) -> list[Decl]:
     lay = "model.layers.{layer}."
-    return [Decl(pre + ("attn_norm",), "L D", "ones", HFVector(lay + "input_layernorm.weight"),
-                 stack, ("L",)),
-            Decl(pre + ("ffn_norm",), "L D", "ones",
-                 HFVector(lay + "post_attention_layernorm.weight"), stack, ("L",))]
+    return [_gain(pre + ("attn_norm",), "L D", lay + "input_layernorm.weight", stack),
+            _gain(pre + ("ffn_norm",), "L D", lay + "post_attention_layernorm.weight", stack)]
 
 
 def _swiglu(pre: tuple[str, ...], hf_prefix: str, width: str, stack: str, cfg: Config,
@@ -157,7 +169,7 @@ def _moe(cfg: Config, pre: tuple[str, ...], stack: str) -> list[Decl]:
     p = pre + ("moe",)
     out = [Decl(p + ("router",), "L D E", "normal",
                 HFLinear(mlp + "gate.weight", (cfg.n_routed_experts,), (cfg.dim,), fp8=False),
-                stack, ("L",))]
+                stack, ("L",), keep_fp32=True)]
     if cfg.n_shared_experts:
         out += _swiglu(p + ("shared",), mlp + "shared_experts.", "s", stack, cfg, ("L",))
     out += _swiglu(p + ("experts",), mlp + "experts.{expert}.", "f", stack, cfg, ("L", "E"))
@@ -178,7 +190,7 @@ def declarations(cfg: Config) -> list[Decl]:
     """All leaves of the model state for `cfg`, in a fixed order."""
     out = [
         Decl(("weights", "embed"), "V D", "normal", HFVector("model.embed_tokens.weight")),
-        Decl(("weights", "final_norm"), "D", "ones", HFVector("model.norm.weight")),
+        _gain(("weights", "final_norm"), "D", "model.norm.weight", None),
         Decl(("weights", "head"), "D V", "normal",
              HFLinear("lm_head.weight", (cfg.vocab_size,), (cfg.dim,), fp8=False)),
     ]
@@ -189,23 +201,24 @@ def declarations(cfg: Config) -> list[Decl]:
     if cfg.mtp_depth:
         m, lay = ("weights", "mtp"), "model.layers.{layer}."
         out += [
-            Decl(m + ("enorm",), "L D", "ones", HFVector(lay + "enorm.weight"), "mtp", ("L",)),
-            Decl(m + ("hnorm",), "L D", "ones", HFVector(lay + "hnorm.weight"), "mtp", ("L",)),
+            _gain(m + ("enorm",), "L D", lay + "enorm.weight", "mtp"),
+            _gain(m + ("hnorm",), "L D", lay + "hnorm.weight", "mtp"),
             # input rows [0, D) multiply the normalised embedding, [D, 2D) the hidden state:
             # the released order is [emb; hidden], the reverse of eq 21 (reference gotcha 13)
             Decl(m + ("eh_proj",), "L P D", "normal",
                  HFLinear(lay + "eh_proj.weight", (cfg.dim,), (2 * cfg.dim,), fp8=False),
                  "mtp", ("L",)),
-            Decl(m + ("final_norm",), "L D", "ones", HFVector(lay + "shared_head.norm.weight"),
-                 "mtp", ("L",)),
+            _gain(m + ("final_norm",), "L D", lay + "shared_head.norm.weight", "mtp"),
         ] + _block(cfg, "mtp", moe=True)
     if cfg.router_bias:
         bias = "model.layers.{layer}.mlp.gate.e_score_correction_bias"
         for stack, key, depth in (("moe", "moe_layers", cfg.n_moe_layers),
                                   ("mtp", "mtp", cfg.mtp_depth)):
             if depth:
+                # state, not a weight: no gradient and no decay (it never meets the optimizer)
                 out.append(Decl(("router_state", key, "bias"), "L E", "zeros", HFVector(bias),
-                                stack, ("L",), dtype="float32"))
+                                stack, ("L",), dtype="float32", decay=False, keep_fp32=True,
+                                replicated=True))
     return out
 
 
@@ -241,6 +254,18 @@ def logical_axes_tree(cfg: Config) -> dict:
     return tree
 
 
+def fact_tree(cfg: Config, fact: str) -> dict:
+    """The state tree with each leaf replaced by its `Decl` fact (`decay`, `keep_fp32` or
+    `replicated`): what the optimizer's decay mask, the model's casts and the sharding rules
+    read, so no code picks leaves by name."""
+    if fact not in FACTS:
+        raise ValueError(f"unknown parameter fact {fact!r}; facts are {FACTS}")
+    tree = _empty_state()
+    for d in declarations(cfg):
+        _set(tree, d.path, getattr(d, fact))
+    return tree
+
+
 def _leaf_dtype(d: Decl, cfg: Config):
     return jnp.dtype(d.dtype or cfg.param_dtype)
 
@@ -272,9 +297,7 @@ def shapes_key(cfg: Config) -> Config:
     """`cfg` with every field that cannot change a leaf reset: the jit key of `init_tree`, so
     configs that differ only in such fields share one compile (on CPU, XLA spends ~50 ms per
     leaf compiling the random draws)."""
-    return cfg.replace(init_std=1.0, dtype="float32", remat="none", mtp_loss_weight=0.0,
-                       balance_loss_alpha=0.0, bias_update_speed=0.0, name="", fp8=False,
-                       fp8_impl="auto", fp8_quant_impl="auto")
+    return cfg.replace(init_std=1.0, dtype="float32", name="")
 
 
 def init_tree(cfg: Config, key: jax.Array, std: jax.Array) -> dict:

@@ -1,8 +1,8 @@
 """Placing the model state and batches on a mesh (the model side of sharding/).
 
 The specs come from the parameter declarations' logical names (`params.logical_axes_tree`)
-through the strategy's parameter table (`sharding.rules`); nothing is replicated unless a rule
-says so.
+through the strategy's parameter table (`sharding.rules`); nothing is replicated unless its
+declaration says so (`Decl.replicated`: norm gains and the router bias).
 """
 
 import functools
@@ -12,13 +12,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import Config
-from dsv3_jax.params import abstract_params, init_tree, logical_axes_tree, shapes_key
+from dsv3_jax.params import abstract_params, fact_tree, init_tree, logical_axes_tree, shapes_key
 from sharding.context import ShardingContext
 
 
 def param_specs(cfg: Config, shard: ShardingContext) -> dict:
     """PartitionSpec tree of the model state (same structure as `init_params`)."""
-    return shard.param_specs(abstract_params(cfg), logical_axes_tree(cfg))
+    return shard.param_specs(abstract_params(cfg), logical_axes_tree(cfg),
+                             fact_tree(cfg, "replicated"))
 
 
 def param_shardings(cfg: Config, shard: ShardingContext) -> dict:

@@ -32,7 +32,8 @@ import numpy as np
 
 import dsv3_jax
 from dsv3_jax import placement
-from dsv3_jax.loss import loss_fn
+from dsv3_jax import runtime as runtime_lib
+from dsv3_jax.train.loss import loss_fn
 from sharding.context import ShardingContext
 from sharding.mesh import make_mesh
 
@@ -55,7 +56,9 @@ def parse_args(argv=None):
 
 
 def step_fn(cfg, shard):
-    return jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, cfg, shard=shard)[0]))
+    """Loss and gradients on `shard`, with the kernels this machine's runtime picks for it."""
+    rt = runtime_lib.resolve(cfg, mesh_devices=1 if shard is None else shard.mesh.size)
+    return jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, cfg, rt, shard=shard)[0]))
 
 
 def random_batch(cfg, batch, seq, seed):

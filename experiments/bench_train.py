@@ -4,7 +4,7 @@ Command:   python experiments/bench_train.py                 (the `small` preset
            python experiments/bench_train.py --preset tiny --batch 2 --seq_len 64 --steps 2 \
                --json bench_tiny.json                          (a CPU smoke run; no MFU there)
 Hardware:  one NVIDIA H100/H200 for the numbers in experiments/results/; any CPU for the smoke run.
-What it measures: the full jitted pretraining step of `dsv3_jax.train` (forward with MTP, loss,
+What it measures: the full jitted pretraining step of `dsv3_jax.train.step` (forward with MTP, loss,
 backward, AdamW with bf16 moments, router-bias update) on synthetic token ids, timed over
 --steps steps after --warmup, each waited for. MFU = flops_per_token(seq_len) x tokens/s over the
 device's dense bf16 peak (the datasheet's; --peak_tflops overrides). Then a profile of
@@ -15,10 +15,9 @@ grouped kernel on GPU, ragged_dot on CPU).
 Output: a table on stdout and a JSON record (--json) with the command, device, date and numbers.
 Result (one H200, 2026-12-01, defaults: 16 x 2048 tokens, layers unrolled): 195.9 ms per step,
 167k tokens/s, 357 model TFLOP/s, MFU 36.1% (36.6% in a second run; target 35% on an H100),
-56 GiB peak memory; at 8 x 2048: 105.7 ms, MFU 33.4%. Expert GEMMs 27%, attention core 26%,
-head + softmax 12%, MLA projections 12% of the device time (experiments/results/
-train_small_h200_b16.json, train_small_h200.json; the README's table). Side by side in one run
-(before the cross-entropy change): scanned 146.6 ms against unrolled 111.9 ms at 8 x 2048.
+56 GiB peak memory; at 8 x 2048: 105.7 ms, MFU 33.4% (experiments/results/
+train_small_h200_b16.json, train_small_h200.json; docs/performance.md has the profile and the
+path there).
 """
 
 import argparse
@@ -43,9 +42,11 @@ if "--command_buffers" not in sys.argv:
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import profiling, train
+from dsv3_jax import profiling
+from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import get_config
-from dsv3_jax.pretrain import peak_tflops
+from dsv3_jax.train import step as train
+from dsv3_jax.train.metrics import peak_tflops
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--preset", default="small", help="config preset")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "fp8"),
                     help="activation/matmul dtype (master weights fp32, moments bf16); fp8 = bf16 "
-                         "activations + FP8 GEMM inputs (Config.fp8; see --fp8_impl)")
+                         "activations + FP8 GEMM inputs (Runtime.fp8; see --fp8_impl)")
     ap.add_argument("--fp8_impl", default="auto", choices=("auto", "xla", "pallas"),
                     help="FP8 GEMMs under --precision fp8 (auto = pallas, our Mosaic GPU FP8 "
                          "kernels, on a Hopper GPU; xla = the dequantize + fp32 matmul reference)")
@@ -73,8 +74,8 @@ def parse_args(argv=None):
                     help="steps under the profiler for the per-part breakdown (0: no profile)")
     ap.add_argument("--profile_dir", default=None,
                     help="keep the profile here (TensorBoard / Perfetto); default: a temporary folder")
-    ap.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"),
-                    help="per-layer rematerialisation (default: the preset's)")
+    ap.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
+                    help="per-layer rematerialisation (default: none)")
     ap.add_argument("--scan_layers", default="false", choices=("true", "false"),
                     help="run each layer stack as one lax.scan (true) or unrolled (false, the "
                          "default: measured 147 against 112 ms per step on an H200, at a longer "
@@ -104,9 +105,10 @@ def synthetic_batch(cfg, batch: int, seq_len: int) -> dict:
 
 def time_steps(step, state, batch, n: int) -> tuple[dict, list[float]]:
     times = []
+    guard = train.no_guard()
     for _ in range(n):
         t0 = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, guard)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     return state, times
@@ -127,7 +129,7 @@ def _top_ops_by_part(ops: dict, scopes: dict, n_steps: int, k: int = 6) -> dict:
 def profile_parts(step, state, batch, n: int, keep_dir: str | None,
                   top_ops: int = 25) -> tuple[dict, dict, dict]:
     """(state, {part: ms per step}, details) from a profile of n steps."""
-    scopes = profiling.op_scopes(step.lower(state, batch).compile().as_text())
+    scopes = profiling.op_scopes(step.lower(state, batch, train.no_guard()).compile().as_text())
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = keep_dir or tmp
         with jax.profiler.trace(trace_dir):
@@ -155,24 +157,20 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"
-    over = {"dtype": "float32" if a.precision == "fp32" else "bfloat16",
-            "fp8": a.precision == "fp8", "fp8_impl": a.fp8_impl, "fp8_quant_impl": a.fp8_quant_impl,
-            "grouped_impl": a.grouped_impl, "attention_impl": a.attention_impl}
-    if a.remat:
-        over["remat"] = a.remat
-    over["scan_layers"] = a.scan_layers == "true"
-    cfg = get_config(a.preset, **over)
+    cfg = get_config(a.preset)
+    rt = runtime_lib.resolve(
+        cfg, dtype="float32" if a.precision == "fp32" else "bfloat16", remat=a.remat,
+        scan_layers=a.scan_layers == "true", attention=a.attention_impl, grouped=a.grouped_impl,
+        fp8=a.precision == "fp8", fp8_gemm=a.fp8_impl, fp8_quant=a.fp8_quant_impl)
     schedule = train.v3_schedule(1e-4, 1000, 10)
-    optimizer = train.make_optimizer(schedule)
+    optimizer = train.make_optimizer(cfg, schedule)
     state = train.init_state(cfg, jax.random.key(0), optimizer)
-    step = train.make_train_step(cfg, optimizer, schedule)
+    step = train.make_train_step(cfg, optimizer, schedule, rt=rt)
     batch = synthetic_batch(cfg, a.batch, a.seq_len)
     counts = cfg.param_count()
-    print(f"bench_train: {a.preset} ({counts['main'] / 1e6:,.1f}M params, {counts['activated'] / 1e6:,.1f}M activated) on {dev.device_kind}, "
-          f"batch {a.batch} x {a.seq_len}, {a.precision}"
-          f"{f' ({cfg.resolved_fp8_impl()}, quant {cfg.resolved_fp8_quant_impl()})' if cfg.fp8 else ''}"
-          f", remat {cfg.remat}, grouped "
-          f"{cfg.resolved_grouped_impl()}, attention {cfg.resolved_attention_impl()}", flush=True)
+    print(f"bench_train: {a.preset} ({counts['main'] / 1e6:,.1f}M params, "
+          f"{counts['activated'] / 1e6:,.1f}M activated) on {dev.device_kind}, batch {a.batch} x "
+          f"{a.seq_len}, {a.precision}: {rt.describe()}", flush=True)
 
     t0 = time.perf_counter()
     state, warm = time_steps(step, state, batch, a.warmup)
@@ -188,11 +186,11 @@ def main(argv=None) -> dict:
         "date": datetime.date.today().isoformat(), "device": dev.device_kind,
         "platform": dev.platform, "jax": jax.__version__, "host": platform.machine(),
         "preset": a.preset, "precision": a.precision,
-        "fp8_impl": cfg.resolved_fp8_impl() if cfg.fp8 else None,
-        "fp8_quant_impl": cfg.resolved_fp8_quant_impl() if cfg.fp8 else None,
-        "batch": a.batch, "seq_len": a.seq_len,
-        "remat": cfg.remat, "scan_layers": cfg.scan_layers, "xla_command_buffers": a.command_buffers, "grouped_impl": cfg.resolved_grouped_impl(),
-        "attention_impl": cfg.resolved_attention_impl(),
+        "fp8_impl": rt.fp8.gemm if rt.fp8 else None,
+        "fp8_quant_impl": rt.fp8.quant if rt.fp8 else None,
+        "batch": a.batch, "seq_len": a.seq_len, "remat": rt.remat, "scan_layers": rt.scan_layers,
+        "xla_command_buffers": a.command_buffers, "grouped_impl": rt.grouped,
+        "attention_impl": rt.attention,
         "params": counts, "flops_per_token": cfg.flops_per_token(a.seq_len),
         "warmup_s_compile_included": warmup_s,
         "step_ms_median": sec * 1e3, "step_ms_all": [t * 1e3 for t in times],

@@ -29,8 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import dsv3_jax
+from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import Config, get_config
-from dsv3_jax.data import ByteTokenizer
+from dsv3_jax.train import step as train
+from dsv3_jax.train.checkpoint import Checkpoints
+from dsv3_jax.train.data import ByteTokenizer
 
 
 def parse_args(argv=None):
@@ -54,10 +57,11 @@ def parse_args(argv=None):
     ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (and random-init seed)")
     ap.add_argument("--stop_ids", default="", help="comma-separated stop token ids")
-    ap.add_argument("--cache_dtype", default="bfloat16",
-                    choices=("bfloat16", "float32", "float8_e4m3fn"),
-                    help="latent cache storage; float8_e4m3fn: the latent in e4m3 with per-token "
-                         "scales, k_rope in bf16 (1.76x smaller than bf16 for V3)")
+    ap.add_argument("--cache_dtype", default="auto",
+                    choices=("auto", "bfloat16", "float32", "float8_e4m3fn"),
+                    help="latent cache storage: auto = the compute dtype; float8_e4m3fn: the "
+                         "latent in e4m3 with per-token scales, k_rope in bf16 (1.76x smaller "
+                         "than bf16 for V3)")
     ap.add_argument("--speculative", action="store_true",
                     help="MTP speculative decoding: the MTP module drafts one token per step, "
                          "the main model verifies it (same output as without, for greedy)")
@@ -66,7 +70,7 @@ def parse_args(argv=None):
                          "this process and report both tokens/s, the speed-up and the acceptance "
                          "rate (greedy: the outputs must be identical, else an error)")
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
-                    help="compute dtype (Config.dtype; default: the model's). float32 also sets "
+                    help="compute dtype (Runtime.dtype; default: the model's). float32 also sets "
                          "float32 matmuls to full precision (no TF32), so plain and speculative "
                          "greedy runs differ only by summation order")
     ap.add_argument("--tie_tolerance", type=float, default=None,
@@ -76,7 +80,7 @@ def parse_args(argv=None):
     ap.add_argument("--decode_attention_impl", default="auto", choices=("auto", "xla", "pallas"),
                     help="absorbed decode attention: pallas = our Mosaic GPU MLA decode kernel "
                          "(Hopper, bf16, cache length a multiple of 64), xla = einsums, auto = "
-                         "pallas where it runs (Config.decode_attention_impl)")
+                         "pallas where it runs (Runtime.decode_attention)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="generate calls; tokens/s is from the last (the first compiles)")
     ap.add_argument("--json", default=None, help="write the continuations and numbers here")
@@ -101,9 +105,6 @@ def load_model(a) -> tuple[dict, Config]:
 
 
 def _load_pretrain_checkpoint(directory: str) -> tuple[dict, Config]:
-    from dsv3_jax import train
-    from dsv3_jax.checkpoint import Checkpoints
-
     path = pathlib.Path(directory)
     steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()), reverse=True)
     if not steps:
@@ -115,7 +116,7 @@ def _load_pretrain_checkpoint(directory: str) -> tuple[dict, Config]:
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()
                     if k in fields})
-    optimizer = train.make_optimizer(train.v3_schedule(1e-4, 100, 1))  # structure only
+    optimizer = train.make_optimizer(cfg, train.v3_schedule(1e-4, 100, 1))  # structure only
     ckpt = Checkpoints(directory, async_save=False)
     try:
         restored = ckpt.restore_latest(train.abstract_state(cfg, optimizer))
@@ -127,29 +128,28 @@ def _load_pretrain_checkpoint(directory: str) -> tuple[dict, Config]:
     return restored.state["params"], cfg
 
 
-def _timed_generate(params, cfg, prompts, a, kw) -> tuple[list[list[int]], list[float]]:
-    """--repeats calls of dsv3_jax.generate: (the last call's outputs, each call's seconds)."""
+def _timed_generate(params, cfg, prompts, a, kw) -> tuple[list[list[int]], list[float], dict]:
+    """--repeats calls of dsv3_jax.generate: (the last call's outputs, each call's seconds, the
+    last call's draft statistics)."""
     times = []
     for _ in range(max(1, a.repeats)):
         t0 = time.perf_counter()
-        outs = dsv3_jax.generate(params, cfg, prompts, a.max_new_tokens, **kw)
+        outs, stats = dsv3_jax.generate(params, cfg, prompts, a.max_new_tokens, return_stats=True,
+                                        **kw)
         times.append(time.perf_counter() - t0)
         print(f"generate{' (speculative)' if kw['speculative'] else ''} call {len(times)}: "
               f"{times[-1]:.3f} s{' (compile included)' if len(times) == 1 else ''}", flush=True)
-    return outs, times
+    return outs, times, stats
 
 
-def _speculative_stats() -> dict:
-    from dsv3_jax.generate import LAST_STATS
-
-    stats = dict(LAST_STATS)
+def _speculative_stats(stats: dict) -> dict:
     rate = stats["accepted"] / max(stats["drafted"], 1)
     print(f"speculative: {stats['accepted']} of {stats['drafted']} drafts accepted "
           f"({rate:.1%}), {stats['steps']} verification steps")
     return {**stats, "acceptance_rate": rate}
 
 
-def _divergence(params, cfg, prompts, plain, spec, rel_tol: float) -> dict:
+def _divergence(params, cfg, rt, prompts, plain, spec, rel_tol: float) -> dict:
     """Where greedy plain and speculative outputs first differ, and whether the main model calls
     that token a near tie: its teacher-forced logits over prompt + the common prefix (the
     training path, a third summation order) put both chosen tokens within `rel_tol` x |top
@@ -163,7 +163,8 @@ def _divergence(params, cfg, prompts, plain, spec, rel_tol: float) -> dict:
            "speculative_token": s[pos] if pos < len(s) else None}
     if None in (out["plain_token"], out["speculative_token"]):  # one stopped, the other did not
         return {**out, "near_tie": False}
-    logits, _ = dsv3_jax.forward(params, jnp.asarray([list(prompts[r]) + p[:pos]]), cfg)
+    logits, _ = dsv3_jax.forward(params, jnp.asarray([list(prompts[r]) + p[:pos]]), cfg,
+                                 runtime=rt)
     z = np.asarray(logits[0, -1], np.float64)
     top, zp, zs = float(z.max()), float(z[p[pos]]), float(z[s[pos]])
     tol = rel_tol * max(1.0, abs(top))
@@ -177,9 +178,9 @@ def _compare(params, cfg, prompts, a, kw, outs, tokens_per_s) -> dict:
     process: tokens/s of both, the speed-up, the acceptance rate, and (greedy) whether the
     outputs are identical, and where not, whether they fork at a near tie (`_divergence`)."""
     other_kw = {**kw, "speculative": not kw["speculative"]}
-    other, times = _timed_generate(params, cfg, prompts, a, other_kw)
+    other, times, stats = _timed_generate(params, cfg, prompts, a, other_kw)
     other_rate = sum(len(o) for o in other) / times[-1]
-    spec_stats = _speculative_stats() if other_kw["speculative"] else None
+    spec_stats = _speculative_stats(stats) if other_kw["speculative"] else None
     plain, spec = (tokens_per_s, other_rate) if other_kw["speculative"] else (other_rate,
                                                                               tokens_per_s)
     same = other == outs
@@ -190,14 +191,16 @@ def _compare(params, cfg, prompts, a, kw, outs, tokens_per_s) -> dict:
               **({"speculative": spec_stats} if spec_stats else {})}
     if a.temperature == 0.0 and not same:
         plain_out, spec_out = (outs, other) if other_kw["speculative"] else (other, outs)
+        rt = kw["runtime"]
         rel_tol = (a.tie_tolerance if a.tie_tolerance is not None
-                   else 4 * float(jnp.finfo(jnp.dtype(cfg.dtype)).eps))
-        d = record["divergence"] = _divergence(params, cfg, prompts, plain_out, spec_out, rel_tol)
+                   else 4 * float(jnp.finfo(jnp.dtype(rt.dtype)).eps))
+        d = record["divergence"] = _divergence(params, cfg, rt, prompts, plain_out, spec_out,
+                                               rel_tol)
         where = f"row {d['row']}, new token {d['position']}"
         if "gap" in d:
             print(f"first fork at {where}: plain {d['plain_token']} (logit {d['plain_logit']:.4f}), "
                   f"speculative {d['speculative_token']} (logit {d['speculative_logit']:.4f}), "
-                  f"top {d['top_logit']:.4f}, tolerance {d['tolerance']:.4f} ({cfg.dtype}): "
+                  f"top {d['top_logit']:.4f}, tolerance {d['tolerance']:.4f} ({rt.dtype}): "
                   f"{'a near tie (rounding), not a bug' if d['near_tie'] else 'NOT a near tie'}")
         if not d["near_tie"]:
             record["error"] = (f"greedy speculative output differs from plain greedy output at "
@@ -208,10 +211,8 @@ def _compare(params, cfg, prompts, a, kw, outs, tokens_per_s) -> dict:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     params, cfg = load_model(a)
-    cfg = cfg.replace(decode_attention_impl=a.decode_attention_impl)
-    if a.dtype:
-        cfg = cfg.replace(dtype=a.dtype)
-    if cfg.dtype == "float32":
+    rt = runtime_lib.resolve(cfg, dtype=a.dtype, decode_attention=a.decode_attention_impl)
+    if rt.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
     tok = ByteTokenizer()
     texts = list(a.prompt or [])
@@ -229,8 +230,10 @@ def main(argv=None) -> dict:
         prompts = [prompts[i % len(prompts)] for i in range(a.batch_size)]
     kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
               stop_tokens=_ids(a.stop_ids, "--stop_ids"), speculative=a.speculative,
-              cache_dtype=jnp.dtype(a.cache_dtype))
-    outs, times = _timed_generate(params, cfg, prompts, a, kw)
+              cache_dtype=None if a.cache_dtype == "auto" else jnp.dtype(a.cache_dtype),
+              runtime=rt)
+    cache_dtype = rt.dtype if a.cache_dtype == "auto" else a.cache_dtype
+    outs, times, stats = _timed_generate(params, cfg, prompts, a, kw)
     seconds = times[-1]
     n_new = sum(len(o) for o in outs)
     for i, (p, o) in enumerate(zip(prompts, outs)):
@@ -238,19 +241,20 @@ def main(argv=None) -> dict:
         print(f"[{i}] {shown}")
     print(f"{n_new} tokens in {seconds:.3f} s: {n_new / seconds:,.1f} tokens/s "
           f"({len(prompts)} rows, {jax.devices()[0].device_kind})")
-    latent = dsv3_jax.cache_bytes_per_token(cfg, jnp.dtype(a.cache_dtype))
+    latent = dsv3_jax.cache_bytes_per_token(cfg, jnp.dtype(cache_dtype))
     # what per-head keys and values (qk and v widths) of every layer would take, in bf16
     expanded = cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
-    print(f"latent cache: {latent:,} bytes per token in {a.cache_dtype} against {expanded:,} for "
+    print(f"latent cache: {latent:,} bytes per token in {cache_dtype} against {expanded:,} for "
           f"expanded keys and values in bfloat16 ({expanded / latent:.1f}x smaller)")
     record = {"settings": vars(a), "prompts": prompts, "outputs": outs, "tokens": n_new,
               "seconds": seconds, "tokens_per_s": n_new / seconds, "call_seconds": times,
               "device": jax.devices()[0].device_kind,
-              "resolved": {"decode_attention_impl": cfg.resolved_decode_attention_impl(),
-                           "grouped_impl": cfg.resolved_grouped_impl()},
+              "resolved": {"decode_attention_impl": rt.decode_attention,
+                           "grouped_impl": rt.grouped, "dtype": rt.dtype,
+                           "cache_dtype": cache_dtype},
               "cache_bytes_per_token": latent, "expanded_bytes_per_token": expanded}
     if a.speculative:
-        record["speculative"] = _speculative_stats()
+        record["speculative"] = _speculative_stats(stats)
     if a.compare_speculative:
         record["comparison"] = _compare(params, cfg, prompts, a, kw, outs, n_new / seconds)
     if a.json:  # written before any failure below, so the run's numbers are kept

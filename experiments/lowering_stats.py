@@ -31,8 +31,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax
 
 from bench_train import synthetic_batch  # noqa: E402
-from dsv3_jax import train  # noqa: E402
 from dsv3_jax.config import get_config  # noqa: E402
+from dsv3_jax.runtime import Fp8, Runtime  # noqa: E402
+from dsv3_jax.train import step as train  # noqa: E402
 from pallas_kernels import _mosaic  # noqa: E402
 
 H100_SMS = 132  # the persistent kernels size their grid by the SM count, which a CPU lacks
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--precision", nargs="+", default=["fp8", "bf16"], choices=("bf16", "fp8"),
                     help="precisions to lower, each a record")
     ap.add_argument("--fp8_quant_impl", default="xla", choices=("xla", "pallas"),
-                    help="Config.fp8_quant_impl of the fp8 step: pallas adds the one-pass "
+                    help="Runtime.fp8.quant of the fp8 step: pallas adds the one-pass "
                          "quantizer kernels")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
@@ -55,16 +56,17 @@ def parse_args(argv=None):
 
 def lower_step(preset: str, precision: str, batch: int, seq_len: int,
                fp8_quant_impl: str = "xla") -> dict:
-    cfg = get_config(preset, dtype="bfloat16", fp8=precision == "fp8", fp8_impl="pallas",
-                     fp8_quant_impl=fp8_quant_impl, grouped_impl="pallas", attention_impl="xla",
-                     scan_layers=True)
+    cfg = get_config(preset)
+    # the GPU runtime, built by hand: resolve() would ask this CPU's devices
+    rt = Runtime(dtype="bfloat16", grouped="pallas", attention="xla", scan_layers=True,
+                 fp8=Fp8("pallas", fp8_quant_impl) if precision == "fp8" else None)
     schedule = train.v3_schedule(1e-4, 1000, 10)
-    optimizer = train.make_optimizer(schedule)
+    optimizer = train.make_optimizer(cfg, schedule)
     state = jax.eval_shape(lambda: train.init_state(cfg, jax.random.key(0), optimizer))
     data = jax.eval_shape(lambda: synthetic_batch(cfg, batch, seq_len))
-    step = train.make_train_step(cfg, optimizer, schedule)
+    step = train.make_train_step(cfg, optimizer, schedule, rt=rt)
     t0 = time.perf_counter()
-    traced = step.trace(state, data)
+    traced = step.trace(state, data, train.no_guard())
     t1 = time.perf_counter()
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     t2 = time.perf_counter()

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dsv3_jax.pretrain import main  # noqa: E402
+from dsv3_jax.train.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(description=__doc__.split("\n")[0]))

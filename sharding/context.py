@@ -65,8 +65,8 @@ class ShardingContext:
     def activation_spec(self, names, shape, what: str) -> P:
         return spec_for(tuple(names), tuple(shape), self.strategy.activations, self.sizes, what)
 
-    def param_specs(self, shapes, names):
-        return tree_specs(shapes, names, self.strategy.params, self.sizes)
+    def param_specs(self, shapes, names, replicated=None):
+        return tree_specs(shapes, names, self.strategy.params, self.sizes, replicated)
 
     def named(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)

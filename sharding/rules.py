@@ -11,11 +11,11 @@ order is the priority with which a tensor's dimensions claim mesh axes:
     divide, is an error naming the tensor, never a silent replication;
   * size-1 mesh axes are dropped from specs (they shard nothing).
 
-Two kinds of leaves are replicated by rule, in every strategy, and the plan shows them: the
-router's correction bias (`router_state`: every device routes with the whole bias, and it must
-stay bitwise identical everywhere), and gain vectors (RMSNorm weights: one dimension besides the
-layer stack; a few KiB per layer, and splitting them would force their widths to divide every
-mesh axis).
+Leaves the caller marks as replicated (`tree_specs(..., replicated=...)`) get P() in every
+strategy, and the plan shows them: the model marks its RMSNorm gains (a few KiB per layer;
+splitting them would force their widths to divide every mesh axis) and the router's
+correction bias (every device routes with the whole bias, and it must stay bitwise identical
+everywhere) in its parameter declarations.
 """
 
 import dataclasses
@@ -125,18 +125,17 @@ def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], table: Table
     return P(*out)
 
 
-def tree_specs(shapes, names, table: Table, sizes: dict[str, int],
-               replicated: tuple[str, ...] = ("router_state",)):
-    """PartitionSpec tree for a tree of shapes (anything with `.shape`) and a matching tree of
-    logical-name tuples; subtrees whose path starts with a `replicated` prefix, and vectors
-    (one logical dimension besides `layers`), get P()."""
+def tree_specs(shapes, names, table: Table, sizes: dict[str, int], replicated=None):
+    """PartitionSpec tree for a tree of shapes (anything with `.shape`), a matching tree of
+    logical-name tuples and, optionally, a matching tree of bools: leaves marked True there are
+    replicated (P()), whole on every device; the caller says which (the model's parameter
+    declarations do, `Decl.replicated`), so this table-driven rule knows no leaf by name."""
 
     def one(path, leaf):
+        if replicated is not None and _get(replicated, path):
+            return P()
         where = jax.tree_util.keystr(path, simple=True, separator="/")
-        logical = _get(names, path)
-        if where.startswith(replicated) or len([n for n in logical if n != "layers"]) <= 1:
-            return P()  # replicated state and gain vectors: see the module docstring
-        return spec_for(logical, tuple(leaf.shape), table, sizes, where)
+        return spec_for(_get(names, path), tuple(leaf.shape), table, sizes, where)
 
     return jax.tree_util.tree_map_with_path(one, shapes)
 

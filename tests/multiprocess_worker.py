@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 import dsv3_jax  # noqa: E402
 from dsv3_jax import placement  # noqa: E402
-from dsv3_jax.loss import loss_fn  # noqa: E402
+from dsv3_jax.train.loss import loss_fn  # noqa: E402
 from sharding.context import ShardingContext  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
 
@@ -31,9 +31,9 @@ loss, metrics = jax.jit(lambda p, b: loss_fn(p, b, cfg, shard=shard))(params, ba
 load = np.asarray(metrics["load"].addressable_data(0))
 # pretrain's stop agreement: only process 1 got SIGTERM (15); every process must read it, one
 # poll late (each poll returns the previous poll's cross-process max)
-from dsv3_jax.pretrain import _Signals  # noqa: E402
+from dsv3_jax.train.signals import Signals  # noqa: E402
 
-signals = _Signals()
+signals = Signals()
 signals.received = 15 if pid == 1 else None
 polls = [signals.poll(), signals.poll()]
 print(json.dumps({"pid": pid, "devices": jax.device_count(), "local": jax.local_device_count(),

@@ -9,6 +9,7 @@ import pytest
 
 import dsv3_jax
 from dsv3_jax.config import Config, get_config, to_hf
+from dsv3_jax.runtime import Fp8, Runtime
 from dsv3_jax.params import abstract_params, logical_axes_tree
 
 # DeepSeek-V3's Hub config.json (reference §1.2), the keys that matter.
@@ -31,8 +32,7 @@ V3_HUB = {
 }
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(Config)
-                if f.name not in ("name", "mtp_loss_weight", "balance_loss_alpha",
-                                  "bias_update_speed", "init_std", "dtype", "param_dtype", "remat")]
+                if f.name not in ("name", "init_std", "dtype", "param_dtype")]
 
 
 @pytest.mark.parametrize("name", sorted(dsv3_jax.PRESETS))
@@ -106,8 +106,6 @@ def test_flops_per_token_band():
     (dict(dim=0), "dim"),
     (dict(score_func="relu"), "score_func"),
     (dict(group_score="mean"), "group_score"),
-    (dict(remat="some"), "remat"),
-    (dict(scan_layers="no"), "scan_layers"),
     (dict(dtype="int8"), "dtype"),
     (dict(rope_factor=0.5), "rope_factor"),
     (dict(beta_fast=0.5), "beta_fast"),
@@ -118,6 +116,18 @@ def test_flops_per_token_band():
 def test_invalid_configs_name_the_field(change, field):
     with pytest.raises(ValueError, match=field):
         get_config("tiny", **change)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(remat="some"), "remat"), (dict(scan_layers="no"), "scan_layers"),
+    (dict(dtype="int8"), "dtype"), (dict(attention="flash"), "attention"),
+    (dict(grouped="dense"), "grouped"), (dict(decode_attention="auto"), "decode_attention"),
+    (dict(fp8=("pallas", "xla")), "fp8"), (dict(fp8=Fp8("cuda")), "gemm"),
+    (dict(fp8=Fp8("xla", "pallas"), dtype="float32"), "bfloat16"),
+])
+def test_invalid_runtimes_name_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        Runtime(**change)
 
 
 def test_unknown_preset():
@@ -190,19 +200,20 @@ def test_eval_shape_671b_is_cheap():
     assert shapes["router_state"]["moe_layers"]["bias"].dtype == np.float32
 
 
-def test_auto_grouped_impl_takes_the_kernel_only_where_its_tiles_fit(monkeypatch):
+def test_auto_grouped_impl_takes_the_kernel_only_where_its_tiles_fit():
     """On a GPU in bf16, "auto" runs the routed experts on our grouped kernels when dim and
     moe_inter_dim fit its tiles (small, V3) and on ragged_dot otherwise (tiny: dim 64; V2-Lite:
-    moe_inter_dim 1408), instead of failing inside the kernel; the CPU always takes ragged_dot."""
-    from dsv3_jax import config as config_module
+    moe_inter_dim 1408), instead of failing inside the kernel; the CPU always takes ragged_dot.
+    An explicit "pallas" where the tiles do not fit is an error naming the dimension."""
+    from dsv3_jax.runtime import Devices, resolve
 
-    assert get_config("small").resolved_grouped_impl() == "ragged_dot"  # this CPU
-    monkeypatch.setattr(config_module, "_backend", lambda: "gpu")
-    assert get_config("small").resolved_grouped_impl() == "pallas"
-    assert get_config("v3_671b").resolved_grouped_impl() == "pallas"
-    assert get_config("small").replace(dtype="float32").resolved_grouped_impl() == "ragged_dot"
+    gpu, cpu = Devices("gpu", hopper=True), Devices("cpu", hopper=False)
+    assert resolve(get_config("small"), devices=cpu).grouped == "ragged_dot"
+    assert resolve(get_config("small"), devices=gpu).grouped == "pallas"
+    assert resolve(get_config("v3_671b"), devices=gpu).grouped == "pallas"
+    assert resolve(get_config("small"), dtype="float32", devices=gpu).grouped == "ragged_dot"
     for name, dim in (("tiny", "dim = 64"), ("v2_lite_16b", "moe_inter_dim = 1408")):
-        cfg = get_config(name).replace(dtype="bfloat16")
-        assert cfg.resolved_grouped_impl() == "ragged_dot"
-        assert dim in cfg.grouped_kernel_problem()
-        assert cfg.replace(grouped_impl="pallas").resolved_grouped_impl() == "pallas"
+        cfg = get_config(name)
+        assert resolve(cfg, dtype="bfloat16", devices=gpu).grouped == "ragged_dot"
+        with pytest.raises(ValueError, match=dim):
+            resolve(cfg, dtype="bfloat16", grouped="pallas", devices=gpu)

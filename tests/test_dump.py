@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from sharding import dump
+from dsv3_jax import plan as dump
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 TINY_MESHES = {"fsdp": "fsdp=8", "fsdp_ep": "fsdp=2,expert=4", "fsdp_ep_tp": "fsdp=2,expert=2,tensor=2"}

@@ -14,10 +14,12 @@ import pytest
 
 from dsv3_jax import fp8, grouped
 from dsv3_jax.config import Config, get_config
-from dsv3_jax.data import PackedDataset
 from dsv3_jax.model import forward
 from dsv3_jax.params import init_params
-from dsv3_jax.pretrain import Settings, _check_resume, build_config
+from dsv3_jax.runtime import Devices, Fp8, Runtime, resolve
+from dsv3_jax.train.data import PackedDataset
+from dsv3_jax.train.pretrain import build_config, build_runtime, check_resume
+from dsv3_jax.train.settings import Settings
 from pallas_kernels import fp8_gemm
 from pallas_kernels import fp8_quant as q8
 
@@ -415,9 +417,9 @@ def test_fp8_linear_quant_kernels_bit_identical_to_xla(shape, quant_kernels):
     x = _normal(40, (b, t, k), dtype=jnp.bfloat16)
     w = _normal(41, (k, n), 1 / np.sqrt(k), jnp.bfloat16)
     dy = _normal(42, (b, t, n), dtype=jnp.bfloat16)
-    want = _vjp(lambda x, w: fp8.fp8_linear(x, w, fp8.Fp8Impl("xla", "xla")), x, w, dy)
+    want = _vjp(lambda x, w: fp8.fp8_linear(x, w, Fp8("xla", "xla")), x, w, dy)
     assert not quant_kernels
-    got = _vjp(lambda x, w: fp8.fp8_linear(x, w, fp8.Fp8Impl("xla", "pallas"), interpret=True),
+    got = _vjp(lambda x, w: fp8.fp8_linear(x, w, Fp8("xla", "pallas"), interpret=True),
                x, w, dy)
     mp, kp, np_ = -(-b * t // 128) * 128, -(-k // 128) * 128, -(-n // 128) * 128
     assert sorted(quant_kernels) == sorted([("quantize_rows_kernel", (mp, kp)),  # x
@@ -431,9 +433,9 @@ def test_fp8_linear_quant_kernels_bit_identical_to_xla(shape, quant_kernels):
 def test_fp8_quant_kernels_refuse_non_bf16_activations():
     x, w = _normal(43, (4, 128)), _normal(44, (128, 128))
     with pytest.raises(ValueError, match=r"fp8: x is float32.*bfloat16 only"):
-        fp8.fp8_linear(x, w, fp8.Fp8Impl("xla", "pallas"), interpret=True)
+        fp8.fp8_linear(x, w, Fp8("xla", "pallas"), interpret=True)
     with pytest.raises(ValueError, match=r"quant one of"):
-        fp8.fp8_linear(x, w, fp8.Fp8Impl("xla", "triton"))
+        fp8.fp8_linear(x, w, Fp8("xla", "triton"))
 
 
 # ------------------------------------------------------------------------------ routed experts
@@ -511,7 +513,7 @@ def test_fp8_grouped_matmul_quant_kernels_bit_identical_to_xla(quant_kernels):
     def f(quant):
         def run(rows, w):
             y = fp8.fp8_grouped_matmul(gk.pad_rows(rows, plan), w, plan, interpret=True,
-                                       fp8_impl=fp8.Fp8Impl("xla", quant))
+                                       fp8_impl=Fp8("xla", quant))
             return gk.unpad_rows(y, plan)
         return run
 
@@ -545,63 +547,58 @@ def test_grouped_swiglu_fp8_is_close_to_bf16_path():
 # ------------------------------------------------------------------------------ config, flags
 
 
-def test_config_fp8_fields_validate_and_resolve():
+CPU, HOPPER = Devices("cpu", hopper=False), Devices("gpu", hopper=True)
+
+
+def test_runtime_fp8_resolves_from_the_flags_and_devices():
     cfg = get_config("tiny")
-    assert not cfg.fp8 and cfg.fp8_gemm_impl() is None
-    on = cfg.replace(fp8=True)
-    assert on.resolved_fp8_impl() == "xla"  # CPU: the reference
-    assert on.fp8_gemm_impl() == fp8.Fp8Impl("xla", "xla")
-    assert on.replace(fp8_impl="pallas").fp8_gemm_impl() == fp8.Fp8Impl("pallas", "xla")
-    with pytest.raises(ValueError, match=r"Config\.fp8 must be a bool"):
-        cfg.replace(fp8="yes")
-    with pytest.raises(ValueError, match=r"Config\.fp8_impl='cuda'"):
-        cfg.replace(fp8_impl="cuda")
-    s = build_config(Settings(preset="tiny", precision="fp8"))
-    assert s.fp8 and s.dtype == "bfloat16"
-    assert not build_config(Settings(preset="tiny", precision="bf16")).fp8
-
-
-def test_config_fp8_quant_impl_validates():
-    """Config.fp8_quant_impl: a choice; "pallas" (the bf16-only quantizer kernels) refuses any
-    other activation dtype, naming both fields; it reaches fp8_gemm_impl() and the flags."""
-    cfg = get_config("tiny", dtype="bfloat16")
-    assert cfg.fp8_quant_impl == "auto"
-    on = cfg.replace(fp8=True, fp8_quant_impl="pallas")
-    assert on.fp8_gemm_impl() == fp8.Fp8Impl("xla", "pallas")
-    # "auto": the kernels exactly where the GEMMs are ours (a Hopper GPU) and x is bf16
-    auto = cfg.replace(fp8=True)
-    assert auto.replace(fp8_impl="xla").fp8_gemm_impl() == fp8.Fp8Impl("xla", "xla")
-    assert auto.replace(fp8_impl="pallas").fp8_gemm_impl() == fp8.Fp8Impl("pallas", "pallas")
-    assert (auto.replace(fp8_impl="pallas", dtype="float32").fp8_gemm_impl()
-            == fp8.Fp8Impl("pallas", "xla"))
-    assert auto.resolved_fp8_quant_impl() == auto.resolved_fp8_impl()  # pallas on a Hopper
-    assert cfg.replace(fp8_quant_impl="pallas").fp8_gemm_impl() is None  # fp8 off: plain
-    with pytest.raises(ValueError, match=r"Config\.fp8_quant_impl='cuda' is not one of"):
-        cfg.replace(fp8_quant_impl="cuda")
-    for dtype in ("float32", "float16"):
-        with pytest.raises(ValueError, match=r"fp8_quant_impl='pallas'.*dtype='bfloat16'.*"
-                                             rf"dtype='{dtype}'"):
-            cfg.replace(dtype=dtype, fp8_quant_impl="pallas")
-    with pytest.raises(ValueError, match="fp8_quant_impl='pallas'"):
-        get_config("tiny", fp8_quant_impl="pallas")  # tiny's own dtype is float32
-    s = build_config(Settings(preset="tiny", precision="fp8", fp8_quant_impl="pallas"))
-    assert s.fp8 and s.fp8_quant_impl == "pallas" and s.dtype == "bfloat16"
-    with pytest.raises(ValueError, match="fp8_quant_impl='pallas'"):
-        build_config(Settings(preset="tiny", precision="fp32", fp8_quant_impl="pallas"))
+    assert resolve(cfg, devices=CPU).fp8 is None  # off unless asked
+    assert resolve(cfg, fp8=True, devices=CPU).fp8 == Fp8("xla", "xla")  # CPU: the reference
+    # "auto" on a Hopper GPU: our GEMM kernels and, for bf16 activations, the quantizer kernels
+    assert resolve(cfg, dtype="bfloat16", fp8=True, devices=HOPPER).fp8 == Fp8("pallas", "pallas")
+    assert resolve(cfg, fp8=True, devices=HOPPER).fp8 == Fp8("pallas", "xla")  # float32
+    assert resolve(cfg, dtype="bfloat16", fp8=True, fp8_gemm="xla",
+                   devices=HOPPER).fp8 == Fp8("xla", "xla")
+    assert resolve(cfg, dtype="bfloat16", fp8=True, fp8_quant="pallas", interpret=True,
+                   devices=CPU).fp8 == Fp8("xla", "pallas")
+    with pytest.raises(ValueError, match=r"fp8_gemm='cuda' is not one of"):
+        resolve(cfg, fp8=True, fp8_gemm="cuda", devices=CPU)
+    with pytest.raises(ValueError, match=r"fp8_gemm='pallas': .*Hopper GPU"):
+        resolve(cfg, fp8=True, fp8_gemm="pallas", devices=CPU)
+    for dtype in (None, "float32", "float16"):  # tiny's own dtype is float32
+        with pytest.raises(ValueError, match=r"fp8_quant='pallas' needs bfloat16"):
+            resolve(cfg, dtype=dtype, fp8=True, fp8_quant="pallas", devices=HOPPER)
     with pytest.raises(ValueError, match="quant one of"):
         fp8.as_impl(("xla", "cuda"))
 
 
-def test_resume_may_switch_between_bf16_and_fp8():
+def test_precision_flags_build_the_runtime():
+    cfg = get_config("tiny")
+    rt = build_runtime(Settings(preset="tiny", precision="fp8"), cfg, None)
+    assert rt.fp8 == Fp8("xla", "xla") and rt.dtype == "bfloat16"  # this CPU
+    assert build_runtime(Settings(preset="tiny", precision="bf16"), cfg, None).fp8 is None
+    assert build_runtime(Settings(preset="tiny"), cfg, None).dtype == "float32"  # the preset's
+    with pytest.raises(ValueError, match="fp8_quant='pallas' needs bfloat16"):
+        build_runtime(Settings(preset="tiny", precision="fp32", fp8_quant_impl="pallas"), cfg,
+                      None)
+
+
+def test_resume_may_switch_precision():
+    """FP8, bf16 and fp32 are ways to run the same fp32 master weights: a checkpoint of one
+    resumes in another (the model config is the same)."""
     data = PackedDataset(np.arange(1000, dtype=np.int32), 16, 2, 0)
-    bf16 = build_config(Settings(preset="tiny", precision="bf16"))
-    meta = {"data": data.state(0), "config": dataclasses.asdict(bf16)}
-    _check_resume(meta, data, build_config(Settings(preset="tiny", precision="fp8")))
-    with pytest.raises(ValueError, match="differs in dtype"):  # fp32 -> fp8 changes activations
-        _check_resume(meta, data, build_config(Settings(preset="tiny", precision="fp32")))
+    cfg = build_config(Settings(preset="tiny", precision="bf16"))
+    meta = {"data": data.state(0), "config": dataclasses.asdict(cfg)}
+    for precision in ("fp8", "fp32"):
+        check_resume(meta, data, build_config(Settings(preset="tiny", precision=precision)))
+    with pytest.raises(ValueError, match="differs in mtp_depth"):
+        check_resume(meta, data, build_config(Settings(preset="tiny", mtp_depth=0)))
 
 
 # ------------------------------------------------------------------------------ the model
+
+
+FP8_XLA = Runtime(fp8=Fp8("xla", "xla"))
 
 
 @pytest.fixture(scope="module")
@@ -613,9 +610,9 @@ def tiny_bf16():
 def test_model_fp8_logits_close_to_bf16(tiny_bf16, gemm_impls):
     cfg, params = tiny_bf16
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
-    run = jax.jit(forward, static_argnums=2)
-    ref, _ = run(params, tokens, cfg)
-    got, aux = run(params, tokens, cfg.replace(fp8=True))
+    run = jax.jit(forward, static_argnums=(2, 3))
+    ref, _ = run(params, tokens, cfg, Runtime())
+    got, aux = run(params, tokens, cfg, FP8_XLA)
     assert np.all(np.isfinite(np.asarray(got)))
     # Measured 6.3%: each FP8 GEMM input pair adds ~3% to its product and the errors compound
     # over the layers (4.6% against fp32 with the routing held fixed); at a random init the
@@ -624,12 +621,12 @@ def test_model_fp8_logits_close_to_bf16(tiny_bf16, gemm_impls):
     assert 1e-3 < _rel(got, ref) < 1e-1
     # quantization tiles never mix tokens in the forward pass: still causal (no recompile)
     changed, _ = run(params, tokens.at[:, -1].set((tokens[:, -1] + 1) % cfg.vocab_size),
-                     cfg.replace(fp8=True))
+                     cfg, FP8_XLA)
     np.testing.assert_array_equal(np.asarray(changed[:, :-1]), np.asarray(got[:, :-1]))
-    # Config.fp8_impl reaches every dense FP8 GEMM of the model
+    # Runtime.fp8.gemm reaches every dense FP8 GEMM of the model
     assert gemm_impls and {impl for _, impl in gemm_impls} == {"xla"}
     gemm_impls.clear()
-    jax.eval_shape(lambda p, t: forward(p, t, cfg.replace(fp8=True, fp8_impl="pallas")),
+    jax.eval_shape(lambda p, t: forward(p, t, cfg, Runtime(fp8=Fp8("pallas", "xla"))),
                    params, tokens)
     # per layer: w_dq, w_uq + w_qr, w_dkv + w_kr, w_uk + w_uv (one GEMM a pair on one device:
     # fp8.matmul_parts), w_o, and gate + up, down of the dense FFN or shared expert; lax.scan
@@ -639,11 +636,11 @@ def test_model_fp8_logits_close_to_bf16(tiny_bf16, gemm_impls):
 
 
 def test_model_fp8_quant_impl_reaches_every_activation_quantizer(tiny_bf16, quant_kernels):
-    """Config.fp8_quant_impl="pallas": every FP8 GEMM's activation rows, dense and routed, go
+    """Runtime.fp8.quant="pallas": every FP8 GEMM's activation rows, dense and routed, go
     through the quantizer kernel (traced only: compiling it for the GPU needs one)."""
     cfg, params = tiny_bf16
     tokens = jnp.zeros((2, 64), jnp.int32)
-    jax.eval_shape(lambda p, t: forward(p, t, cfg.replace(fp8=True, fp8_quant_impl="pallas")),
+    jax.eval_shape(lambda p, t: forward(p, t, cfg, Runtime(fp8=Fp8("xla", "pallas"))),
                    params, tokens)
     assert [name for name, _ in quant_kernels] == ["quantize_rows_kernel"] * (7 * 2 + 2)
 
@@ -669,10 +666,10 @@ def test_fp8_training_tracks_bf16(tmp_path):
     rec = fp8_vs_bf16.main(["--steps", "20", "--batch", "4", "--seq_len", "64", "--no-fp32",
                             "--mtp_depth", "0", "--embedded_bytes", "200000", "--json", str(out)])
     assert out.exists() and out.with_suffix(".png").exists()
-    assert rec["runs"]["fp8"]["config"] == {"dtype": "bfloat16", "fp8": True, "fp8_impl": "xla",
-                                            "fp8_quant_impl": "xla",
-                                            "grouped_impl": "ragged_dot", "mtp_depth": 0}
-    assert not rec["runs"]["bf16"]["config"]["fp8"]
+    assert rec["runs"]["fp8"]["runtime"] == {"dtype": "bfloat16",
+                                             "fp8": {"gemm": "xla", "quant": "xla"},
+                                             "grouped": "ragged_dot", "mtp_depth": 0}
+    assert rec["runs"]["bf16"]["runtime"]["fp8"] is None
     fp8_loss, bf16_loss = (np.array(rec["runs"][p]["loss"]) for p in ("fp8", "bf16"))
     assert np.all(np.isfinite(fp8_loss)) and fp8_loss[-1] < 0.6 * fp8_loss[0]  # it trains
     rel = np.abs(fp8_loss / bf16_loss - 1)
@@ -735,8 +732,8 @@ def test_gpu_fp8_linear_quant_kernels_bit_identical_to_xla():
     x = _normal(40, (4, 1024, 1024), dtype=jnp.bfloat16)
     w = _normal(41, (1024, 768), 1 / 32, jnp.bfloat16)
     dy = _normal(42, (4, 1024, 768), dtype=jnp.bfloat16)
-    want = _vjp(lambda x, w: fp8.fp8_linear(x, w, fp8.Fp8Impl("pallas", "xla")), x, w, dy)
-    got = _vjp(lambda x, w: fp8.fp8_linear(x, w, fp8.Fp8Impl("pallas", "pallas")), x, w, dy)
+    want = _vjp(lambda x, w: fp8.fp8_linear(x, w, Fp8("pallas", "xla")), x, w, dy)
+    got = _vjp(lambda x, w: fp8.fp8_linear(x, w, Fp8("pallas", "pallas")), x, w, dy)
     for name, g, r in zip(("y", "dx", "dw"), got, want):
         np.testing.assert_array_equal(np.asarray(g, F64), np.asarray(r, F64), err_msg=name)
 

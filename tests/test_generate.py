@@ -1,5 +1,5 @@
-"""The generation engine (dsv3_jax/generate.py): greedy against teacher forcing, batching,
-stop tokens, sampling, bad input."""
+"""The generation engine (dsv3_jax/infer/): greedy against teacher forcing, batching,
+stop tokens, sampling, speculative decoding, bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,12 @@ import pytest
 
 import dsv3_jax
 from dsv3_jax.config import get_config
-from dsv3_jax.generate import generate, sample
+from dsv3_jax.infer import speculative
+from dsv3_jax.infer.generate import generate
+from dsv3_jax.infer.sampling import sample
 
 CFG = get_config("tiny")
+RT = dsv3_jax.Runtime()
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +70,10 @@ def test_sampling_is_seeded_and_respects_top_k(params):
 @pytest.mark.parametrize("prompts, kw, message", [
     ([[]], {}, r"prompts\[0\] must be a non-empty"),
     ([[1, 2], [3, 512]], {}, r"prompts\[1\]\[1\] = 512 is outside the vocabulary"),
-    ([[1] * 10], {"max_len": 12}, "exceeds the cache length max_len=12"),
+    ([[1] * 10], {"max_len": 12}, "exceed the cache length max_len=12"),
     ([[1]], {"max_len": 1000}, "exceeds Config.max_seq_len=256"),
+    ([[1] * 250, [2]], {}, r"prompts\[0\] \(250 tokens\) \+ max_new_tokens \(5\) = 255"),
+    ([[2], [1] * 254], {}, r"prompts\[1\] \(254 tokens\).*exceed the model's max_seq_len=256"),
     ([[1]], {"temperature": -1.0}, "temperature must be >= 0"),
     ([[1]], {"top_p": 0.0}, "top_p must be in"),
     ([], {}, "non-empty list"),
@@ -87,7 +92,7 @@ def test_generate_script_from_a_pretrain_checkpoint(tmp_path):
     root = pathlib.Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "experiments"))
     import generate as script
-    from dsv3_jax import pretrain
+    from dsv3_jax.train import pretrain
 
     ck = tmp_path / "ck"
     assert pretrain.main(["--steps", "2", "--checkpoint_dir", str(ck), "--checkpoint_every", "2",
@@ -109,22 +114,29 @@ def test_generate_script_from_a_pretrain_checkpoint(tmp_path):
         script.main(["--prompt_ids", "5,x"])
 
 
+def _force_drafts(monkeypatch, drafts):
+    """Test hook: speculative decoding drafts these tokens [B, >= max_new + 2] instead of the
+    MTP module's (`speculative.decode`'s forced_drafts)."""
+    decode = speculative.decode
+
+    def forced(*args, **kw):
+        return decode(*args[:-1], jnp.asarray(drafts, jnp.int32), **kw)
+
+    monkeypatch.setattr(speculative, "decode", forced)
+
+
 @pytest.mark.parametrize("drafter", ["mtp", "oracle", "wrong"])
-def test_speculative_greedy_equals_plain_greedy(params, drafter):
+def test_speculative_greedy_equals_plain_greedy(params, drafter, monkeypatch):
     """MTP drafts (mostly rejected at random init), an oracle that drafts the true greedy token
     (every draft accepted: two tokens per step) and one that is always wrong (every draft
     rejected, the cache rolled back): the output is the plain greedy output each time."""
-    from dsv3_jax.generate import LAST_STATS as stats
-
     n = 9
     plain = generate(params, CFG, PROMPTS, n, cache_dtype=jnp.float32)
-    oracle = None
     if drafter != "mtp":
         oracle = np.array([row + [0] * 4 for row in plain])
-        if drafter == "wrong":
-            oracle = (oracle + 1) % CFG.vocab_size
-    spec = generate(params, CFG, PROMPTS, n, speculative=True, cache_dtype=jnp.float32,
-                    _draft_oracle=oracle)
+        _force_drafts(monkeypatch, oracle if drafter == "oracle" else (oracle + 1) % CFG.vocab_size)
+    spec, stats = generate(params, CFG, PROMPTS, n, speculative=True, cache_dtype=jnp.float32,
+                           return_stats=True)
     assert spec == plain
     if drafter == "oracle":
         assert stats["accepted"] == stats["drafted"] > 0
@@ -133,13 +145,15 @@ def test_speculative_greedy_equals_plain_greedy(params, drafter):
         assert stats["accepted"] == 0 and stats["steps"] == n - 1
 
 
-def test_speculative_stops_and_samples(params):
+def test_speculative_stops_and_samples(params, monkeypatch):
     plain = generate(params, CFG, PROMPTS, 8, cache_dtype=jnp.float32)
     stop = plain[0][2]
-    oracle = np.array([row + [0] * 4 for row in plain])
-    spec = generate(params, CFG, PROMPTS, 8, speculative=True, stop_tokens=[stop],
-                    cache_dtype=jnp.float32, _draft_oracle=oracle)
-    assert spec == generate(params, CFG, PROMPTS, 8, stop_tokens=[stop], cache_dtype=jnp.float32)
+    want = generate(params, CFG, PROMPTS, 8, stop_tokens=[stop], cache_dtype=jnp.float32)
+    with monkeypatch.context() as m:
+        _force_drafts(m, np.array([row + [0] * 4 for row in plain]))
+        spec = generate(params, CFG, PROMPTS, 8, speculative=True, stop_tokens=[stop],
+                        cache_dtype=jnp.float32)
+    assert spec == want
     a = generate(params, CFG, PROMPTS, 6, temperature=1.0, seed=2, speculative=True)
     b = generate(params, CFG, PROMPTS, 6, temperature=1.0, seed=2, speculative=True)
     assert a == b and all(len(r) == 6 for r in a)
@@ -169,7 +183,7 @@ def test_compare_speculative_tells_a_near_tie_from_a_fork(params):
     def fork(token, rel_tol):
         spec = [list(o) for o in plain]
         spec[1][3] = token
-        return script._divergence(params, CFG, PROMPTS, plain, spec, rel_tol)
+        return script._divergence(params, CFG, RT, PROMPTS, plain, spec, rel_tol)
 
     d = fork(worst, 1e-2)
     assert (d["row"], d["position"]) == (1, 3)
@@ -179,5 +193,5 @@ def test_compare_speculative_tells_a_near_tie_from_a_fork(params):
     assert not fork(second, 0.99 * gap / max(1.0, top))["near_tie"]
     short = [list(o) for o in plain]
     short[2] = short[2][:4]
-    d = script._divergence(params, CFG, PROMPTS, plain, short, 1.0)
+    d = script._divergence(params, CFG, RT, PROMPTS, plain, short, 1.0)
     assert (d["row"], d["position"], d["near_tie"]) == (2, 4, False)

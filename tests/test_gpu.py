@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import dsv3_jax
-from dsv3_jax.loss import loss_fn
-from dsv3_jax.safetensors_io import SafetensorsFile
+from dsv3_jax.io.safetensors import SafetensorsFile
+from dsv3_jax.runtime import Runtime
+from dsv3_jax.train.loss import loss_fn
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +33,8 @@ def test_small_preset_trains_in_bf16_on_gpu():
     params = dsv3_jax.init_params(cfg, jax.random.key(0))
     toks = jax.random.randint(jax.random.key(1), (4, 1025), 0, cfg.vocab_size)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
-    step = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, cfg)[0]))
+    # the public loss_fn runs the fast paths of this GPU (runtime.default: Pallas, cuDNN)
+    step = jax.jit(jax.value_and_grad(lambda p: dsv3_jax.loss_fn(p, batch, cfg)[0]))
     loss, grads = step(params)
     jax.block_until_ready(grads)
     t = time.perf_counter()
@@ -118,16 +120,16 @@ def test_gpu_kernels_train_like_the_reference_paths():
     toks = jax.random.randint(jax.random.key(1), (2, 513), 0, base.vocab_size)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
     params = dsv3_jax.init_params(base, jax.random.key(0))
-    ref_cfg = base.replace(grouped_impl="ragged_dot", attention_impl="xla")
-    forced = jax.jit(lambda p: loss_fn(p, batch, ref_cfg)[1]["indices"])(params)
+    ref_rt = Runtime(grouped="ragged_dot", attention="xla")
+    forced = jax.jit(lambda p: loss_fn(p, batch, base, ref_rt)[1]["indices"])(params)
 
-    def run(cfg):
-        f = lambda p: loss_fn(p, batch, cfg, forced_experts=forced)[0]
+    def run(rt):
+        f = lambda p: loss_fn(p, batch, base, rt, forced_experts=forced)[0]
         return jax.jit(jax.value_and_grad(f))(params)
 
-    loss_ref, g_ref = run(ref_cfg)
+    loss_ref, g_ref = run(ref_rt)
     # unrolled layers too: the fast configuration of experiments/bench_train.py
-    loss, g = run(base.replace(grouped_impl="pallas", attention_impl="cudnn", scan_layers=False))
+    loss, g = run(Runtime(grouped="pallas", attention="cudnn", scan_layers=False))
     errs = {}
     for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(g["weights"]),
                             jax.tree.leaves(g_ref["weights"])):

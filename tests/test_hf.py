@@ -17,9 +17,9 @@ import pytest
 
 import dsv3_jax
 from dsv3_jax import model
-from dsv3_jax.hf import (CheckpointReader, dequantize_blocks, load_hf_checkpoint, quantize_blocks,
+from dsv3_jax.io.hf import (CheckpointReader, dequantize_blocks, load_hf_checkpoint, quantize_blocks,
                          save_hf_checkpoint)
-from dsv3_jax.safetensors_io import SafetensorsFile, write_safetensors
+from dsv3_jax.io.safetensors import SafetensorsFile, write_safetensors
 
 VARIANTS = ["hf_tiny_bf16", "hf_tiny_fp8", "hf_tiny_noqlora"]
 LOGIT_ATOL = 1e-4
@@ -149,7 +149,7 @@ def _rewrite(folder, edit):
     tensors = {k: np.array(st.get(k)) for k in st.keys()}
     del st
     edit(tensors)
-    from dsv3_jax.safetensors_io import CODES
+    from dsv3_jax.io.safetensors import CODES
     write_safetensors(path, [(k, CODES[v.dtype], v.shape, lambda v=v: v) for k, v in tensors.items()])
 
 

@@ -9,7 +9,7 @@ import pytest
 import dsv3_jax
 from dsv3_jax import latent_cache
 from dsv3_jax.config import get_config
-from dsv3_jax.generate import generate
+from dsv3_jax.infer.generate import generate
 
 CFG = get_config("tiny")
 FP8 = jnp.float8_e4m3fn

@@ -9,6 +9,7 @@ import dsv3_jax
 from dsv3_jax.config import get_config
 from dsv3_jax.mla import attend_absorbed, attend_expanded, causal_mask, latent, mla, query
 from dsv3_jax.rope import inv_frequencies, rope_tables
+from dsv3_jax.runtime import Runtime
 
 CFG = get_config("tiny")
 
@@ -121,20 +122,21 @@ def test_cache_overflow_is_an_error():
 
 # ------------------------------------------------------------------------------------------
 # The absorbed decode path through the Pallas kernel (pallas_kernels/mla_decode.py), run in
-# Pallas' GPU interpret mode on the CPU via the test-only switch mla._INTERPRET_DECODE_KERNEL.
+# Pallas' GPU interpret mode on the CPU (`Runtime.interpret`).
 # ------------------------------------------------------------------------------------------
 
 # The smallest latent shapes the kernel takes (C = 64, R = 64), bf16, two layers (one dense,
 # one MoE), no MTP; `init_std` 0.1 keeps greedy choices away from ties.
 KCFG = CFG.replace(name="kernel", kv_lora_rank=64, qk_rope_head_dim=64, dtype="bfloat16",
                    n_layers=2, n_dense_layers=1, mtp_depth=0, init_std=0.1)
+XLA = Runtime()
 
 
 @pytest.fixture
-def interpret_kernel(monkeypatch):
-    from dsv3_jax import mla as mla_module
-
-    monkeypatch.setattr(mla_module, "_INTERPRET_DECODE_KERNEL", True)
+def kernel_rt():
+    """The decode kernel in interpret mode on a CPU; natively on a Hopper GPU."""
+    on_gpu = jax.default_backend() == "gpu"
+    return Runtime(decode_attention="pallas", interpret=not on_gpu)
 
 
 def _random_cache(cfg, b, s, lengths, seed):
@@ -148,30 +150,18 @@ def _random_cache(cfg, b, s, lengths, seed):
 
 
 @pytest.mark.parametrize("tq", [1, 2])
-def test_absorbed_decode_with_the_pallas_kernel_equals_xla(interpret_kernel, tq):
-    """forward_cached(absorbed=True) with decode_attention_impl "pallas" (the kernel in
-    interpret mode) against "xla", rows at different cache lengths (one at the start of a
-    64-key block, one ending it), Tq = 1 and 2: the same logits up to bf16 rounding."""
-    _check_kernel_decode_equals_xla(tq)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tq", [1, 2])
-def test_gpu_absorbed_decode_with_the_pallas_kernel_equals_xla(tq):
-    """The same check with the compiled kernel on a Hopper GPU (where "auto" picks it)."""
-    assert KCFG.resolved_decode_attention_impl() == "pallas"
-    _check_kernel_decode_equals_xla(tq)
-
-
-def _check_kernel_decode_equals_xla(tq):
+def test_absorbed_decode_with_the_pallas_kernel_equals_xla(kernel_rt, tq):
+    """forward_cached(absorbed=True) with the decode kernel (interpret mode on a CPU) against
+    XLA's einsums, rows at different cache lengths (one at the start of a 64-key block, one
+    ending it), Tq = 1 and 2: the same logits up to bf16 rounding."""
     params = dsv3_jax.init_params(KCFG, jax.random.key(0))
     cache = _random_cache(KCFG, 2, 128, [3, 64 - tq], seed=1)
     tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, tq), 0, KCFG.vocab_size))
     out = {}
-    for impl, absorbed in (("xla", True), ("pallas", True), ("xla", False)):
-        cfg = KCFG.replace(decode_attention_impl=impl)
-        run = jax.jit(lambda p, t, c, cfg=cfg, a=absorbed: dsv3_jax.forward_cached(
-            p, t, c, cfg, absorbed=a)[:2])
+    for impl, rt, absorbed in (("xla", XLA, True), ("pallas", kernel_rt, True),
+                               ("xla", XLA, False)):
+        run = jax.jit(lambda p, t, c, rt=rt, a=absorbed: dsv3_jax.forward_cached(
+            p, t, c, KCFG, runtime=rt, absorbed=a)[:2])
         out[impl, absorbed] = run(params, tokens, cache)
     (lx, cx), (lp, cp) = out["xla", True], out["pallas", True]
     lx, lp, le = (np.asarray(a, np.float32) for a in (lx, lp, out["xla", False][0]))
@@ -188,59 +178,45 @@ def _check_kernel_decode_equals_xla(tq):
     np.testing.assert_array_equal(np.asarray(cx["length"]), np.asarray(cp["length"]))
 
 
-def test_generate_is_the_same_with_the_pallas_kernel(interpret_kernel):
-    _check_generate_same_with_kernel()
-
-
-@pytest.mark.gpu
-def test_gpu_generate_is_the_same_with_the_pallas_kernel():
-    _check_generate_same_with_kernel()
-
-
-def _check_generate_same_with_kernel():
-    from dsv3_jax.generate import generate
+def test_generate_is_the_same_with_the_pallas_kernel(kernel_rt):
+    from dsv3_jax.infer.generate import generate
 
     params = dsv3_jax.init_params(KCFG, jax.random.key(3))
     prompts = [[5, 17, 3, 99, 41, 7, 2], [300, 12]]
-    got = {impl: generate(params, KCFG.replace(decode_attention_impl=impl), prompts, 4,
-                          max_len=64)
-           for impl in ("xla", "pallas")}
+    got = {impl: generate(params, KCFG, prompts, 4, max_len=64, runtime=rt)
+           for impl, rt in (("xla", XLA), ("pallas", kernel_rt))}
     assert got["pallas"] == got["xla"]
     assert all(len(r) == 4 for r in got["xla"])
 
 
-def test_decode_attention_impl_dispatch_and_errors(monkeypatch):
-    """"auto" takes XLA on the CPU; "pallas" where the kernel cannot run is an error naming the
-    field and the reason: no GPU (without interpret mode), shapes the kernel refuses (tiny's
-    C = 32, float32; a cache length not a multiple of 64)."""
-    from dsv3_jax import mla as mla_module
+def test_decode_attention_dispatch_and_errors():
+    """"auto" takes XLA on the CPU and the kernel on a Hopper GPU in bf16; "pallas" where the
+    kernel cannot run is an error naming the choice and the reason: no Hopper GPU (without
+    interpret mode), shapes the kernel refuses (tiny's C = 32, float32; a cache length not a
+    multiple of 64). Where "auto" picked the kernel, shapes it refuses take XLA instead."""
+    from dsv3_jax.runtime import Devices, resolve
 
-    assert KCFG.resolved_decode_attention_impl() == "xla"  # CPU
+    assert resolve(KCFG, devices=Devices("cpu", False)).decode_attention == "xla"
+    assert resolve(KCFG, devices=Devices("gpu", True)).decode_attention == "pallas_if_fits"
+    assert resolve(CFG, devices=Devices("gpu", True)).decode_attention == "xla"  # float32
+    with pytest.raises(ValueError, match=r"decode_attention='pallas': .*Hopper GPU"):
+        resolve(KCFG, decode_attention="pallas", devices=Devices("cpu", False))
     params = dsv3_jax.init_params(KCFG, jax.random.key(0))
     tokens = np.zeros((1, 1), np.int32)
-    cache = dsv3_jax.init_cache(KCFG, 1, 64, jnp.bfloat16)
-    pallas = KCFG.replace(decode_attention_impl="pallas")
-    assert pallas.resolved_decode_attention_impl() == "pallas"
-    with pytest.raises(ValueError, match=r"decode_attention_impl='pallas' cannot run here: .*"
-                                         r"Hopper GPU"):
-        dsv3_jax.forward_cached(params, tokens, cache, pallas)
-    monkeypatch.setattr(mla_module, "_INTERPRET_DECODE_KERNEL", True)
-    with pytest.raises(ValueError, match=r"decode_attention_impl='pallas'.*S_max \(shape\[1\]\) "
+    pallas = Runtime(decode_attention="pallas", interpret=True)
+    with pytest.raises(ValueError, match=r"decode_attention='pallas'.*S_max \(shape\[1\]\) "
                                          r"= 96 must be a multiple of block_s = 64"):
-        dsv3_jax.forward_cached(params, tokens, dsv3_jax.init_cache(KCFG, 1, 96), pallas)
-    tiny = CFG.replace(decode_attention_impl="pallas")
-    with pytest.raises(ValueError, match=r"decode_attention_impl='pallas'.*dtype float32"):
-        dsv3_jax.forward_cached(dsv3_jax.init_params(tiny, jax.random.key(0)), tokens,
-                                dsv3_jax.init_cache(tiny, 1, 64), tiny)
-    with pytest.raises(ValueError, match=r"decode_attention_impl='pallas'.*kv_lora_rank = 32 "
+        dsv3_jax.forward_cached(params, tokens, dsv3_jax.init_cache(KCFG, 1, 96), KCFG,
+                                runtime=pallas)
+    tiny_params = dsv3_jax.init_params(CFG, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"decode_attention='pallas'.*dtype float32"):
+        dsv3_jax.forward_cached(tiny_params, tokens, dsv3_jax.init_cache(CFG, 1, 64), CFG,
+                                runtime=pallas)
+    bf16 = pallas.replace(dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"decode_attention='pallas'.*kv_lora_rank = 32 "
                                          "must be a multiple of 64"):
-        bf16 = tiny.replace(dtype="bfloat16")
-        dsv3_jax.forward_cached(dsv3_jax.init_params(bf16, jax.random.key(0)), tokens,
-                                dsv3_jax.init_cache(bf16, 1, 64), bf16)
-    # "auto" never raises: on a "Hopper GPU" (patched) with the kernel available (interpret
-    # mode) but shapes it refuses, it takes XLA.
-    monkeypatch.setattr(dsv3_jax.config, "_hopper_gpu", lambda: True)
-    auto_tiny = CFG.replace(dtype="bfloat16")
-    assert auto_tiny.resolved_decode_attention_impl() == "pallas"
-    dsv3_jax.forward_cached(dsv3_jax.init_params(auto_tiny, jax.random.key(0)), tokens,
-                            dsv3_jax.init_cache(auto_tiny, 1, 64), auto_tiny)
+        dsv3_jax.forward_cached(tiny_params, tokens, dsv3_jax.init_cache(CFG, 1, 64, "bfloat16"),
+                                CFG, runtime=bf16)
+    auto = bf16.replace(decode_attention="pallas_if_fits")
+    dsv3_jax.forward_cached(tiny_params, tokens, dsv3_jax.init_cache(CFG, 1, 64, "bfloat16"), CFG,
+                            runtime=auto)

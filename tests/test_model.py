@@ -7,12 +7,13 @@ import pytest
 
 import dsv3_jax
 from dsv3_jax.config import get_config
-from dsv3_jax.loss import cross_entropy, loss_fn
-from dsv3_jax.model import mtp_forward, shift_left
+from dsv3_jax.mtp import mtp_forward, shift_left
+from dsv3_jax.runtime import Runtime
+from dsv3_jax.train.loss import LossWeights, cross_entropy, loss_fn
 
 CFG = get_config("tiny")
 # Jitted once per config: op-by-op dispatch of a whole model costs seconds of compiles on CPU.
-jit_loss = jax.jit(loss_fn, static_argnums=2)
+jit_loss = jax.jit(loss_fn, static_argnums=(2, 3))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_loss_is_main_plus_weighted_mtp_and_balance(params):
     logits, aux = dsv3_jax.forward(params, batch["inputs"], CFG)
     main = float(cross_entropy(logits, batch["targets"]).mean())
     assert float(m["main_loss"]) == pytest.approx(main, rel=1e-6)
-    mtp_logits, mtp_aux = jax.jit(mtp_forward, static_argnums=3)(params, aux["hidden"],
+    mtp_logits, mtp_aux = jax.jit(mtp_forward, static_argnums=(3, 4))(params, aux["hidden"],
                                                                   batch["targets"], CFG)
     t = batch["targets"].shape[1]
     # module 0 predicts targets[i + 1]; normalised by all T targets (the paper's 1/T)
@@ -71,7 +72,7 @@ def test_loss_is_main_plus_weighted_mtp_and_balance(params):
     balance = float(aux["balance"] + mtp_aux["balance"])
     assert float(m["balance_loss"]) == pytest.approx(balance, rel=1e-6)
     assert float(total) == pytest.approx(
-        main + CFG.mtp_loss_weight * float(m["mtp_loss"]) + CFG.balance_loss_alpha * balance,
+        main + LossWeights().mtp * float(m["mtp_loss"]) + LossWeights().balance * balance,
         rel=1e-6)
     # balance per MoE layer is >= 1 by Cauchy-Schwarz-like argument only when balanced; here > 0
     assert 0 < balance < 3 * CFG.n_routed_experts / CFG.n_activated_experts
@@ -81,7 +82,7 @@ def test_mtp_module_uses_embedding_of_next_token(params):
     """Changing token i+1 changes module-0 logits at i, not before."""
     batch = _batch(1, 16)
     _, aux = dsv3_jax.forward(params, batch["inputs"], CFG)
-    mtp = jax.jit(mtp_forward, static_argnums=3)
+    mtp = jax.jit(mtp_forward, static_argnums=(3, 4))
     a, _ = mtp(params, aux["hidden"], batch["targets"], CFG)
     targets2 = batch["targets"].at[0, 8].set((batch["targets"][0, 8] + 1) % CFG.vocab_size)
     b, _ = mtp(params, aux["hidden"], targets2, CFG)
@@ -105,12 +106,12 @@ def test_mtp_depth_zero_and_two():
 
 def test_remat_policies_give_identical_loss_and_grads(params):
     batch = _batch()
-    def value_and_grad(cfg):
-        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, cfg)[0]))(params)
+    def value_and_grad(rt):
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, CFG, rt)[0]))(params)
 
-    ref_l, ref_g = value_and_grad(CFG)
+    ref_l, ref_g = value_and_grad(Runtime())
     for policy in ("full", "dots", "dots_no_batch"):
-        l, g = value_and_grad(CFG.replace(remat=policy))
+        l, g = value_and_grad(Runtime(remat=policy))
         assert float(l) == pytest.approx(float(ref_l), rel=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g, ref_g)
 
@@ -120,13 +121,13 @@ def test_unrolled_layers_equal_the_scan(params):
     gradients (remat included) and the same latent cache on the decode path."""
     batch = _batch()
 
-    def value_and_grad(cfg):
-        f = lambda p: loss_fn(p, batch, cfg)
+    def value_and_grad(rt):
+        f = lambda p: loss_fn(p, batch, CFG, rt)
         return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
     for remat in ("none", "full"):
-        (ref_l, ref_m), ref_g = value_and_grad(CFG.replace(remat=remat))
-        (l, m), g = value_and_grad(CFG.replace(remat=remat, scan_layers=False))
+        (ref_l, ref_m), ref_g = value_and_grad(Runtime(remat=remat))
+        (l, m), g = value_and_grad(Runtime(remat=remat, scan_layers=False))
         assert float(l) == pytest.approx(float(ref_l), rel=1e-6)
         np.testing.assert_array_equal(m["indices"]["moe_layers"], ref_m["indices"]["moe_layers"])
         np.testing.assert_allclose(m["load"], ref_m["load"])
@@ -134,9 +135,10 @@ def test_unrolled_layers_equal_the_scan(params):
     tokens = batch["inputs"][:, :8]
     outs = []
     for scan in (True, False):
-        cfg = CFG.replace(scan_layers=scan)
-        cache = dsv3_jax.init_cache(cfg, 2, 16, jnp.float32)
-        logits, cache, _ = jax.jit(lambda p, t, c: dsv3_jax.forward_cached(p, t, c, cfg))(
+        rt = Runtime(scan_layers=scan)
+        cache = dsv3_jax.init_cache(CFG, 2, 16, jnp.float32)
+        logits, cache, _ = jax.jit(
+            lambda p, t, c: dsv3_jax.forward_cached(p, t, c, CFG, runtime=rt))(
             params, tokens, cache)
         outs.append((logits, cache))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *outs)
@@ -185,5 +187,5 @@ def test_shift_left():
 def test_bf16_compute_tracks_fp32(params):
     batch = _batch()
     l32, _ = jit_loss(params, batch, CFG)
-    l16, _ = jit_loss(params, batch, CFG.replace(dtype="bfloat16"))
+    l16, _ = jit_loss(params, batch, CFG, Runtime(dtype="bfloat16"))
     assert float(l16) == pytest.approx(float(l32), rel=2e-2)

@@ -13,7 +13,7 @@ import pytest
 
 import dsv3_jax
 from dsv3_jax import placement
-from dsv3_jax.loss import loss_fn
+from dsv3_jax.train.loss import loss_fn
 from sharding.context import ShardingContext
 from sharding.mesh import make_mesh
 

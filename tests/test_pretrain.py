@@ -19,8 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-from dsv3_jax import pretrain
-from dsv3_jax.checkpoint import Checkpoints
+from dsv3_jax.train import loop, pretrain
+from dsv3_jax.train import step as train_step
+from dsv3_jax.train.checkpoint import CheckpointError, Checkpoints
+from dsv3_jax.train.data import DataError, PackedDataset
+from dsv3_jax.train.settings import Settings, parse_settings, settings_parser
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "pretrain.py"
@@ -28,8 +31,23 @@ SMALL = ["--seq_len", "32", "--global_batch", "8", "--embedded_bytes", "200000",
          "--sample_tokens", "0", "--log_every", "1000", "--no-progress", "--lr", "3e-3"]
 
 
-def _settings(tmp: pathlib.Path, *extra: str) -> pretrain.Settings:
-    return pretrain.parse_settings(SMALL + list(extra))
+def _settings(tmp: pathlib.Path, *extra: str) -> Settings:
+    return parse_settings(SMALL + list(extra))
+
+
+def _poison(monkeypatch, *steps: int) -> None:
+    """Fault injection: the batches of these (1-based) steps carry a token id outside the
+    vocabulary, which turns their logits, loss and gradients into NaN inside jit."""
+    rows = PackedDataset.rows
+
+    def poisoned(self, step, sl=None):
+        out = rows(self, step, sl)
+        if step + 1 in steps:
+            out = {**out, "inputs": out["inputs"].copy()}
+            out["inputs"][:, 0] = 10 ** 6
+        return out
+
+    monkeypatch.setattr(PackedDataset, "rows", poisoned)
 
 
 def _losses(path) -> list[tuple[int, float]]:
@@ -92,7 +110,7 @@ def test_kill9_then_resume_gives_the_same_losses_bit_for_bit(tmp_path):
 _SAVE_AND_DIE = """
 import os, signal, sys
 import numpy as np, jax.numpy as jnp
-from dsv3_jax.checkpoint import Checkpoints
+from dsv3_jax.train.checkpoint import Checkpoints
 ck = Checkpoints(sys.argv[1], keep=3, async_save=True)
 big = lambda v: {"w": jnp.full((64, 1024, 1024), v, jnp.float32), "step": jnp.int32(v)}
 ck.save(1, big(1.0), {"data": {"step": 1}})
@@ -150,8 +168,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_good_step(tmp_path, damag
 
     shutil.copytree(ck, tmp_path / "copy")
     c = Checkpoints(str(tmp_path / "copy"))
-    target = pretrain.train.abstract_state(pretrain.build_config(_settings(tmp_path)),
-                                           _optimizer(tmp_path, 6))
+    cfg = pretrain.build_config(_settings(tmp_path))
+    target = train_step.abstract_state(cfg, _optimizer(tmp_path, cfg, 6))
     restored = c.restore_latest(target)
     c.close()
     assert restored.step == 3
@@ -163,10 +181,10 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_good_step(tmp_path, damag
     assert [s for s, _ in _losses(tmp_path / "m.jsonl")] == [4, 5, 6, 7]
 
 
-def _optimizer(tmp_path, steps):
+def _optimizer(tmp_path, cfg, steps):
     s = _settings(tmp_path, "--steps", str(steps))
-    sched = pretrain.train.v3_schedule(s.lr, s.steps, 1)
-    return pretrain.train.make_optimizer(sched)
+    sched = train_step.v3_schedule(s.lr, s.steps, 1)
+    return train_step.make_optimizer(cfg, sched)
 
 
 def test_every_checkpoint_unreadable_is_an_error(tmp_path):
@@ -174,28 +192,33 @@ def test_every_checkpoint_unreadable_is_an_error(tmp_path):
     pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "2", "--checkpoint_every", "2",
                            "--checkpoint_dir", str(ck)))
     (ck / "2" / "meta" / "metadata").write_text("{not json")
-    with pytest.raises(Exception, match="no readable checkpoint.*step 2"):
+    with pytest.raises(CheckpointError, match="no readable checkpoint.*step 2"):
         pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "3",
                                "--checkpoint_dir", str(ck)))
+    # the script: one line naming the folder, exit status 2, no traceback
+    out = _finish(_script("--mesh", "none", "--steps", "3", "--checkpoint_dir", str(ck)), ok=(2,))
+    assert "pretrain: error: no readable checkpoint in" in out and "Traceback" not in out
 
 
 # ----------------------------------------------------------------------------- 4. NaN / Inf
 
 
-def test_nan_skip_leaves_the_state_untouched_and_goes_on(tmp_path):
-    out = pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "5", "--inject_nan_step",
-                                 "3", "--metrics_file", str(tmp_path / "m.jsonl")))
+def test_nan_skip_leaves_the_state_untouched_and_goes_on(tmp_path, monkeypatch):
+    _poison(monkeypatch, 3)
+    out = pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "5",
+                                 "--metrics_file", str(tmp_path / "m.jsonl")))
     recs = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in recs] == [False, False, True, False, False]
     assert not np.isfinite(recs[2]["loss"]) and np.isfinite(recs[3]["loss"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(out["state"])))
 
 
-def test_nan_stop_reports_and_never_saves_the_poisoned_step(tmp_path):
+def test_nan_stop_reports_and_never_saves_the_poisoned_step(tmp_path, monkeypatch):
     ck = tmp_path / "ck"
-    with pytest.raises(pretrain.TrainingStopped, match=r"step 4: non-finite loss nan") as e:
-        pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "8", "--inject_nan_step",
-                               "4", "--nan_policy", "stop", "--checkpoint_every", "2",
+    _poison(monkeypatch, 4)
+    with pytest.raises(loop.TrainingStopped, match=r"step 4: non-finite loss nan") as e:
+        pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "8",
+                               "--nan_policy", "stop", "--checkpoint_every", "2",
                                "--checkpoint_dir", str(ck)))
     assert e.value.exit_code == 3
     steps = Checkpoints(str(ck)).steps()
@@ -204,9 +227,8 @@ def test_nan_stop_reports_and_never_saves_the_poisoned_step(tmp_path):
         leaves, _ = _state_leaves(ck, step)
         assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
     # too many skips in a row also stops
-    with pytest.raises(pretrain.TrainingStopped, match="in a row"):
-        s = _settings(tmp_path, "--mesh", "none", "--steps", "4", "--inject_nan_step", "2",
-                      "--max_consecutive_skips", "1")
+    with pytest.raises(loop.TrainingStopped, match="in a row"):
+        s = _settings(tmp_path, "--mesh", "none", "--steps", "5", "--max_consecutive_skips", "1")
         pretrain.run(s)
 
 
@@ -284,11 +306,11 @@ def test_bad_flags_and_mismatched_resume_are_clear_errors(tmp_path):
         pretrain.run(_settings(tmp_path, "--mesh", "none", "--grad_accum", "3"))
     with pytest.raises(ValueError, match="split evenly over the 8 devices"):
         pretrain.run(_settings(tmp_path, "--mesh", "fsdp=8", "--global_batch", "4"))
-    with pytest.raises(pretrain.DataError, match="above the preset's maximum"):
+    with pytest.raises(DataError, match="above the preset's maximum"):
         pretrain.run(_settings(tmp_path, "--mesh", "none", "--seq_len", "100000"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(pretrain.DataError, match="folder has no files"):
+    with pytest.raises(DataError, match="folder has no files"):
         pretrain.run(_settings(tmp_path, "--mesh", "none", "--data", str(empty)))
     ck = tmp_path / "ck"
     pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "1", "--checkpoint_dir", str(ck)))
@@ -306,7 +328,7 @@ def test_user_jsonl_data_and_every_flag_has_help(tmp_path):
     data.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(50)))
     out = pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "2", "--data", str(data)))
     assert out["steps_run"] == 2
-    parser = pretrain.settings_parser()
+    parser = settings_parser()
     for action in parser._actions:
         if action.dest != "help":
             assert action.help and len(action.help) > 10, action.dest
@@ -340,3 +362,96 @@ def test_script_learns_and_ends_with_a_greedy_sample(tmp_path):
     assert len(losses) == 40 and np.mean(losses[-5:]) < losses[0] - 1.5, losses
     assert "greedy sample: 'def " in out
     assert f"loss {losses[0]:.3f} at step 1 -> {losses[-1]:.3f} at step 40" in out
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_a_diverging_run_keeps_its_last_good_checkpoint_and_exits_non_zero(tmp_path):
+    """The new user's --lr 1e6: once the loss or gradients blow up, every later step fails
+    (non-finite or spiking), nothing is saved during the streak, the run stops with exit 3,
+    and the checkpoints left hold finite, unexploded weights."""
+    ck, met = tmp_path / "ck", tmp_path / "m.jsonl"
+    args = ["--mesh", "none", "--steps", "30", "--lr", "1e6", "--checkpoint_every", "2",
+            "--keep_checkpoints", "3", "--checkpoint_dir", str(ck), "--metrics_file", str(met)]
+    out = _finish(_script(*args), ok=(3,))
+    assert "failed steps in a row" in out and "holds the last good state" in out
+    recs = [json.loads(line) for line in met.read_text().splitlines()]
+    first_failed = next(r["step"] for r in recs if r["skipped"])
+    assert all(r["skipped"] for r in recs if r["step"] >= first_failed)
+    steps = Checkpoints(str(ck)).steps()
+    assert steps and max(steps) < first_failed, (steps, first_failed)
+    for step in steps:
+        leaves, _ = _state_leaves(ck, step)
+        assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
+
+
+def test_the_checkpoint_before_a_streak_is_never_pushed_out(tmp_path, monkeypatch):
+    """Step 5 fails; the checkpoint of step 4 is the last one written before that streak, and
+    it survives the three later saves of a run that keeps two."""
+    _poison(monkeypatch, 5)
+    ck = tmp_path / "ck"
+    pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "10", "--checkpoint_every",
+                           "2", "--keep_checkpoints", "2", "--checkpoint_dir", str(ck)))
+    assert Checkpoints(str(ck)).steps() == [4, 8, 10]
+
+
+def test_a_run_that_ends_in_failed_steps_exits_non_zero(tmp_path, monkeypatch):
+    _poison(monkeypatch, 4)
+    ck = tmp_path / "ck"
+    with pytest.raises(loop.TrainingStopped, match="ended in a streak of 1 failed steps") as e:
+        pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "4", "--checkpoint_every",
+                               "2", "--checkpoint_dir", str(ck)))
+    assert e.value.exit_code == 3
+    assert Checkpoints(str(ck)).steps() == [2]  # the final save of step 4 did not happen
+
+
+def test_guard_thresholds_follow_the_median_of_applied_steps():
+    g = loop.Guard(loss_factor=2.0, grad_norm_factor=10.0, window=3, warmup=2)
+    off = g.thresholds([5.0], [1.0])
+    assert np.isinf(off["max_loss"]) and np.isinf(off["max_grad_norm"])  # still warming up
+    on = g.thresholds([9.0, 4.0, 2.0, 3.0], [1.0, 2.0, 4.0, 8.0])  # last 3: median 3 and 4
+    assert on["max_loss"] == np.float32(6.0) and on["max_grad_norm"] == np.float32(40.0)
+    assert np.isinf(loop.Guard(loss_factor=0).thresholds([1.0] * 9, [1.0] * 9)["max_loss"])
+    with pytest.raises(ValueError, match="loss_factor"):
+        loop.Guard(loss_factor=0.5)
+
+
+# ----------------------------------------------------------------------------- what a user sees
+
+
+def test_resume_with_another_preset_names_the_field_before_reading_arrays(tmp_path):
+    ck = tmp_path / "ck"
+    pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "1", "--checkpoint_dir", str(ck)))
+    out = _finish(_script("--mesh", "none", "--steps", "2", "--preset", "small",
+                          "--checkpoint_dir", str(ck)), ok=(2,))
+    assert "the checkpoint's model differs in name ('tiny', now 'small')" in out
+    assert "Traceback" not in out and "strict" not in out
+
+
+def test_the_run_says_where_checkpoints_go_and_when_it_compiles(tmp_path):
+    ck = tmp_path / "ck"
+    out = _finish(_script("--mesh", "none", "--steps", "2", "--checkpoint_every", "1",
+                          "--checkpoint_dir", str(ck)))
+    assert f"checkpoint step 1 -> {ck / '1'}" in out and f"checkpoint step 2 -> {ck / '2'}" in out
+    assert out.index("compiling the pretraining step") < out.index("compiled in")
+    out = _finish(_script("--mesh", "none", "--steps", "1"))
+    assert "no --checkpoint_dir: nothing will be saved" in out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-1", "--lr must be > 0"), ("--clip_norm", "0", "--clip_norm must be > 0"),
+    ("--spike_loss_factor", "0.5", "--spike_loss_factor must be 0"),
+    ("--steps", "0", "--steps must be >= 1"),
+])
+def test_bad_flag_values_are_usage_errors(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_settings([flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_is_grouped_and_says_no_default_none():
+    text = settings_parser().format_help()
+    assert "(default: None)" not in text and "inject_nan" not in text
+    for group in ("model and precision:", "kernels:", "checkpoints:", "failed steps:"):
+        assert group in text

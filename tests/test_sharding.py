@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 import dsv3_jax
 from dsv3_jax import placement
-from dsv3_jax.loss import loss_fn
+from dsv3_jax.train.loss import loss_fn
 from dsv3_jax.moe import moe
 from dsv3_jax.router import update_router_bias
 from sharding.context import ShardingContext
@@ -139,7 +139,7 @@ def test_expert_parallel_moe_equals_dense_reference(dispatch, skew):
     shard = ShardingContext(make_mesh("fsdp=2,expert=4"), "fsdp_ep", dispatch)
 
     def f(p, x, s):
-        y, aux = moe(p, x, None, mask, CFG, forced, s)
+        y, aux = moe(p, x, None, mask, CFG, None, forced, s)
         return (y ** 2).sum(), (y, aux["load"], aux["balance"])
 
     (_, (y_ref, load_ref, bal_ref)), g_ref = jax.value_and_grad(f, (0, 1), has_aux=True)(p, x, None)
@@ -160,7 +160,7 @@ def test_ragged_dispatch_refuses_cpu():
     p = jax.tree.map(lambda a: a[0], params["weights"]["moe_layers"]["moe"])
     x = jnp.ones((8, 4, CFG.dim))
     with pytest.raises(Exception, match="ragged"):
-        jax.jit(lambda p, x: moe(p, x, None, jnp.ones((8, 4), bool), CFG, None, shard))(p, x)
+        jax.jit(lambda p, x: moe(p, x, None, jnp.ones((8, 4), bool), CFG, None, None, shard))(p, x)
 
 
 def test_single_device_decides_where_fp8_projections_fuse():
@@ -173,21 +173,26 @@ def test_single_device_decides_where_fp8_projections_fuse():
 
 
 def test_pallas_fp8_kernels_on_a_mesh_are_an_error_not_a_replication():
-    """The dense FP8 kernels have no sharding rule: on a mesh of several devices the model
-    says so instead of letting XLA gather their operands onto every device."""
+    """The dense FP8 kernels have no sharding rule: resolving a runtime for a mesh of several
+    devices says so, and a runtime resolved for one device refuses to meet such a mesh,
+    instead of letting XLA gather their operands onto every device."""
     from dsv3_jax import model
+    from dsv3_jax.runtime import Devices, Fp8, Runtime, resolve
 
-    cfg = CFG.replace(fp8=True, fp8_impl="pallas")
+    hopper = Devices("gpu", hopper=True)
+    with pytest.raises(ValueError, match=r"fp8_gemm resolves to 'pallas' on a mesh of 8 .*--fp8_impl xla"):
+        resolve(CFG, dtype="bfloat16", fp8=True, mesh_devices=8, devices=hopper)
+    on_mesh = resolve(CFG, dtype="bfloat16", fp8=True, fp8_gemm="xla", mesh_devices=8,
+                      devices=hopper)
+    assert on_mesh.fp8 == Fp8("xla", "xla")  # auto takes XLA's quantizers beside XLA GEMMs
+    with pytest.raises(ValueError, match=r"fp8_quant resolves to 'pallas' on a mesh"):
+        resolve(CFG, dtype="bfloat16", fp8=True, fp8_gemm="xla", fp8_quant="pallas",
+                mesh_devices=8, devices=hopper)
+    one_device = Runtime(dtype="bfloat16", fp8=Fp8("pallas", "pallas"))
     shard = ShardingContext(abstract_mesh("fsdp=8"), "fsdp")
     tokens = jnp.zeros((8, 16), jnp.int32)
-    params = jax.eval_shape(lambda: dsv3_jax.init_params(cfg, jax.random.key(0)))
-    with pytest.raises(ValueError, match=r"fp8_impl resolves to 'pallas' on a mesh of .*fsdp"):
-        jax.eval_shape(lambda p: model.forward(p, tokens, cfg, shard=shard), params)
-    model._check_fp8_kernels_on_mesh(cfg, ShardingContext(abstract_mesh("fsdp=1"), "fsdp"))
-    model._check_fp8_kernels_on_mesh(cfg.replace(fp8_impl="xla"), shard)  # the XLA path
-    # the one-pass quantizer kernels have no sharding rule either ("auto" resolves to them
-    # only where the GEMMs are Pallas, so the XLA GEMMs above take the XLA quantizers)
-    bf16 = cfg.replace(dtype="bfloat16", fp8_impl="xla")
-    model._check_fp8_kernels_on_mesh(bf16, shard)
-    with pytest.raises(ValueError, match=r"fp8_quant_impl resolves to 'pallas' on a mesh"):
-        model._check_fp8_kernels_on_mesh(bf16.replace(fp8_quant_impl="pallas"), shard)
+    params = jax.eval_shape(lambda: dsv3_jax.init_params(CFG, jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"'pallas' on a mesh of .*fsdp"):
+        jax.eval_shape(lambda p: model.forward(p, tokens, CFG, one_device, shard=shard), params)
+    model.check_runtime_on_mesh(one_device, ShardingContext(abstract_mesh("fsdp=1"), "fsdp"))
+    model.check_runtime_on_mesh(on_mesh, shard)

@@ -6,28 +6,56 @@ per state leaf). orbax writes into `<step>.orbax-checkpoint-tmp*` and renames wh
 a crash during a save leaves the previous step as the latest finalised one. Restoring targets
 the *current* run's shardings, so a checkpoint restores onto a different mesh or process count.
 
-A checkpoint that orbax cannot read, or whose leaves' checksums do not match what was saved
-(bit rot, a truncated or edited file), is reported with its step and the reason, and the
-restore falls back to the next older step; the unusable one is renamed
-`<step>.unusable-<time>` (kept for inspection, ignored by orbax).
+A restore reads a checkpoint's `meta` first and lets the caller compare it with the run (a
+different model or data is the user's error, reported by the field that differs, before any
+array is read). A checkpoint that orbax cannot read, or whose leaves' checksums do not match
+what was saved (bit rot, a truncated or edited file), is reported in one line with its step,
+the file and the reason, and the restore falls back to the next older step; the unusable one
+is renamed `<step>.unusable-<time>` (kept for inspection, ignored by orbax).
+
+Old checkpoints go when more than `keep` are newer, except the `protected` ones: the training
+loop protects the last checkpoint written before a streak of failed steps, so no later save
+can push the last good state out.
 """
 
 import dataclasses
 import logging
 import os
+import re
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dsv3_jax.train import checksums
+from dsv3_jax.train.step import checksums
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass
+class _LatestAndProtected(ocp.checkpoint_managers.PreservationPolicy):
+    """Keep the newest `keep` checkpoints and every step in `protected` (which may grow)."""
+    keep: int
+    protected: set
+
+    def should_preserve(self, checkpoints, *, context):
+        newest = sorted((c.step for c in checkpoints), reverse=True)[:self.keep]
+        return [c.step in newest or c.step in self.protected for c in checkpoints]
+
+
+def _why(e: Exception) -> str:
+    """One line: the exception's kind, the file it names (if any) and the start of its message
+    (TensorStore errors carry whole spec reprs; they are cut at the first structure)."""
+    text = " ".join(str(e).split())
+    path = re.search(r'(/[^\s"\']+)', text)
+    text = re.split(r"[\[{]", text, maxsplit=1)[0].strip().rstrip(":;,")[:160]
+    where = f" (file {path.group(1)})" if path else ""
+    return f"{type(e).__name__}: {text or 'no message'}{where}"
 
 
 @dataclasses.dataclass
@@ -41,16 +69,22 @@ class Restored:
 class Checkpoints:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        self.policy = _LatestAndProtected(keep, set())
+        options = ocp.CheckpointManagerOptions(create=True, preservation_policy=self.policy,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
                                              options=options)
 
+    def protect(self, step: int) -> None:
+        """Never delete checkpoint `step` (recorded in every later checkpoint's meta too)."""
+        self.policy.protected.add(int(step))
+
     def save(self, step: int, state: dict, meta: dict) -> None:
         """Start saving (returns once the arrays are copied off the devices)."""
         sums = np.asarray(jax.device_get(checksums(state))).tolist()
-        meta = {**meta, "step": int(step), "checksums": [int(v) for v in sums]}
+        meta = {**meta, "step": int(step), "checksums": [int(v) for v in sums],
+                "protected": sorted(self.policy.protected)}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -60,28 +94,48 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, target: dict) -> Restored | None:
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def read_meta(self, step: int) -> dict:
+        return dict(self.manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def restore_latest(self, target: dict, check=None) -> Restored | None:
         """The newest readable, verified checkpoint restored into `target` (a tree of
-        ShapeDtypeStructs with shardings), or None if there is no checkpoint at all."""
+        ShapeDtypeStructs with shardings), or None if there is no checkpoint at all.
+        `check(meta)` runs on each candidate's meta before its arrays are read; what it
+        raises (a run that does not match the checkpoint) propagates."""
         skipped = []
         for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:  # reported and skipped, never silently: see the docstring
+                skipped.append((step, self._report(step, e)))
+                continue
+            if check is not None:
+                check(meta)
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
                 self._verify(step, out.state, out.meta)
-            except Exception as e:  # reported and skipped, never silently: see the docstring
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                log.error("checkpoint step %d in %s is unreadable (%s); trying an older one",
-                          step, self.directory, reason)
-                skipped.append((step, reason))
+            except Exception as e:  # as above
+                skipped.append((step, self._report(step, e)))
                 continue
             if skipped:
                 self._set_aside([s for s, _ in skipped])
+            self.policy.protected.update(int(s) for s in meta.get("protected", ()))
             return Restored(step, out.state, dict(out.meta), skipped)
         if skipped:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: " +
                                   "; ".join(f"step {s}: {r}" for s, r in skipped))
         return None
+
+    def _report(self, step: int, e: Exception) -> str:
+        reason = _why(e)
+        log.error("checkpoint %s is unreadable: %s; trying an older one",
+                  os.path.join(self.directory, str(step)), reason)
+        return reason
 
     def _set_aside(self, steps: list[int]) -> None:
         """Rename unusable newer checkpoints to `<step>.unusable-<time>`: kept for inspection,

@@ -1,13 +1,20 @@
-"""The training step: one jitted pure function (state, batch) -> (state, metrics).
+"""The training step: one jitted pure function (state, batch, guard) -> (state, metrics).
 
 state = {"params": {"weights", "router_state"}, "opt_state", "step", "rng"}. The step computes
-the V3 loss (main + lambda MTP + alpha balance, `loss.loss_fn`) and its gradient (optionally
-accumulated over micro-batches), clips and applies AdamW with bf16 moments (`optim.adamw_v3`),
-then moves each router bias by +/- gamma from the step's *global* per-expert load ([PAPER]
-§2.1.2: the bias update follows the optimizer step). A non-finite loss or gradient norm never
-reaches the state: the update is selected away inside the step, so a poisoned state cannot
-exist, let alone be checkpointed; the metrics say so and the loop decides to skip or stop.
+an objective and its gradient (optionally accumulated over micro-batches; the default
+objective is V3's pretraining loss, main + lambda MTP + alpha balance, `loss.loss_fn`; SFT and
+GRPO bring their own), clips and applies AdamW with bf16 moments (`optim.adamw_v3`), then moves
+each router bias by +/- gamma from the step's *global* per-expert load ([PAPER] §2.1.2: the
+bias update follows the optimizer step).
+
+A failed step never reaches the state: a non-finite loss or gradient norm, or one above the
+`guard`'s thresholds (a spike, `loop.Guard`), is selected away inside the step, so a poisoned
+or diverged update cannot exist, let alone be checkpointed; the metrics say so (`applied`) and
+the loop decides to skip or stop.
 """
+
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +22,19 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import Config
-from dsv3_jax.loss import loss_fn
-from dsv3_jax.optim import adamw_v3
 from dsv3_jax.params import abstract_params, init_params
 from dsv3_jax.placement import init_params_sharded, param_shardings
 from dsv3_jax.router import update_router_bias
+from dsv3_jax.runtime import Runtime
+from dsv3_jax.train.loss import LossWeights, loss_fn
+from dsv3_jax.train.optim import adamw_v3
+
+# V3's bias update speed gamma ([PAPER] §4.2: 0.001 for the first 14.3T tokens)
+V3_BIAS_GAMMA = 1e-3
+
+# An objective: (params, micro-batch) -> (loss, metrics); metrics carry `main_loss`,
+# `balance_loss` and the per-expert `load` (and `mtp_loss`, `mtp_load` with MTP).
+Objective = Callable[[dict, dict], tuple[jax.Array, dict]]
 
 # V3 schedule shape ([PAPER] §4.2, 14.8T tokens): warmup; constant to 10T; cosine to 10% over
 # 4.3T; 10% for 333B; 7.3e-6 / 2.2e-4 = 3.3% for the last 167B. Fractions of the run:
@@ -83,20 +98,27 @@ def abstract_state(cfg: Config, optimizer, shard=None) -> dict:
                         state_shardings(cfg, optimizer, shard))
 
 
-def _grads(cfg: Config, shard, params: dict, batch: dict, accum: int, poison=None):
+def pretraining_objective(cfg: Config, rt: Runtime | None = None, shard=None, *,
+                          weights: LossWeights = LossWeights()) -> Objective:
+    """V3's pretraining loss (`loss.loss_fn`) as an objective."""
+    return functools.partial(_pretraining_loss, cfg=cfg, rt=rt, shard=shard, weights=weights)
+
+
+def _pretraining_loss(params, batch, *, cfg, rt, shard, weights):
+    return loss_fn(params, batch, cfg, rt, weights=weights, shard=shard)
+
+
+def _grads(objective: Objective, params: dict, batch: dict, accum: int):
     """(loss, metrics, grads of the weights), averaged over `accum` micro-batches.
 
     Micro-batch j takes rows j, j + accum, j + 2 accum, ...: a [B] axis split over devices in
-    contiguous blocks reshapes to [B / accum, accum] with no data movement. `poison` (a scalar,
-    0 or NaN) multiplies into the loss: the fault-injection hook of the NaN guard's tests.
+    contiguous blocks reshapes to [B / accum, accum] with no data movement.
     """
 
     def one(micro):
         def f(weights):
-            loss, metrics = loss_fn({"weights": weights, "router_state": params["router_state"]},
-                                    micro, cfg, shard=shard)
-            if poison is not None:
-                loss = loss * (1.0 + poison)
+            loss, metrics = objective({"weights": weights,
+                                       "router_state": params["router_state"]}, micro)
             return loss, {k: v for k, v in metrics.items() if k != "indices"}
 
         return jax.value_and_grad(f, has_aux=True)(params["weights"])
@@ -120,30 +142,39 @@ def _grads(cfg: Config, shard, params: dict, batch: dict, accum: int, poison=Non
     return loss / accum, metrics, jax.tree.map(lambda g: g / accum, grads)
 
 
-def make_train_step(cfg: Config, optimizer, schedule, shard=None, *, grad_accum: int = 1,
-                    donate: bool = True):
-    """The jitted step. Its metrics: loss parts, grad_norm, lr, finite, per-layer expert load
-    (counts [L, E]) and router-bias magnitudes."""
+def no_guard() -> dict:
+    """Guard thresholds that reject only non-finite steps."""
+    return {"max_loss": jnp.float32(jnp.inf), "max_grad_norm": jnp.float32(jnp.inf)}
 
-    def step(state, batch):
+
+def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
+                    objective: Objective | None = None, rt: Runtime | None = None,
+                    bias_gamma: float = V3_BIAS_GAMMA, grad_accum: int = 1, donate: bool = True):
+    """The jitted step(state, batch, guard) -> (state, metrics). `objective` defaults to V3's
+    pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm"} (float32
+    scalars; `no_guard()` for none): a step whose loss or gradient norm is not finite or
+    exceeds them is not applied. Its metrics: loss parts, grad_norm, lr, finite, applied,
+    per-layer expert load (counts [L, E]) and router-bias magnitudes."""
+    objective = objective or pretraining_objective(cfg, rt, shard)
+
+    def step(state, batch, guard):
         params = state["params"]
-        batch = dict(batch)
-        poison = batch.pop("poison", None)
-        loss, metrics, grads = _grads(cfg, shard, params, batch, grad_accum, poison)
+        loss, metrics, grads = _grads(objective, params, batch, grad_accum)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ok = finite & (loss <= guard["max_loss"]) & (grad_norm <= guard["max_grad_norm"])
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state["opt_state"], params["weights"])
             weights = optax.apply_updates(params["weights"], updates)
-            router = _update_biases(params["router_state"], metrics, cfg.bias_update_speed)
+            router = _update_biases(params["router_state"], metrics, bias_gamma)
             fresh = {"params": {"weights": weights, "router_state": router}, "opt_state": opt_state}
             kept = {"params": params, "opt_state": state["opt_state"]}
-            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), fresh, kept)
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), fresh, kept)
         new.update(step=state["step"] + 1, rng=state["rng"])
         out = {"loss": loss, "main_loss": metrics["main_loss"],
                "balance_loss": metrics["balance_loss"], "grad_norm": grad_norm,
                "lr": schedule(_schedule_count(state["opt_state"])), "finite": finite,
-               "load": metrics["load"]}
+               "applied": ok, "load": metrics["load"]}
         if "mtp_loss" in metrics:
             out.update(mtp_loss=metrics["mtp_loss"], mtp_load=metrics["mtp_load"])
         if "moe_layers" in router:
@@ -153,9 +184,10 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *, grad_accum:
     if shard is None:
         return jax.jit(step, donate_argnums=(0,) if donate else ())
     shardings = state_shardings(cfg, optimizer, shard)
+    replicated = NamedSharding(shard.mesh, P())
     # metrics replicated: every process can read them without a gather
-    return jax.jit(step, in_shardings=(shardings, None),
-                   out_shardings=(shardings, NamedSharding(shard.mesh, P())),
+    return jax.jit(step, in_shardings=(shardings, None, replicated),
+                   out_shardings=(shardings, replicated),
                    donate_argnums=(0,) if donate else ())
 
 
@@ -178,9 +210,10 @@ def _update_biases(router_state: dict, metrics: dict, gamma: float) -> dict:
     return out
 
 
-def make_optimizer(schedule, *, weight_decay: float = 0.1, clip_norm: float = 1.0,
+def make_optimizer(cfg: Config, schedule, *, weight_decay: float = 0.1, clip_norm: float = 1.0,
                    b1: float = 0.9, b2: float = 0.95):
-    return adamw_v3(schedule, b1=b1, b2=b2, weight_decay=weight_decay, clip_norm=clip_norm)
+    """The V3 AdamW (`optim.adamw_v3`) over `cfg`'s weights with learning rate `schedule`."""
+    return adamw_v3(schedule, cfg, b1=b1, b2=b2, weight_decay=weight_decay, clip_norm=clip_norm)
 
 
 @jax.jit

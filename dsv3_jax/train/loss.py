@@ -7,11 +7,28 @@ gotcha 14), averaged over the D modules and weighted by lambda (0.3, later 0.1).
 times alpha (1e-4).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import Config
-from dsv3_jax.model import forward, mtp_forward, shift_left
+from dsv3_jax.model import forward
+from dsv3_jax.mtp import mtp_forward, shift_left
+from dsv3_jax.runtime import Runtime
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossWeights:
+    """The weights of the objective's parts, V3 report §4.2 by default."""
+    mtp: float = 0.3  # lambda (0.3 for the first 10T tokens, then 0.1)
+    balance: float = 1e-4  # alpha of the sequence-wise balance loss
+
+    def __post_init__(self):
+        for f in ("mtp", "balance"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"LossWeights.{f} must be a number >= 0, got {v!r}")
 
 
 @jax.custom_vjp
@@ -44,21 +61,23 @@ def _cross_entropy_bwd(res, g):
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
-def loss_fn(params: dict, batch: dict, cfg: Config, *, forced_experts: dict | None = None,
+def loss_fn(params: dict, batch: dict, cfg: Config, rt: Runtime | None = None, *,
+            weights: LossWeights = LossWeights(), forced_experts: dict | None = None,
             shard=None):
-    """(total loss, metrics) for a batch.
+    """(total loss, metrics) for a batch: main + weights.mtp * MTP + weights.balance * balance.
 
     batch: `inputs` [B, T] token ids, `targets` [B, T] the next token of each position,
     optional `mask` [B, T] (1 where the target counts), `segment_ids` [B, T] (attention within a
     segment; 0 = padding), `positions` [B, T]. metrics carry the unweighted parts, the per-layer
-    expert `load` [L, E] (and `mtp_load`), and the routing `indices` for replay. `shard` (a
-    `sharding.context.ShardingContext`) runs it on a mesh.
+    expert `load` [L, E] (and `mtp_load`), and the routing `indices` for replay. `rt`: how to
+    run it (`dsv3_jax.runtime`); `shard` (a `sharding.context.ShardingContext`) runs it on a
+    mesh.
     """
     inputs, targets = batch["inputs"], batch["targets"]
     mask = batch.get("mask")
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     seg, pos = batch.get("segment_ids"), batch.get("positions")
-    logits, aux = forward(params, inputs, cfg, positions=pos, segment_ids=seg,
+    logits, aux = forward(params, inputs, cfg, rt, positions=pos, segment_ids=seg,
                           forced_experts=forced_experts, shard=shard)
     n_targets = jnp.maximum(mask.sum(), 1.0)
     main = (cross_entropy(logits, targets) * mask).sum() / n_targets
@@ -67,17 +86,17 @@ def loss_fn(params: dict, batch: dict, cfg: Config, *, forced_experts: dict | No
     total = main
     if cfg.mtp_depth:
         forced = (forced_experts or {}).get("mtp")
-        mtp_logits, mtp_aux = mtp_forward(params, aux["hidden"], targets, cfg, positions=pos,
+        mtp_logits, mtp_aux = mtp_forward(params, aux["hidden"], targets, cfg, rt, positions=pos,
                                           segment_ids=seg, target_mask=mask > 0, forced=forced,
                                           shard=shard)
         per_depth = jnp.stack([
             (cross_entropy(mtp_logits[k], shift_left(targets, k + 1))
              * shift_left(mask, k + 1)).sum() / n_targets for k in range(cfg.mtp_depth)])
         mtp = per_depth.mean()
-        total = total + cfg.mtp_loss_weight * mtp
+        total = total + weights.mtp * mtp
         balance = balance + mtp_aux["balance"]
         metrics.update(mtp_loss=mtp, mtp_load=mtp_aux["load"])
         metrics["indices"]["mtp"] = mtp_aux["indices"]
-    total = total + cfg.balance_loss_alpha * balance
+    total = total + weights.balance * balance
     metrics.update(balance_loss=balance, loss=total)
     return total, metrics

@@ -26,7 +26,7 @@ import numpy as np
 
 from dsv3_jax.config import Config, to_hf
 from dsv3_jax.params import HFLinear, declarations, decl_shape, hf_tensor_names
-from dsv3_jax.safetensors_io import CODES, DTYPES, SafetensorsFile, write_safetensors
+from dsv3_jax.io.safetensors import CODES, DTYPES, SafetensorsFile, write_safetensors
 
 FP8_BLOCK = 128  # weight_block_size [128, 128] of the released quantization_config
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn

@@ -1,0 +1,2 @@
+"""Files in and out: Hugging Face checkpoints (`hf`) and our safetensors reader and writer
+(`safetensors`)."""

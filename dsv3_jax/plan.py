@@ -1,0 +1,293 @@
+"""Print (and write) the sharding plan of a preset on a mesh, without allocating the model.
+
+    python -m sharding.dump --preset v3_671b --mesh fsdp=16,expert=16 --strategy fsdp_ep
+    python -m sharding.dump --preset tiny --mesh fsdp=2,expert=4 --strategy fsdp_ep --compile
+
+The table has one row per parameter leaf: path, shape, logical axes, PartitionSpec and bytes per
+device; then per-device totals for parameters, gradients, optimizer state (the V3 AdamW with
+bf16 moments) and an activation estimate for the stated batch, and where the expert groups
+live. Everything is computed from `jax.eval_shape` and an abstract mesh, so the 671B plan on
+256 or 2048 devices prints in seconds on a laptop.
+
+`--compile` lowers and compiles the training computation (forward, loss and gradients, as the
+training step will run it) on fake CPU devices (this process sets
+`--xla_force_host_platform_device_count` itself) and reports `memory_analysis()` and the
+collectives in the optimized HLO per layer kind (scan bodies count once: per layer, forward and
+backward together). Compiling a full-size preset on a CPU takes long; use it on tiny or small.
+`--json PATH` writes all of it (`params` entries with `path`, `shape`, `logical`, `spec`,
+`bytes_per_device`; `per_device_bytes` totals; `expert_placement`; `compile`).
+
+The tool sits above both the model and `sharding/` and imports what it needs at the top;
+`python -m sharding.dump` is its command (a thin entry in `sharding/`).
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsv3_jax.config import get_config
+from dsv3_jax.params import abstract_params, logical_axes_tree
+from dsv3_jax.placement import batch_sharding, param_shardings, param_specs
+from dsv3_jax.runtime import Runtime
+from dsv3_jax.train.loss import loss_fn
+from dsv3_jax.train.optim import adamw_v3
+from sharding.context import ShardingContext
+from sharding.mesh import abstract_mesh, make_mesh, mesh_size, parse_mesh_spec
+
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+               "collective-permute")
+LAYER_KINDS = ("dense_layers", "moe_layers", "mtp")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m sharding.dump", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", required=True, help="config preset (v3_671b, v2_236b, v2_lite_16b, "
+                    "tiny, small)")
+    ap.add_argument("--mesh", required=True, help="mesh spec, e.g. fsdp=16,expert=16 (axes: data, "
+                    "fsdp, expert, tensor, pipeline; omitted axes are 1)")
+    ap.add_argument("--strategy", default=None, help="fsdp, fsdp_ep or fsdp_ep_tp (default: the "
+                    "simplest one that uses every mesh axis)")
+    ap.add_argument("--dispatch", default="allgather", help="expert dispatch for --compile: "
+                    "allgather, ragged_a2a (GPU only) or ragged_a2a_emulated")
+    ap.add_argument("--batch", type=int, default=None, help="global batch in sequences for the "
+                    "activation estimate and --compile (default: one sequence per batch shard)")
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (default: 4096, or "
+                    "the preset's max_seq_len if smaller)")
+    ap.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
+                    help="remat policy for --compile (default: none)")
+    ap.add_argument("--json", default=None, help="also write the plan as JSON to this path")
+    ap.add_argument("--compile", action="store_true", help="compile forward+loss+grad on fake "
+                    "CPU devices; report memory_analysis() and HLO collectives per layer kind")
+    return ap.parse_args(argv)
+
+
+def default_strategy(sizes: dict[str, int]) -> str:
+    if sizes["tensor"] > 1:
+        return "fsdp_ep_tp"
+    return "fsdp_ep" if sizes["expert"] > 1 else "fsdp"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def spec_str(spec) -> str:
+    return "P(" + ", ".join("None" if a is None else (a if isinstance(a, str) else
+                                                     "(" + ",".join(a) + ")") for a in spec) + ")"
+
+
+def bytes_per_device(shape, itemsize: int, spec, sizes: dict[str, int]) -> int:
+    ways = 1
+    for entry in spec:
+        for axis in ((entry,) if isinstance(entry, str) else (entry or ())):
+            ways *= sizes[axis]
+    return math.prod(shape) * itemsize // ways
+
+
+def param_rows(cfg, shard):
+    shapes, names, specs = abstract_params(cfg), logical_axes_tree(cfg), param_specs(cfg, shard)
+    flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    rows = []
+    for (path, s), spec in zip(flat_shapes, flat_specs):
+        logical = names
+        for k in path:
+            logical = logical[k.key]
+        rows.append({"path": jax.tree_util.keystr(path, simple=True, separator="/"),
+                     "shape": list(s.shape), "dtype": str(s.dtype), "logical": list(logical),
+                     "spec": spec_str(spec),
+                     "bytes_per_device": bytes_per_device(s.shape, s.dtype.itemsize, spec,
+                                                          shard.sizes)})
+    return rows, specs
+
+
+def optimizer_bytes(cfg, shard, specs) -> int:
+    """Per-device bytes of the V3 AdamW state (bf16 mu and nu), from its eval_shape."""
+    weights = abstract_params(cfg)["weights"]
+    opt = adamw_v3(1e-4, cfg)
+    state = jax.eval_shape(opt.init, weights)
+    state_specs = optax.tree_map_params(opt, lambda _, spec: spec, state, specs["weights"],
+                                        transform_non_params=lambda _: jax.sharding.PartitionSpec(),
+                                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    leaves = jax.tree.leaves(state)
+    leaf_specs = jax.tree.leaves(state_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return sum(bytes_per_device(a.shape, a.dtype.itemsize, s, shard.sizes)
+               for a, s in zip(leaves, leaf_specs))
+
+
+def activation_estimate(cfg, shard, batch: int, seq: int) -> int:
+    """Rough bytes per device of what the backward pass keeps with remat 'none' (compute
+    dtype), for `batch` global sequences of `seq` tokens. --compile gives the real number."""
+    sizes = shard.sizes
+    tokens = batch * seq // max(1, math.prod(sizes[a] for a in shard.batch_axes))
+    tp = sizes["tensor"] if shard.strategy.name == "fsdp_ep_tp" else 1
+    item = jnp.dtype(cfg.dtype).itemsize
+    n, d = cfg.n_heads // tp, cfg.dim
+    attn = (2 * d + cfg.q_lora_rank + n * cfg.qk_head_dim + cfg.kv_lora_rank
+            + cfg.qk_rope_head_dim + n * (cfg.qk_nope_head_dim + 2 * cfg.v_head_dim)
+            + 2 * n * seq)  # scores and probabilities: N x S per query token
+    dense = d + 3 * cfg.inter_dim // tp
+    moe = (d + 2 * cfg.n_routed_experts  # router scores in fp32
+           + cfg.n_activated_experts * (2 * d + 3 * cfg.moe_inter_dim // tp)
+           + 3 * cfg.shared_inter_dim // tp)
+    per_token = (cfg.n_dense_layers * (attn + dense) + (cfg.n_moe_layers + cfg.mtp_depth) * (attn + moe))
+    logits = 4 * cfg.vocab_size // tp * (1 + cfg.mtp_depth)
+    return tokens * (per_token * item + logits)
+
+
+def expert_placement(cfg, shard) -> dict:
+    """Which expert-axis ranks hold each expert group, and how many ranks a token can reach."""
+    axis = shard.expert_axis
+    ep = shard.sizes[axis] if axis else 1
+    per_rank = cfg.n_routed_experts // ep
+    groups = []
+    for g in range(cfg.n_expert_groups):
+        lo = g * cfg.experts_per_group
+        hi = lo + cfg.experts_per_group - 1
+        groups.append({"group": g, "experts": [lo, hi],
+                       "ranks": list(range(lo // per_rank, hi // per_rank + 1))})
+    ranks_per_group = max(len(x["ranks"]) for x in groups)
+    reach = min(ep, cfg.n_activated_experts, cfg.n_limited_groups * ranks_per_group)
+    return {"axis": axis, "ranks": ep, "experts_per_rank": per_rank, "groups": groups,
+            "max_ranks_per_token": reach}
+
+
+def hlo_collectives(text: str) -> dict:
+    """Collective ops in optimized HLO text, per layer kind (by the op's named-scope path)."""
+    counts: dict = {}
+    # the op name follows its result type, which may be a tuple with spaces: anchor on "op("
+    op_re = re.compile(r"[\s)](" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    kind_re = re.compile(r"\b(" + "|".join(LAYER_KINDS) + r")(_\d+)?\b")
+    for line in text.splitlines():
+        m = op_re.search(line)
+        if not m:
+            continue
+        name = re.search(r'op_name="([^"]*)"', line)
+        kind_m = kind_re.search(name.group(1)) if name else None
+        kind = kind_m.group(1) if kind_m else "other"
+        kind_counts = counts.setdefault(kind, {})
+        kind_counts[m.group(1)] = kind_counts.get(m.group(1), 0) + 1
+    return counts
+
+
+def all_gather_results(text: str) -> list[tuple[int, ...]]:
+    """Result shapes of every all-gather in optimized HLO text (to spot gathered activations)."""
+    shapes = []
+    for m in re.finditer(r"=\s*\w+\[([\d,]*)\][^=]*?[\s)]all-gather(?:-start)?\(", text):
+        shapes.append(tuple(int(v) for v in m.group(1).split(",") if v))
+    return shapes
+
+
+def compile_report(cfg, shard, batch: int, seq: int, *, remat: str = "none",
+                   keep_hlo: bool = False) -> dict:
+    rt = Runtime(remat=remat)
+    shardings = param_shardings(cfg, shard)
+    params = abstract_params(cfg)
+    tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding(shard))
+    args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         params, shardings), {"inputs": tok, "targets": tok})
+
+    def grads(p, b):
+        return jax.value_and_grad(lambda p: loss_fn(p, b, cfg, rt, shard=shard)[0])(p)
+
+    t = time.perf_counter()
+    compiled = jax.jit(grads, out_shardings=(None, shardings)).lower(*args).compile()
+    seconds = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes")
+    memory = {f: int(getattr(mem, f)) for f in fields if hasattr(mem, f)}
+    text = compiled.as_text()
+    report = {"seconds": round(seconds, 1), "memory_analysis": memory,
+              "collectives_per_layer_kind": hlo_collectives(text),
+              "all_gather_shapes": sorted(set(all_gather_results(text)), key=math.prod,
+                                          reverse=True)}
+    if keep_hlo:
+        report["hlo"] = text
+    return report
+
+
+def print_plan(plan: dict) -> None:
+    rows = plan["params"]
+    w_path = max(len(r["path"]) for r in rows)
+    w_shape = max(len(str(tuple(r["shape"]))) for r in rows)
+    w_log = max(len(" ".join(r["logical"])) for r in rows)
+    w_spec = max(len(r["spec"]) for r in rows)
+    print(f"preset {plan['preset']}  mesh {plan['mesh']}  strategy {plan['strategy']}  "
+          f"({plan['devices']} devices)")
+    print(f"{'path':<{w_path}}  {'shape':<{w_shape}}  {'logical axes':<{w_log}}  "
+          f"{'PartitionSpec':<{w_spec}}  bytes/device")
+    for r in rows:
+        print(f"{r['path']:<{w_path}}  {str(tuple(r['shape'])):<{w_shape}}  "
+              f"{' '.join(r['logical']):<{w_log}}  {r['spec']:<{w_spec}}  "
+              f"{_fmt_bytes(r['bytes_per_device'])}")
+    t = plan["per_device_bytes"]
+    print(f"\nper device: parameters {_fmt_bytes(t['params'])}, gradients {_fmt_bytes(t['grads'])}, "
+          f"optimizer state {_fmt_bytes(t['optimizer'])}, activations (estimate, batch "
+          f"{plan['batch']} x {plan['seq']}, no remat) {_fmt_bytes(t['activations_estimate'])}; "
+          f"total {_fmt_bytes(sum(t.values()))}")
+    e = plan["expert_placement"]
+    spans = "; ".join(f"g{g['group']}: experts {g['experts'][0]}-{g['experts'][1]} on ranks "
+                      f"{g['ranks'][0]}-{g['ranks'][-1]}" for g in e["groups"])
+    print(f"experts over {e['axis'] or 'no axis'} ({e['ranks']} ranks, {e['experts_per_rank']} "
+          f"each): {spans}; a token reaches at most {e['max_ranks_per_token']} ranks")
+    if "compile" in plan:
+        c = plan["compile"]
+        print(f"\ncompiled in {c['seconds']} s; memory_analysis: " +
+              ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in c["memory_analysis"].items()))
+        for kind, ops in sorted(c["collectives_per_layer_kind"].items()):
+            print(f"  {kind}: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+
+
+def build_plan(args) -> dict:
+    sizes = parse_mesh_spec(args.mesh)
+    strategy = args.strategy or default_strategy(sizes)
+    cfg = get_config(args.preset)
+    mesh = make_mesh(sizes) if args.compile else abstract_mesh(sizes)
+    shard = ShardingContext(mesh, strategy, args.dispatch)
+    seq = args.seq or min(4096, cfg.max_seq_len)
+    batch = args.batch or max(1, math.prod(shard.sizes[a] for a in shard.batch_axes))
+    rows, specs = param_rows(cfg, shard)
+    params = sum(r["bytes_per_device"] for r in rows if r["path"].startswith("weights"))
+    state = sum(r["bytes_per_device"] for r in rows if r["path"].startswith("router_state"))
+    plan = {"preset": cfg.name, "mesh": args.mesh, "strategy": strategy,
+            "devices": math.prod(sizes.values()), "batch": batch, "seq": seq, "params": rows,
+            "per_device_bytes": {"params": params + state, "grads": params,
+                                 "optimizer": optimizer_bytes(cfg, shard, specs),
+                                 "activations_estimate": activation_estimate(cfg, shard, batch, seq)},
+            "expert_placement": expert_placement(cfg, shard)}
+    if args.compile:
+        plan["compile"] = compile_report(cfg, shard, batch, seq, remat=args.remat)
+    return plan
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.compile:  # fake CPU devices, before jax initialises its backend
+        n = mesh_size(parse_mesh_spec(args.mesh))
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        if "JAX_PLATFORMS" not in os.environ:  # read at import: set the config itself
+            jax.config.update("jax_platforms", "cpu")
+    plan = build_plan(args)
+    print_plan(plan)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(plan, fh, indent=1)
+    return plan
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,228 @@
+"""How to run a model: the compute dtype, rematerialisation, the layer loop and every kernel.
+
+`Config` says what the model *is* (what a checkpoint needs to be read); a `Runtime` says how
+this process runs it. A Runtime is resolved once, at the top of a program, from the user's
+choices and the devices (`resolve`), and then passed down as a static value: the model reads
+its fields and never asks the backend while tracing, so one traced program always means one set
+of kernels, and a test can trace the GPU choices on a CPU.
+
+Every choice has a portable value that runs anywhere (XLA einsums, `jax.lax.ragged_dot`), and
+`Runtime()` holds exactly those, computing in the model's own dtype (`Config.dtype`). `resolve`
+turns "auto" into the fast path of the devices at hand: on a GPU in 16 bits the Pallas grouped
+kernel and cuDNN attention; on a Hopper GPU our FP8 kernels and the MLA decode kernel. An
+explicit choice that cannot run here is an error naming the choice and the reason, never a
+quiet substitute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Literal, NamedTuple
+
+from dsv3_jax.config import Config
+from pallas_kernels.grouped_matmul import unsupported_dims
+
+_log = logging.getLogger(__name__)
+
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
+REMATS = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("xla", "cudnn")
+GROUPED = ("ragged_dot", "pallas")
+FP8_GEMM = ("xla", "pallas")
+FP8_QUANT = ("xla", "pallas")
+# "pallas_if_fits": the decode kernel where it takes the cache's shapes, XLA's einsums where it
+# does not (what "auto" resolves to on a Hopper GPU); "pallas": the kernel or an error.
+DECODE = ("xla", "pallas", "pallas_if_fits")
+
+
+class Fp8(NamedTuple):
+    """How the FP8 linear layers run (`dsv3_jax.fp8`). gemm: "xla" (dequantize + float32
+    matmul, any backend: FP8 numerics, not FP8 speed) or "pallas" (our Mosaic GPU kernels,
+    Hopper); quant: the activation quantizers, "xla" (two XLA passes) or "pallas" (the one-pass
+    Mosaic GPU kernels, bf16 activations only)."""
+    gemm: str = "xla"
+    quant: str = "xla"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """A resolved way to run a model: no "auto" inside (see `resolve`). Hashable: a static jit
+    argument, so each Runtime compiles its own program."""
+    dtype: str | None = None  # activations and matmul inputs; None = the model's Config.dtype
+    remat: Remat = "none"  # jax.checkpoint policy on each layer
+    # Layers of a stack as one lax.scan (compile time flat in depth) or unrolled (each layer its
+    # own code; faster steps on a GPU, docs/performance.md).
+    scan_layers: bool = True
+    attention: str = "xla"  # training/prefill attention core: xla | cudnn
+    grouped: str = "ragged_dot"  # routed-expert GEMMs: ragged_dot | pallas
+    fp8: Fp8 | None = None  # FP8 GEMM inputs in the linear layers ([PAPER] §3.3); None = off
+    decode_attention: str = "xla"  # absorbed decode attention core: see DECODE
+    interpret: bool = False  # run the Pallas kernels in GPU interpret mode (CPU tests)
+
+    def __post_init__(self):
+        for field, choices in (("dtype", DTYPES + (None,)), ("remat", REMATS),
+                               ("attention", ATTENTION), ("grouped", GROUPED),
+                               ("decode_attention", DECODE)):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"Runtime.{field}={getattr(self, field)!r} is not one of "
+                                 f"{choices}")
+        for field in ("scan_layers", "interpret"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"Runtime.{field} must be a bool, got {getattr(self, field)!r}")
+        if self.fp8 is not None:
+            if not isinstance(self.fp8, Fp8):
+                raise ValueError(f"Runtime.fp8 must be an Fp8(gemm, quant) or None, got "
+                                 f"{self.fp8!r}")
+            if self.fp8.gemm not in FP8_GEMM or self.fp8.quant not in FP8_QUANT:
+                raise ValueError(f"Runtime.fp8={self.fp8!r}: gemm must be one of {FP8_GEMM} and "
+                                 f"quant one of {FP8_QUANT}")
+            if self.fp8.quant == "pallas" and self.dtype not in (None, "bfloat16"):
+                raise ValueError(f"Runtime.fp8.quant='pallas' needs bfloat16 activations (the "
+                                 f"quantizer kernels take bf16 only), got dtype={self.dtype!r}")
+
+    def compute_dtype(self, cfg: Config) -> str:
+        """The activation dtype: this Runtime's, else the model's own."""
+        return self.dtype or cfg.dtype
+
+    def for_model(self, cfg: Config) -> "Runtime":
+        """This Runtime with its dtype fixed to what it computes `cfg` in (no None)."""
+        rt = dataclasses.replace(self, dtype=self.compute_dtype(cfg))
+        if rt.fp8 is not None and rt.fp8.quant == "pallas" and rt.dtype != "bfloat16":
+            raise ValueError(f"Runtime.fp8.quant='pallas' needs bfloat16 activations, but "
+                             f"{cfg.name} computes in {rt.dtype}")
+        return rt
+
+    def replace(self, **changes) -> "Runtime":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line for logs: dtype and the kernels that differ from the portable defaults."""
+        parts = [self.dtype or "model dtype"]
+        if self.fp8 is not None:
+            parts.append(f"fp8 (GEMMs {self.fp8.gemm}, quantizers {self.fp8.quant})")
+        parts.append(f"attention {self.attention}, experts {self.grouped}, decode "
+                     f"{self.decode_attention}")
+        if self.remat != "none":
+            parts.append(f"remat {self.remat}")
+        parts.append("scanned layers" if self.scan_layers else "unrolled layers")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """What `resolve` needs to know of the devices: the backend and whether it is a Hopper GPU
+    (compute capability 9.x: H100, H200, H800, the chips our wgmma kernels are built for)."""
+    backend: str
+    hopper: bool
+
+    @classmethod
+    def current(cls) -> "Devices":
+        import jax  # read here, once, at the top of a program; never while tracing
+
+        dev = jax.devices()[0]
+        hopper = (dev.platform == "gpu"
+                  and str(getattr(dev, "compute_capability", "")).startswith("9"))
+        return cls(jax.default_backend(), hopper)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value != "auto" and value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {('auto',) + choices}")
+
+
+def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
+            scan_layers: bool = True, attention: str = "auto", grouped: str = "auto",
+            fp8: bool = False, fp8_gemm: str = "auto", fp8_quant: str = "auto",
+            decode_attention: str = "auto", mesh_devices: int = 1,
+            devices: Devices | None = None, interpret: bool = False) -> Runtime:
+    """The Runtime for `cfg` on `devices` (default: this process's), "auto" decided:
+
+    - attention: cuDNN's fused attention on a GPU in 16 bits, XLA elsewhere.
+    - grouped: our Pallas grouped kernel on a GPU in 16 bits where the experts' widths fit its
+      tiles (`small` and the released models do, `tiny` does not), `ragged_dot` elsewhere.
+    - fp8_gemm: our Mosaic GPU FP8 kernels on a Hopper GPU, the XLA reference elsewhere;
+      fp8_quant: the one-pass quantizer kernels where the GEMMs are ours and the activations
+      bf16, XLA's elsewhere (and on a mesh, where the dense kernels have no sharding rule yet).
+    - decode_attention: the Pallas MLA decode kernel on a Hopper GPU in bf16 (where it takes
+      the cache's shapes), XLA elsewhere.
+    `mesh_devices`: the devices of the mesh the program runs on (1: no mesh). `interpret`: run
+    the Pallas kernels in GPU interpret mode (CPU tests), which lets "pallas" choices run here.
+    """
+    devices = devices or Devices.current()
+    dtype = dtype or cfg.dtype
+    for name, value, choices in (("attention", attention, ATTENTION),
+                                 ("grouped", grouped, GROUPED), ("fp8_gemm", fp8_gemm, FP8_GEMM),
+                                 ("fp8_quant", fp8_quant, FP8_QUANT),
+                                 ("decode_attention", decode_attention, ("xla", "pallas"))):
+        _choice(name, value, choices)
+    gpu16 = devices.backend == "gpu" and dtype != "float32"
+    kernels_here = devices.hopper or interpret
+
+    if attention == "auto":
+        attention = "cudnn" if gpu16 else "xla"
+
+    problem = unsupported_dims(cfg.dim, cfg.moe_inter_dim, names=("dim", "moe_inter_dim"))
+    if grouped == "auto":
+        grouped = "pallas" if gpu16 and problem is None else "ragged_dot"
+    elif grouped == "pallas" and problem is not None:
+        raise ValueError(f"grouped='pallas': the grouped kernels cannot run {cfg.name}'s "
+                         f"experts: {problem}; use 'ragged_dot' or 'auto'")
+
+    if decode_attention == "auto":
+        decode_attention = "pallas_if_fits" if devices.hopper and dtype == "bfloat16" else "xla"
+    elif decode_attention == "pallas" and not kernels_here:
+        raise ValueError("decode_attention='pallas': the Mosaic GPU decode kernel needs a "
+                         "Hopper GPU (compute capability 9.x) as the default device; use 'auto' "
+                         "or 'xla'")
+
+    if grouped == "ragged_dot" and devices.backend == "gpu":
+        _log.warning("the routed experts run on jax.lax.ragged_dot, which XLA lowers on a GPU "
+                     "to a dense masked product costing about (experts) x the useful FLOPs; "
+                     "the Pallas grouped kernel needs bf16 and widths that fit its tiles")
+    fp8_impl = _resolve_fp8(fp8, fp8_gemm, fp8_quant, dtype, devices, mesh_devices, interpret)
+    return Runtime(dtype=dtype, remat=remat, scan_layers=scan_layers, attention=attention,
+                   grouped=grouped, fp8=fp8_impl, decode_attention=decode_attention,
+                   interpret=interpret)
+
+
+def _resolve_fp8(on: bool, gemm: str, quant: str, dtype: str, devices: Devices,
+                 mesh_devices: int, interpret: bool) -> Fp8 | None:
+    """The FP8 choice. The dense FP8 kernels carry no sharding rule yet, so on a mesh of
+    several devices XLA's partitioner would gather their operands onto every device (a silent
+    replication): there they are an error naming the way out. The routed experts run inside
+    shard_map and are unaffected."""
+    if not on:
+        return None
+    if gemm == "auto":
+        gemm = "pallas" if devices.hopper else "xla"
+    if quant == "auto":
+        quant = "pallas" if gemm == "pallas" and dtype == "bfloat16" else "xla"
+    if quant == "pallas" and dtype != "bfloat16":
+        raise ValueError(f"fp8_quant='pallas' needs bfloat16 activations (the quantizer kernels "
+                         f"take bf16 only), got dtype={dtype!r}")
+    if mesh_devices > 1:
+        for name, value in (("fp8_gemm", gemm), ("fp8_quant", quant)):
+            if value == "pallas":
+                raise ValueError(f"{name} resolves to 'pallas' on a mesh of {mesh_devices} "
+                                 "devices: the dense FP8 kernels have no sharding rule yet and "
+                                 "would be replicated on every device; run them on one device, "
+                                 f"or choose {name}='xla' (--{_FLAG[name]} xla) on a mesh")
+    for name, value in (("fp8_gemm", gemm), ("fp8_quant", quant)):
+        if value == "pallas" and not (devices.hopper or interpret):
+            raise ValueError(f"{name}='pallas': our FP8 Mosaic GPU kernels need a Hopper GPU "
+                             "(compute capability 9.x); use 'xla' or 'auto'")
+    return Fp8(gemm, quant)
+
+
+# the command-line flag of each choice (experiments/pretrain.py keeps these names)
+_FLAG = {"fp8_gemm": "fp8_impl", "fp8_quant": "fp8_quant_impl"}
+
+
+@functools.lru_cache(maxsize=64)
+def default(cfg: Config) -> Runtime:
+    """`resolve(cfg)` with every choice "auto" on this process's devices, computed once per
+    config: what the public API uses when no runtime is given."""
+    return resolve(cfg)

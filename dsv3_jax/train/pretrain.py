@@ -1,0 +1,296 @@
+"""Pretraining: the V3 objective on packed text, as a `loop.Job` for the one training loop.
+
+`experiments/pretrain.py` is its command line (`settings.Settings`: every field a flag);
+`run(settings)` is the library entry (tests call it in process). It builds, once and in this
+order: the processes (`jax.distributed`), the model config, the mesh, the runtime (kernels,
+dtype), the data, the optimizer and the jitted step; then hands them to `loop.run`. The data
+position is the step number (`data.PackedDataset`), recorded with the data's fingerprint and
+the model config in every checkpoint: a resume with another model, corpus, sequence length,
+batch or seed is an error naming the flag.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax import runtime as runtime_lib
+from dsv3_jax.config import Config, get_config
+from dsv3_jax.infer.generate import generate
+from dsv3_jax.placement import batch_sharding
+from dsv3_jax.runtime import Runtime
+from dsv3_jax.train import loop, step as train_step
+from dsv3_jax.train.checkpoint import CheckpointError
+from dsv3_jax.train.data import DataError, PackedDataset, build_dataset
+from dsv3_jax.train.loss import LossWeights
+from dsv3_jax.train.settings import Settings, parse_settings
+from sharding.context import ShardingContext
+from sharding.mesh import make_mesh
+
+log = logging.getLogger("dsv3_jax.train")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def init_distributed(s: Settings) -> None:
+    if s.distributed == "off":
+        return
+    if s.distributed == "auto":
+        jax.distributed.initialize()
+    else:
+        missing = [f"--{f}" for f in ("coordinator", "num_processes", "process_id")
+                   if getattr(s, f) is None]
+        if missing:
+            raise ValueError(f"--distributed manual needs {', '.join(missing)}")
+        jax.distributed.initialize(s.coordinator, num_processes=s.num_processes,
+                                   process_id=s.process_id)
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def build_config(s: Settings) -> Config:
+    """The model: the preset, with --mtp_depth if given."""
+    return get_config(s.preset, **({} if s.mtp_depth is None else {"mtp_depth": s.mtp_depth}))
+
+
+def build_sharding(s: Settings):
+    """None (one device, no mesh) or a ShardingContext."""
+    spec = s.mesh
+    if spec == "none":
+        return None
+    if spec == "auto":
+        if jax.device_count() == 1:
+            return None
+        spec = f"fsdp={jax.device_count()}"
+    return ShardingContext(make_mesh(spec), s.strategy, s.dispatch)
+
+
+PRECISION_DTYPES = {"preset": None, "fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
+
+
+def build_runtime(s: Settings, cfg: Config, shard) -> Runtime:
+    """How this process runs the model, resolved once from the flags and the devices."""
+    return runtime_lib.resolve(
+        cfg, dtype=PRECISION_DTYPES[s.precision], remat=s.remat, scan_layers=s.scan_layers,
+        attention=s.attention_impl, grouped=s.grouped_impl, fp8=s.precision == "fp8",
+        fp8_gemm=s.fp8_impl, fp8_quant=s.fp8_quant_impl,
+        mesh_devices=1 if shard is None else shard.mesh.size)
+
+
+def check_batch_split(s: Settings, shard) -> None:
+    if shard is not None:
+        n = math.prod(shard.sizes[a] for a in shard.batch_axes)
+        if (s.global_batch // s.grad_accum) % n:
+            raise ValueError(f"each micro-batch ({s.global_batch // s.grad_accum} sequences) must "
+                             f"split evenly over the {n} devices of the batch axes "
+                             f"{shard.batch_axes}; change --global_batch or --mesh")
+
+
+def data_files(paths: list[str] | None) -> list[str] | None:
+    """Files named, and the files inside folders named (sorted, so every host sees one order)."""
+    if not paths:
+        return None
+    out = []
+    for p in map(pathlib.Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not found:
+                raise DataError(f"{p}: folder has no files")
+            out += [str(f) for f in found]
+        else:
+            out.append(str(p))
+    return out
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def place_batch(rows, shard) -> dict:
+    """The step's batch on the devices. With a mesh every device asks the dataset for exactly its
+    rows, so each process reads only the rows its devices hold."""
+    if shard is None:
+        return {k: jnp.asarray(v) for k, v in rows(None).items()}
+    sharding = batch_sharding(shard, 2)
+    shape = rows.shape
+
+    def array(key):
+        return jax.make_array_from_callback(shape, sharding, lambda idx: rows(idx[0])[key])
+
+    return {"inputs": array("inputs"), "targets": array("targets")}
+
+
+class Rows:
+    """rows(slice) of one step's global batch (a small cache: inputs and targets share reads)."""
+
+    def __init__(self, dataset: PackedDataset, step: int):
+        self.dataset, self.step = dataset, step
+        self.shape = (dataset.global_batch, dataset.seq_len)
+        self._cache = {}
+
+    def __call__(self, rows: slice | None):
+        key = None if rows is None else (rows.start, rows.stop, rows.step)
+        if key not in self._cache:
+            self._cache[key] = self.dataset.rows(self.step, rows)
+        return self._cache[key]
+
+
+# ----------------------------------------------------------------------------- resume check
+
+
+def _plain(x):
+    return json.loads(json.dumps(x))
+
+
+def check_resume(meta: dict, dataset: PackedDataset, cfg: Config) -> None:
+    """A checkpoint written for another model or other data is an error naming the field (the
+    model first: it decides whether the arrays can be read at all)."""
+    saved_cfg = meta.get("config", {})
+    for key, value in dataclasses.asdict(cfg).items():
+        if key in saved_cfg and saved_cfg[key] != _plain(value):
+            raise ValueError(f"the checkpoint's model differs in {key} ({saved_cfg[key]!r}, now "
+                             f"{value!r}): resume with the same --preset and model flags, or use "
+                             "a new --checkpoint_dir")
+    saved = meta.get("data", {})
+    now = dataset.state(0)
+    flags = {"fingerprint": "--data/--embedded_bytes", "seq_len": "--seq_len",
+             "global_batch": "--global_batch", "seed": "--seed"}
+    for key, flag in flags.items():
+        if key in saved and saved[key] != now[key]:
+            raise ValueError(f"the checkpoint was written with a different {key} ({saved[key]!r}, "
+                             f"now {now[key]!r}): resume with the same {flag}, or use a new "
+                             "--checkpoint_dir")
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def greedy_sample(params: dict, cfg: Config, rt: Runtime, prompt: np.ndarray, n: int) -> np.ndarray:
+    """n greedy tokens after `prompt` (`infer.generate`: one jitted prefill + decode loop over
+    the latent cache in the runtime's compute dtype)."""
+    if len(prompt) + n > cfg.max_seq_len:
+        raise ValueError(f"--sample_prompt ({len(prompt)} tokens) + --sample_tokens {n} exceed "
+                         f"the preset's max_seq_len {cfg.max_seq_len}")
+    params = jax.tree.map(lambda a: jnp.asarray(a) if isinstance(a, np.ndarray) else a, params)
+    out = generate(params, cfg, [np.asarray(prompt).tolist()], n, runtime=rt)
+    return np.array(out[0], np.int32)
+
+
+def gather_params(params: dict) -> dict:
+    """The whole parameter tree on this host (from a mesh of one or several processes)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+    return jax.device_get(params)
+
+
+def _sampler(s: Settings, cfg: Config, rt: Runtime, tokenizer):
+    if not s.sample_tokens:
+        return None
+
+    def sample(state) -> str:
+        # one process: the trained weights where they are; several: gathered to every host
+        params = state["params"]
+        params = params if jax.process_count() == 1 else gather_params(params)
+        if jax.process_index() != 0:
+            return ""
+        prompt = tokenizer.encode(s.sample_prompt)
+        out = greedy_sample(params, cfg, rt, prompt, s.sample_tokens)
+        return f"greedy sample: {tokenizer.decode(np.concatenate([prompt, out]))!r}"
+
+    return sample
+
+
+def pretraining_job(s: Settings, cfg: Config, rt: Runtime, shard, dataset: PackedDataset,
+                    tokenizer) -> loop.Job:
+    """Pretraining as a loop job: the V3 objective over `dataset`'s packed batches."""
+    warmup = s.warmup_steps if s.warmup_steps is not None else max(1, round(0.05 * s.steps))
+    schedule = train_step.v3_schedule(s.lr, s.steps, min(warmup, s.steps - 1))
+    optimizer = train_step.make_optimizer(cfg, schedule, weight_decay=s.weight_decay,
+                                          clip_norm=s.clip_norm)
+    objective = train_step.pretraining_objective(
+        cfg, rt, shard, weights=LossWeights(mtp=s.mtp_weight, balance=s.balance_alpha))
+    step_fn = train_step.make_train_step(cfg, optimizer, schedule, shard, objective=objective,
+                                         bias_gamma=s.bias_gamma, grad_accum=s.grad_accum)
+    about = {"config": _plain(dataclasses.asdict(cfg)), "runtime": _plain(dataclasses.asdict(rt)),
+             "settings": _plain(dataclasses.asdict(s))}
+    return loop.Job(
+        name="pretraining",
+        init_state=lambda: train_step.init_state(cfg, jax.random.key(s.seed), optimizer, shard),
+        abstract_state=lambda: train_step.abstract_state(cfg, optimizer, shard),
+        step=step_fn,
+        batch=lambda i: place_batch(Rows(dataset, i), shard),
+        meta=lambda i: {"data": dataset.state(i), **about},
+        check_resume=lambda meta: check_resume(meta, dataset, cfg),
+        tokens_per_step=s.global_batch * s.seq_len,
+        flops_per_token=cfg.flops_per_token(s.seq_len),
+        log_fields=(("main_loss", "main"),),
+        sample=_sampler(s, cfg, rt, tokenizer))
+
+
+def loop_options(s: Settings) -> loop.LoopOptions:
+    return loop.LoopOptions(
+        steps=s.steps, checkpoint_dir=s.checkpoint_dir, checkpoint_every=s.checkpoint_every,
+        keep_checkpoints=s.keep_checkpoints, async_checkpoint=s.async_checkpoint,
+        metrics_file=s.metrics_file, log_every=s.log_every, progress=s.progress,
+        nan_policy=s.nan_policy, max_consecutive_skips=s.max_consecutive_skips,
+        guard=loop.Guard(loss_factor=s.spike_loss_factor, grad_norm_factor=s.spike_grad_factor),
+        peak_tflops=s.peak_tflops)
+
+
+def describe(cfg: Config, rt: Runtime, shard, dataset: PackedDataset, s: Settings) -> str:
+    counts = cfg.param_count()
+    return (f"preset {cfg.name} ({rt.describe()}): {counts['main']:,} parameters, "
+            f"{counts['activated']:,} activated per token, {counts['mtp']:,} MTP; "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+            f"{'' if shard is None else ', mesh ' + str(dict(shard.mesh.shape))}; corpus "
+            f"{len(dataset.stream):,} tokens = {dataset.n_windows:,} sequences of {s.seq_len}")
+
+
+def run(s: Settings) -> dict:
+    """Pretrain; returns a summary (steps run, start step, per-step losses, final state)."""
+    init_distributed(s)
+    cfg = build_config(s)
+    shard = build_sharding(s)
+    check_batch_split(s, shard)
+    rt = build_runtime(s, cfg, shard)
+    dataset, tokenizer = build_dataset(
+        data_files(s.data), seq_len=s.seq_len, global_batch=s.global_batch, seed=s.seed,
+        vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, text_field=s.text_field,
+        embedded_bytes=s.embedded_bytes)
+    if jax.process_index() == 0:
+        print(describe(cfg, rt, shard, dataset, s), flush=True)
+    job = pretraining_job(s, cfg, rt, shard, dataset, tokenizer)
+    out = loop.run(job, loop_options(s))
+    return {"steps_run": out.steps_run, "start_step": out.start_step, "history": out.history,
+            "state": out.state, "config": cfg, "runtime": rt, "tokenizer": tokenizer,
+            "shard": shard}
+
+
+def main(argv=None, description: str = "") -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    s = parse_settings(argv, description)
+    try:
+        out = run(s)
+    except loop.TrainingStopped as e:
+        print(f"pretrain: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except (DataError, ValueError, CheckpointError) as e:
+        print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    hist = out["history"]
+    if hist and jax.process_index() == 0:
+        first, last = hist[0], hist[-1]
+        tail = [h["loss"] for h in hist[-max(1, len(hist) // 10):]]
+        print(f"loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step "
+              f"{last['step']} (mean of the last {len(tail)} steps {np.mean(tail):.3f})")
+    return 0

@@ -1,0 +1,185 @@
+"""The pretraining job's settings: one dataclass field per command-line flag, in groups.
+
+`experiments/pretrain.py` is the command line: every field of `Settings` is a flag of the same
+name with the field's help text (`--help` prints them by group, with their defaults). Library
+callers build `Settings(...)` directly or with `parse_settings(argv)`.
+"""
+
+import argparse
+import dataclasses
+import types
+import typing
+
+
+def _field(default, help: str, group: str, **kw):
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+MODEL, KERNELS, DEVICES, OPTIM, GUARD, DATA, CKPT, OUTPUT = (
+    "model and precision", "kernels", "devices and processes", "optimisation",
+    "failed steps", "data", "checkpoints", "output")
+
+
+@dataclasses.dataclass
+class Settings:
+    # --- model and precision ---
+    preset: str = _field("tiny", "config preset: tiny, small, v2_lite_16b, v2_236b, v3_671b",
+                         MODEL)
+    precision: str = _field("preset", "activation/matmul precision: preset (its own dtype: fp32 "
+                            "for tiny, bf16 otherwise), fp32, bf16, or fp8 (bf16 activations + "
+                            "DeepSeek-V3's FP8 GEMM inputs in the MLA projections, dense FFN and "
+                            "experts); master weights stay fp32", MODEL,
+                            choices=("preset", "fp32", "bf16", "fp8"))
+    mtp_depth: int | None = _field(None, "MTP modules (default: the preset's; 0 turns MTP off)",
+                                   MODEL)
+    mtp_weight: float = _field(0.3, "lambda, the MTP loss weight (V3: 0.3, later 0.1)", MODEL)
+    balance_alpha: float = _field(1e-4, "alpha of the sequence-wise balance loss", MODEL)
+    bias_gamma: float = _field(1e-2, "gamma, the router-bias update speed. V3 used 1e-3 over "
+                               "~1M steps; short runs need a faster one to balance the experts",
+                               MODEL)
+    remat: str = _field("none", "rematerialisation per layer", MODEL,
+                        choices=("none", "full", "dots", "dots_no_batch"))
+    scan_layers: bool = _field(True, "run each layer stack as one lax.scan (fast compile); "
+                               "--no-scan_layers unrolls it: faster steps on a GPU at a longer "
+                               "compile", MODEL)
+    # --- kernels ---
+    grouped_impl: str = _field("auto", "routed-expert GEMMs: auto (our Pallas grouped kernel on "
+                               "a GPU in bf16, ragged_dot otherwise)", KERNELS,
+                               choices=("auto", "ragged_dot", "pallas"))
+    attention_impl: str = _field("auto", "attention core: auto (cuDNN fused attention on a GPU "
+                                 "in bf16, XLA otherwise)", KERNELS,
+                                 choices=("auto", "xla", "cudnn"))
+    fp8_impl: str = _field("auto", "FP8 GEMMs under --precision fp8: auto (pallas on a Hopper "
+                           "GPU, xla elsewhere), xla (dequantize + fp32 matmul: FP8 numerics, "
+                           "not FP8 speed), pallas (our Mosaic GPU FP8 kernels, Hopper)",
+                           KERNELS, choices=("auto", "xla", "pallas"))
+    fp8_quant_impl: str = _field("auto", "FP8 activation quantizers under --precision fp8: auto "
+                                 "(pallas where the FP8 GEMMs run our kernels), xla (two XLA "
+                                 "passes), pallas (one-pass Mosaic GPU kernels; Hopper, bf16)",
+                                 KERNELS, choices=("auto", "xla", "pallas"))
+    # --- devices ---
+    mesh: str = _field("auto", "device mesh, e.g. 'fsdp=4,expert=2'; 'none' = the first device, "
+                       "no mesh; 'auto' = 'none' with one device, fsdp over all when several",
+                       DEVICES)
+    strategy: str = _field("fsdp", "sharding strategy", DEVICES,
+                           choices=("fsdp", "fsdp_ep", "fsdp_ep_tp"))
+    dispatch: str = _field("allgather", "expert-parallel dispatch", DEVICES,
+                           choices=("allgather", "ragged_a2a", "ragged_a2a_emulated"))
+    distributed: str = _field("off", "multi-process: off; auto (jax.distributed.initialize() "
+                              "reads SLURM/Open MPI/... from the environment); manual (the three "
+                              "flags below)", DEVICES, choices=("off", "auto", "manual"))
+    coordinator: str | None = _field(None, "manual: host:port of process 0", DEVICES)
+    num_processes: int | None = _field(None, "manual: number of processes", DEVICES)
+    process_id: int | None = _field(None, "manual: this process's index", DEVICES)
+    # --- optimisation ---
+    steps: int = _field(600, "optimizer steps in the whole run (a resume continues to this)",
+                        OPTIM)
+    global_batch: int = _field(16, "sequences per optimizer step, over all devices", OPTIM)
+    seq_len: int = _field(128, "tokens per sequence", OPTIM)
+    grad_accum: int = _field(1, "micro-batches per step (splits --global_batch)", OPTIM)
+    lr: float = _field(3e-3, "peak learning rate (V3: 2.2e-4 at 671B)", OPTIM)
+    warmup_steps: int | None = _field(None, "linear warmup steps (default: 5%% of --steps)",
+                                      OPTIM)
+    weight_decay: float = _field(0.1, "AdamW weight decay on matrices (not on norm gains)", OPTIM)
+    clip_norm: float = _field(1.0, "gradient clipping at this global norm", OPTIM)
+    seed: int = _field(0, "seed of the initial weights and of the data order", OPTIM)
+    # --- failed steps ---
+    nan_policy: str = _field("skip", "on a failed step (non-finite or spiking loss or gradient "
+                             "norm; its update is never applied): skip it, or stop", GUARD,
+                             choices=("skip", "stop"))
+    max_consecutive_skips: int = _field(10, "stop (exit 3) after this many failed steps in a "
+                                        "row", GUARD)
+    spike_loss_factor: float = _field(2.0, "a step whose loss exceeds this many times the "
+                                      "median of the last 32 applied steps fails (0: off)", GUARD)
+    spike_grad_factor: float = _field(20.0, "a step whose gradient norm exceeds this many times "
+                                      "the median of the last 32 applied steps fails (0: off)",
+                                      GUARD)
+    # --- data ---
+    data: list[str] | None = _field(None, "text or .jsonl files or folders of them (default: "
+                                    "the embedded corpus, the Python standard library's "
+                                    "sources)", DATA, nargs="*")
+    text_field: str = _field("text", "the field of each .jsonl record that holds its text", DATA)
+    embedded_bytes: int = _field(4_000_000, "bytes of the embedded corpus to read", DATA)
+    # --- checkpoints ---
+    checkpoint_dir: str | None = _field(None, "orbax checkpoint folder; a run with the same "
+                                        "folder resumes from its latest complete checkpoint "
+                                        "(default: nothing is saved)", CKPT)
+    checkpoint_every: int = _field(100, "save every N steps (and at the end, and on SIGTERM)",
+                                   CKPT)
+    keep_checkpoints: int = _field(3, "keep the newest N checkpoints", CKPT)
+    async_checkpoint: bool = _field(True, "write checkpoints in the background", CKPT)
+    # --- output ---
+    metrics_file: str | None = _field(None, "JSONL metrics, one record per step (default: none)",
+                                      OUTPUT)
+    log_every: int = _field(25, "print a line (and record per-expert loads) every N steps",
+                            OUTPUT)
+    progress: bool = _field(True, "progress bar on a terminal", OUTPUT)
+    peak_tflops: float | None = _field(None, "per-device peak for MFU (default: the bf16 "
+                                       "datasheet peak of known GPUs; none on CPU)", OUTPUT)
+    sample_tokens: int = _field(64, "greedy tokens to sample at the end (0: none)", OUTPUT)
+    sample_prompt: str = _field("def ", "prompt of the final greedy sample", OUTPUT)
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch", "seq_len", "grad_accum", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "max_consecutive_skips", "embedded_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "clip_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "mtp_weight", "balance_alpha", "bias_gamma",
+                     "sample_tokens"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("spike_loss_factor", "spike_grad_factor"):
+            v = getattr(self, name)
+            if not (v == 0 or v > 1):
+                raise ValueError(f"--{name} must be 0 (off) or > 1, got {v}")
+        if self.global_batch % self.grad_accum:
+            raise ValueError(f"--global_batch {self.global_batch} is not a multiple of "
+                             f"--grad_accum {self.grad_accum}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"--warmup_steps {self.warmup_steps} must be in [0, --steps "
+                             f"{self.steps})")
+        if self.mtp_depth is not None and self.mtp_depth < 0:
+            raise ValueError(f"--mtp_depth must be >= 0, got {self.mtp_depth}")
+
+
+def settings_parser(description: str = "") -> argparse.ArgumentParser:
+    """argparse flags from `Settings`: one flag per field, same name, its help and default,
+    in the fields' groups."""
+    ap = argparse.ArgumentParser(description=description)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(
+            meta["group"], ap.add_argument_group(meta["group"]))
+        help_text = meta["help"]
+        if f.default is not None and "default" not in help_text:
+            help_text += f" (default: {f.default})"
+        kw = {"default": f.default, "help": help_text}
+        base = hints[f.name]
+        if isinstance(base, types.UnionType):  # `int | None`: the flag takes an int
+            base = next(t for t in typing.get_args(base) if t is not type(None))
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+            kw["help"] = meta["help"] + f" (default: {'on' if f.default else 'off'})"
+        elif typing.get_origin(base) is list:
+            kw["nargs"] = meta.get("nargs", "*")
+        else:
+            kw["type"] = base
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        group.add_argument(f"--{f.name}", **kw)
+    return ap
+
+
+def parse_settings(argv=None, description: str = "") -> Settings:
+    """Settings from command-line arguments; a bad value exits with a one-line usage error."""
+    ap = settings_parser(description)
+    args = ap.parse_args(argv)
+    try:
+        return Settings(**vars(args))
+    except ValueError as e:
+        ap.error(str(e))
