@@ -641,8 +641,9 @@ def grouped_matmul_padded(x_pad: jax.Array, w: jax.Array, plan: PadPlan, *,
 def unsupported_dims(k: int, n: int, config: TileConfig | None = None,
                      names: tuple[str, str] = ("K", "N")) -> str | None:
     """Why `grouped_matmul_padded` cannot take a [*, k] @ [G, k, n] product (forward and
-    backward kernels), or None when it can. `Config.resolved_grouped_impl` asks this too, so
-    that "auto" picks the kernel only for shapes it takes."""
+    backward kernels), or None when it can. The model's runtime
+    resolution (`dsv3_jax.runtime.resolve`) asks this too, so that "auto" picks the kernel only
+    for shapes it takes."""
     cfg = config or TileConfig()
     for name, value in zip(names, (k, n)):
         for block_name in ("block_n", "block_k", "tgmm_block_k", "tgmm_block_n"):

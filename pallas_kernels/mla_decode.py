@@ -20,8 +20,8 @@ arrays per layer) and the query split the same way (q_lat = q_nope @ W^UK [.., C
 same kernel, which loads each cache block as two TMA tiles (latent columns, rope columns) into
 two SMEM buffers and sums two wgmmas into one score accumulator; the one-array form points
 both loads at the same array (column ranges [0, C) and [C, C + R)), so neither form copies
-the cache. dsv3_jax/mla.py calls `mla_decode_latent` when `Config.decode_attention_impl`
-resolves to "pallas".
+the cache. dsv3_jax/mla.py calls `mla_decode_latent` when the model's runtime asks for the
+kernel (`Runtime.decode_attention`).
 
 **Empty windows.** A (b, t) whose window is empty (limit <= 0, e.g. lengths[b] = 0) has no
 softmax; we define its output as zeros and its lse as -inf (the log of an empty sum), in every
@@ -86,7 +86,7 @@ layout inference, wgmma/TMA constraints and the SMEM budget all run at lowering)
 
 Requirement: cache entries at positions >= lengths[b] inside the last cache block that a row
 reads must be finite (masked keys get probability 0, but 0 * inf is NaN in the P @ V product,
-as in FlashMLA). dsv3_jax/generate.py zero-initialises its caches, so they are.
+as in FlashMLA). The model's caches (`dsv3_jax.model.init_cache`) start as zeros, so they are.
 
 `python -m pallas_kernels.mla_decode` checks both forms of the kernel against
 `mla_decode_reference` (interpret mode without a Hopper GPU); experiments/bench_decode.py times
