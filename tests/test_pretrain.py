@@ -303,7 +303,7 @@ def test_two_processes_give_the_one_process_losses_and_restore_elsewhere(tmp_pat
 
 def test_bad_flags_and_mismatched_resume_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--global_batch 8 is not a multiple of --grad_accum 3"):
-        pretrain.run(_settings(tmp_path, "--mesh", "none", "--grad_accum", "3"))
+        Settings(global_batch=8, grad_accum=3)
     with pytest.raises(ValueError, match="split evenly over the 8 devices"):
         pretrain.run(_settings(tmp_path, "--mesh", "fsdp=8", "--global_batch", "4"))
     with pytest.raises(DataError, match="above the preset's maximum"):
@@ -368,22 +368,27 @@ def test_script_learns_and_ends_with_a_greedy_sample(tmp_path):
 
 
 def test_a_diverging_run_keeps_its_last_good_checkpoint_and_exits_non_zero(tmp_path):
-    """The new user's --lr 1e6: once the loss or gradients blow up, every later step fails
-    (non-finite or spiking), nothing is saved during the streak, the run stops with exit 3,
-    and the checkpoints left hold finite, unexploded weights."""
+    """The new user's --lr 1e6 (warmup: step 1 runs at lr 0, step 2 at 1e6): the step that
+    would replace the weights fails (its update is millions of times their norm), so does
+    every later one, nothing is saved during the streak, the run stops with exit 3, and the
+    one checkpoint left holds the untouched weights. With the update guard off (the new
+    user's experience before it), the same run applies that update and its weights explode."""
     ck, met = tmp_path / "ck", tmp_path / "m.jsonl"
-    args = ["--mesh", "none", "--steps", "30", "--lr", "1e6", "--checkpoint_every", "2",
+    args = ["--mesh", "none", "--steps", "30", "--lr", "1e6", "--checkpoint_every", "1",
             "--keep_checkpoints", "3", "--checkpoint_dir", str(ck), "--metrics_file", str(met)]
     out = _finish(_script(*args), ok=(3,))
-    assert "failed steps in a row" in out and "holds the last good state" in out
+    assert "failed steps in a row" in out and "written before the failed steps" in out
+    assert "x the weights' norm (above --max_update_ratio 1)" in out
     recs = [json.loads(line) for line in met.read_text().splitlines()]
-    first_failed = next(r["step"] for r in recs if r["skipped"])
-    assert all(r["skipped"] for r in recs if r["step"] >= first_failed)
-    steps = Checkpoints(str(ck)).steps()
-    assert steps and max(steps) < first_failed, (steps, first_failed)
-    for step in steps:
-        leaves, _ = _state_leaves(ck, step)
-        assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
+    assert [r["skipped"] for r in recs] == [False] + [True] * 10
+    assert Checkpoints(str(ck)).steps() == [1]
+    leaves, _ = _state_leaves(ck, 1)
+    assert max(float(np.abs(x).max()) for x in leaves if x.dtype.kind == "f") < 10
+    loose = _finish(_script(*args[:-4], "--steps", "3", "--max_update_ratio", "0",
+                            "--spike_loss_factor", "0", "--spike_grad_factor", "0",
+                            "--checkpoint_dir", str(tmp_path / "loose")), ok=(0, 3))
+    leaves, _ = _state_leaves(tmp_path / "loose", 2)
+    assert max(float(np.abs(x).max()) for x in leaves if x.dtype.kind == "f") > 1e3, loose
 
 
 def test_the_checkpoint_before_a_streak_is_never_pushed_out(tmp_path, monkeypatch):
@@ -413,6 +418,8 @@ def test_guard_thresholds_follow_the_median_of_applied_steps():
     on = g.thresholds([9.0, 4.0, 2.0, 3.0], [1.0, 2.0, 4.0, 8.0])  # last 3: median 3 and 4
     assert on["max_loss"] == np.float32(6.0) and on["max_grad_norm"] == np.float32(40.0)
     assert np.isinf(loop.Guard(loss_factor=0).thresholds([1.0] * 9, [1.0] * 9)["max_loss"])
+    assert off["max_update_ratio"] == np.float32(1.0)  # judged from the first step on
+    assert np.isinf(loop.Guard(max_update_ratio=0).thresholds([], [])["max_update_ratio"])
     with pytest.raises(ValueError, match="loss_factor"):
         loop.Guard(loss_factor=0.5)
 

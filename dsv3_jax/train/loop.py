@@ -52,11 +52,15 @@ class TrainingStopped(RuntimeError):
 class Guard:
     """When a finite step still counts as failed: its loss above `loss_factor` x, or its
     gradient norm above `grad_norm_factor` x, the median of the last `window` applied steps,
-    once `warmup` steps have been applied (0 turns a factor off). The defaults sit well above
-    what a healthy run shows: the `tiny` main job's largest ratios over its 600 steps are 1.4
-    (loss) and 7.1 (gradient norm)."""
+    once `warmup` steps have been applied; or, from the first step, an update whose global
+    norm exceeds `max_update_ratio` x the weights' global norm (a learning rate that would
+    replace the weights rather than move them). 0 turns a check off. The defaults sit well
+    above what a healthy run shows: the `tiny` main job's largest ratios over its 600 steps
+    are 1.4 (loss) and 7.1 (gradient norm), and Adam moves each weight by about the learning
+    rate, so the update ratio is about lr / the weights' RMS (0.15 for that job)."""
     loss_factor: float = 2.0
     grad_norm_factor: float = 20.0
+    max_update_ratio: float = 1.0
     window: int = 32
     warmup: int = 4
 
@@ -65,13 +69,17 @@ class Guard:
             v = getattr(self, f)
             if not (v == 0 or v > 1):
                 raise ValueError(f"Guard.{f} must be 0 (off) or > 1, got {v!r}")
+        if not self.max_update_ratio >= 0:
+            raise ValueError(f"Guard.max_update_ratio must be >= 0 (0: off), got "
+                             f"{self.max_update_ratio!r}")
         for f in ("window", "warmup"):
             if getattr(self, f) < 1:
                 raise ValueError(f"Guard.{f} must be >= 1, got {getattr(self, f)!r}")
 
     def thresholds(self, losses: list[float], grad_norms: list[float]) -> dict:
-        """{"max_loss", "max_grad_norm"} as float32 scalars from the applied steps so far."""
-        out = {"max_loss": np.float32(np.inf), "max_grad_norm": np.float32(np.inf)}
+        """The step's `guard` argument (float32 scalars) from the applied steps so far."""
+        out = {"max_loss": np.float32(np.inf), "max_grad_norm": np.float32(np.inf),
+               "max_update_ratio": np.float32(self.max_update_ratio or np.inf)}
         if len(losses) >= self.warmup:
             for key, factor, seen in (("max_loss", self.loss_factor, losses),
                                       ("max_grad_norm", self.grad_norm_factor, grad_norms)):
@@ -186,10 +194,15 @@ class _Run:
             # the last state saved before the streak must survive whatever is saved later
             self.ckpt.protect(self.ckpt.latest_step())
         self.streak += 1
-        kind = ("non-finite" if not (np.isfinite(rec["loss"]) and np.isfinite(rec["grad_norm"]))
-                else "spiking")
-        report = (f"step {step}: {kind} loss {rec['loss']:.4g} or gradient norm "
-                  f"{rec['grad_norm']:.4g}; the update was not applied")
+        if not (np.isfinite(rec["loss"]) and np.isfinite(rec["grad_norm"])):
+            what = f"non-finite loss {rec['loss']:.4g} or gradient norm {rec['grad_norm']:.4g}"
+        elif rec.get("update_ratio", 0) > self.opts.guard.max_update_ratio > 0:
+            what = (f"an update {rec['update_ratio']:.3g} x the weights' norm (above "
+                    f"--max_update_ratio {self.opts.guard.max_update_ratio:g})")
+        else:
+            what = (f"spiking loss {rec['loss']:.4g} or gradient norm {rec['grad_norm']:.4g} "
+                    "(above --spike_loss_factor / --spike_grad_factor x the recent median)")
+        report = f"step {step}: {what}; the update was not applied"
         if self.opts.nan_policy == "stop" or self.streak >= self.opts.max_consecutive_skips:
             why = ("--nan_policy stop" if self.opts.nan_policy == "stop" else
                    f"{self.streak} failed steps in a row (--max_consecutive_skips)")
@@ -202,7 +215,7 @@ class _Run:
         if self.ckpt is None or self.ckpt.latest_step() is None:
             return "no checkpoint was written"
         return (f"the newest checkpoint, step {self.ckpt.latest_step()} in "
-                f"{self.ckpt.directory}, holds the last good state")
+                f"{self.ckpt.directory}, was written before the failed steps")
 
     def save(self, step: int, state, wait: bool = False) -> None:
         if self.ckpt is None:

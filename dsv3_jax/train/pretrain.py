@@ -241,7 +241,8 @@ def loop_options(s: Settings) -> loop.LoopOptions:
         keep_checkpoints=s.keep_checkpoints, async_checkpoint=s.async_checkpoint,
         metrics_file=s.metrics_file, log_every=s.log_every, progress=s.progress,
         nan_policy=s.nan_policy, max_consecutive_skips=s.max_consecutive_skips,
-        guard=loop.Guard(loss_factor=s.spike_loss_factor, grad_norm_factor=s.spike_grad_factor),
+        guard=loop.Guard(loss_factor=s.spike_loss_factor, grad_norm_factor=s.spike_grad_factor,
+                         max_update_ratio=s.max_update_ratio),
         peak_tflops=s.peak_tflops)
 
 

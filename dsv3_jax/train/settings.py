@@ -94,6 +94,9 @@ class Settings:
     spike_grad_factor: float = _field(20.0, "a step whose gradient norm exceeds this many times "
                                       "the median of the last 32 applied steps fails (0: off)",
                                       GUARD)
+    max_update_ratio: float = _field(1.0, "a step whose update's global norm exceeds this many "
+                                     "times the weights' global norm fails (0: off); Adam's "
+                                     "update is about --lr / the weights' RMS", GUARD)
     # --- data ---
     data: list[str] | None = _field(None, "text or .jsonl files or folders of them (default: "
                                     "the embedded corpus, the Python standard library's "
@@ -128,7 +131,7 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "mtp_weight", "balance_alpha", "bias_gamma",
-                     "sample_tokens"):
+                     "sample_tokens", "max_update_ratio"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("spike_loss_factor", "spike_grad_factor"):

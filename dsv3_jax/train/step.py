@@ -7,10 +7,11 @@ GRPO bring their own), clips and applies AdamW with bf16 moments (`optim.adamw_v
 each router bias by +/- gamma from the step's *global* per-expert load ([PAPER] §2.1.2: the
 bias update follows the optimizer step).
 
-A failed step never reaches the state: a non-finite loss or gradient norm, or one above the
-`guard`'s thresholds (a spike, `loop.Guard`), is selected away inside the step, so a poisoned
-or diverged update cannot exist, let alone be checkpointed; the metrics say so (`applied`) and
-the loop decides to skip or stop.
+A failed step never reaches the state: a non-finite loss or gradient norm, one above the
+`guard`'s thresholds (a spike, `loop.Guard`), or an update larger than `max_update_ratio` x
+the weights' own global norm (a learning rate that would throw the weights away) is selected
+away inside the step, so a poisoned or diverged update cannot exist, let alone be
+checkpointed; the metrics say so (`applied`) and the loop decides to skip or stop.
 """
 
 import functools
@@ -144,17 +145,20 @@ def _grads(objective: Objective, params: dict, batch: dict, accum: int):
 
 def no_guard() -> dict:
     """Guard thresholds that reject only non-finite steps."""
-    return {"max_loss": jnp.float32(jnp.inf), "max_grad_norm": jnp.float32(jnp.inf)}
+    return {"max_loss": jnp.float32(jnp.inf), "max_grad_norm": jnp.float32(jnp.inf),
+            "max_update_ratio": jnp.float32(jnp.inf)}
 
 
 def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
                     objective: Objective | None = None, rt: Runtime | None = None,
                     bias_gamma: float = V3_BIAS_GAMMA, grad_accum: int = 1, donate: bool = True):
     """The jitted step(state, batch, guard) -> (state, metrics). `objective` defaults to V3's
-    pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm"} (float32
-    scalars; `no_guard()` for none): a step whose loss or gradient norm is not finite or
-    exceeds them is not applied. Its metrics: loss parts, grad_norm, lr, finite, applied,
-    per-layer expert load (counts [L, E]) and router-bias magnitudes."""
+    pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm",
+    "max_update_ratio"} (float32 scalars; `no_guard()` for none): a step whose loss or gradient
+    norm is not finite or exceeds them, or whose update's global norm exceeds
+    max_update_ratio x the weights' global norm, is not applied. Its metrics: loss parts,
+    grad_norm, update_ratio, lr, finite, applied, per-layer expert load (counts [L, E]) and
+    router-bias magnitudes."""
     objective = objective or pretraining_objective(cfg, rt, shard)
 
     def step(state, batch, guard):
@@ -162,9 +166,11 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
         loss, metrics, grads = _grads(objective, params, batch, grad_accum)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        ok = finite & (loss <= guard["max_loss"]) & (grad_norm <= guard["max_grad_norm"])
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state["opt_state"], params["weights"])
+            update_ratio = optax.tree.norm(updates) / optax.tree.norm(params["weights"])
+            ok = (finite & (loss <= guard["max_loss"]) & (grad_norm <= guard["max_grad_norm"])
+                  & (update_ratio <= guard["max_update_ratio"]))
             weights = optax.apply_updates(params["weights"], updates)
             router = _update_biases(params["router_state"], metrics, bias_gamma)
             fresh = {"params": {"weights": weights, "router_state": router}, "opt_state": opt_state}
@@ -173,6 +179,7 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
         new.update(step=state["step"] + 1, rng=state["rng"])
         out = {"loss": loss, "main_loss": metrics["main_loss"],
                "balance_loss": metrics["balance_loss"], "grad_norm": grad_norm,
+               "update_ratio": update_ratio,
                "lr": schedule(_schedule_count(state["opt_state"])), "finite": finite,
                "applied": ok, "load": metrics["load"]}
         if "mtp_loss" in metrics:
