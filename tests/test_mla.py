@@ -1,5 +1,6 @@
 """MLA: expanded vs absorbed, cached decode vs full forward, and an independent numpy reference."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +62,7 @@ def test_expanded_matches_numpy_reference():
     cos, sin = rope_tables(pos, CFG)
     out = jax.jit(lambda p, x: mla(p, x, cos, sin, causal_mask(pos, None), CFG))(p, x)
     ref = _numpy_mla(p, x, np.asarray(pos), CFG)
-    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=2e-5)
+    chex.assert_trees_all_close(out, ref, rtol=1e-4, atol=2e-5)
 
 
 def test_absorbed_equals_expanded():
@@ -74,15 +75,21 @@ def test_absorbed_equals_expanded():
     mask = causal_mask(pos, None)
     a = attend_expanded(p, qn, qr, ckv, kr, mask, CFG)
     b = attend_absorbed(p, qn, qr, ckv, kr, mask, CFG)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(a).max()) > 0.1  # the comparison is not between zeros
 
 
 def test_segment_mask_blocks_cross_document_attention():
     pos = jnp.array([[0, 1, 2, 0, 1]])
     seg = jnp.array([[1, 1, 1, 2, 2]])
-    m = np.asarray(causal_mask(pos, seg))[0]
-    assert m[4, 3] and m[4, 4] and not m[4, 2] and not m[3, 0] and m[2, 0]
+    want = np.array([[1, 0, 0, 0, 0],  # query 0..2: document 1, causal
+                     [1, 1, 0, 0, 0],
+                     [1, 1, 1, 0, 0],
+                     [0, 0, 0, 1, 0],  # query 3, 4: document 2 only, from its own start
+                     [0, 0, 0, 1, 1]], bool)
+    chex.assert_trees_all_equal(causal_mask(pos, seg)[0], want)
+    chex.assert_trees_all_equal(causal_mask(pos, None)[0],  # no segments: positions only
+                                np.asarray(pos)[0][None, :] <= np.asarray(pos)[0][:, None])
 
 
 @pytest.mark.parametrize("absorbed", [True, False])
@@ -98,18 +105,21 @@ def test_prefill_then_decode_equals_full_forward(absorbed):
         logits, cache, _ = dsv3_jax.forward_cached(params, tokens[:, i:i + 1], cache, cfg,
                                                    absorbed=absorbed)
         steps.append(logits)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full),
-                               rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
     assert np.asarray(cache["length"]).tolist() == [20, 20]
 
 
 def test_cache_size_formula():
     v3 = get_config("v3_671b")
     assert dsv3_jax.cache_bytes_per_token(v3, jnp.bfloat16) == 61 * 576 * 2  # 70,272 B/token
-    cache = jax.eval_shape(lambda: dsv3_jax.init_cache(get_config("tiny"), 3, 50))
-    leaves = jax.tree.leaves({k: v for k, v in cache.items() if k != "length"})
-    per_token = sum(l.size * l.dtype.itemsize for l in leaves) / (3 * 50)
-    assert per_token == dsv3_jax.cache_bytes_per_token(get_config("tiny"))
+    tiny = get_config("tiny")
+    # the allocated cache against the formula, per storage dtype (e4m3: c_kv in FP8 with its
+    # scales, k_rope in bf16)
+    for dtype in (jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn):
+        cache = jax.eval_shape(lambda: dsv3_jax.init_cache(tiny, 3, 50, dtype))
+        leaves = jax.tree.leaves({k: v for k, v in cache.items() if k != "length"})
+        per_token = sum(l.size * l.dtype.itemsize for l in leaves) / (3 * 50)
+        assert per_token == dsv3_jax.cache_bytes_per_token(tiny, dtype), dtype
 
 
 def test_cache_overflow_is_an_error():
@@ -149,6 +159,7 @@ def _random_cache(cfg, b, s, lengths, seed):
     return {**cache, "length": jnp.asarray(lengths, jnp.int32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tq", [1, 2])
 def test_absorbed_decode_with_the_pallas_kernel_equals_xla(kernel_rt, tq):
     """forward_cached(absorbed=True) with the decode kernel (interpret mode on a CPU) against
@@ -160,12 +171,11 @@ def test_absorbed_decode_with_the_pallas_kernel_equals_xla(kernel_rt, tq):
     out = {}
     for impl, rt, absorbed in (("xla", XLA, True), ("pallas", kernel_rt, True),
                                ("xla", XLA, False)):
-        run = jax.jit(lambda p, t, c, rt=rt, a=absorbed: dsv3_jax.forward_cached(
-            p, t, c, KCFG, runtime=rt, absorbed=a)[:2])
-        out[impl, absorbed] = run(params, tokens, cache)
+        out[impl, absorbed] = dsv3_jax.forward_cached(params, tokens, cache, KCFG, runtime=rt,
+                                                      absorbed=absorbed)[:2]  # jitted
     (lx, cx), (lp, cp) = out["xla", True], out["pallas", True]
     lx, lp, le = (np.asarray(a, np.float32) for a in (lx, lp, out["xla", False][0]))
-    assert np.isfinite(lp).all()
+    chex.assert_tree_all_finite(lp)
     # bf16 activations through two layers and the head: the paths round differently, so the
     # yardstick is how far XLA's absorbed logits sit from its expanded ones (the same math,
     # other rounding): observed max ~5e-2, mean ~8e-3 for both comparisons. A masking or
@@ -173,11 +183,11 @@ def test_absorbed_decode_with_the_pallas_kernel_equals_xla(kernel_rt, tq):
     assert np.abs(lp - lx).max() < 2 * np.abs(le - lx).max() + 1e-2
     assert np.abs(lp - lx).mean() < 2 * np.abs(le - lx).mean() + 1e-3
     # the first layer's new latents do not depend on attention; later layers' do (rounding)
-    for a, b in zip(jax.tree.leaves(cx["dense_layers"]), jax.tree.leaves(cp["dense_layers"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_array_equal(np.asarray(cx["length"]), np.asarray(cp["length"]))
+    chex.assert_trees_all_equal(cx["dense_layers"], cp["dense_layers"])
+    chex.assert_trees_all_equal(cx["length"], cp["length"])
 
 
+@pytest.mark.slow
 def test_generate_is_the_same_with_the_pallas_kernel(kernel_rt):
     from dsv3_jax.infer.generate import generate
 

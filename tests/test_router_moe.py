@@ -1,7 +1,8 @@
 """Routing invariants, balance loss, bias update, and dropless MoE against a per-expert loop."""
 
-import itertools
+import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,9 +60,10 @@ def test_bias_changes_choice_not_weights():
     # weights are the unbiased scores of the chosen experts, renormalised, times the scale
     ref = np.take_along_axis(np.asarray(plain.scores), np.asarray(biased.indices), 1)
     ref = ref / ref.sum(-1, keepdims=True) * CFG.route_scale
-    np.testing.assert_allclose(np.asarray(biased.weights), ref, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(biased.weights).sum(-1), CFG.route_scale, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(biased.scores), np.asarray(plain.scores))
+    chex.assert_trees_all_close(biased.weights, ref, rtol=1e-6, atol=0)
+    chex.assert_trees_all_close(biased.weights.sum(-1), np.full(64, CFG.route_scale), rtol=1e-6,
+                                atol=0)
+    chex.assert_trees_all_equal(biased.scores, plain.scores)  # the bias never enters the scores
 
 
 def test_forced_routing_keeps_the_weight_rule():
@@ -69,9 +71,9 @@ def test_forced_routing_keeps_the_weight_rule():
     w = jax.random.normal(jax.random.key(5), (CFG.dim, 8))
     forced = jnp.tile(jnp.array([[6, 1]]), (16, 1))
     r = route(x, w, None, CFG, forced=forced)
-    assert (np.asarray(r.indices) == np.asarray(forced)).all()
+    chex.assert_trees_all_equal(r.indices, forced.astype(jnp.int32))
     s = np.asarray(affinities(x, w, CFG))[:, [6, 1]]
-    np.testing.assert_allclose(np.asarray(r.weights), s / s.sum(-1, keepdims=True) * 2.5, rtol=1e-6)
+    chex.assert_trees_all_close(r.weights, s / s.sum(-1, keepdims=True) * 2.5, rtol=1e-6, atol=0)
 
 
 def test_v2_softmax_routing_is_not_renormalised():
@@ -81,36 +83,104 @@ def test_v2_softmax_routing_is_not_renormalised():
     w = jax.random.normal(jax.random.key(7), (v2.dim, 8))
     r = route(x, w, None, v2)
     s = np.asarray(jax.nn.softmax(np.asarray(x, np.float64) @ np.asarray(w, np.float64), -1))
-    np.testing.assert_allclose(np.asarray(r.weights),
-                               np.take_along_axis(s, np.asarray(r.indices), 1) * 16, rtol=1e-5)
+    chex.assert_trees_all_close(r.weights, np.take_along_axis(s, np.asarray(r.indices), 1) * 16,
+                                rtol=1e-5, atol=0)
+
+
+def _paper_balance(scores: np.ndarray, idx: np.ndarray, mask: np.ndarray, e: int, a: int):
+    """[PAPER] eqs 17-20 per sequence in float64, averaged over the sequences: f_i = E / (A T)
+    * (tokens choosing i), P_i = (1/T) sum_t s_{i,t} / sum_j s_{j,t}, loss = sum_i f_i P_i, over
+    the T unmasked tokens of each sequence."""
+    per_seq = []
+    for b in range(scores.shape[0]):
+        keep = mask[b]
+        f = np.bincount(idx[b][keep].ravel(), minlength=e) * e / (a * keep.sum())
+        s = scores[b][keep].astype(np.float64)
+        per_seq.append((f * (s / s.sum(-1, keepdims=True)).mean(0)).sum())
+    return np.mean(per_seq)
+
+
+def _paper_balance_grad(scores: np.ndarray, idx: np.ndarray, mask: np.ndarray, e: int, a: int):
+    """d loss / d s_{b,t,j} of `_paper_balance` with f held constant (it carries no gradient):
+    (1 / B) (m_{b,t} / (T_b S_{b,t})) (f_{b,j} - sum_i f_{b,i} s'_{b,t,i}), S = sum_j s_j."""
+    s = scores.astype(np.float64)
+    grad = np.zeros_like(s)
+    for b in range(s.shape[0]):
+        keep = mask[b]
+        f = np.bincount(idx[b][keep].ravel(), minlength=e) * e / (a * keep.sum())
+        total = s[b].sum(-1, keepdims=True)  # [T, 1]
+        inner = (f * s[b] / total).sum(-1, keepdims=True)
+        grad[b] = keep[:, None] / (keep.sum() * total) * (f - inner) / s.shape[0]
+    return grad
+
+
+@functools.cache
+def _balance_case():
+    """Scores [3, 10, 8], their experts [3, 10, 2] and a mask with a padded tail (float64)."""
+    scores = np.asarray(_scores(3 * 10, 8, 8), np.float64).reshape(3, 10, 8)
+    idx = np.asarray(choose_experts(jnp.asarray(scores.reshape(30, 8), jnp.float32), None, CFG))
+    mask = np.ones((3, 10), bool)
+    mask[2, 6:] = False  # padding is excluded
+    return scores, idx.reshape(3, 10, 2), mask
+
+
+def _model_balance(scores, counts, mask):
+    return sequence_balance_loss(scores, counts, mask, CFG)
 
 
 def test_balance_loss_matches_paper_formula():
-    b, t, e, a = 3, 10, 8, 2
-    scores = _scores(b * t, e, 8).reshape(b, t, e)
-    idx = np.asarray(choose_experts(scores.reshape(-1, e), None, CFG)).reshape(b, t, a)
-    mask = np.ones((b, t), bool)
-    mask[2, 6:] = False  # padding is excluded
-    counts = expert_counts(jnp.asarray(idx), jnp.asarray(mask), e)
-    got = float(sequence_balance_loss(scores, counts, jnp.asarray(mask), CFG))
-    ref = []
-    for bi in range(b):
-        tt = mask[bi].sum()
-        f = np.array([(idx[bi][mask[bi]] == i).sum() for i in range(e)]) * e / (a * tt)
-        sn = np.asarray(scores[bi])[mask[bi]]
-        p = (sn / sn.sum(-1, keepdims=True)).mean(0)
-        ref.append((f * p).sum())
-    assert got == pytest.approx(np.mean(ref), rel=1e-5)
-    # gradients flow through P only, not through the counts
-    g = jax.grad(lambda s: sequence_balance_loss(s, counts, jnp.asarray(mask), CFG))(scores)
-    assert float(jnp.abs(g).max()) > 0
+    scores, idx, mask = _balance_case()
+    counts = expert_counts(jnp.asarray(idx), jnp.asarray(mask), 8)
+    chex.assert_trees_all_equal(  # counts: tokens per expert per sequence, padding left out
+        counts, np.stack([np.bincount(idx[b][mask[b]].ravel(), minlength=8)
+                          for b in range(3)]).astype(np.float32))
+    got = _model_balance(jnp.asarray(scores, jnp.float32), counts, jnp.asarray(mask))
+    chex.assert_trees_all_close(got, _paper_balance(scores, idx, mask, 8, 2), rtol=1e-6, atol=0)
 
 
-def test_bias_update_sign_rule():
-    load = jnp.array([[10.0, 2, 4, 4, 4, 4, 4, 0]])
-    new = update_router_bias(jnp.zeros((1, 8)), load, 0.001)
+def test_balance_loss_gradient_is_the_formulas():
+    """The gradient flows through P only: against the formula's own derivative (checked here by
+    central differences of the float64 formula), and zero with respect to the counts."""
+    scores, idx, mask = _balance_case()
+    counts = expert_counts(jnp.asarray(idx), jnp.asarray(mask), 8)
+    g_scores, g_counts = jax.grad(_model_balance, argnums=(0, 1))(
+        jnp.asarray(scores, jnp.float32), counts, jnp.asarray(mask))
+    want = _paper_balance_grad(scores, idx, mask, 8, 2)
+    # the analytic derivative is the formula's: central differences in float64
+    h, fd = 1e-6, np.zeros_like(scores)
+    for i in np.ndindex(scores.shape):
+        up, down = scores.copy(), scores.copy()
+        up[i] += h
+        down[i] -= h
+        fd[i] = (_paper_balance(up, idx, mask, 8, 2)
+                 - _paper_balance(down, idx, mask, 8, 2)) / (2 * h)
+    chex.assert_trees_all_close(fd, want, rtol=1e-6, atol=1e-9)
+    assert np.abs(want).max() > 1e-3 and (want[2, 6:] == 0).all()  # padding gets none
+    chex.assert_trees_all_close(g_scores, want, rtol=1e-5, atol=1e-8)
+    chex.assert_trees_all_equal(g_counts, np.zeros((3, 8), np.float32))
+
+
+def test_bias_update_follows_the_load():
+    """b_i += gamma * sign(mean_j load_j - load_i) per layer ([PAPER] §2.1.2): an overloaded
+    expert's bias goes down by gamma, an underloaded one's up, one exactly at its layer's mean
+    stays; the old bias is kept, each layer uses its own mean, the result is float32."""
+    load = np.array([[10, 2, 4, 4, 4, 4, 4, 0],  # mean 4
+                     [0, 0, 0, 0, 8, 8, 8, 8],  # mean 4: nobody at it
+                     [3, 3, 3, 3, 3, 3, 3, 3],  # balanced: nothing moves
+                     [1, 9, 5, 5, 5, 5, 5, 5]], np.float32)  # mean 5
+    old = np.asarray(jax.random.uniform(jax.random.key(0), (4, 8), minval=-0.1, maxval=0.1))
+    gamma = 1e-3
+    new = update_router_bias(jnp.asarray(old), jnp.asarray(load), gamma)
     assert new.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(new)[0], [-0.001, 0.001, 0, 0, 0, 0, 0, 0.001])
+    mean = load.mean(-1, keepdims=True)
+    step = np.where(load > mean, -1.0, np.where(load < mean, 1.0, 0.0))
+    chex.assert_trees_all_close(new, old.astype(np.float64) + gamma * step, rtol=0, atol=1e-8)
+    moved = np.asarray(new, np.float64) - old
+    assert (moved[load > mean] < 0).all() and (moved[load < mean] > 0).all()
+    chex.assert_trees_all_equal(np.asarray(new)[load == mean], old[load == mean])
+    # a bf16 bias in, float32 out (the update is kept in float32)
+    assert update_router_bias(jnp.asarray(old, jnp.bfloat16), jnp.asarray(load), gamma
+                              ).dtype == jnp.float32
 
 
 def _moe_params(cfg=CFG, seed=0):
@@ -141,7 +211,7 @@ def test_dropless_moe_equals_per_expert_loop(skew):
         idx = route(x, p["router"], None, CFG).indices
     w = jax.random.uniform(jax.random.key(12), idx.shape)
     got = routed_experts(p["experts"], x, idx, w)
-    np.testing.assert_allclose(np.asarray(got), _loop_reference(p, x, idx, w), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(got, _loop_reference(p, x, idx, w), rtol=1e-4, atol=1e-5)
     # gradients through the sorted grouped matmul equal the loop's
     gx = jax.grad(lambda x: (routed_experts(p["experts"], x, idx, w) ** 2).sum())(x)
 
@@ -153,8 +223,7 @@ def test_dropless_moe_equals_per_expert_loop(skew):
             out = out + (w * (idx == e)).sum(-1, keepdims=True) * h
         return (out ** 2).sum()
 
-    np.testing.assert_allclose(np.asarray(gx), np.asarray(jax.grad(loop_loss)(x)), rtol=1e-4,
-                               atol=1e-5)
+    chex.assert_trees_all_close(gx, jax.grad(loop_loss)(x), rtol=1e-4, atol=1e-5)
 
 
 def test_moe_layer_adds_shared_expert_and_reports_load():
@@ -166,6 +235,14 @@ def test_moe_layer_adds_shared_expert_and_reports_load():
     s = p["shared"]
     shared = jax.nn.silu(x @ s["w_gate"]) * (x @ s["w_up"]) @ s["w_down"]
     ref = _loop_reference(p, x.reshape(18, -1), r.indices, r.weights).reshape(2, 9, -1)
-    np.testing.assert_allclose(np.asarray(y), ref + np.asarray(shared), rtol=1e-4, atol=1e-5)
-    assert float(aux["load"].sum()) == 16 * CFG.n_activated_experts  # masked tokens excluded
-    assert aux["indices"].shape == (2, 9, CFG.n_activated_experts)
+    chex.assert_trees_all_close(y, ref + np.asarray(shared), rtol=1e-4, atol=1e-5)
+    # load and balance loss count the 16 unmasked tokens only
+    idx = np.asarray(r.indices).reshape(2, 9, -1)
+    keep = np.asarray(mask)
+    chex.assert_trees_all_equal(aux["indices"], idx)
+    chex.assert_trees_all_equal(aux["load"], np.bincount(idx[keep].ravel(), minlength=8)
+                                .astype(np.float32))
+    assert float(aux["load"].sum()) == 16 * CFG.n_activated_experts
+    scores = np.asarray(r.scores, np.float64).reshape(2, 9, -1)
+    chex.assert_trees_all_close(aux["balance"], _paper_balance(scores, idx, keep, 8, 2),
+                                rtol=1e-6, atol=0)
