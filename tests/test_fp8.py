@@ -1,23 +1,34 @@
 """FP8 mixed precision on the CPU: the quantizers and GEMM references (pallas_kernels/fp8_*),
 the FP8 linear and grouped ops (dsv3_jax/fp8.py) forward and backward against explicit
-formulas, the model in FP8 against BF16, and a short training run of both."""
+formulas, the model's loss and gradients in FP8 against the recipe written out here, and the
+FP8-vs-BF16 experiment's smoke run.
+
+The references are independent of the code under test: numpy (float32 scales and e4m3 casts
+through ml_dtypes, float64 products) for the ops, and jnp written out in this file for the
+model (`_Recipe`), never fp8_quant's or fp8_gemm's own functions."""
 
 import dataclasses
+import json
+import os
 import pathlib
 import re
+import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv3_jax import fp8, grouped
+from dsv3_jax import fp8, grouped, layers, mla, testing
 from dsv3_jax.config import Config, get_config
 from dsv3_jax.model import forward
 from dsv3_jax.params import init_params
 from dsv3_jax.runtime import Devices, Fp8, Runtime, resolve
 from dsv3_jax.train.data import PackedDataset
+from dsv3_jax.train.loss import loss_fn
 from dsv3_jax.train.pretrain import build_config, build_runtime, check_resume
 from dsv3_jax.train.settings import Settings
 from pallas_kernels import fp8_gemm
@@ -25,6 +36,7 @@ from pallas_kernels import fp8_quant as q8
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 F64 = np.float64
+E4M3 = ml_dtypes.float8_e4m3fn
 E4M3_REL = 2.0 ** -4  # e4m3 keeps 3 mantissa bits: rounding moves a normal value by <= 2^-4 of it
 
 
@@ -40,19 +52,64 @@ def _tiled(seed, rows, cols):
                        jnp.float32).reshape(rows, cols)
 
 
-def _rel(a, b) -> float:
-    """Normwise relative error |a - b| / |b| (Frobenius), in float64."""
-    a, b = np.asarray(a, F64), np.asarray(b, F64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+_rel = testing.relative_error  # normwise |a - b| / |b| (Frobenius), in float64
 
 
 # Jitted: one compile per function and shape rather than one per op (CI has 2 CPU cores).
 Q = {name: jax.jit(getattr(q8, name), static_argnames=("pow2", "name"))
      for name in ("quantize_rows", "quantize_cols", "quantize_blocks")}
-DQ = {name: jax.jit(getattr(q8, name), static_argnames="dtype")
-      for name in ("dequantize_rows", "dequantize_blocks")}
 GEMM = {name: jax.jit(getattr(fp8_gemm, name), static_argnames=("out_dtype", "impl", "interpret"))
         for name in ("gemm_1d2d", "gemm_1d1d")}
+
+
+# ------------------------------------------------------------------------------ the recipe
+# The V3 report's quantization (§3.3), written out in numpy: scale = amax / 448 per tile in
+# float32 (fp8_quant floors amax at AMAX_FLOOR = 1e-4, meant for all-zero tiles; the floor is
+# kept here so that these references describe the library's contract; its effect on small
+# nonzero tiles is test_tiles_below_the_amax_floor_keep_e4m3_precision), q = x / scale rounded
+# to e4m3 (ml_dtypes: round to nearest even), the value q * scale in float64. Axes that are not
+# a multiple of 128 are zero-padded: a zero adds nothing and changes no tile's amax.
+
+
+def _np_scale(amax):
+    return np.maximum(amax, np.float32(q8.AMAX_FLOOR)) / np.float32(q8.E4M3_MAX)
+
+
+def _np_qdq_rows(a):
+    """a [M, K] as an FP8 GEMM sees it, in 1 x 128 tiles along K: float64 [M, K]."""
+    a = np.asarray(a, np.float32)
+    m, k = a.shape
+    t = np.pad(a, [(0, 0), (0, -k % 128)]).reshape(m, -1, 128)
+    s = _np_scale(np.abs(t).max(-1, keepdims=True))
+    return ((t / s).astype(E4M3).astype(F64) * s).reshape(m, -1)[:, :k]
+
+
+def _np_qdq_tokens(a):
+    """a [M, K] in 128 x 1 tiles along M (the wgrad's operands): float64 [M, K]."""
+    return _np_qdq_rows(np.asarray(a, np.float32).T).T
+
+
+def _np_qdq_blocks(w):
+    """w [K, N] in 128 x 128 blocks: float64 [K, N]."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    b = np.pad(w, [(0, -k % 128), (0, -n % 128)])
+    kb, nb = b.shape[0] // 128, b.shape[1] // 128
+    b = b.reshape(kb, 128, nb, 128)
+    s = _np_scale(np.abs(b).max((1, 3), keepdims=True))
+    return ((b / s).astype(E4M3).astype(F64) * s).reshape(kb * 128, nb * 128)[:k, :n]
+
+
+def _np_deq_rows(q, s):
+    """By hand: e4m3 values q [..., K] times their tile's scale s [..., K / tile], float64."""
+    q, s = np.asarray(q).astype(F64), np.asarray(s, F64)
+    return q * np.repeat(s, q.shape[-1] // s.shape[-1], axis=-1)
+
+
+def _np_deq_blocks(q, s):
+    """By hand: e4m3 values q [..., N, K] times their 128 x 128 block's scale, float64."""
+    q, s = np.asarray(q).astype(F64), np.asarray(s, F64)
+    return q * np.repeat(np.repeat(s, 128, axis=-1), 128, axis=-2)
 
 
 # ------------------------------------------------------------------------------ quantizers
@@ -63,11 +120,14 @@ def test_quantize_round_trips_within_e4m3_precision():
     # per element: <= 2^-4 of |x| (normal e4m3) + half the subnormal step 2^-9 * scale
     q, s = Q["quantize_rows"](x)
     assert q.dtype == q8.FP8 and s.shape == (8, 4) and s.dtype == jnp.float32
-    err = np.abs(np.asarray(DQ["dequantize_rows"](q, s), F64) - np.asarray(x, F64))
+    err = np.abs(_np_deq_rows(q, s) - np.asarray(x, F64))
     bound = E4M3_REL * np.abs(np.asarray(x, F64)) + 2.0 ** -10 * np.repeat(np.asarray(s), 128, -1)
     assert np.all(err <= bound * (1 + 1e-6))
     amax = np.abs(np.asarray(x, F64)).reshape(8, 4, 128).max(-1)
-    np.testing.assert_allclose(np.asarray(s), amax / q8.E4M3_MAX, rtol=1e-6)
+    chex.assert_trees_all_close(np.asarray(s, F64), amax / q8.E4M3_MAX, rtol=1e-6, atol=0)
+    # the values are the recipe's, x / scale rounded to nearest even (XLA computes the scale
+    # as amax * (1 / 448): the last bit of a float32 apart from amax / 448)
+    chex.assert_trees_all_close(_np_deq_rows(q, s), _np_qdq_rows(x), rtol=1e-6, atol=0)
     # relative to the tile amax, as the report states it
     assert np.all(err.reshape(8, 4, 128).max(-1) <= E4M3_REL * amax)
 
@@ -75,7 +135,7 @@ def test_quantize_round_trips_within_e4m3_precision():
     tall = _tiled(2, 4, 256).T  # [256, 4]: 2 tiles of 128 rows per column
     qc, sc = Q["quantize_cols"](tall)
     assert qc.shape == (4, 256) and sc.shape == (4, 2)
-    err = np.abs(np.asarray(DQ["dequantize_rows"](qc, sc), F64).T - np.asarray(tall, F64))
+    err = np.abs(_np_deq_rows(qc, sc).T - np.asarray(tall, F64))
     amax = np.abs(np.asarray(tall, F64)).reshape(2, 128, 4).max(1).T  # [4, 2]
     assert np.all(err.T.reshape(4, 2, 128).max(-1) <= E4M3_REL * amax)
 
@@ -83,10 +143,28 @@ def test_quantize_round_trips_within_e4m3_precision():
     w = _normal(3, (2, 256, 384)) * jnp.array([1e-3, 1e2])[:, None, None]
     qb, sb = Q["quantize_blocks"](w)
     assert sb.shape == (2, 2, 3)
-    err = np.abs(np.asarray(DQ["dequantize_blocks"](qb, sb), F64) - np.asarray(w, F64))
+    err = np.abs(_np_deq_blocks(qb, sb) - np.asarray(w, F64))
     blocks = lambda a: a.reshape(2, 2, 128, 3, 128)
     amax = np.abs(blocks(np.asarray(w, F64))).max(axis=(2, 4))
     assert np.all(blocks(err).max(axis=(2, 4)) <= E4M3_REL * amax)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: fp8_quant floors every tile's amax at AMAX_FLOOR = 1e-4 (for all-zero "
+    "tiles), so a tile whose amax is below 1e-4 gets scale 1e-4/448 instead of amax/448 and "
+    "its small values fall into e4m3's subnormals or to zero. Gradient tiles are that small: "
+    "in `tiny` at init, the FP8 weight gradients differ from the recipe's (amax/448) by 1-6% "
+    "normwise, about half of FP8's whole error against float32"))
+def test_tiles_below_the_amax_floor_keep_e4m3_precision():
+    """The round trip of test_quantize_round_trips_within_e4m3_precision for tiles of small
+    magnitude (amax ~3e-8 and ~3e-6; dy of the loss of a large batch is smaller still)."""
+    x = _normal(9, (2, 256)) * jnp.array([[1e-8], [1e-6]])
+    q, s = Q["quantize_rows"](x)
+    amax = np.abs(np.asarray(x, F64)).reshape(2, 2, 128).max(-1)
+    chex.assert_trees_all_close(np.asarray(s, F64), amax / q8.E4M3_MAX, rtol=1e-6, atol=0)
+    err = np.abs(_np_deq_rows(q, s) - np.asarray(x, F64))
+    bound = E4M3_REL * np.abs(np.asarray(x, F64)) + 2.0 ** -10 * np.repeat(amax / 448, 128, -1)
+    assert np.all(err <= bound * (1 + 1e-6))
 
 
 # pow2 scales come from frexp/ldexp: XLA's exp2/log2 on the CPU are a few ulps off at integers
@@ -95,7 +173,7 @@ def test_pow2_scales_are_exact_powers_of_two():
     x = _tiled(4, 4, 256)
     q, s = Q["quantize_rows"](x, pow2=True)
     log2 = np.log2(np.asarray(s, F64))
-    np.testing.assert_array_equal(log2, np.round(log2))
+    chex.assert_trees_all_equal(log2, np.round(log2))
     assert np.all(np.asarray(s, F64) >= np.abs(np.asarray(x, F64)).reshape(4, 2, 128).max(-1)
                   / q8.E4M3_MAX)  # rounded up: q stays inside e4m3's range
     # applying a power-of-two scale is exact: e4m3 values times 2^k survive the round trip bit
@@ -104,20 +182,22 @@ def test_pow2_scales_are_exact_powers_of_two():
     vals = jnp.asarray(vals).astype(q8.FP8).astype(jnp.float32).at[:, ::128].set(448.0)
     exact = vals * 2.0 ** jnp.array([-20.0, -3.0, 0.0, 17.0])[:, None]
     q, s = Q["quantize_rows"](exact, pow2=True)
-    np.testing.assert_array_equal(np.asarray(s), np.repeat([[2.0 ** -20], [2.0 ** -3], [1.0],
-                                                            [2.0 ** 17]], 2, axis=1))
-    np.testing.assert_array_equal(np.asarray(DQ["dequantize_rows"](q, s)), np.asarray(exact))
+    chex.assert_trees_all_equal(np.asarray(s), np.repeat(
+        np.array([[2.0 ** -20], [2.0 ** -3], [1.0], [2.0 ** 17]], np.float32), 2, axis=1))
+    chex.assert_trees_all_equal(_np_deq_rows(q, s), np.asarray(exact, F64))
 
 
 def test_all_zero_tile_gives_zeros_and_a_finite_scale():
     x = jnp.zeros((2, 256)).at[1, 128:].set(1.0)
     q, s = Q["quantize_rows"](x)
-    assert np.all(np.isfinite(np.asarray(s))) and np.all(np.asarray(s) > 0)
-    deq = np.asarray(DQ["dequantize_rows"](q, s))
-    np.testing.assert_array_equal(deq[0], 0.0)
-    np.testing.assert_array_equal(deq[1, :128], 0.0)
+    chex.assert_tree_all_finite(s)
+    assert np.all(np.asarray(s) > 0)
+    deq = _np_deq_rows(q, s)
+    chex.assert_trees_all_equal(deq[0], np.zeros(256))
+    chex.assert_trees_all_equal(deq[1, :128], np.zeros(128))
     qb, sb = Q["quantize_blocks"](jnp.zeros((128, 128)))
-    assert np.isfinite(float(sb[0, 0])) and not np.any(np.asarray(DQ["dequantize_blocks"](qb, sb)))
+    chex.assert_tree_all_finite(sb)
+    chex.assert_trees_all_equal(_np_deq_blocks(qb, sb), np.zeros((128, 128)))
 
 
 def test_quantizers_name_the_axis_that_is_not_a_multiple_of_128():
@@ -140,9 +220,11 @@ def test_rows_to_cols_is_the_float32_retiling_bit_for_bit():
     want = jax.jit(lambda q, s: q8.quantize_cols(q8.dequantize_rows(q, s)))(q, s)
     got = jax.jit(lambda q, s: q8.rows_to_cols(q, s))(q, s)
     assert got[0].shape == (256, 384) and got[1].shape == (256, 3)
-    np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint8),
-                                  np.asarray(want[0]).view(np.uint8))
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    chex.assert_trees_all_equal((np.asarray(got[0]).view(np.uint8), np.asarray(got[1])),
+                                (np.asarray(want[0]).view(np.uint8), np.asarray(want[1])))
+    # and the recipe's values: x's FP8 values re-quantized in 128 x 1 tiles along its rows
+    chex.assert_trees_all_close(_np_deq_rows(*got), _np_qdq_tokens(_np_deq_rows(q, s)).T,
+                                rtol=1e-6, atol=0)
     # the barrier that keeps the e4m3 rounding (fp8_quant._fp8_values) sits on the transposed
     # e4m3 bytes, so the transpose moves 1 byte an element
     hlo = jax.jit(lambda x: q8.rows_to_cols(*q8.quantize_rows(x))).lower(x).as_text()
@@ -157,70 +239,40 @@ def test_rows_to_cols_is_the_float32_retiling_bit_for_bit():
 
 
 def test_gemm_references_match_fp32_and_the_dequantized_product():
+    """fp8_gemm's XLA references against the product of the values dequantized by hand
+    (float64: e4m3 value times its tile's or block's scale), not against their own body."""
     a, b, bt = _normal(6, (64, 256)), _normal(7, (384, 256)), _normal(8, (96, 256))
     qa, sa = Q["quantize_rows"](a)
     qb, sb = Q["quantize_blocks"](b)
     y = GEMM["gemm_1d2d"](qa, sa, qb, sb, out_dtype=jnp.float32)
     exact = np.asarray(a, F64) @ np.asarray(b, F64).T
     # two e4m3 roundings of Gaussian operands: ~2.5% each in RMS, ~3% on the product
-    assert _rel(y, exact) < 4e-2
-    deq = jnp.dot(DQ["dequantize_rows"](qa, sa), DQ["dequantize_blocks"](qb, sb).T,
-                  precision=jax.lax.Precision.HIGHEST)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(deq))
+    assert 1e-3 < _rel(y, exact) < 4e-2
+    want = _np_deq_rows(qa, sa) @ _np_deq_blocks(qb, sb).T
+    # float32 sums of 256 exact products: ~1e-7 of the largest value; a scale of the wrong
+    # tile or block, or a missing one, moves elements by O(1)
+    chex.assert_trees_all_close(np.asarray(y, F64), want, rtol=1e-6,
+                                atol=1e-6 * np.abs(want).max())
     assert GEMM["gemm_1d2d"](qa, sa, qb, sb).dtype == jnp.bfloat16
 
     qt, st = Q["quantize_rows"](bt)  # 1d1d: both operands in 1 x 128 tiles (the wgrad)
     y = GEMM["gemm_1d1d"](qa, sa, qt, st)
     assert y.dtype == jnp.float32
-    assert _rel(y, np.asarray(a, F64) @ np.asarray(bt, F64).T) < 4e-2
-    deq = jnp.dot(DQ["dequantize_rows"](qa, sa), DQ["dequantize_rows"](qt, st).T,
-                  precision=jax.lax.Precision.HIGHEST)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(deq))
+    assert 1e-3 < _rel(y, np.asarray(a, F64) @ np.asarray(bt, F64).T) < 4e-2
+    want = _np_deq_rows(qa, sa) @ _np_deq_rows(qt, st).T
+    chex.assert_trees_all_close(np.asarray(y, F64), want, rtol=1e-6,
+                                atol=1e-6 * np.abs(want).max())
 
 
 # ------------------------------------------------------------------------------ fp8_linear
 
 
-# The values an FP8 GEMM sees (float64 numpy), each axis zero-padded to 128 and cut back:
-@jax.jit
-def _qdq_rows_jit(a):  # a [M, K] in 1 x 128 tiles along K
-    k = a.shape[-1]
-    q, s = q8.quantize_rows(jnp.pad(a.astype(jnp.float32), [(0, 0), (0, -k % 128)]))
-    return q8.dequantize_rows(q, s)[:, :k]
-
-
-@jax.jit
-def _qdq_tokens_jit(a):  # a [M, K] in 128 x 1 tiles along M
-    m = a.shape[0]
-    q, s = q8.quantize_cols(jnp.pad(a.astype(jnp.float32), [(0, -m % 128), (0, 0)]))
-    return q8.dequantize_rows(q, s).T[:m]
-
-
-@jax.jit
-def _qdq_blocks_jit(w):  # w [K, N] in 128 x 128 blocks
-    k, n = w.shape
-    q, s = q8.quantize_blocks(jnp.pad(w.astype(jnp.float32), [(0, -k % 128), (0, -n % 128)]))
-    return q8.dequantize_blocks(q, s)[:k, :n]
-
-
-def _qdq_rows(a):
-    return np.asarray(_qdq_rows_jit(jnp.asarray(a, jnp.float32)), F64)
-
-
-def _qdq_tokens(a):
-    return np.asarray(_qdq_tokens_jit(jnp.asarray(a, jnp.float32)), F64)
-
-
-def _qdq_blocks(w):
-    return np.asarray(_qdq_blocks_jit(jnp.asarray(w, jnp.float32)), F64)
-
-
 def _fp8_formula(x2, w, dy2):
     """What the FP8 linear must compute, written out: y, dx, dw for x2 [M, K], w [K, N]."""
-    xq, wq = _qdq_rows(x2), _qdq_blocks(w)
+    xq, wq = _np_qdq_rows(x2), _np_qdq_blocks(w)
     y = xq @ wq
-    dx = _qdq_rows(dy2) @ wq.T  # dgrad: dy in 1 x 128 tiles along N, the same weight blocks
-    dw = _qdq_tokens(xq).T @ _qdq_tokens(dy2)  # wgrad: the FP8 x and dy re-tiled along tokens
+    dx = _np_qdq_rows(dy2) @ wq.T  # dgrad: dy in 1 x 128 tiles along N, the same weight blocks
+    dw = _np_qdq_tokens(xq).T @ _np_qdq_tokens(dy2)  # wgrad: FP8 x and dy re-tiled along tokens
     return y, dx, dw
 
 
@@ -249,9 +301,9 @@ def test_fp8_linear_forward_backward(shape):
     # with dgrad/wgrad swapped or transposed, an unquantized dy, the wrong tile direction for the
     # wgrad or a non-FP8 x in the wgrad misses this by percents.
     fy, fdx, fdw = _fp8_formula(x.reshape(-1, k), w, dy.reshape(-1, n))
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, n), fy, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dx).reshape(-1, k), fdx, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dw), fdw, rtol=1e-5, atol=1e-4)
+    chex.assert_trees_all_close(np.asarray(y, F64).reshape(-1, n), fy, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(np.asarray(dx, F64).reshape(-1, k), fdx, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(np.asarray(dw, F64), fdw, rtol=1e-5, atol=1e-4)
     # and the backward really is quantized: it is not the float32 gradient
     assert _rel(dx, dx32) > 1e-3 and _rel(dw, dw32) > 1e-3
 
@@ -289,9 +341,9 @@ def test_fp8_linear_keeps_dtypes_and_einsum_helper_reshapes(gemm_impls):
     assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
     assert y.shape == (2, 8, 4, 16) and dw.shape == w.shape
     flat = fp8.fp8_linear(x, w.reshape(32, 64), "xla").reshape(2, 8, 4, 16)
-    np.testing.assert_array_equal(np.asarray(y, F64), np.asarray(flat, F64))
+    chex.assert_trees_all_equal(np.asarray(y, F64), np.asarray(flat, F64))
     # the plain path is the einsum itself
-    np.testing.assert_array_equal(np.asarray(fp8.matmul("btq,qnk->btnk", x, w), F64),
+    chex.assert_trees_all_equal(np.asarray(fp8.matmul("btq,qnk->btnk", x, w), F64),
                                   np.asarray(jnp.einsum("btq,qnk->btnk", x, w), F64))
     with pytest.raises(ValueError, match="'btq,nqk->btnk'.*not a linear layer"):
         fp8.matmul("btq,nqk->btnk", x, jnp.swapaxes(w, 0, 1), "xla")
@@ -344,11 +396,11 @@ def test_matmul_parts_is_separate_layers_in_one_gemm(gemm_impls):
     for name, f, r in [("y0", fus[0], sep[0]), ("y1", fus[1], sep[1]),
                        ("dw0", dw_f[0], dw_s[0]), ("dw1", dw_f[1], dw_s[1])]:
         assert f.shape == r.shape and f.dtype == r.dtype, name
-        np.testing.assert_array_equal(np.asarray(f, F64), np.asarray(r, F64), err_msg=name)
+        chex.assert_trees_all_equal({name: np.asarray(f, F64)}, {name: np.asarray(r, F64)})
     assert 0 < _rel(dx_f, dx_s) < 2 ** -8  # bf16 rounding of the sum, not of each part
     # the plain path (no FP8) and fuse=False are separate einsums
     plain = fp8.matmul_parts(spec, x, ws)
-    np.testing.assert_array_equal(np.asarray(plain[1], F64),
+    chex.assert_trees_all_equal(np.asarray(plain[1], F64),
                                   np.asarray(jnp.einsum(spec, x, ws[1]), F64))
     with pytest.raises(ValueError, match="weight 1 is .*the input axes and dtypes must match"):
         fp8.matmul_parts(spec, x, [ws[0], ws[1].astype(jnp.float32)], "xla")
@@ -380,11 +432,11 @@ def test_grouped_swiglu_fp8_runs_gate_and_up_as_one_gemm(gemm_impls):
     gemm_impls.clear()
     y_f = fused(p, rows)
     assert sorted(gemm_impls) == [("grouped_gemm_1d2d", "pallas")] * 2
-    np.testing.assert_array_equal(np.asarray(y_f, F64), np.asarray(two_products(p, rows), F64))
+    chex.assert_trees_all_equal(np.asarray(y_f, F64), np.asarray(two_products(p, rows), F64))
     g_f, g_r = jax.grad(loss(fused))(p, rows), jax.grad(loss(two_products))(p, rows)
     for key in ("w_gate", "w_up", "w_down"):
-        np.testing.assert_array_equal(np.asarray(g_f[key], F64), np.asarray(g_r[key], F64),
-                                      err_msg=key)
+        chex.assert_trees_all_equal({key: np.asarray(g_f[key], F64)},
+                                    {key: np.asarray(g_r[key], F64)})
 
 
 # ------------------------------------------------- the one-pass activation quantizer kernels
@@ -427,7 +479,7 @@ def test_fp8_linear_quant_kernels_bit_identical_to_xla(shape, quant_kernels):
                                             ("quantize_cols_kernel", (mp, np_))])  # dy, wgrad
     for name, g, r in zip(("y", "dx", "dw"), got, want):
         assert g.dtype == r.dtype == jnp.bfloat16, name
-        np.testing.assert_array_equal(np.asarray(g, F64), np.asarray(r, F64), err_msg=name)
+        chex.assert_trees_all_equal({name: np.asarray(g, F64)}, {name: np.asarray(r, F64)})
 
 
 def test_fp8_quant_kernels_refuse_non_bf16_activations():
@@ -444,16 +496,16 @@ def test_fp8_quant_kernels_refuse_non_bf16_activations():
 def _grouped_formula(rows, w, sizes, dy):
     """Per expert e: y_e = qdq(x_e) @ qdq(w_e); dx_e = qdq(dy_e) @ qdq(w_e)^T; dw_e over the
     expert's own 128-row token tiles (counted from its first row), none shared with another.
-    Each expert's rows are zero-padded to 256 (one shape: one compile of each helper)."""
+    Each expert's rows are zero-padded to 256 (a whole number of token tiles)."""
     ys, dxs, dws, start = [], [], [], 0
     for e, size in enumerate(sizes):
         pad = lambda a: np.pad(a[start:start + size], [(0, 256 - size), (0, 0)])
         x_e, dy_e = pad(rows), pad(dy)
-        wq = _qdq_blocks(w[e])
-        xq = _qdq_rows(x_e)
+        wq = _np_qdq_blocks(w[e])
+        xq = _np_qdq_rows(x_e)
         ys.append((xq @ wq)[:size])
-        dxs.append((_qdq_rows(dy_e) @ wq.T)[:size])
-        dws.append(_qdq_tokens(xq).T @ _qdq_tokens(dy_e))
+        dxs.append((_np_qdq_rows(dy_e) @ wq.T)[:size])
+        dws.append(_np_qdq_tokens(xq).T @ _np_qdq_tokens(dy_e))
         start += size
     return np.concatenate(ys), np.concatenate(dxs), np.stack(dws)
 
@@ -523,7 +575,7 @@ def test_fp8_grouped_matmul_quant_kernels_bit_identical_to_xla(quant_kernels):
     assert sorted(name for name, _ in quant_kernels) == (["quantize_cols_kernel"]
                                                          + ["quantize_rows_kernel"] * 2)
     for name, g, r in zip(("y", "dx", "dw"), got, want):
-        np.testing.assert_array_equal(np.asarray(g, F64), np.asarray(r, F64), err_msg=name)
+        chex.assert_trees_all_equal({name: np.asarray(g, F64)}, {name: np.asarray(r, F64)})
 
 
 def test_grouped_swiglu_fp8_is_close_to_bf16_path():
@@ -578,9 +630,19 @@ def test_precision_flags_build_the_runtime():
     assert rt.fp8 == Fp8("xla", "xla") and rt.dtype == "bfloat16"  # this CPU
     assert build_runtime(Settings(preset="tiny", precision="bf16"), cfg, None).fp8 is None
     assert build_runtime(Settings(preset="tiny"), cfg, None).dtype == "float32"  # the preset's
-    with pytest.raises(ValueError, match="fp8_quant='pallas' needs bfloat16"):
-        build_runtime(Settings(preset="tiny", precision="fp32", fp8_quant_impl="pallas"), cfg,
+    with pytest.raises(ValueError, match=r"fp8_quant='pallas': .*Hopper GPU"):  # this CPU
+        build_runtime(Settings(preset="tiny", precision="fp8", fp8_quant_impl="pallas"), cfg,
                       None)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library regression (025a3c4): with FP8 off, runtime._resolve_fp8 returns None before "
+    "checking fp8_quant, so --precision fp32 --fp8_quant_impl pallas is silently accepted "
+    "(before the restructure build_config raised, naming fp8_quant_impl)"))
+def test_fp8_quant_flag_without_fp8_is_refused():
+    with pytest.raises(ValueError, match="fp8_quant='pallas' needs bfloat16"):
+        build_runtime(Settings(preset="tiny", precision="fp32", fp8_quant_impl="pallas"),
+                      get_config("tiny"), None)
 
 
 def test_resume_may_switch_precision():
@@ -602,9 +664,17 @@ FP8_XLA = Runtime(fp8=Fp8("xla", "xla"))
 
 
 @pytest.fixture(scope="module")
-def tiny_bf16():
-    cfg = get_config("tiny", dtype="bfloat16")
+def tiny_params():
+    """`tiny` without its MTP module (the same FP8 code as its other MoE layer: only compile
+    time) and its parameters; the init compile is shared by every dtype."""
+    cfg = get_config("tiny", mtp_depth=0)
     return cfg, init_params(cfg, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_params):
+    cfg, params = tiny_params
+    return cfg.replace(dtype="bfloat16"), params
 
 
 def test_model_fp8_logits_close_to_bf16(tiny_bf16, gemm_impls):
@@ -617,12 +687,12 @@ def test_model_fp8_logits_close_to_bf16(tiny_bf16, gemm_impls):
     # Measured 6.3%: each FP8 GEMM input pair adds ~3% to its product and the errors compound
     # over the layers (4.6% against fp32 with the routing held fixed); at a random init the
     # router's sigmoid scores are nearly tied, so 8% of the top-k choices flip as well (1% in
-    # bf16). The training loss is what must agree, test_fp8_training_tracks_bf16.
+    # bf16). What the FP8 model must equal is the recipe: test_fp8_model_follows_the_recipe.
     assert 1e-3 < _rel(got, ref) < 1e-1
     # quantization tiles never mix tokens in the forward pass: still causal (no recompile)
     changed, _ = run(params, tokens.at[:, -1].set((tokens[:, -1] + 1) % cfg.vocab_size),
                      cfg, FP8_XLA)
-    np.testing.assert_array_equal(np.asarray(changed[:, :-1]), np.asarray(got[:, :-1]))
+    chex.assert_trees_all_equal(np.asarray(changed[:, :-1], F64), np.asarray(got[:, :-1], F64))
     # Runtime.fp8.gemm reaches every dense FP8 GEMM of the model
     assert gemm_impls and {impl for _, impl in gemm_impls} == {"xla"}
     gemm_impls.clear()
@@ -645,37 +715,182 @@ def test_model_fp8_quant_impl_reaches_every_activation_quantizer(tiny_bf16, quan
     assert [name for name, _ in quant_kernels] == ["quantize_rows_kernel"] * (7 * 2 + 2)
 
 
-def test_fp8_training_tracks_bf16(tmp_path):
-    """The experiment script's smoke run, and the V3 report's claim (FP8 loss within 0.25% of
-    BF16) looked at at tiny size: 20 steps of both from one init on the same batches (no MTP
-    module, which only saves compile time: its block runs the same FP8 code).
+class _Recipe:
+    """The V3 recipe for every FP8 GEMM of the model, written out in jnp (independent of
+    dsv3_jax.fp8 and pallas_kernels): each linear layer y = x @ w of x [M, K], w [K, N] is
 
-    Measured (2-core CPU, under pytest): the per-step difference stays at 0.01-0.29% over the
-    20 steps, 0.12% at the last one and for the mean loss of the run. Longer runs separate:
-    past ~20 steps any change of rounding makes the trajectories drift apart at this size and
-    learning rate (bf16 against fp32 too), and single steps then differ by up to 2-6% either way
-    (30 steps with MTP: 1.5% at step 30 in one process, 0.19% in another; 250 steps: 1.4% at
-    the last step, fp8 below bf16, with bf16 itself 0.51% off fp32,
-    experiments/results/fp8_vs_bf16_tiny_cpu.json). So 0.25% at one late step is not a
-    property of tiny; the bounds below are this run's measured agreement with some margin,
-    and they catch an FP8 path that biases or breaks the training."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import fp8_vs_bf16
+      forward  y  = q(x, 1 x 128 along K) @ q(w, 128 x 128)
+      dgrad    dx = q(dy, 1 x 128 along N) @ q(w, 128 x 128)^T
+      wgrad    dw = q(q(x), 128 x 1 along M)^T @ q(dy, 128 x 1 along M)
 
+    with q the quantize-dequantize of the tiles (scale = amax / 448 in float32, e4m3 round to
+    nearest even; amax floored as fp8_quant documents, see _np_scale) and float32 products
+    (HIGHEST). Einsum layers flatten to [in, out] (fp8.matmul's contract); a pair of layers
+    on one input is two layers; a routed expert's token tiles count from its first row.
+    `install` puts these in place of the model's FP8 ops (monkeypatch), so the model with
+    Runtime.fp8 set runs the recipe instead of fp8.py."""
+
+    HI = jax.lax.Precision.HIGHEST
+
+    @staticmethod
+    def _round(t, amax):
+        s = jnp.maximum(amax, q8.AMAX_FLOOR) / q8.E4M3_MAX
+        q = jax.lax.optimization_barrier((t / s).astype(jnp.float8_e4m3fn))  # keep the rounding
+        return q.astype(jnp.float32) * s
+
+    @staticmethod
+    def _pad(a, axis):
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, -a.shape[axis] % 128)
+        return jnp.pad(a, widths)
+
+    @classmethod
+    def rows(cls, a):  # [M, K]: 1 x 128 tiles along K
+        m, k = a.shape
+        t = cls._pad(a.astype(jnp.float32), 1).reshape(m, -1, 128)
+        return cls._round(t, jnp.max(jnp.abs(t), -1, keepdims=True)).reshape(m, -1)[:, :k]
+
+    @classmethod
+    def tokens(cls, a):  # [M, K]: 128 x 1 tiles along M
+        return cls.rows(a.T).T
+
+    @classmethod
+    def blocks(cls, w):  # [K, N]: 128 x 128 blocks
+        k, n = w.shape
+        b = cls._pad(cls._pad(w.astype(jnp.float32), 0), 1)
+        kb, nb = b.shape[0] // 128, b.shape[1] // 128
+        b = b.reshape(kb, 128, nb, 128)
+        q = cls._round(b, jnp.max(jnp.abs(b), (1, 3), keepdims=True))
+        return q.reshape(kb * 128, nb * 128)[:k, :n]
+
+    @classmethod
+    def linear(cls):
+        @jax.custom_vjp
+        def f(x, w):
+            return fwd(x, w)[0]
+
+        def fwd(x, w):
+            xq, wq = cls.rows(x), cls.blocks(w)
+            y = jnp.dot(xq, wq, precision=cls.HI).astype(x.dtype)
+            return y, (xq, wq, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+        def bwd(res, dy):
+            xq, wq, x_dtype, w_dtype = res
+            dx = jnp.dot(cls.rows(dy), wq.T, precision=cls.HI)
+            dw = jnp.dot(cls.tokens(xq).T, cls.tokens(dy), precision=cls.HI)
+            return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
+
+        f.defvjp(fwd, bwd)
+        return f
+
+    @classmethod
+    def install(cls, monkeypatch):
+        linear, real_grouped = cls.linear(), grouped.grouped_swiglu
+
+        def matmul(spec, x, w, fp8_impl=None):
+            if fp8_impl is None:
+                return jnp.einsum(spec, x, w)
+            ins, out = spec.replace(" ", "").split("->")
+            lhs, rhs = ins.split(",")
+            n_in = sum(c in lhs and c not in out for c in rhs)
+            k = int(np.prod(w.shape[:n_in]))
+            y = linear(x.reshape(-1, k), w.reshape(k, -1))
+            return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:])
+
+        def matmul_parts(spec, x, ws, fp8_impl=None, *, fuse=True):
+            return [matmul(spec, x, w, fp8_impl) for w in ws]
+
+        def grouped_swiglu(p, rows, sizes, *, impl="ragged_dot", interpret=False,
+                           fp8_impl=None):
+            if fp8_impl is None:
+                return real_grouped(p, rows, sizes, impl=impl, interpret=interpret)
+            m = rows.shape[0]
+            r = jnp.arange(m)
+            starts = jnp.cumsum(sizes) - sizes
+            # expert e's rows from its first, zeros past its last: [E, M, D]
+            src = jnp.clip(starts[:, None] + r[None, :], 0, m - 1)
+            x_e = jnp.where((r[None, :] < sizes[:, None])[..., None], rows[src], 0)
+            lin = jax.vmap(linear)
+            h = jax.nn.silu(lin(x_e, p["w_gate"])) * lin(x_e, p["w_up"])
+            y_e = lin(h, p["w_down"])
+            off = r[None, :] - starts[:, None]  # row r is row `off` of expert e
+            mine = (off >= 0) & (off < sizes[:, None])
+            y = jnp.take_along_axis(y_e, jnp.clip(off, 0, m - 1)[..., None], axis=1)
+            return jnp.sum(jnp.where(mine[..., None], y, 0), axis=0).astype(rows.dtype)
+
+        for module in (layers, mla):
+            monkeypatch.setattr(module, "matmul", matmul)
+            monkeypatch.setattr(module, "matmul_parts", matmul_parts)
+        monkeypatch.setattr(grouped, "grouped_swiglu", grouped_swiglu)
+
+
+@pytest.mark.slow  # two compiles of the model's loss and gradients (~25 s each on 2 cores)
+def test_fp8_model_follows_the_recipe(tiny_params, monkeypatch):
+    """Loss and gradients of the FP8 model (Runtime.fp8 = Fp8("xla", "xla"), float32
+    activations so that nothing but the quantization rounds) on fixed tokens against the same
+    model with every FP8 GEMM replaced by `_Recipe`: the dense layers, MLA's projections, the
+    shared and the routed experts, forward and backward.
+
+    Measured here: the losses are bit for bit equal and every gradient leaf within 5e-7 of
+    its largest value. Another summation order (another XLA, another machine) can round an
+    e4m3 value to its neighbour here and there: perturbing every quantizer input by a relative
+    1e-7 moved the worst leaf by 2.1e-3 normwise (the median leaf by 5e-7). A recipe error
+    moves every leaf: dy unquantized in the dgrad or the wgrad, the wgrad's tiles along K
+    instead of the tokens, weights in 1 x 128 tiles, or no amax floor gave median leaf errors
+    of 1.9e-2 to 1.4e-1 (worst 2.8e-2 to 3.6e-1). The bounds sit between the two."""
+    cfg, params = tiny_params
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 33)),
+                         jnp.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    fp8_f32 = Runtime(fp8=Fp8("xla", "xla"))
+    assert cfg.dtype == "float32" and cfg.mtp_depth == 0
+
+    def loss_and_grads():  # traced anew: picks up whichever ops are installed
+        return jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, cfg, fp8_f32)[0]))(
+            params, batch)
+
+    loss, grads = loss_and_grads()
+    _Recipe.install(monkeypatch)
+    want_loss, want_grads = loss_and_grads()
+    chex.assert_tree_all_finite((loss, grads))
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, want_grads)
+    chex.assert_trees_all_close(loss, want_loss, rtol=1e-5, atol=0)
+    errors = {jax.tree_util.keystr(path): _rel(g, w) for (path, g), w in zip(
+        jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads))
+        if np.any(np.asarray(w))}
+    assert len(errors) > 30, errors  # every weight but the router bias state has a gradient
+    worst = max(errors, key=errors.get)
+    assert np.median(list(errors.values())) < 1e-4, errors
+    assert errors[worst] < 1e-2, (worst, errors)
+
+
+@pytest.mark.slow  # two short training runs of the pretraining job (bf16, fp8), compile included
+def test_fp8_vs_bf16_experiment_smoke(tmp_path):
+    """experiments/fp8_vs_bf16.py runs both precisions and writes its JSON record and PNG. No
+    bound on the losses' agreement: a few steps of a tiny model measure rounding noise (the
+    comparison lives in the experiment's results; the FP8 numerics are checked against the
+    recipe by test_fp8_model_follows_the_recipe). Run as a user runs it, on one device."""
     out = tmp_path / "fp8.json"
-    rec = fp8_vs_bf16.main(["--steps", "20", "--batch", "4", "--seq_len", "64", "--no-fp32",
-                            "--mtp_depth", "0", "--embedded_bytes", "200000", "--json", str(out)])
-    assert out.exists() and out.with_suffix(".png").exists()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "fp8_vs_bf16.py"), "--steps", "3",
+         "--batch", "2", "--seq_len", "32", "--no-fp32", "--mtp_depth", "0",
+         "--embedded_bytes", "20000", "--log_every", "0", "--json", str(out)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert out.exists() and out.with_suffix(".png").stat().st_size > 0
+    rec = json.loads(out.read_text())
+    assert rec["pending"] == [] and rec["steps"] == 3
     assert rec["runs"]["fp8"]["runtime"] == {"dtype": "bfloat16",
                                              "fp8": {"gemm": "xla", "quant": "xla"},
                                              "grouped": "ragged_dot", "mtp_depth": 0}
     assert rec["runs"]["bf16"]["runtime"]["fp8"] is None
-    fp8_loss, bf16_loss = (np.array(rec["runs"][p]["loss"]) for p in ("fp8", "bf16"))
-    assert np.all(np.isfinite(fp8_loss)) and fp8_loss[-1] < 0.6 * fp8_loss[0]  # it trains
-    rel = np.abs(fp8_loss / bf16_loss - 1)
-    print("fp8 vs bf16, relative loss difference per step:", np.round(rel, 5))
-    assert rel.max() < 5e-3, rel  # measured 0.29%
-    assert abs(fp8_loss.mean() / bf16_loss.mean() - 1) < 2.5e-3, rel  # measured 0.12%
+    for precision in ("bf16", "fp8"):
+        losses = rec["runs"][precision]["loss"]
+        assert len(losses) == 3 and rec["runs"][precision]["skipped_steps"] == []
+        chex.assert_tree_all_finite(np.asarray(losses))
+    assert "loss_rel_diff_last" in rec and "table" in rec
 
 
 # ------------------------------------------------------------------------------ GPU only
@@ -735,7 +950,7 @@ def test_gpu_fp8_linear_quant_kernels_bit_identical_to_xla():
     want = _vjp(lambda x, w: fp8.fp8_linear(x, w, Fp8("pallas", "xla")), x, w, dy)
     got = _vjp(lambda x, w: fp8.fp8_linear(x, w, Fp8("pallas", "pallas")), x, w, dy)
     for name, g, r in zip(("y", "dx", "dw"), got, want):
-        np.testing.assert_array_equal(np.asarray(g, F64), np.asarray(r, F64), err_msg=name)
+        chex.assert_trees_all_equal({name: np.asarray(g, F64)}, {name: np.asarray(r, F64)})
 
 
 @pytest.mark.gpu

@@ -6,15 +6,19 @@ epilogue. The `gpu` tests repeat the checks at MoE sizes on the GPU (DSV3_TEST_G
 
 References are independent of the padded layout where possible: `jax.lax.ragged_dot` on the
 unpadded rows for the forward and data gradient, a one-hot per-group sum for the weight gradient.
+Checks are elementwise (chex): interpret mode multiplies bf16 values exactly and sums in fp32, so
+what separates the kernel from the fp32 reference is the bf16 rounding of its output.
 """
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv3_jax import testing
 from pallas_kernels import grouped_matmul as gm
 
 # Small tiles so the interpret-mode runs stay a few seconds: 64-row tiles, 128-wide CTA tiles
@@ -24,19 +28,29 @@ SMALL = gm.TileConfig(block_m=64, block_n=128, block_k=64, tgmm_block_k=64, tgmm
 G, M, K, N = 4, 300, 256, 256
 # Group 1 is empty, group 3 is not a multiple of block_m, and 300 is not a multiple of 64.
 SIZES = (120, 0, 130, 50)
-# Max-abs error relative to the reference's max-abs value. bf16 output rounding is 2^-9 relative;
-# a wrong group or a dropped K block (1/4 of the sum at K = 256) moves results by tens of percent.
-REL_TOL = 2e-2
+# Elementwise: |got - want| <= BF16_RTOL |want| + atol. A bf16 output is the fp32 sum rounded to
+# 8 significant bits, a relative error of at most 2^-8 = 3.9e-3 (measured: 3.89e-3 for gmm, dx
+# and dw of the custom VJP); `atol` covers fp32 sums taken in another order (measured <= 3e-9 of
+# the largest value; allowed: 1e-5). The check this replaced allowed 2% of the largest |want|
+# for every element (~10x this error): a kernel that truncated its fp32 sums to bf16 (an error
+# of up to 2^-7) passed it.
+BF16_RTOL = 4e-3
+SUM_ATOL = 1e-5  # times max |want|
 
 
-def _rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+def _assert_bf16_close(got, want, rtol=BF16_RTOL, atol=SUM_ATOL):
+    """got (a bf16 kernel output) equals the fp32 reference `want` up to its own rounding."""
+    want = np.asarray(want, np.float32)
+    chex.assert_shape(got, want.shape)
+    chex.assert_trees_all_close(np.asarray(got, np.float32), want, rtol=rtol,
+                                atol=atol * float(np.abs(want).max()))
 
 
-def _assert_close(got, want, rel=REL_TOL):
-    err = _rel_err(got, want)
-    assert err <= rel, f"max |got - want| / max |want| = {err:.3e} > {rel}"
+def _assert_within_max(got, want, rel):
+    """max |got - want| <= rel * max |want| (the GPU tests' bound at MoE sizes, unmeasured here)."""
+    want = np.asarray(want, np.float32)
+    chex.assert_trees_all_close(np.asarray(got, np.float32), want, rtol=0,
+                                atol=rel * float(np.abs(want).max()))
 
 
 def _inputs(g=G, m=M, k=K, n=N, sizes=SIZES, seed=0):
@@ -97,10 +111,10 @@ def _plan_by_loop(sizes, m, block_m):
 def test_pad_plan_matches_row_by_row_layout(sizes, m, block_m):
     plan = gm.pad_plan(jnp.asarray(sizes, jnp.int32), m, block_m)
     positions, tile_group, starts, counts, used, rows = _plan_by_loop(sizes, m, block_m)
-    np.testing.assert_array_equal(plan.positions, positions)
-    np.testing.assert_array_equal(plan.tile_group, tile_group)
-    np.testing.assert_array_equal(plan.group_tile_start, starts)
-    np.testing.assert_array_equal(plan.group_tile_count, counts)
+    chex.assert_trees_all_equal(
+        (np.asarray(plan.positions), np.asarray(plan.tile_group),
+         np.asarray(plan.group_tile_start), np.asarray(plan.group_tile_count)),
+        (positions, tile_group, starts, counts), strict=False)
     assert int(plan.num_tiles) == used
     assert plan.padded_rows == rows and plan.block_m == block_m
     assert plan.tile_group.shape[0] * block_m == plan.padded_rows
@@ -108,7 +122,7 @@ def test_pad_plan_matches_row_by_row_layout(sizes, m, block_m):
     sources = np.full(rows, m)
     inside = positions < rows
     sources[positions[inside]] = np.arange(m)[inside]
-    np.testing.assert_array_equal(plan.sources, sources)
+    chex.assert_trees_all_equal(np.asarray(plan.sources), sources, strict=False)
 
 
 def test_row_gathers_differentiate_to_gathers():
@@ -127,21 +141,24 @@ def test_row_gathers_differentiate_to_gathers():
         y = (xp * wts).at[plan.positions].get(mode="fill", fill_value=0)
         return (y ** 2).sum()
 
-    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(scatter_form)(x), rtol=1e-6)
+    # a gather's gradient adds each row's cotangent once: the same float32 values
+    chex.assert_trees_all_close(jax.grad(ours)(x), jax.grad(scatter_form)(x), rtol=1e-6,
+                                atol=1e-6)
     assert "scatter" not in str(jax.make_jaxpr(jax.grad(ours))(x))
     assert "scatter" in str(jax.make_jaxpr(jax.grad(scatter_form))(x))  # the check can fail
 
 
 def test_pad_plan_random_sizes_fit_the_static_bound():
     rng = np.random.default_rng(0)
+    plan_of = jax.jit(gm.pad_plan, static_argnums=(1, 2))  # one compile per group count
     for _ in range(20):
-        g = int(rng.integers(1, 12))
+        g = int(rng.choice([1, 3, 8, 11]))
         cuts = np.sort(rng.integers(0, 500, g - 1))
         sizes = np.diff(np.concatenate([[0], cuts, [500]]))
-        plan = gm.pad_plan(jnp.asarray(sizes, jnp.int32), 500, 64)
+        plan = plan_of(jnp.asarray(sizes, jnp.int32), 500, 64)
         positions, tile_group, *_ = _plan_by_loop(tuple(sizes), 500, 64)
-        np.testing.assert_array_equal(plan.positions, positions)
-        np.testing.assert_array_equal(plan.tile_group, tile_group)
+        chex.assert_trees_all_equal((np.asarray(plan.positions), np.asarray(plan.tile_group)),
+                                    (positions, tile_group), strict=False)
         assert int(plan.num_tiles) <= plan.tile_group.shape[0]
 
 
@@ -157,7 +174,7 @@ def test_pad_and_unpad_rows_round_trip_with_zero_padding():
     plan = gm.pad_plan(jnp.asarray(SIZES, jnp.int32), M, 64)
     x_pad = gm.pad_rows(x, plan)
     assert x_pad.shape == (plan.padded_rows, K)
-    np.testing.assert_array_equal(gm.unpad_rows(x_pad, plan), x)
+    chex.assert_trees_all_equal(gm.unpad_rows(x_pad, plan), x)
     used = np.zeros(plan.padded_rows, bool)
     used[np.asarray(plan.positions)] = True
     assert not np.asarray(x_pad)[~used].any()  # every other row is zero
@@ -176,15 +193,26 @@ def case():
                 dy_pad=gm.pad_rows(dy, plan))
 
 
-def test_gmm_matches_ragged_dot(case):
+@pytest.fixture(scope="module")
+def vjp_out(case):
+    """The custom VJP on the main case, run once: y_pad (gmm), dx_pad (gmm with w read
+    transposed) and dw (tgmm, bf16 out) for the cotangent dy_pad."""
     plan = case["plan"]
-    y_pad = gm.gmm(case["x_pad"], case["w"], plan, config=SMALL, interpret=True)
+    y_pad, pull = jax.vjp(lambda x_pad, w: gm.grouped_matmul_padded(
+        x_pad, w, plan, config=SMALL, interpret=True), case["x_pad"], case["w"])
+    dx_pad, dw = pull(case["dy_pad"])
+    return y_pad, dx_pad, dw
+
+
+def test_gmm_matches_ragged_dot(case, vjp_out):
+    plan, y_pad = case["plan"], vjp_out[0]
     assert y_pad.dtype == jnp.bfloat16 and y_pad.shape == (plan.padded_rows, N)
-    _assert_close(gm.unpad_rows(y_pad, plan), _ragged(case["x"], case["w"], case["sizes"]))
+    _assert_bf16_close(gm.unpad_rows(y_pad, plan), _ragged(case["x"], case["w"], case["sizes"]))
     # Padding rows and the tiles past the last group come out as exact zeros.
     used = np.zeros(plan.padded_rows, bool)
     used[np.asarray(plan.positions)] = True
-    assert not np.asarray(y_pad, np.float32)[~used].any()
+    chex.assert_trees_all_equal(np.asarray(y_pad, np.float32)[~used],
+                                np.zeros(((~used).sum(), N), np.float32))
 
 
 @pytest.mark.parametrize("cfg,sizes,m", [
@@ -200,63 +228,76 @@ def test_gmm_variants_match_ragged_dot(cfg, sizes, m):
     x, w, _, sizes = _inputs(m=m, k=192, sizes=sizes, seed=4)
     plan = gm.pad_plan(sizes, m, cfg.block_m)
     y_pad = gm.gmm(gm.pad_rows(x, plan), w, plan, config=cfg, interpret=True)
-    _assert_close(gm.unpad_rows(y_pad, plan), _ragged(x, w, sizes))
+    _assert_bf16_close(gm.unpad_rows(y_pad, plan), _ragged(x, w, sizes))
 
 
 def test_gmm_transposed_weights_matches_ragged_dot(case):
+    """w read as [G, N, K] with the "rows" split (the "cols" split's transposed read is the
+    custom VJP's dx, test_custom_vjp_matches_ragged_dot_and_per_group_sums)."""
     w_t = jnp.swapaxes(case["w"], 1, 2)  # [G, N, K]
-    y_pad = gm.gmm(case["x_pad"], w_t, case["plan"], transpose_w=True, config=SMALL,
-                   interpret=True)
-    _assert_close(gm.unpad_rows(y_pad, case["plan"]),
-                  _ragged(case["x"], case["w"], case["sizes"]))
     rows = SMALL.replace(block_m=128, wg_split="rows")
     plan = gm.pad_plan(case["sizes"], M, rows.block_m)
     y_pad = gm.gmm(gm.pad_rows(case["x"], plan), w_t, plan, transpose_w=True, config=rows,
                    interpret=True)
-    _assert_close(gm.unpad_rows(y_pad, plan), _ragged(case["x"], case["w"], case["sizes"]))
+    _assert_bf16_close(gm.unpad_rows(y_pad, plan), _ragged(case["x"], case["w"], case["sizes"]))
 
 
-def test_tolerance_catches_a_wrong_group_and_a_missing_k_block(case):
+def test_check_catches_a_wrong_group_a_shifted_row_a_missing_k_block_and_truncation(case,
+                                                                                   vjp_out):
     plan = case["plan"]
-    want = _ragged(case["x"], case["w"], case["sizes"])
-    # The kernel fed a plan whose tiles point at the wrong experts must fail the check.
+    want = np.asarray(_ragged(case["x"], case["w"], case["sizes"]))
+    y = np.asarray(gm.unpad_rows(vjp_out[0], plan), np.float32)
+    _assert_bf16_close(y, want)
+    # The kernel fed a plan whose tiles point at the wrong experts.
     wrong = plan._replace(tile_group=jnp.where(plan.tile_group >= 0,
                                                (plan.tile_group + 1) % G, -1))
     y_wrong = gm.unpad_rows(gm.gmm(case["x_pad"], case["w"], wrong, config=SMALL,
                                    interpret=True), plan)
-    assert _rel_err(y_wrong, want) > 10 * REL_TOL
-    # So must a product that skips one of the four K blocks.
+    with pytest.raises(AssertionError):
+        _assert_bf16_close(y_wrong, want)
+    # Off by one row: group 2's rows (120..249) each written from the row before, or only its
+    # last row from its neighbour.
+    shifted, last = y.copy(), y.copy()
+    shifted[120:250] = y[119:249]
+    last[249] = y[248]
+    for bad in (shifted, last):
+        with pytest.raises(AssertionError):
+            _assert_bf16_close(bad, want)
+    # A product that skips one of the four K blocks.
     w_drop = case["w"].at[:, 64:128, :].set(0)
-    assert _rel_err(_ragged(case["x"], w_drop, case["sizes"]), want) > 10 * REL_TOL
+    with pytest.raises(AssertionError):
+        _assert_bf16_close(_ragged(case["x"], w_drop, case["sizes"]), want)
+    # fp32 sums truncated to bf16 instead of rounded (an error of up to 2^-7): the former bound,
+    # 2% of max |want| for every element, passed it.
+    truncated = (want.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    assert np.abs(truncated - want).max() < 2e-2 * np.abs(want).max()
+    with pytest.raises(AssertionError):
+        _assert_bf16_close(truncated, want)
 
 
 def test_tgmm_matches_per_group_sum_and_empty_group_is_exact_zero(case):
-    dw = gm.tgmm(case["x_pad"], case["dy_pad"], case["plan"], G, config=SMALL, interpret=True)
+    # fp32 out: interpret mode sums the exact bf16 products in fp32, in another order than the
+    # references (measured: 1.1e-5 at values up to 53)
+    dw = testing.assert_kernel_matches_reference(
+        lambda *a: gm.tgmm(*a, config=SMALL, interpret=True), gm.tgmm_reference,
+        case["x_pad"], case["dy_pad"], case["plan"], G, rtol=1e-5, atol=1e-4)
     assert dw.dtype == jnp.float32 and dw.shape == (G, K, N)
     want = _per_group_dw(case["x"], case["dy"], SIZES)
-    _assert_close(dw, want, rel=1e-4)  # interpret mode accumulates bf16 products exactly in fp32
-    _assert_close(dw, gm.tgmm_reference(case["x_pad"], case["dy_pad"], case["plan"], G), 1e-5)
+    chex.assert_trees_all_close(dw, want, rtol=1e-5, atol=1e-4)
     assert SIZES[1] == 0 and not np.asarray(dw[1]).any()
 
 
-def test_custom_vjp_gradients_match_ragged_dot(case):
-    x, w, sizes, plan = case["x"], case["w"], case["sizes"], case["plan"]
-    c = jax.random.normal(jax.random.key(7), (M, N), jnp.float32)
-
-    def loss_kernel(x, w):
-        y = gm.unpad_rows(gm.grouped_matmul_padded(gm.pad_rows(x, plan), w, plan, config=SMALL,
-                                                   interpret=True), plan)
-        return jnp.sum(jnp.tanh(y.astype(jnp.float32)) * c)
-
-    def loss_ref(x, w):
-        return jnp.sum(jnp.tanh(_ragged(x, w, sizes)) * c)
-
-    (dx, dw) = jax.grad(loss_kernel, argnums=(0, 1))(x, w)
-    (dx_ref, dw_ref) = jax.grad(loss_ref, argnums=(0, 1))(x.astype(jnp.float32),
-                                                            w.astype(jnp.float32))
-    assert dx.dtype == x.dtype and dw.dtype == w.dtype
-    _assert_close(dx, dx_ref)
-    _assert_close(dw, dw_ref)
+def test_custom_vjp_matches_ragged_dot_and_per_group_sums(case, vjp_out):
+    """dx = dy @ w[g]^T and dw[g] = x_g^T dy_g for a bf16 cotangent, each exact but for the
+    bf16 rounding of the output (x's and w's dtype)."""
+    x, w, dy, sizes, plan = (case[k] for k in ("x", "w", "dy", "sizes", "plan"))
+    _, dx_pad, dw = vjp_out
+    dx = gm.unpad_rows(dx_pad, plan)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype and dw.shape == w.shape
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    _assert_bf16_close(dx, jax.lax.ragged_dot(f32(dy), jnp.swapaxes(f32(w), 1, 2), sizes,
+                                              precision=jax.lax.Precision.HIGHEST))
+    _assert_bf16_close(dw, _per_group_dw(x, dy, SIZES))
     assert not np.asarray(dw[1], np.float32).any()  # the empty expert gets no gradient
 
 
@@ -333,9 +374,9 @@ def test_gpu_gmm_and_transposed_match_ragged_dot(k, n, chain, split):
     plan = gm.pad_plan(sizes, GPU_M, cfg.block_m)
     x_pad = gm.pad_rows(x, plan)
     want = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
-    _assert_close(gm.unpad_rows(gm.gmm(x_pad, w, plan, config=cfg), plan), want)
+    _assert_within_max(gm.unpad_rows(gm.gmm(x_pad, w, plan, config=cfg), plan), want, 2e-2)
     y_t = gm.gmm(x_pad, jnp.swapaxes(w, 1, 2), plan, transpose_w=True, config=cfg)
-    _assert_close(gm.unpad_rows(y_t, plan), want)
+    _assert_within_max(gm.unpad_rows(y_t, plan), want, 2e-2)
 
 
 @pytest.mark.gpu
@@ -347,7 +388,7 @@ def test_gpu_tgmm_matches_reference(k, n):
     plan = gm.pad_plan(sizes, GPU_M, gm.TileConfig().block_m)
     x_pad, dy_pad = gm.pad_rows(x, plan), gm.pad_rows(dy, plan)
     dw = gm.tgmm(x_pad, dy_pad, plan, GPU_G)
-    _assert_close(dw, gm.tgmm_reference(x_pad, dy_pad, plan, GPU_G), rel=1e-3)
+    _assert_within_max(dw, gm.tgmm_reference(x_pad, dy_pad, plan, GPU_G), 1e-3)
     assert not np.asarray(dw[3]).any()
 
 
@@ -368,8 +409,8 @@ def test_gpu_custom_vjp_matches_ragged_dot():
     dx, dw = jax.jit(jax.grad(loss_kernel, argnums=(0, 1)))(x, w)
     dx_ref, dw_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1)))(x.astype(jnp.float32),
                                                                  w.astype(jnp.float32))
-    _assert_close(dx, dx_ref)
-    _assert_close(dw, dw_ref)
+    _assert_within_max(dx, dx_ref, 2e-2)
+    _assert_within_max(dw, dw_ref, 2e-2)
 
 
 # ----------------------------------------------------------------------------- the MoE's use
@@ -378,28 +419,33 @@ def test_gpu_custom_vjp_matches_ragged_dot():
 def test_expert_swiglu_through_the_kernel_equals_ragged_dot():
     """dsv3_jax.grouped.grouped_swiglu with impl="pallas" (rows padded once for the three
     matmuls; interpret mode) against the ragged_dot path: values and gradients, with an empty
-    expert and rows past the last group (as expert parallelism's buffers have)."""
+    expert and rows past the last group (as expert parallelism's buffers have). Both paths
+    round their bf16 intermediates (gate, up, h) separately, so an intermediate one bf16 step
+    apart moves an output by a fraction of 2^-8 of its row's scale: each check allows the
+    output rounding elementwise plus that, as a fraction of the largest value (measured:
+    5.6e-4 for y, <= 5.2e-4 for the weight gradients, 2.7e-3 for the rows' gradient)."""
     from dsv3_jax import grouped
 
-    e, d, f, m = 4, 256, 256, 300
+    e, d, f, m = 4, 256, 256, 200  # D and F: the default tiles' block_n
     ks = jax.random.split(jax.random.key(3), 5)
     bf = jnp.bfloat16
     p = {"w_gate": jax.random.normal(ks[0], (e, d, f), bf) * 0.06,
          "w_up": jax.random.normal(ks[1], (e, d, f), bf) * 0.06,
          "w_down": jax.random.normal(ks[2], (e, f, d), bf) * 0.06}
     rows = jax.random.normal(ks[3], (m, d), bf)
-    sizes = jnp.array([120, 0, 97, 60], jnp.int32)  # 277 rows in groups, 23 past them
+    sizes = jnp.array([80, 0, 57, 40], jnp.int32)  # 177 rows in groups, 23 past them
 
     def loss(p, rows, impl):
         y = grouped.grouped_swiglu(p, rows, sizes, impl=impl, interpret=True)
         return (y.astype(jnp.float32) * jnp.cos(jnp.arange(d) / 7.0)).sum(), y
 
-    (l_ref, y_ref), g_ref = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, rows, "ragged_dot")
-    (l_got, y_got), g_got = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, rows, "pallas")
-    y_ref, y_got = np.asarray(y_ref, np.float32), np.asarray(y_got, np.float32)
-    assert np.abs(y_got[277:]).max() == 0.0  # rows in no group are zeros, as ragged_dot gives
-    np.testing.assert_allclose(y_got, y_ref, atol=2e-2 * np.abs(y_ref).max())
-    for got, ref in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
-        got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-        assert np.linalg.norm(got - ref) <= 2e-2 * np.linalg.norm(ref)
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    (_, y_ref), g_ref = grad(p, rows, "ragged_dot")
+    (_, y_got), g_got = grad(p, rows, "pallas")
+    # rows in no group are zeros, as ragged_dot gives
+    chex.assert_trees_all_equal(np.asarray(y_got[177:], np.float32), np.zeros((23, d), np.float32))
+    _assert_bf16_close(y_got, y_ref, atol=1e-3)
+    for name in p:
+        _assert_bf16_close(g_got[0][name], g_ref[0][name], atol=1e-3)
+    _assert_bf16_close(g_got[1], g_ref[1], atol=4e-3)
     assert np.abs(np.asarray(g_got[0]["w_gate"][1], np.float32)).max() == 0.0  # the empty expert
