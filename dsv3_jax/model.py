@@ -216,9 +216,10 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
     return cache
 
 
-def cache_bytes_per_token(cfg: Config, dtype=jnp.bfloat16) -> int:
-    """Bytes of one token's latent cache over all main layers."""
-    return cfg.n_layers * latent_cache.bytes_per_token(cfg, dtype)
+def cache_bytes_per_token(cfg: Config, dtype=None) -> int:
+    """Bytes of one token's latent cache over all main layers, in `dtype` (None: the model's
+    own dtype, as `init_cache`)."""
+    return cfg.n_layers * latent_cache.bytes_per_token(cfg, cfg.dtype if dtype is None else dtype)
 
 
 def forward_cached(params: dict, tokens: jnp.ndarray, cache: dict, cfg: Config,

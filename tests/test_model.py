@@ -354,10 +354,6 @@ def test_padding_is_left_out_of_loss_load_and_balance(params):
                               parts=("main_loss", "balance_loss"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: loss_fn weights module k's CE at position i by mask[i + k + 1] alone, so the "
-    "last padding position before a row's first real token (segment id 0, mask 0) still scores "
-    "its MTP prediction of the second real target"))
 def test_left_padding_scores_no_mtp_prediction(params):
     """A padding position makes no prediction: the MTP loss of a left-padded row is that of its
     unpadded sequence (module 0 predicts real target i + 1 from real position i only)."""

@@ -89,9 +89,12 @@ def loss_fn(params: dict, batch: dict, cfg: Config, rt: Runtime | None = None, *
         mtp_logits, mtp_aux = mtp_forward(params, aux["hidden"], targets, cfg, rt, positions=pos,
                                           segment_ids=seg, target_mask=mask > 0, forced=forced,
                                           shard=shard)
+        # module k at position i predicts targets[i + k + 1]: it counts where that target does
+        # and position i is a real token (a padding position has nothing to predict from)
+        real = 1.0 if seg is None else (seg != 0).astype(jnp.float32)
         per_depth = jnp.stack([
             (cross_entropy(mtp_logits[k], shift_left(targets, k + 1))
-             * shift_left(mask, k + 1)).sum() / n_targets for k in range(cfg.mtp_depth)])
+             * shift_left(mask, k + 1) * real).sum() / n_targets for k in range(cfg.mtp_depth)])
         mtp = per_depth.mean()
         total = total + weights.mtp * mtp
         balance = balance + mtp_aux["balance"]
