@@ -1,6 +1,7 @@
 """The generation engine (dsv3_jax/infer/): greedy against teacher forcing, batching,
 stop tokens, sampling, speculative decoding, bad input."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ import dsv3_jax
 from dsv3_jax.config import get_config
 from dsv3_jax.infer import speculative
 from dsv3_jax.infer.generate import generate
-from dsv3_jax.infer.sampling import sample
+from dsv3_jax.infer.sampling import probs, sample
 
 CFG = get_config("tiny")
 RT = dsv3_jax.Runtime()
@@ -23,30 +24,44 @@ def params():
 
 
 PROMPTS = [[5, 17, 3, 99, 41, 7, 2], [300, 12], [8, 8, 8, 1, 250]]
+N_NEW = 9  # every greedy run on PROMPTS generates this many tokens: one compiled program
 
 
-def test_greedy_equals_teacher_forced_argmax(params):
+@pytest.fixture(scope="module")
+def plain(params):
+    """The greedy output on PROMPTS (float32 cache), shared by the tests that compare with it."""
+    return generate(params, CFG, PROMPTS, N_NEW, cache_dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def teacher(params, plain):
+    """Logits [3, T, V] of the full forward over each prompt + its greedy output, the rows
+    padded at the end into one batch (a causal model's earlier positions cannot see it)."""
+    seqs = [prompt + out for prompt, out in zip(PROMPTS, plain)]
+    batch = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, seq in enumerate(seqs):
+        batch[i, :len(seq)] = seq
+    return np.asarray(dsv3_jax.forward(params, batch, CFG)[0])
+
+
+def test_greedy_equals_teacher_forced_argmax(plain, teacher):
     """Every generated token is the argmax of the full forward over prompt + generation."""
-    outs = generate(params, CFG, PROMPTS, 9, cache_dtype=jnp.float32)
-    for prompt, out in zip(PROMPTS, outs):
-        assert len(out) == 9
-        seq = np.array([prompt + out])
-        logits, _ = dsv3_jax.forward(params, seq, CFG)
-        pred = np.asarray(jnp.argmax(logits[0], -1))
-        np.testing.assert_array_equal(pred[len(prompt) - 1:-1], out)
+    pred = teacher.argmax(-1)
+    for i, (prompt, out) in enumerate(zip(PROMPTS, plain)):
+        assert len(out) == N_NEW
+        chex.assert_trees_all_equal(pred[i, len(prompt) - 1:len(prompt) + N_NEW - 1],
+                                    np.array(out, pred.dtype))
 
 
-def test_batched_equals_one_by_one(params):
-    batched = generate(params, CFG, PROMPTS, 6, cache_dtype=jnp.float32)
-    for prompt, out in zip(PROMPTS, batched):
-        assert generate(params, CFG, [prompt], 6, cache_dtype=jnp.float32)[0] == out
+def test_batched_equals_one_by_one(params, plain):
+    for prompt, out in zip(PROMPTS, plain):
+        assert generate(params, CFG, [prompt], N_NEW, cache_dtype=jnp.float32)[0] == out
 
 
-def test_stop_tokens_end_rows_independently(params):
-    full = generate(params, CFG, PROMPTS, 8, cache_dtype=jnp.float32)
-    stop = full[0][2]  # the third token of row 0 becomes a stop token
-    outs = generate(params, CFG, PROMPTS, 8, stop_tokens=[stop], cache_dtype=jnp.float32)
-    for f, o in zip(full, outs):
+def test_stop_tokens_end_rows_independently(params, plain):
+    stop = plain[0][2]  # the third token of row 0 becomes a stop token
+    outs = generate(params, CFG, PROMPTS, N_NEW, stop_tokens=[stop], cache_dtype=jnp.float32)
+    for f, o in zip(plain, outs):
         cut = f.index(stop) + 1 if stop in f else len(f)
         assert o == f[:cut]  # the stop token is kept, nothing after it
     assert len(outs[0]) == 3
@@ -58,13 +73,73 @@ def test_sampling_is_seeded_and_respects_top_k(params):
     c = generate(params, CFG, PROMPTS, 6, temperature=1.0, seed=4)
     assert a == b and a != c
     logits = jax.random.normal(jax.random.key(1), (4, 50)) * 3
+    top3 = np.asarray(jax.lax.top_k(logits, 3)[1])
     for s in range(20):
         tok = sample(logits, jax.random.key(s), 1.0, 3, None)
-        top3 = np.asarray(jax.lax.top_k(logits, 3)[1])
         assert all(int(t) in top3[i] for i, t in enumerate(tok))
     # top_p tiny: only the most likely token survives
     tok = sample(logits, jax.random.key(0), 1.0, None, 1e-6)
-    np.testing.assert_array_equal(tok, jnp.argmax(logits, -1))
+    chex.assert_trees_all_equal(tok, jnp.argmax(logits, -1).astype(tok.dtype))
+
+
+# Upper 0.1% points of the chi-square distribution, chi2.ppf(0.999, df) for df = 1..7 (NIST/
+# SEMATECH e-Handbook of Statistical Methods, section 1.3.6.7.4, "Critical Values of the
+# Chi-Square Distribution"); checked against the regularized incomplete gamma function below.
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
+# 8 tokens, not in order of likelihood (so that the top-k / top-p sorting is exercised)
+LOGITS = np.array([0.7, -1.5, 2.0, 0.2, 1.1, -0.3, 1.6, -0.9])
+N_DRAWS = 20_000
+
+
+def _expected(temperature, top_k, top_p):
+    """softmax(logits / T), restricted to the top_k tokens, then to the smallest set of the
+    most likely whose mass reaches top_p, renormalised (float64, from the definitions)."""
+    p = np.exp(LOGITS / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros(len(p), bool)
+    keep[order[:top_k or len(p)]] = True
+    p = np.where(keep, p, 0.0) / p[keep].sum()
+    if top_p is not None:
+        mass, kept = 0.0, np.zeros(len(p), bool)
+        for i in order:
+            if mass >= top_p or p[i] == 0:
+                break
+            kept[i], mass = True, mass + p[i]
+        p = np.where(kept, p, 0.0) / p[kept].sum()
+    return p
+
+
+def test_chi_square_quantiles_are_right():
+    for df, x in CHI2_999.items():
+        cdf = float(jax.scipy.special.gammainc(df / 2, x / 2))  # the chi-square CDF
+        assert abs(cdf - 0.999) < 2e-5, (df, cdf)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, n_kept", [
+    (0.7, None, None, 8),
+    (1.5, 4, None, 4),
+    (1.0, None, 0.8, 4),  # sorted masses .37 .25 .15 | .10 (before it: .77 < .8) | .06 (.87)
+    (0.7, 6, 0.9, 4),
+])
+def test_sampling_draws_from_the_filtered_softmax(temperature, top_k, top_p, n_kept):
+    """20,000 draws of `sample` against softmax(logits / T) restricted by top-k and top-p:
+    tokens outside the set are never drawn, and Pearson's chi-square statistic over the kept
+    tokens is below its 0.1% critical value (fixed key: deterministic). A wrong temperature,
+    or a top-p set one token too small or too large, gives a statistic in the hundreds or a
+    drawn token of probability 0. `probs` (speculative sampling's distribution) is the same."""
+    want = _expected(temperature, top_k, top_p)
+    assert int((want > 0).sum()) == n_kept
+    logits = jnp.asarray(np.tile(LOGITS, (N_DRAWS, 1)), jnp.float32)
+    draws = np.asarray(sample(logits, jax.random.key(42), temperature, top_k, top_p))
+    counts = np.bincount(draws, minlength=len(LOGITS))
+    assert counts[want == 0].sum() == 0, counts
+    expected = N_DRAWS * want[want > 0]
+    assert expected.min() >= 5  # the chi-square approximation holds
+    stat = float(((counts[want > 0] - expected) ** 2 / expected).sum())
+    assert stat < CHI2_999[n_kept - 1], (stat, counts, expected.round())
+    chex.assert_trees_all_close(probs(logits[:1], temperature, top_k, top_p)[0],
+                                want.astype(np.float32), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("prompts, kw, message", [
@@ -72,7 +147,8 @@ def test_sampling_is_seeded_and_respects_top_k(params):
     ([[1, 2], [3, 512]], {}, r"prompts\[1\]\[1\] = 512 is outside the vocabulary"),
     ([[1] * 10], {"max_len": 12}, "exceed the cache length max_len=12"),
     ([[1]], {"max_len": 1000}, "exceeds Config.max_seq_len=256"),
-    ([[1] * 250, [2]], {}, r"prompts\[0\] \(250 tokens\) \+ max_new_tokens \(5\) = 255"),
+    ([[1] * 250, [2]], {"max_len": 254}, r"prompts\[0\] \(250 tokens\) \+ max_new_tokens \(5\) = "
+                                         r"255 positions exceed the cache length max_len=254"),
     ([[2], [1] * 254], {}, r"prompts\[1\] \(254 tokens\).*exceed the model's max_seq_len=256"),
     ([[1]], {"temperature": -1.0}, "temperature must be >= 0"),
     ([[1]], {"top_p": 0.0}, "top_p must be in"),
@@ -83,6 +159,7 @@ def test_bad_input_is_a_clear_error(params, prompts, kw, message):
         generate(params, CFG, prompts, 5, **kw)
 
 
+@pytest.mark.slow
 def test_generate_script_from_a_pretrain_checkpoint(tmp_path):
     """experiments/generate.py restores the newest pretrain checkpoint and continues a text
     prompt; with --prompt_ids on a random init it prints ids."""
@@ -107,8 +184,10 @@ def test_generate_script_from_a_pretrain_checkpoint(tmp_path):
     assert cmp["identical_outputs"] and cmp["speculative_tokens_per_s"] > 0
     assert cmp["speedup"] == cmp["speculative_tokens_per_s"] / cmp["plain_tokens_per_s"]
     assert cmp["speculative"]["drafted"] > 0 and 0 <= cmp["speculative"]["acceptance_rate"] <= 1
-    # tiny: 4 layers x (32 + 16) numbers x 2 bytes, against 4 x 4 heads x (32 + 12) x 2
-    assert (rec["cache_bytes_per_token"], rec["expanded_bytes_per_token"]) == (384, 1408)
+    # tiny: 4 layers x (32 + 16) numbers in the compute dtype (the cache's default: float32
+    # for tiny), against 4 layers x 4 heads x (32 + 12) x 2 bytes of bf16 keys and values
+    assert rec["resolved"]["cache_dtype"] == "float32"
+    assert (rec["cache_bytes_per_token"], rec["expanded_bytes_per_token"]) == (4 * 48 * 4, 1408)
     assert rec["outputs"][0] == rec["outputs"][1]  # the same prompt, greedy
     with pytest.raises(SystemExit, match="not comma-separated integers"):
         script.main(["--prompt_ids", "5,x"])
@@ -126,12 +205,11 @@ def _force_drafts(monkeypatch, drafts):
 
 
 @pytest.mark.parametrize("drafter", ["mtp", "oracle", "wrong"])
-def test_speculative_greedy_equals_plain_greedy(params, drafter, monkeypatch):
+def test_speculative_greedy_equals_plain_greedy(params, plain, drafter, monkeypatch):
     """MTP drafts (mostly rejected at random init), an oracle that drafts the true greedy token
     (every draft accepted: two tokens per step) and one that is always wrong (every draft
     rejected, the cache rolled back): the output is the plain greedy output each time."""
-    n = 9
-    plain = generate(params, CFG, PROMPTS, n, cache_dtype=jnp.float32)
+    n = N_NEW
     if drafter != "mtp":
         oracle = np.array([row + [0] * 4 for row in plain])
         _force_drafts(monkeypatch, oracle if drafter == "oracle" else (oracle + 1) % CFG.vocab_size)
@@ -145,24 +223,23 @@ def test_speculative_greedy_equals_plain_greedy(params, drafter, monkeypatch):
         assert stats["accepted"] == 0 and stats["steps"] == n - 1
 
 
-def test_speculative_stops_and_samples(params, monkeypatch):
-    plain = generate(params, CFG, PROMPTS, 8, cache_dtype=jnp.float32)
+def test_speculative_stops_and_samples(params, plain, monkeypatch):
     stop = plain[0][2]
-    want = generate(params, CFG, PROMPTS, 8, stop_tokens=[stop], cache_dtype=jnp.float32)
+    want = [row[:row.index(stop) + 1] if stop in row else row for row in plain]
     with monkeypatch.context() as m:
         _force_drafts(m, np.array([row + [0] * 4 for row in plain]))
-        spec = generate(params, CFG, PROMPTS, 8, speculative=True, stop_tokens=[stop],
+        spec = generate(params, CFG, PROMPTS, N_NEW, speculative=True, stop_tokens=[stop],
                         cache_dtype=jnp.float32)
-    assert spec == want
+    assert spec == want and len(spec[0]) == 3
     a = generate(params, CFG, PROMPTS, 6, temperature=1.0, seed=2, speculative=True)
     b = generate(params, CFG, PROMPTS, 6, temperature=1.0, seed=2, speculative=True)
     assert a == b and all(len(r) == 6 for r in a)
-    with pytest.raises(ValueError, match="mtp_depth is 0"):
-        generate(dsv3_jax.init_params(CFG.replace(mtp_depth=0), jax.random.key(0)),
-                 CFG.replace(mtp_depth=0), PROMPTS, 4, speculative=True)
+    with pytest.raises(ValueError, match="speculative=True drafts with the MTP module: "
+                                         "Config.mtp_depth is 0"):  # checked before any weight
+        generate(params, CFG.replace(mtp_depth=0), PROMPTS, 4, speculative=True)
 
 
-def test_compare_speculative_tells_a_near_tie_from_a_fork(params):
+def test_compare_speculative_tells_a_near_tie_from_a_fork(params, plain, teacher):
     """generate.py's greedy check: a fork to the model's worst token is a bug at any sane
     tolerance, a fork to its runner-up only if the tolerance is below their logit gap; a row
     that stops early is always a bug."""
@@ -172,13 +249,12 @@ def test_compare_speculative_tells_a_near_tie_from_a_fork(params):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
     import generate as script
 
-    plain = generate(params, CFG, PROMPTS, 6, cache_dtype=jnp.float32)
-    logits, _ = dsv3_jax.forward(params, np.array([PROMPTS[1] + plain[1][:3]]), CFG)
-    order = np.argsort(np.asarray(logits[0, -1]))
+    logits = teacher[1, len(PROMPTS[1]) + 2]  # after PROMPTS[1] + plain[1][:3]
+    order = np.argsort(logits)
     worst, second = int(order[0]), int(order[-2])
     assert int(order[-1]) == plain[1][3]  # the teacher-forced argmax is the greedy token
-    gap = float(logits[0, -1, order[-1]] - logits[0, -1, second])
-    top = abs(float(logits[0, -1, order[-1]]))
+    gap = float(logits[order[-1]] - logits[second])
+    top = abs(float(logits[order[-1]]))
 
     def fork(token, rel_tol):
         spec = [list(o) for o in plain]
