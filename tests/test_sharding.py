@@ -1,5 +1,6 @@
 """Meshes, rule tables, sharded numerics and expert parallelism on 8 fake CPU devices."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,19 +12,24 @@ from dsv3_jax import placement
 from dsv3_jax.train.loss import loss_fn
 from dsv3_jax.moe import moe
 from dsv3_jax.router import update_router_bias
+from sharding import ep
 from sharding.context import ShardingContext
 from sharding.mesh import abstract_mesh, make_mesh, parse_mesh_spec
 from sharding.rules import FSDP_EP, spec_for
 
 CFG = dsv3_jax.get_config("tiny")
 # (mesh, strategy, dispatch): every strategy, both CPU-capable dispatch implementations
+# Each compiles a whole sharded training step; both dispatch implementations run under each EP
+# strategy, one of them in the fast suite (the other `slow`): the dispatch itself is tested
+# directly (test_ep_dispatch_and_combine) and in one MoE layer (test_expert_parallel_moe_*).
 SETUPS = [
     ("fsdp=8", "fsdp", "allgather"),
     ("data=2,fsdp=4", "fsdp", "allgather"),
-    ("fsdp=2,expert=4", "fsdp_ep", "allgather"),
+    pytest.param("fsdp=2,expert=4", "fsdp_ep", "allgather", marks=pytest.mark.slow),
     ("fsdp=2,expert=4", "fsdp_ep", "ragged_a2a_emulated"),
     ("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp", "allgather"),
-    ("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp", "ragged_a2a_emulated"),
+    pytest.param("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp", "ragged_a2a_emulated",
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -92,9 +98,12 @@ def _bias_update(bias, load):
     return update_router_bias(bias, load, 0.01)
 
 
-def _step(params, batch, shard):
-    fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, CFG, shard=shard), has_aux=True))
-    return fn(params, batch)
+def _loss(params, batch, shard):
+    return loss_fn(params, batch, CFG, shard=shard)
+
+
+# one program per mesh (the shard is static), the single-device one shared by every setup
+_step = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnums=2)
 
 
 @pytest.mark.parametrize("mesh_spec, strategy, dispatch", SETUPS)
@@ -105,62 +114,141 @@ def test_sharded_step_equals_single_device(reference, mesh_spec, strategy, dispa
     shard = ShardingContext(make_mesh(mesh_spec), strategy, dispatch)
     sp = placement.shard_params(params, CFG, shard)
     (loss, metrics), grads = _step(sp, placement.shard_batch(batch, shard), shard)
-    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
-    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=2e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+    chex.assert_trees_all_close(loss, ref_loss, rtol=1e-6, atol=0)
+    chex.assert_trees_all_close(jax.device_get(grads), ref_grads, rtol=1e-5, atol=2e-6)
     # parameters really are split as the plan says (nothing silently replicated)
     w = sp["weights"]["moe_layers"]["moe"]["experts"]["w_gate"]
     assert w.sharding.spec == placement.param_specs(CFG, shard)["weights"]["moe_layers"]["moe"][
         "experts"]["w_gate"]
     assert w.addressable_shards[0].data.size < w.size
     # the global load, identical to the unsharded count
-    np.testing.assert_array_equal(np.asarray(metrics["load"]), np.asarray(ref_metrics["load"]))
+    chex.assert_trees_all_equal(np.asarray(metrics["load"]), np.asarray(ref_metrics["load"]))
     new = _bias_update(sp["router_state"]["moe_layers"]["bias"], metrics["load"])
     shards = [np.asarray(s.data) for s in new.addressable_shards]
     assert len(shards) == 8 and all(s.shape == new.shape for s in shards)  # replicated
-    for s in shards[1:]:
-        np.testing.assert_array_equal(s, shards[0])  # bitwise identical on every device
+    chex.assert_trees_all_equal(*shards)  # bitwise identical on every device
     ref = _bias_update(params["router_state"]["moe_layers"]["bias"], ref_metrics["load"])
-    np.testing.assert_array_equal(shards[0], np.asarray(ref))  # = the global, unsharded update
+    chex.assert_trees_all_equal(shards[0], np.asarray(ref))  # = the global, unsharded update
     assert np.abs(shards[0]).max() > 0
+
+
+EP_SHARD = {d: ShardingContext(make_mesh("fsdp=2,expert=4"), "fsdp_ep", d)
+            for d in ("allgather", "ragged_a2a_emulated")}
+
+
+def _moe_loss(p, x, forced, shard):
+    y, aux = moe(p, x, None, jnp.ones(x.shape[:2], bool), CFG, None, forced, shard)
+    return (y ** 2).sum(), (y, aux["load"], aux["balance"])
+
+
+# one compiled program per (forced or not, mesh): the reference (shard None) shared by all
+_moe_value_and_grad = jax.jit(jax.value_and_grad(_moe_loss, (0, 1), has_aux=True),
+                              static_argnums=3)
+
+
+@pytest.fixture(scope="module")
+def moe_inputs():
+    params = dsv3_jax.init_params(CFG.replace(init_std=0.2), jax.random.key(3))
+    p = jax.tree.map(lambda a: a[0], params["weights"]["moe_layers"]["moe"])
+    x = jax.random.normal(jax.random.key(4), (8, 12, CFG.dim))
+    return p, x
 
 
 @pytest.mark.parametrize("dispatch", ["allgather", "ragged_a2a_emulated"])
 @pytest.mark.parametrize("skew", [False, True])
-def test_expert_parallel_moe_equals_dense_reference(dispatch, skew):
+def test_expert_parallel_moe_equals_dense_reference(moe_inputs, dispatch, skew):
     """One MoE layer under EP against the single-device layer, forward and backward; `skew`
     sends every token to the two experts of one device (worst-case buffers, empty experts)."""
-    params = dsv3_jax.init_params(CFG.replace(init_std=0.2), jax.random.key(3))
-    p = jax.tree.map(lambda a: a[0], params["weights"]["moe_layers"]["moe"])
-    x = jax.random.normal(jax.random.key(4), (8, 12, CFG.dim))
-    mask = jnp.ones((8, 12), bool)
+    p, x = moe_inputs
     forced = jnp.tile(jnp.array([4, 5]), (8, 12, 1)) if skew else None
-    shard = ShardingContext(make_mesh("fsdp=2,expert=4"), "fsdp_ep", dispatch)
-
-    def f(p, x, s):
-        y, aux = moe(p, x, None, mask, CFG, None, forced, s)
-        return (y ** 2).sum(), (y, aux["load"], aux["balance"])
-
-    (_, (y_ref, load_ref, bal_ref)), g_ref = jax.value_and_grad(f, (0, 1), has_aux=True)(p, x, None)
-    fn = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True), static_argnums=2)
-    (_, (y, load, bal)), g = fn(p, x, shard)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(load), np.asarray(load_ref))
-    assert float(bal) == pytest.approx(float(bal_ref), rel=1e-6)
+    (_, (y_ref, load_ref, bal_ref)), g_ref = _moe_value_and_grad(p, x, forced, None)
+    (_, (y, load, bal)), g = _moe_value_and_grad(p, x, forced, EP_SHARD[dispatch])
+    chex.assert_trees_all_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_equal(np.asarray(load), np.asarray(load_ref))
+    chex.assert_trees_all_close(bal, bal_ref, rtol=1e-6, atol=0)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):  # fp32 error relative to scale
-        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6 * np.abs(np.asarray(b)).max()
+        chex.assert_trees_all_close(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
     if skew:
         assert int(load[4]) == int(load[5]) == 96 and int(load.sum()) == 192
 
 
-def test_ragged_dispatch_refuses_cpu():
+# ----------------------------------------------------------------------------- ep directly
+N_EXPERTS, EP_SIZE, M_LOCAL, SLOTS, DIM = 16, 8, 6, 2, 3
+E_LOCAL = N_EXPERTS // EP_SIZE
+
+
+def _ep_program(impl):
+    """dispatch, then two combines (identity experts; expert e multiplying by e + 1), inside
+    shard_map over the 8 devices as one expert axis "ep" (device d holds experts 2d, 2d + 1)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("ep",))
+
+    def body(x, experts, weights):
+        rows, sizes, plan = ep.dispatch(x, experts, n_experts=N_EXPERTS, axis="ep", impl=impl)
+        # the local expert of each received row, from the group sizes (E_LOCAL past the end)
+        local = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(rows.shape[0]), side="right")
+        expert = jax.lax.axis_index("ep") * E_LOCAL + local
+        identity = ep.combine(rows, weights, plan, axis="ep", impl=impl)
+        scaled = ep.combine(rows * (expert + 1).astype(rows.dtype)[:, None], weights, plan,
+                            axis="ep", impl=impl)
+        return rows[None], sizes[None], identity, scaled
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), P("ep"), P("ep")),
+                                 out_specs=(P("ep"), P("ep"), P("ep"), P("ep")), check_vma=False))
+
+
+EP_PROGRAMS = {}
+
+
+def _routing(kind):
+    rng = np.random.default_rng(0)
+    n = EP_SIZE * M_LOCAL
+    if kind == "random":  # two distinct experts per token
+        experts = np.stack([rng.permutation(N_EXPERTS)[:SLOTS] for _ in range(n)])
+    else:  # every token to both experts of device 5: its buffer full, the others empty
+        experts = np.tile([10, 11], (n, 1))
+    return experts.astype(np.int32)
+
+
+@pytest.mark.parametrize("routing", ["random", "one_device"])
+@pytest.mark.parametrize("impl", ["allgather", "ragged_a2a_emulated"])
+def test_ep_dispatch_and_combine(impl, routing):
+    """`sharding.ep` on its own: every (token, expert) pair arrives on the device holding its
+    expert, grouped by local expert in order, none dropped or duplicated; combine brings each
+    expert's output back to its token and slot: with identity experts sum_a w_a x_t, with
+    expert e multiplying by e + 1, sum_a w_a (e_a + 1) x_t (float64 reference)."""
+    n = EP_SIZE * M_LOCAL
+    rng = np.random.default_rng(1)
+    # row t carries its token id in column 0: each received row says where it came from
+    x = np.concatenate([np.arange(n)[:, None], rng.normal(size=(n, DIM - 1))], 1).astype(np.float32)
+    experts = _routing(routing)
+    weights = rng.uniform(0.1, 1.0, (n, SLOTS)).astype(np.float32)
+    if impl not in EP_PROGRAMS:
+        EP_PROGRAMS[impl] = _ep_program(impl)
+    rows, sizes, identity, scaled = jax.device_get(EP_PROGRAMS[impl](x, experts, weights))
+    assert sizes.shape == (EP_SIZE, E_LOCAL)
+    for d in range(EP_SIZE):
+        start = 0
+        for g in range(E_LOCAL):
+            e = d * E_LOCAL + g
+            got = rows[d, start:start + sizes[d, g]]
+            start += sizes[d, g]
+            want_tokens = np.flatnonzero((experts == e).any(1))  # each pair once
+            assert sorted(got[:, 0].astype(int).tolist()) == want_tokens.tolist(), (d, g)
+            chex.assert_trees_all_equal(got[np.argsort(got[:, 0])], x[want_tokens])
+    assert sizes.sum() == n * SLOTS  # nothing dropped
+    x64, w64 = x.astype(np.float64), weights.astype(np.float64)
+    chex.assert_trees_all_close(identity, x64 * w64.sum(1, keepdims=True), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(scaled, x64 * (w64 * (experts + 1)).sum(1, keepdims=True),
+                                rtol=1e-6, atol=1e-5)
+
+
+def test_ragged_dispatch_refuses_cpu(moe_inputs):
     shard = ShardingContext(make_mesh("fsdp=2,expert=4"), "fsdp_ep", "ragged_a2a")
-    params = dsv3_jax.init_params(CFG, jax.random.key(0))
-    p = jax.tree.map(lambda a: a[0], params["weights"]["moe_layers"]["moe"])
-    x = jnp.ones((8, 4, CFG.dim))
-    with pytest.raises(Exception, match="ragged"):
-        jax.jit(lambda p, x: moe(p, x, None, jnp.ones((8, 4), bool), CFG, None, None, shard))(p, x)
+    p, x = moe_inputs
+    # XLA:CPU has no ragged all-to-all: an error from XLA, never a silent fallback
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match="UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported"):
+        jax.jit(lambda p, x: moe(p, x, None, jnp.ones((8, 12), bool), CFG, None, None, shard))(p, x)
 
 
 def test_single_device_decides_where_fp8_projections_fuse():
