@@ -111,8 +111,6 @@ def test_a_checksum_mismatch_falls_back_to_the_older_step(two_steps):
     chex.assert_trees_all_equal(restored.state, _state(1.0))
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: checkpoint._why cuts the one-line reason "
-                   "at the first '[' or '{', so the leaf path ('first ['step']') is lost")
 def test_a_checksum_mismatch_report_names_the_leaf(two_steps):
     restored = _mismatch_restore(two_steps)
     assert restored.skipped == [(2, "CheckpointError: step 2: checksum mismatch in 1 leaf(s), "

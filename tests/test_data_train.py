@@ -5,7 +5,6 @@ import json
 import chex
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -216,27 +215,17 @@ def _random_grads(weights, seed, norm):
     return jax.tree.map(lambda x: (x * (norm / total)).astype(np.float32), g)
 
 
-def _bf16(x) -> float:
-    return float(np.float32(x).astype(ml_dtypes.bfloat16))
-
-
-@pytest.mark.parametrize("history", [
-    pytest.param("spec", marks=pytest.mark.xfail(strict=True, reason=(
-        "library bug (dsv3_jax/train/optim.py): optax multiplies the stored bf16 moments by "
-        "beta in bf16, so the history decays by bf16(0.9) = 0.8984375 and bf16(0.95) = "
-        "0.94921875, not V3's 0.9 and 0.95 (the EMA weights sum to 0.9984 and 0.9992); the "
-        "'bf16_betas' case pins today's behaviour"))),
-    "bf16_betas"])
-def test_adamw_update_is_the_formula_with_bf16_moments(weights, history):
+def test_adamw_update_is_the_formula_with_bf16_moments(weights):
     """Three AdamW steps of `optim.adamw_v3` (V3: beta1 0.9, beta2 0.95, eps 1e-8, weight decay
     0.1 on matrices; gradients below the clipping norm) against the formula in float64:
     m_t = b1 m_{t-1} + (1 - b1) g_t, v_t = b2 v_{t-1} + (1 - b2) g_t^2,
     update = -lr (m_t / (1 - b1^t) / (sqrt(v_t / (1 - b2^t)) + eps) + wd p),
     where m_{t-1} and v_{t-1} are the moments as stored (bf16) and the stored m_t, v_t are
-    m_t, v_t rounded to bf16. `history`: the betas that multiply m_{t-1} and v_{t-1} ("spec":
-    V3's; "bf16_betas": rounded to bf16, what the optimizer does today)."""
+    m_t, v_t rounded to bf16. The betas multiply the history at full precision: optax's own
+    Adam, which the optimizer used before, multiplied the bf16 history by bf16(0.9) =
+    0.8984375 and bf16(0.95) = 0.94921875 (this test failed on it)."""
     w, state = weights
-    b1h, b2h = (B1, B2) if history == "spec" else (_bf16(B1), _bf16(B2))
+    b1h, b2h = B1, B2
     mu, nu = _named(_adam_states(state).mu), _named(_adam_states(state).nu)
     params = _named(w)
     for t in (1, 2, 3):

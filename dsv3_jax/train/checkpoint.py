@@ -50,10 +50,11 @@ class _LatestAndProtected(ocp.checkpoint_managers.PreservationPolicy):
 
 def _why(e: Exception) -> str:
     """One line: the exception's kind, the file it names (if any) and the start of its message
-    (TensorStore errors carry whole spec reprs; they are cut at the first structure)."""
+    (TensorStore errors append whole spec reprs, `[tensorstore_spec='{...}']` or `{...}`: the
+    message is cut where the first of those begins)."""
     text = " ".join(str(e).split())
     path = re.search(r'(/[^\s"\']+)', text)
-    text = re.split(r"[\[{]", text, maxsplit=1)[0].strip().rstrip(":;,")[:160]
+    text = re.split(r"\s\[\w+=|\{", text, maxsplit=1)[0].strip().rstrip(":;,")[:200]
     where = f" (file {path.group(1)})" if path else ""
     return f"{type(e).__name__}: {text or 'no message'}{where}"
 
