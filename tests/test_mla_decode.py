@@ -206,7 +206,7 @@ def test_choose_num_splits_fills_the_sms():
 @pytest.mark.parametrize("b, tq, h, s, lengths, splits, block_s", [
     (2, 1, 16, 256, [256, 77], 1, 64),  # one split: the kernel writes bf16 directly; full cache
     (2, 2, 16, 256, [200, 70], 3, 64),  # causal pair of tokens, uneven splits, ring refills
-    (2, 2, 128, 128, [128, 65], 2, 64),  # 256 rows: four 64-row blocks; a full cache
+    (2, 2, 128, 256, [130, 65], 2, 64),  # 256 rows: four 64-row blocks
     (3, 1, 16, 256, [0, 64, 255], 4, 64),  # an empty row, a whole block, empty splits
     (2, 2, 16, 256, [200, 33], 2, 32),  # 32-key blocks (a 4-stage ring)
     (2, 3, 24, 128, [128, 5], None, 64),  # Tq = 3, 72 rows (a padded second block), auto
