@@ -31,8 +31,11 @@ def scale_by_adam_stored_in(moment_dtype, *, b1: float, b2: float,
     state is optax's `ScaleByAdamState`, so checkpoints and `tree_map_params` see Adam."""
 
     def init(params):
-        zeros = optax.tree.zeros_like(params, dtype=moment_dtype)
-        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+        # two trees of zeros, not one tree twice: the train step donates its state, and one
+        # buffer cannot be donated twice
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                      mu=optax.tree.zeros_like(params, dtype=moment_dtype),
+                                      nu=optax.tree.zeros_like(params, dtype=moment_dtype))
 
     def update(updates, state, params=None):
         del params
