@@ -194,6 +194,9 @@ def _resolve_fp8(on: bool, gemm: str, quant: str, dtype: str, devices: Devices,
     several devices XLA's partitioner would gather their operands onto every device (a silent
     replication): there they are an error naming the way out. The routed experts run inside
     shard_map and are unaffected."""
+    if quant == "pallas" and dtype != "bfloat16":  # a choice that cannot run, even unused
+        raise ValueError(f"fp8_quant='pallas' needs bfloat16 activations (the quantizer kernels "
+                         f"take bf16 only), got dtype={dtype!r}")
     if not on:
         return None
     if gemm == "auto":

@@ -15,7 +15,7 @@ convert and write, with the next tiles' loads already in flight.
                            x (128 consecutive rows of one column), written transposed (K-major)
                            for the weight-gradient GEMM that contracts over M
 
-with fp8_quant's recipe: s = max(amax, 1e-4) / 448 in fp32 (a zero tile gets the floor's scale
+with fp8_quant's recipe: s = max(amax, AMAX_FLOOR) / 448 in fp32 (a zero tile gets the floor's scale
 and q = 0), `pow2` rounding s up to a power of two, q = x / s converted to e4m3 (round to
 nearest even) -- computed the way XLA actually computes it (below), so that the bits agree.
 `transposed_scales=True` returns s^T instead ([K/128, M] for rows, [M/128, K] for cols), which
@@ -56,13 +56,13 @@ algebraic simplifier rewrites `amax / 448` into `amax * fl(1/448)` and `tiles / 
 broadcast over the tile) into `tiles * fl(1 / s)` (seen in the compiled HLO of
 `jax.jit(quantize_rows)` on XLA:CPU, jax 0.11.2; the GPU compiler runs the same simplifier,
 which the `gpu`-marked tests confirm or refute). The kernel computes exactly that: s =
-max(amax, 1e-4) * fl(1/448), one IEEE division 1 / s per row (no approx_math), q = x * (1/s).
+max(amax, AMAX_FLOOR) * fl(1/448), one IEEE division 1 / s per row (no approx_math), q = x * (1/s).
 Written with true divisions the kernel differed from XLA in 3 of 32,768 e4m3 values of a test
 tile (quotients one ulp apart, on opposite sides of an e4m3 rounding tie), so this is not
 cosmetic. With pow2 the scale is a power of two and both forms are exact. The power-of-two
 rounding uses the float's bits, (bits + 0x7FFFFF) & 0xFF800000, which rounds a positive
 normal float up to the next power of two and keeps exact powers (what fp8_quant does with
-frexp/ldexp; s >= 1e-4 / 448 is always normal).
+frexp/ldexp; s >= AMAX_FLOOR / 448 = 2.2e-33 is always normal).
 
 **Limits.** bf16 input only; rows: M a multiple of block_m (64) and K of 128; cols: M a
 multiple of 128 and K of block_k (64). Inputs are assumed finite (a NaN makes its tile NaN
@@ -164,7 +164,7 @@ def default_k_splits(row_blocks: int, k_steps: int, num_sms: int = mg.DEFAULT_NU
 
 
 def _scale_as_xla(amax: jax.Array, pow2: bool) -> jax.Array:
-    """fp8_quant's scale as XLA compiles it (max(amax, 1e-4) * fl(1/448): module docstring),
+    """fp8_quant's scale as XLA compiles it (max(amax, AMAX_FLOOR) * fl(1/448): module docstring),
     in operations Mosaic GPU lowers (no frexp/ldexp)."""
     s = jnp.maximum(amax, q8.AMAX_FLOOR) * INV_E4M3_MAX
     if pow2:

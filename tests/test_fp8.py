@@ -64,9 +64,9 @@ GEMM = {name: jax.jit(getattr(fp8_gemm, name), static_argnames=("out_dtype", "im
 
 # ------------------------------------------------------------------------------ the recipe
 # The V3 report's quantization (§3.3), written out in numpy: scale = amax / 448 per tile in
-# float32 (fp8_quant floors amax at AMAX_FLOOR = 1e-4, meant for all-zero tiles; the floor is
-# kept here so that these references describe the library's contract; its effect on small
-# nonzero tiles is test_tiles_below_the_amax_floor_keep_e4m3_precision), q = x / scale rounded
+# float32 (fp8_quant floors amax at AMAX_FLOOR = 1e-30, for all-zero tiles; the floor is kept
+# here so that these references describe the library's contract; that it spares small nonzero
+# tiles is test_tiles_below_the_amax_floor_keep_e4m3_precision), q = x / scale rounded
 # to e4m3 (ml_dtypes: round to nearest even), the value q * scale in float64. Axes that are not
 # a multiple of 128 are zero-padded: a zero adds nothing and changes no tile's amax.
 
@@ -149,12 +149,6 @@ def test_quantize_round_trips_within_e4m3_precision():
     assert np.all(blocks(err).max(axis=(2, 4)) <= E4M3_REL * amax)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: fp8_quant floors every tile's amax at AMAX_FLOOR = 1e-4 (for all-zero "
-    "tiles), so a tile whose amax is below 1e-4 gets scale 1e-4/448 instead of amax/448 and "
-    "its small values fall into e4m3's subnormals or to zero. Gradient tiles are that small: "
-    "in `tiny` at init, the FP8 weight gradients differ from the recipe's (amax/448) by 1-6% "
-    "normwise, about half of FP8's whole error against float32"))
 def test_tiles_below_the_amax_floor_keep_e4m3_precision():
     """The round trip of test_quantize_round_trips_within_e4m3_precision for tiles of small
     magnitude (amax ~3e-8 and ~3e-6; dy of the loss of a large batch is smaller still)."""
@@ -635,10 +629,6 @@ def test_precision_flags_build_the_runtime():
                       None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library regression (025a3c4): with FP8 off, runtime._resolve_fp8 returns None before "
-    "checking fp8_quant, so --precision fp32 --fp8_quant_impl pallas is silently accepted "
-    "(before the restructure build_config raised, naming fp8_quant_impl)"))
 def test_fp8_quant_flag_without_fp8_is_refused():
     with pytest.raises(ValueError, match="fp8_quant='pallas' needs bfloat16"):
         build_runtime(Settings(preset="tiny", precision="fp32", fp8_quant_impl="pallas"),
