@@ -23,6 +23,7 @@ What the loop owns, for every kind of training:
 - At the end: the job's `sample` (e.g. a greedy continuation), printed.
 """
 
+import collections
 import dataclasses
 import logging
 import os
@@ -76,7 +77,7 @@ class Guard:
             if getattr(self, f) < 1:
                 raise ValueError(f"Guard.{f} must be >= 1, got {getattr(self, f)!r}")
 
-    def thresholds(self, losses: list[float], grad_norms: list[float]) -> dict:
+    def thresholds(self, losses, grad_norms) -> dict:
         """The step's `guard` argument (float32 scalars) from the applied steps so far."""
         out = {"max_loss": np.float32(np.inf), "max_grad_norm": np.float32(np.inf),
                "max_update_ratio": np.float32(self.max_update_ratio or np.inf)}
@@ -84,7 +85,7 @@ class Guard:
             for key, factor, seen in (("max_loss", self.loss_factor, losses),
                                       ("max_grad_norm", self.grad_norm_factor, grad_norms)):
                 if factor:
-                    out[key] = np.float32(factor * np.median(seen[-self.window:]))
+                    out[key] = np.float32(factor * np.median(list(seen)[-self.window:]))
         return out
 
 
@@ -160,8 +161,9 @@ class _Run:
         self.peak = peak_tflops(opts.peak_tflops)
         self.history: list = []
         self.streak = 0  # failed steps in a row
-        self.applied_losses: list[float] = []
-        self.applied_grad_norms: list[float] = []
+        # the recent applied steps the guard's medians read (bounded: a run may be long)
+        self.applied_losses = collections.deque(maxlen=opts.guard.window)
+        self.applied_grad_norms = collections.deque(maxlen=opts.guard.window)
         self.t_prev = time.perf_counter()
 
     def guard(self) -> dict:
