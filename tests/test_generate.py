@@ -29,8 +29,10 @@ N_NEW = 9  # every greedy run on PROMPTS generates this many tokens: one compile
 
 @pytest.fixture(scope="module")
 def plain(params):
-    """The greedy output on PROMPTS (float32 cache), shared by the tests that compare with it."""
-    return generate(params, CFG, PROMPTS, N_NEW, cache_dtype=jnp.float32)
+    """The greedy output on PROMPTS with default arguments, shared by the tests that compare
+    with it: the cache follows the compute dtype (float32 for `tiny`), so greedy decoding is
+    the teacher-forced argmax (a bf16 cache, the former default, flipped a routing decision)."""
+    return generate(params, CFG, PROMPTS, N_NEW)
 
 
 @pytest.fixture(scope="module")
