@@ -2,7 +2,8 @@
 # dsv3-jax developer entry point: sets up a Python >= 3.12 virtualenv, then runs a job.
 #
 #   ./dev.sh run  [flags]   set up, then run the main job: pretrain `tiny` on the CPU (--help for flags)
-#   ./dev.sh test [pytest args]   set up, then run the test suite (what CI runs)
+#   ./dev.sh test [pytest args]   set up, then run the test suite (what CI runs; 2 workers,
+#                           DSV3_TEST_WORKERS=N for N, 0 for one process)
 #   ./dev.sh setup          only set up
 #
 # The interpreter is found automatically: $PYTHON if set, else python3.12 / python3.13 /
@@ -63,6 +64,11 @@ cmd="${1:-}"
 case "$cmd" in
   setup) setup ;;
   run)   setup; exec "$VENV/bin/python" experiments/pretrain.py "$@" ;;
-  test)  setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
-  *)     sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  test)  setup
+         # two pytest workers (pytest-xdist): the suite is compile-bound and one process
+         # keeps about 1.5 of 2 cores busy; one on a GPU machine, whose card they would share
+         workers="${DSV3_TEST_WORKERS:-2}"
+         [ "${DSV3_TEST_GPU:-}" = 1 ] && workers="${DSV3_TEST_WORKERS:-0}"
+         exec "$VENV/bin/python" -m pytest -q -n "$workers" "$@" ;;
+  *)     sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -35,7 +35,8 @@ def _free_port() -> int:
 def test_two_processes_equal_one(mesh_spec, strategy, dispatch):
     port = str(_free_port())
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_COMPILATION_CACHE_DIR": ""}  # side by side: no shared cache (conftest.py)
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", port, mesh_spec,
                                strategy, dispatch], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for i in range(2)]

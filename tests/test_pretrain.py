@@ -268,7 +268,8 @@ def test_two_processes_give_the_one_process_losses_and_restore_elsewhere(tmp_pat
     assert jax.device_count() == 8
     common = ["--mesh", "fsdp=8", "--steps", "4", "--checkpoint_every", "4"]
     port = str(_free_port())
-    env = {"JAX_NUM_CPU_DEVICES": "4", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {"JAX_NUM_CPU_DEVICES": "4", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_COMPILATION_CACHE_DIR": ""}  # side by side: no shared cache (conftest.py)
     procs = [_script(*common, "--distributed", "manual", "--coordinator", f"localhost:{port}",
                      "--num_processes", "2", "--process_id", str(i),
                      "--checkpoint_dir", str(tmp_path / "ck2"),
@@ -419,7 +420,7 @@ def test_guard_thresholds_follow_the_median_of_applied_steps():
     assert on["max_loss"] == np.float32(6.0) and on["max_grad_norm"] == np.float32(40.0)
     assert np.isinf(loop.Guard(loss_factor=0).thresholds([1.0] * 9, [1.0] * 9)["max_loss"])
     assert off["max_update_ratio"] == np.float32(1.0)  # judged from the first step on
-    assert np.isinf(loop.Guard(max_update_ratio=0).thresholds([], [])["max_update_ratio"])
+    assert "max_update_ratio" not in loop.Guard(max_update_ratio=0).thresholds([], [])
     with pytest.raises(ValueError, match="loss_factor"):
         loop.Guard(loss_factor=0.5)
 
