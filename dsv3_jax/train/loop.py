@@ -78,9 +78,11 @@ class Guard:
                 raise ValueError(f"Guard.{f} must be >= 1, got {getattr(self, f)!r}")
 
     def thresholds(self, losses, grad_norms) -> dict:
-        """The step's `guard` argument (float32 scalars) from the applied steps so far."""
-        out = {"max_loss": np.float32(np.inf), "max_grad_norm": np.float32(np.inf),
-               "max_update_ratio": np.float32(self.max_update_ratio or np.inf)}
+        """The step's `guard` argument (float32 scalars) from the applied steps so far; no
+        "max_update_ratio" key when that check is off (the step then skips its pass)."""
+        out = {"max_loss": np.float32(np.inf), "max_grad_norm": np.float32(np.inf)}
+        if self.max_update_ratio:
+            out["max_update_ratio"] = np.float32(self.max_update_ratio)
         if len(losses) >= self.warmup:
             for key, factor, seen in (("max_loss", self.loss_factor, losses),
                                       ("max_grad_norm", self.grad_norm_factor, grad_norms)):
@@ -266,7 +268,7 @@ def run(job: Job, opts: LoopOptions) -> Result:
         if ckpt:
             ckpt.close()
         return Result(0, start, [], state)
-    step_fn = _compiled(job, state, start)
+    step_fn = _compiled(job, state, start, opts.guard)
     r = _Run(job, opts, ckpt, start)
     pending = None  # (step, metrics on device) of the step in flight
     try:
@@ -304,15 +306,15 @@ def run(job: Job, opts: LoopOptions) -> Result:
     return Result(opts.steps - start, start, r.history, state)
 
 
-def _compiled(job: Job, state, start: int):
+def _compiled(job: Job, state, start: int, guard: Guard):
     """The job's step compiled ahead of the first step, so that the wait is announced and the
     first step's throughput does not include it (a step that is not a jitted function runs
-    as it is)."""
+    as it is). `guard` sets which checks the step holds (its thresholds' keys)."""
     if not hasattr(job.step, "lower"):
         return job.step
     _say(f"compiling the {job.name} step...")
     t0 = time.perf_counter()
-    guard = Guard().thresholds([], [])
+    guard = guard.thresholds([], [])
     compiled = job.step.lower(state, job.batch(start), guard).compile()
     _say(f"compiled in {time.perf_counter() - t0:.1f} s")
     return compiled

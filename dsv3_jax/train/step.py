@@ -144,21 +144,22 @@ def _grads(objective: Objective, params: dict, batch: dict, accum: int):
 
 
 def no_guard() -> dict:
-    """Guard thresholds that reject only non-finite steps."""
-    return {"max_loss": jnp.float32(jnp.inf), "max_grad_norm": jnp.float32(jnp.inf),
-            "max_update_ratio": jnp.float32(jnp.inf)}
+    """Guard thresholds that reject only non-finite steps (and no update-ratio pass)."""
+    return {"max_loss": jnp.float32(jnp.inf), "max_grad_norm": jnp.float32(jnp.inf)}
 
 
 def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
                     objective: Objective | None = None, rt: Runtime | None = None,
                     bias_gamma: float = V3_BIAS_GAMMA, grad_accum: int = 1, donate: bool = True):
     """The jitted step(state, batch, guard) -> (state, metrics). `objective` defaults to V3's
-    pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm",
-    "max_update_ratio"} (float32 scalars; `no_guard()` for none): a step whose loss or gradient
+    pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm"} and optionally
+    "max_update_ratio" (float32 scalars; `no_guard()` for none): a step whose loss or gradient
     norm is not finite or exceeds them, or whose update's global norm exceeds
-    max_update_ratio x the weights' global norm, is not applied. Its metrics: loss parts,
-    grad_norm, update_ratio, lr, finite, applied, per-layer expert load (counts [L, E]) and
-    router-bias magnitudes."""
+    max_update_ratio x the weights' global norm, is not applied. The update ratio costs a pass
+    over the gradients, moments and weights before the update (the decision gates it: 5 of 165
+    ms a step for `small` on an H100, docs/performance.md), so a guard without the key skips
+    it. Its metrics: loss parts, grad_norm, update_ratio (with the key), lr, finite, applied,
+    per-layer expert load (counts [L, E]) and router-bias magnitudes."""
     objective = objective or pretraining_objective(cfg, rt, shard)
 
     def step(state, batch, guard):
@@ -168,9 +169,10 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state["opt_state"], params["weights"])
-            update_ratio = optax.tree.norm(updates) / optax.tree.norm(params["weights"])
-            ok = (finite & (loss <= guard["max_loss"]) & (grad_norm <= guard["max_grad_norm"])
-                  & (update_ratio <= guard["max_update_ratio"]))
+            ok = finite & (loss <= guard["max_loss"]) & (grad_norm <= guard["max_grad_norm"])
+            if "max_update_ratio" in guard:  # the key is static: without it, no extra pass
+                update_ratio = optax.tree.norm(updates) / optax.tree.norm(params["weights"])
+                ok = ok & (update_ratio <= guard["max_update_ratio"])
             weights = optax.apply_updates(params["weights"], updates)
             router = _update_biases(params["router_state"], metrics, bias_gamma)
             fresh = {"params": {"weights": weights, "router_state": router}, "opt_state": opt_state}
@@ -179,9 +181,10 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
         new.update(step=state["step"] + 1, rng=state["rng"])
         out = {"loss": loss, "main_loss": metrics["main_loss"],
                "balance_loss": metrics["balance_loss"], "grad_norm": grad_norm,
-               "update_ratio": update_ratio,
                "lr": schedule(_schedule_count(state["opt_state"])), "finite": finite,
                "applied": ok, "load": metrics["load"]}
+        if "max_update_ratio" in guard:
+            out["update_ratio"] = update_ratio
         if "mtp_loss" in metrics:
             out.update(mtp_loss=metrics["mtp_loss"], mtp_load=metrics["mtp_load"])
         if "moe_layers" in router:
