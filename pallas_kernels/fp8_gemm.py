@@ -811,9 +811,11 @@ def _kgrouped_body(order_ref, start_ref, count_ref, a_ref, b_ref, sa_ref, sb_ref
 # --------------------------------------------------------------------------------------------
 
 
-def _selfcheck_operands(m: int, n: int, k: int, b_scale: str, seed: int = 0):
+def selfcheck_operands(m: int, n: int, k: int, b_scale: str = "blocks", seed: int = 0):
     """e4m3 operands with scales over a wide range across K-blocks, rows and weight blocks, so a
-    scale applied to the wrong block moves the result by far more than the tolerance."""
+    scale applied to the wrong block moves the result by far more than the tolerance (the
+    self-check's and the tests'). The ranges cycle so that large K and N stay inside float32
+    (2^(2 kb) over 56 K-blocks would overflow)."""
     ka, kb = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(ka, (m, k)) * jnp.exp2(jnp.arange(k) // q8.BLOCK % 6 * 2.0 - 3)
     x = x * jnp.exp2(jnp.arange(m) % 5 - 2.0)[:, None]
@@ -831,7 +833,7 @@ def _checks(interpret) -> list:
     tol = 1e-5 if interpret else 1e-2
 
     def dense(m, n, k, b_scale, config=None):
-        aq, sa, bq, sb = _selfcheck_operands(m, n, k, b_scale)
+        aq, sa, bq, sb = selfcheck_operands(m, n, k, b_scale)
         sa_t, sb_t = kernel_scales(sa, sb, b_scale)
         got = gemm_kernel(aq, bq, sa_t, sb_t, out_dtype=jnp.float32, config=config,
                           b_blocks=b_scale == "blocks", interpret=interpret)

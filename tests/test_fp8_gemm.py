@@ -24,17 +24,7 @@ from pallas_kernels import grouped_matmul as gm
 
 
 def _operands(m, n, k, seed=0, b_scale="blocks"):
-    ka, kb = jax.random.split(jax.random.key(seed))
-    # a wide dynamic range across K-blocks and rows, so a scale applied to the wrong K-block,
-    # row or column moves the result by far more than the tolerance; cycled so that large K
-    # and N stay inside float32 (2^(2 kb) over 56 K-blocks would overflow)
-    x = jax.random.normal(ka, (m, k)) * jnp.exp2(jnp.arange(k) // q8.BLOCK % 6 * 2.0 - 3)
-    x = x * jnp.exp2(jnp.arange(m) % 5 - 2.0)[:, None]
-    w = jax.random.normal(kb, (n, k)) * jnp.exp2(jnp.arange(n) // q8.BLOCK % 8 - 1.0)[:, None]
-    aq, sa = q8.quantize_rows(x)
-    bq, sb = q8.quantize_blocks(w) if b_scale == "blocks" else q8.quantize_rows(w)
-    return aq, sa, bq, sb
-
+    return fg.selfcheck_operands(m, n, k, b_scale, seed)
 
 
 def _assert_close(got, want, rel=1e-5):
