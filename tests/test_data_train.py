@@ -382,6 +382,18 @@ def test_spike_guard_rejects_a_finite_step_above_its_thresholds(bf16):
     assert bool(m["applied"])
 
 
+def test_update_ratio_guard_is_compiled_only_when_asked_and_rejects_above_it(bf16):
+    _, state, step, batch = bf16
+    state, m = step(state, batch)  # the first step has lr 0: from the second on, updates move
+    assert "update_ratio" not in m  # no_guard(): the check and its pass are left out
+    _, m = step(state, batch, {**NO_GUARD, "max_update_ratio": np.float32(np.inf)})
+    ratio = float(m["update_ratio"])
+    assert bool(m["applied"]) and 0 < ratio < 1
+    new, m = step(state, batch, {**NO_GUARD, "max_update_ratio": np.float32(ratio * 0.99)})
+    assert bool(m["finite"]) and not bool(m["applied"])
+    _assert_state_unchanged(state, new)
+
+
 def test_checksums_detect_one_flipped_bit():
     tree = {"a": jnp.arange(10, dtype=jnp.float32), "b": jnp.ones((3,), jnp.bfloat16)}
     base = np.asarray(train.checksums(tree))

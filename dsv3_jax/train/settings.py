@@ -96,9 +96,8 @@ class Settings:
                                       GUARD)
     max_update_ratio: float = _field(1.0, "a step whose update's global norm exceeds this many "
                                      "times the weights' global norm fails (0: off, which also "
-                                     "saves the check's pass over the optimizer state, ~3%% "
-                                     "of a step); Adam's update is about --lr / the weights' "
-                                     "RMS", GUARD)
+                                     "saves the check's pass over the optimizer state); "
+                                     "Adam's update is about --lr / the weights' RMS", GUARD)
     # --- data ---
     data: list[str] | None = _field(None, "text or .jsonl files or folders of them (default: "
                                     "the embedded corpus, the Python standard library's "

@@ -156,9 +156,8 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
     "max_update_ratio" (float32 scalars; `no_guard()` for none): a step whose loss or gradient
     norm is not finite or exceeds them, or whose update's global norm exceeds
     max_update_ratio x the weights' global norm, is not applied. The update ratio costs a pass
-    over the gradients, moments and weights before the update (the decision gates it: 5 of 165
-    ms a step for `small` on an H100, docs/performance.md), so a guard without the key skips
-    it. Its metrics: loss parts, grad_norm, update_ratio (with the key), lr, finite, applied,
+    over the gradients, moments and weights before the update, which it gates, so it cannot
+    share the update's pass (its cost: docs/performance.md); a guard without the key skips it. Its metrics: loss parts, grad_norm, update_ratio (with the key), lr, finite, applied,
     per-layer expert load (counts [L, E]) and router-bias magnitudes."""
     objective = objective or pretraining_objective(cfg, rt, shard)
 
