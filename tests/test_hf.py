@@ -280,6 +280,14 @@ def test_truncated_file_is_an_error(fixtures_dir, tmp_path):
 SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
 
+def _both_refuse(folder, message: str) -> None:
+    """The shard reader and the loader both reject `folder` with `message`."""
+    with pytest.raises(ValueError, match=message):
+        CheckpointReader(folder)
+    with pytest.raises(ValueError, match=message):
+        load_hf_checkpoint(folder)
+
+
 @pytest.mark.parametrize("with_index", [True, False])
 def test_tensor_stored_in_two_shards_is_named_with_both_files(fixtures_dir, tmp_path, with_index):
     folder = _copy(fixtures_dir, tmp_path, "hf_tiny_fp8")
@@ -290,10 +298,7 @@ def test_tensor_stored_in_two_shards_is_named_with_both_files(fixtures_dir, tmp_
     if not with_index:
         (folder / "model.safetensors.index.json").unlink()
     message = rf"tensor '{re.escape(name)}' is stored twice \({SHARD_1}, {SHARD_2}\)"
-    with pytest.raises(ValueError, match=message):
-        CheckpointReader(folder)
-    with pytest.raises(ValueError, match=message):
-        load_hf_checkpoint(folder)
+    _both_refuse(folder, message)
 
 
 def test_index_listing_a_tensor_in_the_wrong_shard_is_named(fixtures_dir, tmp_path):
@@ -304,10 +309,7 @@ def test_index_listing_a_tensor_in_the_wrong_shard_is_named(fixtures_dir, tmp_pa
     index["weight_map"][name] = SHARD_1  # the tensor really is in shard 2
     path.write_text(json.dumps(index))
     message = rf"index lists '{re.escape(name)}' in {SHARD_1}, but that file does not hold it"
-    with pytest.raises(ValueError, match=message):
-        CheckpointReader(folder)
-    with pytest.raises(ValueError, match=message):
-        load_hf_checkpoint(folder)
+    _both_refuse(folder, message)
 
 
 def test_no_weights_is_an_error(tmp_path, fixtures_dir):
