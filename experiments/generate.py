@@ -4,10 +4,13 @@ randomly initialised model.
 Command:   python experiments/generate.py --checkpoint_dir runs/a --prompt "def " --max_new_tokens 64
            python experiments/generate.py --hf path/to/DeepSeek-V3 --prompt_ids 0,1,2 --max_new_tokens 8
            python experiments/generate.py --preset small --prompt_ids 5,6,7 --batch_size 8   (random init)
+           python experiments/generate.py --hf teacher/ --prompts prompts.jsonl --out distill.jsonl
+               (sequence-level distillation: the teacher's completions, for experiments/sft.py)
 Hardware:  any: the CPU for tiny models, one GPU for `small`.
 What it does: loads the model (the newest verified checkpoint of `experiments/pretrain.py`,
-a Hugging Face folder, or random weights of a preset), encodes the prompts (text with the
-project's byte tokenizer, for models whose vocabulary holds its 259 ids; or comma-separated ids),
+a Hugging Face folder, or random weights of a preset), encodes the prompts (text through the
+model's tokenizer: a Hugging Face folder's tokenizer.json, else the project's byte tokenizer;
+--chat renders them with the chat template; or comma-separated ids),
 generates with the latent cache (prefill on the expanded MLA path, decode on the absorbed one),
 prints each continuation (decoded text where a text prompt was given) and the throughput:
 generated tokens per second of the generate call, compile included in the first call, so it
@@ -16,7 +19,6 @@ Output: the continuations and a line of tokens/s on stdout; --json writes them w
 """
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -31,9 +33,10 @@ import numpy as np
 import dsv3_jax
 from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import Config, get_config
-from dsv3_jax.train import step as train
-from dsv3_jax.train.checkpoint import Checkpoints
-from dsv3_jax.train.data import ByteTokenizer
+from dsv3_jax.io import chat
+from dsv3_jax.io.tokenizer import ByteTokenizer, tokenizer_for
+from dsv3_jax.train.checkpoint import load_params
+from dsv3_jax.train.sft_data import read_jsonl
 
 
 def parse_args(argv=None):
@@ -45,7 +48,19 @@ def parse_args(argv=None):
     ap.add_argument("--preset", default="tiny", help="random init of this preset when neither "
                     "--checkpoint_dir nor --hf is given")
     ap.add_argument("--prompt", action="append", default=None,
-                    help="a text prompt (byte tokenizer); repeat for several")
+                    help="a text prompt (through the model's tokenizer: the HF folder's "
+                         "tokenizer.json, else the byte tokenizer); repeat for several")
+    ap.add_argument("--chat", action="store_true",
+                    help="render each text prompt as a user message with the chat template "
+                         "(and stop at the end of the assistant's turn)")
+    ap.add_argument("--prompts", default=None,
+                    help="JSONL of {\"prompt\": text or messages, ...} records, rendered with "
+                         "the chat template; with --out, writes {\"prompt\", \"completion\", "
+                         "<other fields>} records: sequence-level distillation data for "
+                         "experiments/sft.py")
+    ap.add_argument("--out", default=None, help="the JSONL that --prompts writes")
+    ap.add_argument("--gen_batch", type=int, default=64,
+                    help="--prompts: prompts per generate call")
     ap.add_argument("--prompt_ids", action="append", default=None,
                     help="a prompt as comma-separated token ids; repeat for several")
     ap.add_argument("--prompt_file", default=None, help="one text prompt per line")
@@ -105,27 +120,40 @@ def load_model(a) -> tuple[dict, Config]:
 
 
 def _load_pretrain_checkpoint(directory: str) -> tuple[dict, Config]:
-    path = pathlib.Path(directory)
-    steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()), reverse=True)
-    if not steps:
-        raise SystemExit(f"--checkpoint_dir {directory}: no checkpoint steps in it")
-    meta_files = [path / str(s) / "meta" / "metadata" for s in steps]
-    meta = next((json.loads(m.read_text()) for m in meta_files if m.exists()), None)
-    if meta is None or "config" not in meta:
-        raise SystemExit(f"--checkpoint_dir {directory}: no readable metadata with a config")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()
-                    if k in fields})
-    optimizer = train.make_optimizer(cfg, train.v3_schedule(1e-4, 100, 1))  # structure only
-    ckpt = Checkpoints(directory, async_save=False)
+    """Any run of the training loop (pretraining, SFT, GRPO): its newest verified checkpoint."""
     try:
-        restored = ckpt.restore_latest(train.abstract_state(cfg, optimizer))
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise SystemExit(f"--checkpoint_dir {directory}: no checkpoint to restore")
-    print(f"restored step {restored.step} of {directory}", flush=True)
-    return restored.state["params"], cfg
+        params, cfg, step = load_params(directory)
+    except Exception as e:
+        raise SystemExit(f"--checkpoint_dir {directory}: {e}") from None
+    print(f"restored step {step} of {directory}", flush=True)
+    return params, cfg
+
+
+def distill_file(params, cfg: Config, tok, a, kw) -> dict:
+    """--prompts FILE --out FILE: a completion per prompt record, written as JSONL records that
+    keep the record's other fields (sequence-level distillation data)."""
+    recs = [rec for _, rec in read_jsonl(a.prompts)]
+    for i, rec in enumerate(recs):
+        if "prompt" not in rec:
+            raise SystemExit(f"--prompts {a.prompts}: record {i} has no \"prompt\" field")
+    ids = [chat.tokenize_prompt(tok, [{"role": "user", "content": r["prompt"]}]
+                                if isinstance(r["prompt"], str) else r["prompt"]).tolist()
+           for r in recs]
+    kw = {**kw, "stop_tokens": list(kw["stop_tokens"]) or list(tok.stop_ids)}
+    out_path = pathlib.Path(a.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    t0, n_tok = time.perf_counter(), 0
+    with open(out_path, "w") as fh:
+        for start in range(0, len(ids), a.gen_batch):
+            outs = dsv3_jax.generate(params, cfg, ids[start:start + a.gen_batch],
+                                     a.max_new_tokens, **kw)
+            for rec, o in zip(recs[start:start + a.gen_batch], outs):
+                n_tok += len(o)
+                fh.write(json.dumps({**rec, "completion": tok.decode(o)}) + "\n")
+            print(f"{min(start + a.gen_batch, len(ids))}/{len(ids)} prompts", flush=True)
+    seconds = time.perf_counter() - t0
+    print(f"wrote {len(recs)} records to {out_path} ({n_tok} tokens in {seconds:.1f} s)")
+    return {"records": len(recs), "out": str(out_path), "tokens": n_tok, "seconds": seconds}
 
 
 def _timed_generate(params, cfg, prompts, a, kw) -> tuple[list[list[int]], list[float], dict]:
@@ -214,22 +242,35 @@ def main(argv=None) -> dict:
     rt = runtime_lib.resolve(cfg, dtype=a.dtype, decode_attention=a.decode_attention_impl)
     if rt.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
-    tok = ByteTokenizer()
     texts = list(a.prompt or [])
     if a.prompt_file:
         texts += [ln for ln in pathlib.Path(a.prompt_file).read_text().splitlines() if ln]
-    if texts and cfg.vocab_size < tok.vocab_size:
-        raise SystemExit(f"text prompts need the byte tokenizer's {tok.vocab_size} ids; this model "
-                         f"has vocab_size {cfg.vocab_size}: use --prompt_ids")
-    prompts = [tok.encode(t).tolist() for t in texts]
+    try:
+        tok = tokenizer_for(a.hf, cfg.vocab_size)
+    except ValueError as e:
+        if texts or a.prompts:
+            raise SystemExit(f"text prompts: {e}; use --prompt_ids") from None
+        tok = ByteTokenizer()
+    if (a.prompts is None) != (a.out is None):
+        raise SystemExit("--prompts and --out go together")
+    stop = _ids(a.stop_ids, "--stop_ids") or (list(tok.stop_ids) if a.chat else [])
+    if a.prompts:
+        kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                  stop_tokens=_ids(a.stop_ids, "--stop_ids"), speculative=a.speculative,
+                  cache_dtype=None if a.cache_dtype == "auto" else jnp.dtype(a.cache_dtype),
+                  runtime=rt)
+        return distill_file(params, cfg, tok, a, kw)
+    prompts = [(chat.tokenize_prompt(tok, [{"role": "user", "content": t}]) if a.chat
+                else tok.encode(t)).tolist() for t in texts]
     prompts += [_ids(p, "--prompt_ids") for p in (a.prompt_ids or [])]
     if not prompts:
         prompts = [tok.encode("def ").tolist()] if cfg.vocab_size >= tok.vocab_size else [[1]]
         texts = ["def "] if cfg.vocab_size >= tok.vocab_size else []
+        a.chat = False
     if a.batch_size:
         prompts = [prompts[i % len(prompts)] for i in range(a.batch_size)]
     kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-              stop_tokens=_ids(a.stop_ids, "--stop_ids"), speculative=a.speculative,
+              stop_tokens=stop, speculative=a.speculative,
               cache_dtype=None if a.cache_dtype == "auto" else jnp.dtype(a.cache_dtype),
               runtime=rt)
     cache_dtype = rt.dtype if a.cache_dtype == "auto" else a.cache_dtype
@@ -237,7 +278,8 @@ def main(argv=None) -> dict:
     seconds = times[-1]
     n_new = sum(len(o) for o in outs)
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        shown = repr(tok.decode(p + o)) if i < len(texts) or (texts and a.batch_size) else o
+        shown = (repr(tok.decode(o) if a.chat else tok.decode(p + o))
+                 if i < len(texts) or (texts and a.batch_size) else o)
         print(f"[{i}] {shown}")
     print(f"{n_new} tokens in {seconds:.3f} s: {n_new / seconds:,.1f} tokens/s "
           f"({len(prompts)} rows, {jax.devices()[0].device_kind})")

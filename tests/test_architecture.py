@@ -2,7 +2,7 @@
 
 Every import of a module of this project, top-level or inside a function, is read with `ast`
 (nothing is imported), and held against the rules: imports run down only, `sharding/` and
-`pallas_kernels/` know nothing of the model, `train/`, `infer/` and `io/` stay apart, and no
+`pallas_kernels/` know nothing of the model, `infer/` and `io/` never import `train/` or each other, and no
 kernel file reaches into another kernel file's private names.
 """
 
@@ -61,13 +61,15 @@ def test_the_model_core_never_imports_train_infer_io_or_the_tools():
 
 
 def test_train_infer_and_io_stay_apart():
+    """train/ may use infer/ (GRPO rollouts, end-of-run samples) and io/ (tokenizers, HF
+    folders for SFT and GRPO); infer/ and io/ never import train/, nor each other."""
     wings = ("train", "infer", "io")
-    allowed = {("dsv3_jax.train.pretrain", "dsv3_jax.infer.generate")}  # the end-of-run sample
+    allowed = {("train", "infer"), ("train", "io")}
     bad = []
     for a, b, _ in _edges():
         pa, pb = a.split("."), b.split(".")
         if (len(pa) > 2 and len(pb) > 1 and pa[1] in wings and pb[1] in wings and pa[1] != pb[1]
-                and (a, b) not in allowed):
+                and (pa[1], pb[1]) not in allowed):
             bad.append((a, b))
     assert not bad, bad
 

@@ -19,6 +19,7 @@ can push the last good state out.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -172,3 +173,40 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params(directory: str) -> tuple[dict, "Config", int]:
+    """(params, config, step) of the newest verified checkpoint of any run of the training loop
+    (pretraining, SFT, GRPO): the model is read from the checkpoint's own metadata, so no
+    flag has to repeat it. Errors name the folder and what is missing."""
+    from dsv3_jax.config import Config
+    from dsv3_jax.train import step as train_step
+
+    path = os.path.abspath(directory)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{directory}: no such checkpoint folder")
+    steps = sorted((int(p) for p in os.listdir(path) if p.isdigit()), reverse=True)
+    if not steps:
+        raise CheckpointError(f"{directory}: no checkpoint steps in it")
+    meta = None
+    for s in steps:
+        f = os.path.join(path, str(s), "meta", "metadata")
+        if os.path.exists(f):
+            with open(f) as fh:
+                meta = json.load(fh)
+            break
+    if meta is None or "config" not in meta:
+        raise CheckpointError(f"{directory}: no readable checkpoint metadata with a model config")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
+                    for k, v in meta["config"].items() if k in fields})
+    # the optimizer's state has one structure whatever its schedule: any schedule restores it
+    optimizer = train_step.make_optimizer(cfg, train_step.v3_schedule(1e-4, 100, 1))
+    ckpt = Checkpoints(path, async_save=False)
+    try:
+        restored = ckpt.restore_latest(train_step.abstract_state(cfg, optimizer))
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"{directory}: no checkpoint to restore")
+    return restored.state["params"], cfg, restored.step

@@ -18,7 +18,6 @@ different process count needs a separate path; an index permutation keyed by the
 deterministic under any process count and trivially checkpointed (training_systems.md §8).
 """
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -27,22 +26,8 @@ import sysconfig
 
 import numpy as np
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # BOS 0 / EOS 1 would collide with bytes; ours are offsets
-BYTE_OFFSET = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 (0 pad, 1 BOS, 2 EOS): 259 ids, no training, exact round trip."""
-    vocab_size: int = 256 + BYTE_OFFSET
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + BYTE_OFFSET
-
-    def decode(self, ids) -> str:
-        ids = np.asarray(ids, np.int64)
-        data = (ids[ids >= BYTE_OFFSET] - BYTE_OFFSET).clip(0, 255).astype(np.uint8)
-        return data.tobytes().decode("utf-8", errors="replace")
+# The byte tokenizer lives with the other tokenizers in io/tokenizer.py; re-exported here.
+from dsv3_jax.io.tokenizer import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, ByteTokenizer  # noqa: F401
 
 
 class DataError(ValueError):

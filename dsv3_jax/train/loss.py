@@ -63,7 +63,7 @@ cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 def loss_fn(params: dict, batch: dict, cfg: Config, rt: Runtime | None = None, *,
             weights: LossWeights = LossWeights(), forced_experts: dict | None = None,
-            shard=None):
+            shard=None, keep_hidden: bool = False):
     """(total loss, metrics) for a batch: main + weights.mtp * MTP + weights.balance * balance.
 
     batch: `inputs` [B, T] token ids, `targets` [B, T] the next token of each position,
@@ -71,7 +71,9 @@ def loss_fn(params: dict, batch: dict, cfg: Config, rt: Runtime | None = None, *
     segment; 0 = padding), `positions` [B, T]. metrics carry the unweighted parts, the per-layer
     expert `load` [L, E] (and `mtp_load`), and the routing `indices` for replay. `rt`: how to
     run it (`dsv3_jax.runtime`); `shard` (a `sharding.context.ShardingContext`) runs it on a
-    mesh.
+    mesh. With `weights.mtp == 0` the MTP modules are not run at all (no loss, no router
+    statistics for their biases). `keep_hidden`: metrics also carry `hidden`, the final-normed
+    hidden state [B, T, D] (what distillation feeds the head).
     """
     inputs, targets = batch["inputs"], batch["targets"]
     mask = batch.get("mask")
@@ -84,7 +86,9 @@ def loss_fn(params: dict, batch: dict, cfg: Config, rt: Runtime | None = None, *
     balance = aux["balance"]
     metrics = {"main_loss": main, "load": aux["load"], "indices": dict(aux["indices"])}
     total = main
-    if cfg.mtp_depth:
+    if keep_hidden:
+        metrics["hidden"] = aux["hidden"]
+    if cfg.mtp_depth and weights.mtp > 0:
         forced = (forced_experts or {}).get("mtp")
         mtp_logits, mtp_aux = mtp_forward(params, aux["hidden"], targets, cfg, rt, positions=pos,
                                           segment_ids=seg, target_mask=mask > 0, forced=forced,

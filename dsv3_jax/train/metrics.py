@@ -45,7 +45,7 @@ def record(step: int, m: dict, seconds: float, tokens: int, flops_per_token: flo
     if "main_loss" in rec:
         rec.setdefault("mtp_loss", None)
     rec["skipped"] = not bool(m["applied"])
-    rec["tokens_per_s"] = tokens / seconds if seconds > 0 else None
+    rec["tokens_per_s"] = tokens / seconds if seconds > 0 and tokens else None
     rec["step_seconds"] = seconds
     rec["mfu"] = (rec["tokens_per_s"] * flops_per_token / (peak * 1e12 * n_devices)
                   if peak and flops_per_token and rec["tokens_per_s"] else None)
@@ -65,7 +65,7 @@ def log_line(rec: dict, extra: tuple[tuple[str, str], ...] = ()) -> str:
     """The periodic log line of a record: loss, the `extra` (metric, label) pairs, lr, |g|,
     expert load and throughput."""
     parts = [f"step {rec['step']:5d}", f"loss {rec['loss']:.4f}"]
-    parts += [f"{label} {rec[key]:.4f}" for key, label in extra if rec.get(key) is not None]
+    parts += [f"{label} {rec[key]:.4g}" for key, label in extra if rec.get(key) is not None]
     parts += [f"lr {rec['lr']:.2e}", f"|g| {rec['grad_norm']:.3f}"]
     if "load_max_over_mean" in rec:
         parts.append(f"load max/mean {max(rec['load_max_over_mean'], default=0):.2f}")

@@ -123,11 +123,12 @@ def place_batch(rows, shard) -> dict:
     def array(key):
         return jax.make_array_from_callback(shape, sharding, lambda idx: rows(idx[0])[key])
 
-    return {"inputs": array("inputs"), "targets": array("targets")}
+    return {key: array(key) for key in rows.keys}
 
 
 class Rows:
     """rows(slice) of one step's global batch (a small cache: inputs and targets share reads)."""
+    keys = ("inputs", "targets")
 
     def __init__(self, dataset: PackedDataset, step: int):
         self.dataset, self.step = dataset, step
@@ -151,12 +152,7 @@ def _plain(x):
 def check_resume(meta: dict, dataset: PackedDataset, cfg: Config) -> None:
     """A checkpoint written for another model or other data is an error naming the field (the
     model first: it decides whether the arrays can be read at all)."""
-    saved_cfg = meta.get("config", {})
-    for key, value in dataclasses.asdict(cfg).items():
-        if key in saved_cfg and saved_cfg[key] != _plain(value):
-            raise ValueError(f"the checkpoint's model differs in {key} ({saved_cfg[key]!r}, now "
-                             f"{value!r}): resume with the same --preset and model flags, or use "
-                             "a new --checkpoint_dir")
+    check_model(meta, cfg)
     saved = meta.get("data", {})
     now = dataset.state(0)
     flags = {"fingerprint": "--data/--embedded_bytes", "seq_len": "--seq_len",
@@ -166,6 +162,16 @@ def check_resume(meta: dict, dataset: PackedDataset, cfg: Config) -> None:
             raise ValueError(f"the checkpoint was written with a different {key} ({saved[key]!r}, "
                              f"now {now[key]!r}): resume with the same {flag}, or use a new "
                              "--checkpoint_dir")
+
+
+def check_model(meta: dict, cfg: Config) -> None:
+    """A checkpoint of another model is an error naming the config field that differs."""
+    saved_cfg = meta.get("config", {})
+    for key, value in dataclasses.asdict(cfg).items():
+        if key in saved_cfg and saved_cfg[key] != _plain(value):
+            raise ValueError(f"the checkpoint's model differs in {key} ({saved_cfg[key]!r}, now "
+                             f"{value!r}): resume with the same --preset and model flags, or use "
+                             "a new --checkpoint_dir")
 
 
 # ----------------------------------------------------------------------------- the job
@@ -275,18 +281,19 @@ def run(s: Settings) -> dict:
             "shard": shard}
 
 
-def main(argv=None, description: str = "") -> int:
+def cli(run_fn, s, name: str) -> int:
+    """Run a training job from its command line: logging set up, errors as one line (exit 2),
+    a stopped run's exit code, and a summary of the losses."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    s = parse_settings(argv, description)
     try:
-        out = run(s)
+        out = run_fn(s)
     except loop.TrainingStopped as e:
-        print(f"pretrain: {e}", file=sys.stderr, flush=True)
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except (DataError, ValueError, CheckpointError) as e:
-        print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         return 2
     hist = out["history"]
     if hist and jax.process_index() == 0:
@@ -295,3 +302,7 @@ def main(argv=None, description: str = "") -> int:
         print(f"loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step "
               f"{last['step']} (mean of the last {len(tail)} steps {np.mean(tail):.3f})")
     return 0
+
+
+def main(argv=None, description: str = "") -> int:
+    return cli(run, parse_settings(argv, description), "pretrain")

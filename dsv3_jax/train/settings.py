@@ -18,10 +18,14 @@ def _field(default, help: str, group: str, **kw):
 MODEL, KERNELS, DEVICES, OPTIM, GUARD, DATA, CKPT, OUTPUT = (
     "model and precision", "kernels", "devices and processes", "optimisation",
     "failed steps", "data", "checkpoints", "output")
+INIT = "starting point"
+GROUP_ORDER = (INIT, MODEL, KERNELS, DEVICES, OPTIM, GUARD, DATA, CKPT, OUTPUT)
 
 
 @dataclasses.dataclass
-class Settings:
+class BaseSettings:
+    """What every training job shares (model, kernels, devices, optimisation, failed steps,
+    checkpoints, output); a job adds its data and its own flags in a subclass."""
     # --- model and precision ---
     preset: str = _field("tiny", "config preset: tiny, small, v2_lite_16b, v2_236b, v3_671b",
                          MODEL)
@@ -98,12 +102,6 @@ class Settings:
                                      "times the weights' global norm fails (0: off, which also "
                                      "saves the check's pass over the optimizer state); "
                                      "Adam's update is about --lr / the weights' RMS", GUARD)
-    # --- data ---
-    data: list[str] | None = _field(None, "text or .jsonl files or folders of them (default: "
-                                    "the embedded corpus, the Python standard library's "
-                                    "sources)", DATA, nargs="*")
-    text_field: str = _field("text", "the field of each .jsonl record that holds its text", DATA)
-    embedded_bytes: int = _field(4_000_000, "bytes of the embedded corpus to read", DATA)
     # --- checkpoints ---
     checkpoint_dir: str | None = _field(None, "orbax checkpoint folder; a run with the same "
                                         "folder resumes from its latest complete checkpoint "
@@ -120,19 +118,16 @@ class Settings:
     progress: bool = _field(True, "progress bar on a terminal", OUTPUT)
     peak_tflops: float | None = _field(None, "per-device peak for MFU (default: the bf16 "
                                        "datasheet peak of known GPUs; none on CPU)", OUTPUT)
-    sample_tokens: int = _field(64, "greedy tokens to sample at the end (0: none)", OUTPUT)
-    sample_prompt: str = _field("def ", "prompt of the final greedy sample", OUTPUT)
-
     def __post_init__(self):
         for name in ("steps", "global_batch", "seq_len", "grad_accum", "checkpoint_every",
-                     "keep_checkpoints", "log_every", "max_consecutive_skips", "embedded_bytes"):
+                     "keep_checkpoints", "log_every", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "clip_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "mtp_weight", "balance_alpha", "bias_gamma",
-                     "sample_tokens", "max_update_ratio"):
+                     "max_update_ratio"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("spike_loss_factor", "spike_grad_factor"):
@@ -149,13 +144,38 @@ class Settings:
             raise ValueError(f"--mtp_depth must be >= 0, got {self.mtp_depth}")
 
 
-def settings_parser(description: str = "") -> argparse.ArgumentParser:
-    """argparse flags from `Settings`: one flag per field, same name, its help and default,
-    in the fields' groups."""
+@dataclasses.dataclass
+class Settings(BaseSettings):
+    """Pretraining: the shared flags, its corpus and the end-of-run sample."""
+    # --- data ---
+    data: list[str] | None = _field(None, "text or .jsonl files or folders of them (default: "
+                                    "the embedded corpus, the Python standard library's "
+                                    "sources)", DATA, nargs="*")
+    text_field: str = _field("text", "the field of each .jsonl record that holds its text", DATA)
+    embedded_bytes: int = _field(4_000_000, "bytes of the embedded corpus to read", DATA)
+    # --- output ---
+    sample_tokens: int = _field(64, "greedy tokens to sample at the end (0: none)", OUTPUT)
+    sample_prompt: str = _field("def ", "prompt of the final greedy sample", OUTPUT)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.embedded_bytes < 1:
+            raise ValueError(f"--embedded_bytes must be >= 1, got {self.embedded_bytes}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"--sample_tokens must be >= 0, got {self.sample_tokens}")
+
+
+def settings_parser(description: str = "", cls: type = Settings) -> argparse.ArgumentParser:
+    """argparse flags from a settings dataclass (`Settings` or a job's subclass of it): one flag
+    per field, same name, its help and default, in the fields' groups."""
     ap = argparse.ArgumentParser(description=description)
     groups: dict[str, argparse._ArgumentGroup] = {}
-    hints = typing.get_type_hints(Settings)
-    for f in dataclasses.fields(Settings):
+    hints = typing.get_type_hints(cls)
+    present = {f.metadata["group"] for f in dataclasses.fields(cls)}
+    for name in GROUP_ORDER:  # --help lists the groups in this order, the job's own last
+        if name in present:
+            groups[name] = ap.add_argument_group(name)
+    for f in dataclasses.fields(cls):
         meta = f.metadata
         group = groups.get(meta["group"]) or groups.setdefault(
             meta["group"], ap.add_argument_group(meta["group"]))
@@ -170,7 +190,11 @@ def settings_parser(description: str = "") -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] = meta["help"] + f" (default: {'on' if f.default else 'off'})"
         elif typing.get_origin(base) is list:
-            kw["nargs"] = meta.get("nargs", "*")
+            kw["type"] = typing.get_args(base)[0]
+            if meta.get("action") == "append":  # repeat the flag: --reward a --reward b
+                kw["action"] = "append"
+            else:
+                kw["nargs"] = meta.get("nargs", "*")
         else:
             kw["type"] = base
         if "choices" in meta:
@@ -179,11 +203,40 @@ def settings_parser(description: str = "") -> argparse.ArgumentParser:
     return ap
 
 
-def parse_settings(argv=None, description: str = "") -> Settings:
-    """Settings from command-line arguments; a bad value exits with a one-line usage error."""
-    ap = settings_parser(description)
+def parse_settings(argv=None, description: str = "", cls: type = Settings):
+    """`cls` settings from command-line arguments; a bad value exits with a one-line usage
+    error."""
+    ap = settings_parser(description, cls)
     args = ap.parse_args(argv)
     try:
-        return Settings(**vars(args))
+        return cls(**vars(args))
     except ValueError as e:
         ap.error(str(e))
+
+
+@dataclasses.dataclass
+class FinetuneSettings(BaseSettings):
+    """SFT and GRPO: the shared flags, where the model comes from, and its export. Defaults
+    differ from pretraining where fine-tuning differs: no MTP loss, a slow router-bias update
+    (V3's 1e-3)."""
+    # --- starting point ---
+    init_checkpoint: str | None = _field(None, "start from the newest checkpoint of one of our "
+                                         "runs (pretraining, SFT or GRPO; its model config "
+                                         "comes with it)", INIT)
+    hf: str | None = _field(None, "start from a Hugging Face DeepSeek-V3-architecture folder "
+                            "(config.json, safetensors, and tokenizer.json when it has one)",
+                            INIT)
+    export_hf: str | None = _field(None, "at the end, write the trained model to this folder "
+                                   "as a Hugging Face checkpoint (bf16 safetensors, "
+                                   "config.json, the source's tokenizer files)", OUTPUT)
+    preset: str = _field("tiny", "config preset of a random start (with neither "
+                         "--init_checkpoint nor --hf): tiny, small, v2_lite_16b, v2_236b, "
+                         "v3_671b", MODEL)
+    mtp_weight: float = _field(0.0, "lambda, the MTP loss weight; 0 leaves the MTP modules "
+                               "out of the step (they are kept, untrained)", MODEL)
+    bias_gamma: float = _field(1e-3, "gamma, the router-bias update speed (V3: 1e-3)", MODEL)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_checkpoint and self.hf:
+            raise ValueError("--init_checkpoint and --hf: give one starting point, not both")

@@ -37,6 +37,9 @@ V3_BIAS_GAMMA = 1e-3
 # `balance_loss` and the per-expert `load` (and `mtp_loss`, `mtp_load` with MTP).
 Objective = Callable[[dict, dict], tuple[jax.Array, dict]]
 
+# metrics that are counts: summed over micro-batches, not averaged
+SUMMED_METRICS = ("load", "mtp_load", "assistant_tokens", "completion_tokens")
+
 # V3 schedule shape ([PAPER] §4.2, 14.8T tokens): warmup; constant to 10T; cosine to 10% over
 # 4.3T; 10% for 333B; 7.3e-6 / 2.2e-4 = 3.3% for the last 167B. Fractions of the run:
 V3_CONSTANT_END = 10.0 / 14.8
@@ -52,7 +55,9 @@ def v3_schedule(peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Sc
     const_end = max(warmup_steps, round(V3_CONSTANT_END * total_steps))
     cos_end = max(const_end, round(V3_COSINE_END * total_steps))
     tail_end = max(cos_end, round(V3_FIRST_TAIL_END * total_steps))
-    pieces = [optax.linear_schedule(0.0, peak_lr, max(warmup_steps, 1)),
+    # no warmup: the first step already runs at the peak (not a one-step ramp from 0)
+    pieces = [optax.linear_schedule(0.0 if warmup_steps else peak_lr, peak_lr,
+                                    max(warmup_steps, 1)),
               optax.constant_schedule(peak_lr),
               optax.cosine_decay_schedule(peak_lr, max(cos_end - const_end, 1), alpha=0.1),
               optax.constant_schedule(0.1 * peak_lr),
@@ -63,6 +68,20 @@ def v3_schedule(peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Sc
 def init_state(cfg: Config, key: jax.Array, optimizer, shard=None) -> dict:
     """A fresh training state (sharded straight onto the mesh when `shard` is given)."""
     params = (init_params(cfg, key) if shard is None else init_params_sharded(cfg, key, shard))
+    opt_state = jax.jit(optimizer.init, out_shardings=_opt_shardings(cfg, optimizer, shard))(
+        params["weights"]) if shard else optimizer.init(params["weights"])
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(key, 1))}
+
+
+def state_from_params(cfg: Config, params: dict, key: jax.Array, optimizer, shard=None) -> dict:
+    """A fresh training state around given weights (a fine-tuning run's start: a pretraining
+    checkpoint or a Hugging Face model), placed on the mesh's shardings when `shard` is given;
+    the optimizer starts from zero moments."""
+    if shard is None:
+        params = jax.tree.map(jnp.asarray, params)
+    else:
+        params = jax.device_put(params, param_shardings(cfg, shard))
     opt_state = jax.jit(optimizer.init, out_shardings=_opt_shardings(cfg, optimizer, shard))(
         params["weights"]) if shard else optimizer.init(params["weights"])
     return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
@@ -109,7 +128,7 @@ def _pretraining_loss(params, batch, *, cfg, rt, shard, weights):
     return loss_fn(params, batch, cfg, rt, weights=weights, shard=shard)
 
 
-def _grads(objective: Objective, params: dict, batch: dict, accum: int):
+def _grads(objective: Objective, params: dict, batch: dict, accum: int, frozen=None):
     """(loss, metrics, grads of the weights), averaged over `accum` micro-batches.
 
     Micro-batch j takes rows j, j + accum, j + 2 accum, ...: a [B] axis split over devices in
@@ -118,9 +137,10 @@ def _grads(objective: Objective, params: dict, batch: dict, accum: int):
 
     def one(micro):
         def f(weights):
-            loss, metrics = objective({"weights": weights,
-                                       "router_state": params["router_state"]}, micro)
-            return loss, {k: v for k, v in metrics.items() if k != "indices"}
+            p = {"weights": weights, "router_state": params["router_state"]}
+            loss, metrics = (objective(p, micro) if frozen is None else
+                             objective(p, micro, frozen))
+            return loss, {k: v for k, v in metrics.items() if k not in ("indices", "hidden")}
 
         return jax.value_and_grad(f, has_aux=True)(params["weights"])
 
@@ -138,8 +158,8 @@ def _grads(objective: Objective, params: dict, batch: dict, accum: int):
                             jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
-    # losses and gradients average; per-expert loads are counts and add up
-    metrics = {k: (v if k in ("load", "mtp_load") else v / accum) for k, v in metrics.items()}
+    # losses and gradients average; per-expert loads and token counts add up
+    metrics = {k: (v if k in SUMMED_METRICS else v / accum) for k, v in metrics.items()}
     return loss / accum, metrics, jax.tree.map(lambda g: g / accum, grads)
 
 
@@ -150,7 +170,8 @@ def no_guard() -> dict:
 
 def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
                     objective: Objective | None = None, rt: Runtime | None = None,
-                    bias_gamma: float = V3_BIAS_GAMMA, grad_accum: int = 1, donate: bool = True):
+                    bias_gamma: float = V3_BIAS_GAMMA, grad_accum: int = 1, donate: bool = True,
+                    extra_metrics: tuple[str, ...] = (), frozen=None):
     """The jitted step(state, batch, guard) -> (state, metrics). `objective` defaults to V3's
     pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm"} and optionally
     "max_update_ratio" (float32 scalars; `no_guard()` for none): a step whose loss or gradient
@@ -158,12 +179,18 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
     max_update_ratio x the weights' global norm, is not applied. The update ratio costs a pass
     over the gradients, moments and weights before the update, which it gates, so it cannot
     share the update's pass (its cost: docs/performance.md); a guard without the key skips it. Its metrics: loss parts, grad_norm, update_ratio (with the key), lr, finite, applied,
-    per-layer expert load (counts [L, E]) and router-bias magnitudes."""
+    per-layer expert load (counts [L, E]) and router-bias magnitudes, and the objective's own
+    scalar metrics named in `extra_metrics` (e.g. GRPO's clip fraction).
+
+    `frozen`: a pytree the objective needs but does not train (a distillation teacher's
+    weights): the objective is then called as objective(params, micro_batch, frozen), and the
+    step is still called as step(state, batch, guard) (`FrozenArgStep` passes `frozen` as an
+    argument of the compiled program, not as a constant folded into it)."""
     objective = objective or pretraining_objective(cfg, rt, shard)
 
-    def step(state, batch, guard):
+    def step(state, batch, guard, frozen=None):
         params = state["params"]
-        loss, metrics, grads = _grads(objective, params, batch, grad_accum)
+        loss, metrics, grads = _grads(objective, params, batch, grad_accum, frozen)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         with jax.named_scope("optimizer"):
@@ -184,6 +211,7 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
                "applied": ok, "load": metrics["load"]}
         if "max_update_ratio" in guard:
             out["update_ratio"] = update_ratio
+        out.update({k: metrics[k] for k in extra_metrics})
         if "mtp_loss" in metrics:
             out.update(mtp_loss=metrics["mtp_loss"], mtp_load=metrics["mtp_load"])
         if "moe_layers" in router:
@@ -191,13 +219,41 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
         return new, out
 
     if shard is None:
-        return jax.jit(step, donate_argnums=(0,) if donate else ())
-    shardings = state_shardings(cfg, optimizer, shard)
-    replicated = NamedSharding(shard.mesh, P())
-    # metrics replicated: every process can read them without a gather
-    return jax.jit(step, in_shardings=(shardings, None, replicated),
-                   out_shardings=(shardings, replicated),
-                   donate_argnums=(0,) if donate else ())
+        jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+    else:
+        shardings = state_shardings(cfg, optimizer, shard)
+        replicated = NamedSharding(shard.mesh, P())
+        # metrics replicated: every process can read them without a gather; `frozen` where
+        # it already is
+        in_shardings = (shardings, None, replicated) + (() if frozen is None else (None,))
+        jitted = jax.jit(step, in_shardings=in_shardings,
+                         out_shardings=(shardings, replicated),
+                         donate_argnums=(0,) if donate else ())
+    return jitted if frozen is None else FrozenArgStep(jitted, frozen)
+
+
+class FrozenArgStep:
+    """step(state, batch, guard) over a jitted step(state, batch, guard, frozen): `frozen` (a
+    teacher's weights) is bound here and passed to the program as an argument on every call.
+    `lower` keeps the loop's compile-ahead working."""
+
+    def __init__(self, jitted, frozen):
+        self.jitted, self.frozen = jitted, frozen
+
+    def __call__(self, state, batch, guard):
+        return self.jitted(state, batch, guard, self.frozen)
+
+    def lower(self, state, batch, guard):
+        return _BoundLowered(self.jitted.lower(state, batch, guard, self.frozen), self.frozen)
+
+
+class _BoundLowered:
+    def __init__(self, lowered, frozen):
+        self.lowered, self.frozen = lowered, frozen
+
+    def compile(self):
+        compiled, frozen = self.lowered.compile(), self.frozen
+        return lambda state, batch, guard: compiled(state, batch, guard, frozen)
 
 
 def _schedule_count(opt_state) -> jax.Array:
@@ -214,7 +270,7 @@ def _schedule_count(opt_state) -> jax.Array:
 def _update_biases(router_state: dict, metrics: dict, gamma: float) -> dict:
     out = dict(router_state)
     for key, load in (("moe_layers", "load"), ("mtp", "mtp_load")):
-        if key in router_state:
+        if key in router_state and load in metrics:  # no MTP load when its loss is off
             out[key] = {"bias": update_router_bias(router_state[key]["bias"], metrics[load], gamma)}
     return out
 
