@@ -111,6 +111,8 @@ def main(argv=None) -> dict:
                      "ladder": "python experiments/grpo_ladder.py " + " ".join(
                          sys.argv[1:] if argv is None else argv)},
         "seconds": {"sft": round(t_sft, 1), "grpo": round(t_grpo, 1)},
+        # a rerun with the same --work_dir resumes: a finished SFT stage is not run again
+        "sft_steps_run_here": sft_out["steps_run"],
         "grpo_steady_state": {"rollout_tokens_per_s": mean("rollout_tokens_per_s"),
                               "rollout_seconds": mean("rollout_seconds"),
                               "train_seconds": mean("train_seconds"),

@@ -2,8 +2,8 @@
 
 Every import of a module of this project, top-level or inside a function, is read with `ast`
 (nothing is imported), and held against the rules: imports run down only, `sharding/` and
-`pallas_kernels/` know nothing of the model, `infer/` and `io/` never import `train/` or each other, and no
-kernel file reaches into another kernel file's private names.
+`pallas_kernels/` know nothing of the model, `infer/` and `io/` never import `train/` or each
+other, and no kernel file reaches into another kernel file's private names.
 """
 
 import ast

@@ -113,8 +113,9 @@ def build_dataset(s: SFTSettings, tokenizer) -> tuple[SFTDataset, str]:
              f"tokens, {ds.rows_per_epoch:,} rows of {s.seq_len} per epoch "
              f"({'packed' if s.packing else 'one per row'})")
     if enc.truncated:
-        about += (f"; {enc.truncated} cut to --seq_len {s.seq_len} + 1 tokens"
-                  f"{f', {enc.dropped} of them dropped (no assistant token left)' if enc.dropped else ''}")
+        dropped = (f", {enc.dropped} of them dropped (no assistant token left)"
+                   if enc.dropped else "")
+        about += f"; {enc.truncated} cut to --seq_len {s.seq_len} + 1 tokens{dropped}"
     return ds, about
 
 
@@ -275,8 +276,8 @@ def run(s: SFTSettings) -> dict:
     out = loop.run(sft_job(s, source, rt, shard, dataset, teacher), pretrain.loop_options(s))
     if s.export_hf and jax.process_index() == 0:
         params = pretrain.gather_params(out.state["params"])
-        print(f"exported a Hugging Face folder: {sources.export_hf(params, cfg, s.export_hf, source)}",
-              flush=True)
+        folder = sources.export_hf(params, cfg, s.export_hf, source)
+        print(f"exported a Hugging Face folder: {folder}", flush=True)
     return {"steps_run": out.steps_run, "start_step": out.start_step, "history": out.history,
             "state": out.state, "config": cfg, "runtime": rt, "tokenizer": source.tokenizer}
 
