@@ -19,6 +19,7 @@ import argparse
 import json
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -39,7 +40,7 @@ def parse_args(argv=None):
     ap.add_argument("--sft_steps", type=int, default=1200, help="SFT steps")
     ap.add_argument("--sft_lr", type=float, default=3e-3, help="SFT peak learning rate")
     ap.add_argument("--grpo_steps", type=int, default=60, help="GRPO steps")
-    ap.add_argument("--grpo_lr", type=float, default=1e-4, help="GRPO peak learning rate")
+    ap.add_argument("--grpo_lr", type=float, default=2e-5, help="GRPO peak learning rate")
     ap.add_argument("--grpo_flags", default="", help="more experiments/grpo.py flags, e.g. "
                     "'--num_generations 16 --temperature 0.7'")
     ap.add_argument("--eval_prompts", type=int, default=500, help="held-out prompts")
@@ -59,9 +60,11 @@ def _plot(records: list[dict], path: pathlib.Path, title: str) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in records]
     ax.plot(steps, [r["reward_mean"] for r in records], label="reward (sampled, mean)", alpha=0.6)
-    ev = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
-    if ev:
-        ax.plot(*zip(*ev), "o-", label="held-out accuracy (greedy)")
+    for key, label in (("eval_accuracy", "held-out accuracy (greedy)"),
+                       ("eval_sampled_accuracy", "held-out accuracy (sampled)")):
+        ev = [(r["step"], r[key]) for r in records if key in r]
+        if ev:
+            ax.plot(*zip(*ev), "o-", label=label)
     ax.set_xlabel("GRPO step")
     ax.set_title(title)
     ax.legend()
@@ -97,13 +100,17 @@ def main(argv=None) -> dict:
                 f"{before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}")
     keep = ("step", "reward_mean", "reward_std", "frac_reward_zero_std", "clip_frac",
             "completion_length", "entropy", "logprob_gap", "rollout_tokens_per_s",
-            "rollout_seconds", "train_seconds", "rollout_share", "eval_accuracy")
+            "rollout_seconds", "train_seconds", "rollout_share", "eval_accuracy",
+            "eval_sampled_accuracy")
     steady = records[1:] or records  # the first step compiles the rollout and the update
-    mean = lambda k: sum(r[k] for r in steady) / len(steady)  # noqa: E731
+    mean = lambda k: statistics.median(r[k] for r in steady)  # noqa: E731  (robust to a recompile)
     result = {
         "task": "arithmetic (a+b, a-b with a, b in [0, 99]; test split never trained on)",
         "preset": a.preset, "precision": a.precision,
         "accuracy_before": before["eval_accuracy"], "accuracy_after": after["eval_accuracy"],
+        "accuracy_definition": "greedy completion exactly right, on held-out test-split prompts",
+        "sampled_accuracy_before": before.get("eval_sampled_accuracy"),
+        "sampled_accuracy_after": after.get("eval_sampled_accuracy"),
         "eval_prompts": a.eval_prompts,
         "sft_final_loss": sft_out["history"][-1]["loss"] if sft_out["history"] else None,
         "commands": {"sft": "python experiments/sft.py " + " ".join(sft_flags),
@@ -113,7 +120,7 @@ def main(argv=None) -> dict:
         "seconds": {"sft": round(t_sft, 1), "grpo": round(t_grpo, 1)},
         # a rerun with the same --work_dir resumes: a finished SFT stage is not run again
         "sft_steps_run_here": sft_out["steps_run"],
-        "grpo_steady_state": {"rollout_tokens_per_s": mean("rollout_tokens_per_s"),
+        "grpo_steady_state_median": {"rollout_tokens_per_s": mean("rollout_tokens_per_s"),
                               "rollout_seconds": mean("rollout_seconds"),
                               "train_seconds": mean("train_seconds"),
                               "rollout_share": mean("rollout_share")},

@@ -193,6 +193,22 @@ def test_generate_script_from_a_pretrain_checkpoint(tmp_path):
     assert rec["outputs"][0] == rec["outputs"][1]  # the same prompt, greedy
     with pytest.raises(SystemExit, match="not comma-separated integers"):
         script.main(["--prompt_ids", "5,x"])
+    # sequence-level distillation: a model's completions for prompt records, as SFT data
+    import json
+
+    from dsv3_jax.train.sft_data import read_jsonl, to_messages
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+2=", "answer": "3"}\n'
+                       '{"prompt": [{"role": "user", "content": "hi"}]}\n')
+    out = tmp_path / "d.jsonl"
+    rec = script.main(["--checkpoint_dir", str(ck), "--prompts", str(prompts), "--out", str(out),
+                       "--max_new_tokens", "3"])
+    rows = [r for _, r in read_jsonl(out)]
+    assert rec["records"] == 2 and rows[0]["answer"] == "3"
+    assert all(isinstance(r["completion"], str) for r in rows)
+    assert to_messages(rows[1])[-1] == {"role": "assistant", "content": rows[1]["completion"]}
+    assert json.loads(out.read_text().splitlines()[0])["prompt"] == "1+2="
 
 
 def _force_drafts(monkeypatch, drafts):

@@ -123,7 +123,8 @@ def test_grpo_raises_the_reward_of_a_planted_task(tmp_path):
     s = grpo.GRPOSettings(data=[str(data)], chat=False, reward=[f"{tmp_path}/planted.py:"
                                                                 "lowercase_share"],
                           steps=6, global_batch=4, num_generations=8, max_completion_length=4,
-                          seq_len=8, lr=1e-2, eval_prompts=0, progress=False, log_every=1,
+                          seq_len=8, lr=1e-2, warmup_steps=0, bias_gamma=1e-3,
+                          eval_prompts=0, progress=False, log_every=1,
                           metrics_file=str(tmp_path / "m.jsonl"))
     out = grpo.run(s)
     cfg = out["config"]
@@ -154,3 +155,19 @@ def test_settings_errors_name_the_flag():
         grpo.GRPOSettings(num_generations=1)
     with pytest.raises(ValueError, match="--mesh"):
         grpo.GRPOSettings(mesh="fsdp=2")
+
+
+def test_both_scripts_document_every_flag():
+    from dsv3_jax.train import sft
+    from dsv3_jax.train.settings import settings_parser
+
+    for cls, flags in ((grpo.GRPOSettings, ("--reward", "--loss_type", "--routing_replay",
+                                            "--rollout_is", "--init_checkpoint", "--hf")),
+                       (sft.SFTSettings, ("--teacher", "--kd_beta", "--packing", "--export_hf"))):
+        ap = settings_parser("x", cls)
+        text = ap.format_help()
+        assert all(f in text for f in flags)
+        assert all(a.help for a in ap._actions)
+    s = grpo.parse_settings(["--reward", "exact_answer", "--reward", "format",
+                             "--reward_weights", "1", "0.5"], cls=grpo.GRPOSettings)
+    assert s.reward == ["exact_answer", "format"] and s.reward_weights == [1.0, 0.5]

@@ -66,6 +66,8 @@ class GRPOSettings(FinetuneSettings):
     eval_data: str | None = _field(None, "JSONL of held-out prompts (as --data) for the "
                                    "evaluation", DATA)
     eval_every: int = _field(0, "also evaluate every N steps (0: only before and after)", DATA)
+    eval_samples: int = _field(4, "sampled completions per held-out prompt (at --temperature) "
+                               "for eval_sampled_accuracy; 0: greedy only", DATA)
     # --- rollouts ---
     num_generations: int = _field(8, "G: completions per prompt (>= 2)", ROLL)
     max_completion_length: int = _field(16, "tokens per completion at most (a completion that "
@@ -119,8 +121,14 @@ class GRPOSettings(FinetuneSettings):
                                                 REWARD, nargs="*")
     # --- overrides of the shared flags ---
     steps: int = _field(60, "GRPO steps in the whole run (a resume continues to this)", OPTIM)
-    lr: float = _field(2e-4, "peak learning rate", OPTIM)
-    warmup_steps: int | None = _field(0, "linear warmup steps", OPTIM)
+    lr: float = _field(2e-5, "peak learning rate (tiny; DeepSeekMath's 7B used 1e-6)", OPTIM)
+    warmup_steps: int | None = _field(None, "linear warmup steps (default: a quarter of --steps, "
+                                      "at most 10): a fresh Adam's first updates are about lr "
+                                      "x sign(gradient) in every weight, and a rollout batch's "
+                                      "gradient is mostly noise", OPTIM)
+    bias_gamma: float = _field(0.0, "router-bias update speed; 0 (the GRPO default) keeps the "
+                               "routing the policy was trained with: moving it changes the "
+                               "policy outside the objective", MODEL)
     spike_loss_factor: float = _field(0.0, "fail a step whose loss exceeds this many times the "
                                       "recent median (0: off, the GRPO default: its loss sits "
                                       "near 0 and changes sign)", GUARD)
@@ -147,8 +155,8 @@ class GRPOSettings(FinetuneSettings):
                              f"{self.global_batch * self.num_generations} completions")
         if self.mesh != "none":
             raise ValueError("--mesh: GRPO runs on one device in this version (--mesh none)")
-        if self.eval_prompts < 0 or self.eval_every < 0:
-            raise ValueError("--eval_prompts and --eval_every must be >= 0")
+        if self.eval_prompts < 0 or self.eval_every < 0 or self.eval_samples < 0:
+            raise ValueError("--eval_prompts, --eval_every and --eval_samples must be >= 0")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -297,20 +305,33 @@ def train_batch(roll: Rollout, adv: np.ndarray, s: GRPOSettings) -> dict:
 
 
 def evaluate(params, e: Engine) -> dict:
-    """Greedy completions of the held-out prompts: mean total reward and, with an `answer`
-    column, the fraction answered exactly (`rewards.exact_answer`)."""
-    ev = e.eval_prompts
-    roll = rollout(params, e.cfg, ev.ids, e.s.max_completion_length, prompt_len=e.s.seq_len,
-                   temperature=0.0, stop_tokens=e.tokenizer.stop_ids, runtime=e.rt)
-    completions = [e.tokenizer.decode(c) for c in roll.completions()]
+    """The held-out prompts, greedy: mean total reward (`eval_reward`) and, with an `answer`
+    column, the fraction answered exactly (`eval_accuracy`); and `--eval_samples` completions
+    per prompt at the rollout temperature: the mean exact fraction (`eval_sampled_accuracy`,
+    pass@1 of the policy GRPO trains), from a fixed seed."""
+    ev, s = e.eval_prompts, e.s
+    has_answer = all("answer" in r for r in ev.records)
+    prompts = [r["prompt"] for r in ev.records]
+
+    def completions(ids, temperature, seed=0):
+        roll = rollout(params, e.cfg, ids, s.max_completion_length, prompt_len=s.seq_len,
+                       temperature=temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
+                       stop_tokens=e.tokenizer.stop_ids, runtime=e.rt)
+        return [e.tokenizer.decode(c) for c in roll.completions()]
+
+    greedy = completions(ev.ids, 0.0)
     out = {}
-    if all("answer" in r for r in ev.records):
-        right = rewards_lib.exact_answer([r["prompt"] for r in ev.records], completions,
-                                         answer=[r["answer"] for r in ev.records])
+    if has_answer:
+        right = rewards_lib.exact_answer(prompts, greedy, answer=[r["answer"] for r in ev.records])
         out["eval_accuracy"] = float(np.mean(right))
-    total, _ = rewards_lib.score(e.rewards, [r["prompt"] for r in ev.records], completions,
-                                 _columns(ev.records, 1))
+    total, _ = rewards_lib.score(e.rewards, prompts, greedy, _columns(ev.records, 1))
     out["eval_reward"] = float(np.mean(total))
+    if has_answer and s.eval_samples:
+        k = s.eval_samples
+        sampled = completions([x for x in ev.ids for _ in range(k)], s.temperature, seed=1)
+        right = rewards_lib.exact_answer([p for p in prompts for _ in range(k)], sampled,
+                                         answer=[r["answer"] for r in ev.records for _ in range(k)])
+        out["eval_sampled_accuracy"] = float(np.mean(right))
     return out
 
 
@@ -389,7 +410,7 @@ def build_engine(s: GRPOSettings, source: sources.Source, rt: Runtime, optimizer
 
 def grpo_job(s: GRPOSettings, source: sources.Source, rt: Runtime) -> tuple[loop.Job, Engine]:
     cfg = source.cfg
-    warmup = s.warmup_steps if s.warmup_steps is not None else max(1, round(0.05 * s.steps))
+    warmup = s.warmup_steps if s.warmup_steps is not None else min(10, s.steps // 4)
     schedule = train_step.v3_schedule(s.lr, s.steps, min(warmup, s.steps - 1))
     optimizer = train_step.make_optimizer(cfg, schedule, weight_decay=s.weight_decay,
                                           clip_norm=s.clip_norm)
