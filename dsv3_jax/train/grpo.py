@@ -398,7 +398,8 @@ def build_engine(s: GRPOSettings, source: sources.Source, rt: Runtime, optimizer
     objective = functools.partial(grpo_loss, cfg=cfg, rt=rt, s=s)
     update = train_step.make_train_step(cfg, optimizer, schedule, None, objective=objective,
                                         bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
-                                        extra_metrics=EXTRA + (("kl",) if s.beta else ()))
+                                        extra_metrics=EXTRA + (("kl",) if s.beta else ())
+                                        + (("is_weight_mean",) if s.rollout_is != "off" else ()))
 
     @jax.jit
     def logprobs(params, batch):
