@@ -289,3 +289,17 @@ def test_compare_speculative_tells_a_near_tie_from_a_fork(params, plain, teacher
     short[2] = short[2][:4]
     d = script._divergence(params, CFG, RT, PROMPTS, plain, short, 1.0)
     assert (d["row"], d["position"], d["near_tie"]) == (2, 4, False)
+
+
+def test_text_prompts_through_a_tokenizer():
+    from dsv3_jax.io.tokenizer import ByteTokenizer
+
+    params = dsv3_jax.init_params(CFG, jax.random.key(0))
+    tok = ByteTokenizer()
+    texts = generate(params, CFG, ["ab", "xyz"], 4, tokenizer=tok)
+    ids = generate(params, CFG, [tok.encode("ab").tolist(), tok.encode("xyz").tolist()], 4)
+    assert texts == [tok.decode(o) for o in ids]
+    with pytest.raises(ValueError, match="tokenizer="):
+        generate(params, CFG, ["ab"], 4)
+    with pytest.raises(ValueError, match="mix"):
+        generate(params, CFG, ["ab", [5, 6]], 4, tokenizer=tok)

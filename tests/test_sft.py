@@ -147,6 +147,13 @@ def test_sft_job_resumes_bitwise_and_exports(tmp_path):
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     cfg, _ = dsv3_jax.load_hf_checkpoint(str(tmp_path / "hf"))
     assert cfg.dim == 64 and cfg.n_routed_experts == 8
+    # logit-level distillation from a checkpoint of ours: the teacher enters the compiled step
+    # as an argument; the metrics carry the KD term (> 0: teacher and fresh student differ)
+    m = tmp_path / "kd.jsonl"
+    sft.run(sft.SFTSettings(**{**base, "steps": 2, "teacher": ck, "kd_weight": 0.5,
+                               "metrics_file": str(m), "sample_tokens": 0}))
+    recs = [json.loads(line) for line in m.read_text().splitlines()]
+    assert len(recs) == 2 and all(r["kd_loss"] > 0 and r["assistant_tokens"] > 0 for r in recs)
     # a resume with other data is an error naming the flag
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"messages": CONVS[0]}) + "\n")

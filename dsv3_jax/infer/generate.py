@@ -107,7 +107,7 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
              *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, stop_tokens: Sequence[int] = (), speculative: bool = False,
              max_len: int | None = None, cache_dtype=None, runtime: Runtime | None = None,
-             return_stats: bool = False):
+             return_stats: bool = False, tokenizer=None):
     """Generate up to `max_new_tokens` tokens after each prompt; returns the new token-id lists
     (prompt excluded; a row ends with its stop token when it meets one), and with
     `return_stats` also a dict: `drafted` and `accepted` draft tokens and `steps` (forward
@@ -124,7 +124,25 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
     process's devices once (`runtime.resolve(config)`).
     speculative: draft one token per step with the MTP module and verify it with the main model
     (greedy: the output is the plain greedy output; sampled: standard speculative sampling, the
-    same distribution; `dsv3_jax.infer.speculative`)."""
+    same distribution; `dsv3_jax.infer.speculative`).
+    tokenizer: any `dsv3_jax.io.tokenizer` tokenizer; with it, prompts may be strings (encoded
+    as they are: render a conversation first with `io.chat.tokenize_prompt`) and the outputs
+    are then decoded strings."""
+    text = any(isinstance(p, str) for p in prompts) if isinstance(prompts, (list, tuple)) else False
+    if text:
+        if tokenizer is None:
+            raise ValueError("text prompts need tokenizer= (e.g. dsv3_jax.io.tokenizer."
+                             "ByteTokenizer() or load_tokenizer(folder))")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts mix text and token ids: give one kind")
+        prompts = [np.asarray(tokenizer.encode(p)).tolist() for p in prompts]
+        out = generate(params, config, prompts, max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
+                       speculative=speculative, max_len=max_len, cache_dtype=cache_dtype,
+                       runtime=runtime, return_stats=return_stats)
+        outs, stats = out if return_stats else (out, None)
+        texts = [tokenizer.decode(o) for o in outs]
+        return (texts, stats) if return_stats else texts
     if speculative and config.mtp_depth < 1:
         raise ValueError("speculative=True drafts with the MTP module: Config.mtp_depth is 0")
     check_controls(temperature, top_k, top_p)
