@@ -411,14 +411,9 @@ def build_engine(s: GRPOSettings, source: sources.Source, rt: Runtime, optimizer
 
 def grpo_job(s: GRPOSettings, source: sources.Source, rt: Runtime) -> tuple[loop.Job, Engine]:
     cfg = source.cfg
-    warmup = s.warmup_steps if s.warmup_steps is not None else min(10, s.steps // 4)
-    schedule = train_step.v3_schedule(s.lr, s.steps, min(warmup, s.steps - 1))
-    optimizer = train_step.make_optimizer(cfg, schedule, weight_decay=s.weight_decay,
-                                          clip_norm=s.clip_norm)
+    schedule, optimizer = pretrain.build_optimizer(s, cfg, min(10, s.steps // 4))
     e = build_engine(s, source, rt, optimizer, schedule)
-    about = {"config": pretrain._plain(dataclasses.asdict(cfg)),
-             "runtime": pretrain._plain(dataclasses.asdict(rt)),
-             "settings": pretrain._plain(dataclasses.asdict(s)), "source": source.description}
+    about = pretrain.run_meta(cfg, rt, s, source=source.description)
     key = jax.random.key(s.seed)
     job = loop.Job(
         name="GRPO",

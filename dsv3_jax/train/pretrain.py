@@ -127,11 +127,12 @@ def place_batch(rows, shard) -> dict:
 
 
 class Rows:
-    """rows(slice) of one step's global batch (a small cache: inputs and targets share reads)."""
-    keys = ("inputs", "targets")
+    """rows(slice) of one step's global batch (a small cache: the arrays of one row range share
+    reads). `dataset` has `rows(step, slice) -> {key: [rows, seq_len]}`, `global_batch` and
+    `seq_len` (`PackedDataset`, `sft_data.SFTDataset`); `keys` are the arrays it returns."""
 
-    def __init__(self, dataset: PackedDataset, step: int):
-        self.dataset, self.step = dataset, step
+    def __init__(self, dataset, step: int, keys: tuple[str, ...] = ("inputs", "targets")):
+        self.dataset, self.step, self.keys = dataset, step, keys
         self.shape = (dataset.global_batch, dataset.seq_len)
         self._cache = {}
 
@@ -153,10 +154,14 @@ def check_resume(meta: dict, dataset: PackedDataset, cfg: Config) -> None:
     """A checkpoint written for another model or other data is an error naming the field (the
     model first: it decides whether the arrays can be read at all)."""
     check_model(meta, cfg)
+    check_data(meta, dataset.state(0), {"fingerprint": "--data/--embedded_bytes",
+                                        "seq_len": "--seq_len", "global_batch": "--global_batch",
+                                        "seed": "--seed"})
+
+
+def check_data(meta: dict, now: dict, flags: dict[str, str]) -> None:
+    """A checkpoint written with other data is an error naming the field and its flag."""
     saved = meta.get("data", {})
-    now = dataset.state(0)
-    flags = {"fingerprint": "--data/--embedded_bytes", "seq_len": "--seq_len",
-             "global_batch": "--global_batch", "seed": "--seed"}
     for key, flag in flags.items():
         if key in saved and saved[key] != now[key]:
             raise ValueError(f"the checkpoint was written with a different {key} ({saved[key]!r}, "
@@ -214,19 +219,32 @@ def _sampler(s: Settings, cfg: Config, rt: Runtime, tokenizer):
     return sample
 
 
-def pretraining_job(s: Settings, cfg: Config, rt: Runtime, shard, dataset: PackedDataset,
-                    tokenizer) -> loop.Job:
-    """Pretraining as a loop job: the V3 objective over `dataset`'s packed batches."""
-    warmup = s.warmup_steps if s.warmup_steps is not None else max(1, round(0.05 * s.steps))
+def build_optimizer(s, cfg: Config, default_warmup: int | None = None):
+    """(schedule, optimizer): the V3 AdamW and learning-rate shape from a job's settings; the
+    warmup is --warmup_steps, else `default_warmup`, else 5% of the steps."""
+    warmup = s.warmup_steps if s.warmup_steps is not None else (
+        default_warmup if default_warmup is not None else max(1, round(0.05 * s.steps)))
     schedule = train_step.v3_schedule(s.lr, s.steps, min(warmup, s.steps - 1))
     optimizer = train_step.make_optimizer(cfg, schedule, weight_decay=s.weight_decay,
                                           clip_norm=s.clip_norm)
+    return schedule, optimizer
+
+
+def run_meta(cfg: Config, rt: Runtime, s, **more) -> dict:
+    """What every checkpoint of a run records besides its data position."""
+    return {"config": _plain(dataclasses.asdict(cfg)), "runtime": _plain(dataclasses.asdict(rt)),
+            "settings": _plain(dataclasses.asdict(s)), **more}
+
+
+def pretraining_job(s: Settings, cfg: Config, rt: Runtime, shard, dataset: PackedDataset,
+                    tokenizer) -> loop.Job:
+    """Pretraining as a loop job: the V3 objective over `dataset`'s packed batches."""
+    schedule, optimizer = build_optimizer(s, cfg)
     objective = train_step.pretraining_objective(
         cfg, rt, shard, weights=LossWeights(mtp=s.mtp_weight, balance=s.balance_alpha))
     step_fn = train_step.make_train_step(cfg, optimizer, schedule, shard, objective=objective,
                                          bias_gamma=s.bias_gamma, grad_accum=s.grad_accum)
-    about = {"config": _plain(dataclasses.asdict(cfg)), "runtime": _plain(dataclasses.asdict(rt)),
-             "settings": _plain(dataclasses.asdict(s))}
+    about = run_meta(cfg, rt, s)
     return loop.Job(
         name="pretraining",
         init_state=lambda: train_step.init_state(cfg, jax.random.key(s.seed), optimizer, shard),

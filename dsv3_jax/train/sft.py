@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import logging
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,6 @@ from dsv3_jax.io import chat
 from dsv3_jax.model import compute_weights, forward
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train import loop, pretrain, sources, step as train_step, tasks
-from dsv3_jax.train.checkpoint import CheckpointError
 from dsv3_jax.train.data import DataError
 from dsv3_jax.train.distill import kd_loss
 from dsv3_jax.train.loss import LossWeights, loss_fn
@@ -119,22 +117,6 @@ def build_dataset(s: SFTSettings, tokenizer) -> tuple[SFTDataset, str]:
     return ds, about
 
 
-class Rows:
-    """rows(slice) of one step's global batch, the interface `pretrain.place_batch` reads."""
-    keys = ROW_KEYS
-
-    def __init__(self, dataset: SFTDataset, step: int):
-        self.dataset, self.step = dataset, step
-        self.shape = (dataset.global_batch, dataset.seq_len)
-        self._cache = {}
-
-    def __call__(self, rows: slice | None):
-        key = None if rows is None else (rows.start, rows.stop, rows.step)
-        if key not in self._cache:
-            self._cache[key] = self.dataset.rows(self.step, rows)
-        return self._cache[key]
-
-
 # ----------------------------------------------------------------------------- objective
 
 
@@ -212,10 +194,7 @@ def _sampler(s: SFTSettings, cfg: Config, rt: Runtime, tokenizer):
 def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset: SFTDataset,
             teacher: sources.Source | None = None) -> loop.Job:
     cfg = source.cfg
-    warmup = s.warmup_steps if s.warmup_steps is not None else max(1, round(0.05 * s.steps))
-    schedule = train_step.v3_schedule(s.lr, s.steps, min(warmup, s.steps - 1))
-    optimizer = train_step.make_optimizer(cfg, schedule, weight_decay=s.weight_decay,
-                                          clip_norm=s.clip_norm)
+    schedule, optimizer = pretrain.build_optimizer(s, cfg)
     objective = sft_objective(cfg, rt, shard, LossWeights(mtp=s.mtp_weight,
                                                           balance=s.balance_alpha), teacher, s)
     frozen = None
@@ -225,9 +204,7 @@ def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset:
     step_fn = train_step.make_train_step(cfg, optimizer, schedule, shard, objective=objective,
                                          bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
                                          extra_metrics=extra, frozen=frozen)
-    about = {"config": pretrain._plain(dataclasses.asdict(cfg)),
-             "runtime": pretrain._plain(dataclasses.asdict(rt)),
-             "settings": pretrain._plain(dataclasses.asdict(s)), "source": source.description}
+    about = pretrain.run_meta(cfg, rt, s, source=source.description)
     key = jax.random.key(s.seed)
     return loop.Job(
         name="SFT",
@@ -235,7 +212,7 @@ def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset:
                                                         shard),
         abstract_state=lambda: train_step.abstract_state(cfg, optimizer, shard),
         step=step_fn,
-        batch=lambda i: pretrain.place_batch(Rows(dataset, i), shard),
+        batch=lambda i: pretrain.place_batch(pretrain.Rows(dataset, i, ROW_KEYS), shard),
         meta=lambda i: {"data": dataset.state(i), **about},
         check_resume=lambda meta: check_resume(meta, dataset, cfg),
         tokens_per_step=s.global_batch * s.seq_len,
@@ -247,14 +224,9 @@ def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset:
 def check_resume(meta: dict, dataset: SFTDataset, cfg: Config) -> None:
     """A checkpoint of another model or other data is an error naming the field and flag."""
     pretrain.check_model(meta, cfg)
-    saved, now = meta.get("data", {}), dataset.state(0)
-    flags = {"fingerprint": "--data", "seq_len": "--seq_len", "global_batch": "--global_batch",
-             "seed": "--seed", "packing": "--packing"}
-    for key, flag in flags.items():
-        if key in saved and saved[key] != now[key]:
-            raise ValueError(f"the checkpoint was written with a different {key} ({saved[key]!r}, "
-                             f"now {now[key]!r}): resume with the same {flag}, or use a new "
-                             "--checkpoint_dir")
+    pretrain.check_data(meta, dataset.state(0), {
+        "fingerprint": "--data", "seq_len": "--seq_len", "global_batch": "--global_batch",
+        "seed": "--seed", "packing": "--packing"})
 
 
 def run(s: SFTSettings) -> dict:
