@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
         kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                   stop_tokens=_ids(a.stop_ids, "--stop_ids"), speculative=a.speculative,
                   cache_dtype=None if a.cache_dtype == "auto" else jnp.dtype(a.cache_dtype),
-                  runtime=rt)
+                  runtime=rt, vocab_limit=tok.vocab_size)
         return distill_file(params, cfg, tok, a, kw)
     prompts = [(chat.tokenize_prompt(tok, [{"role": "user", "content": t}]) if a.chat
                 else tok.encode(t)).tolist() for t in texts]
@@ -273,6 +273,8 @@ def main(argv=None) -> dict:
               stop_tokens=stop, speculative=a.speculative,
               cache_dtype=None if a.cache_dtype == "auto" else jnp.dtype(a.cache_dtype),
               runtime=rt)
+    if texts and not a.speculative and not a.compare_speculative:
+        kw["vocab_limit"] = tok.vocab_size  # never an id the tokenizer cannot decode
     cache_dtype = rt.dtype if a.cache_dtype == "auto" else a.cache_dtype
     outs, times, stats = _timed_generate(params, cfg, prompts, a, kw)
     seconds = times[-1]

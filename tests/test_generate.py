@@ -297,9 +297,25 @@ def test_text_prompts_through_a_tokenizer():
     params = dsv3_jax.init_params(CFG, jax.random.key(0))
     tok = ByteTokenizer()
     texts = generate(params, CFG, ["ab", "xyz"], 4, tokenizer=tok)
-    ids = generate(params, CFG, [tok.encode("ab").tolist(), tok.encode("xyz").tolist()], 4)
+    ids = generate(params, CFG, [tok.encode("ab").tolist(), tok.encode("xyz").tolist()], 4,
+                   vocab_limit=tok.vocab_size)  # what tokenizer= implies: only decodable ids
     assert texts == [tok.decode(o) for o in ids]
     with pytest.raises(ValueError, match="tokenizer="):
         generate(params, CFG, ["ab"], 4)
     with pytest.raises(ValueError, match="mix"):
         generate(params, CFG, ["ab", [5, 6]], 4, tokenizer=tok)
+
+
+def test_vocab_limit_masks_ids_the_tokenizer_lacks():
+    params = dsv3_jax.init_params(CFG, jax.random.key(0))
+    prompts = [[5, 6, 7], [9]]
+    free = generate(params, CFG, prompts, 12, temperature=1.5, seed=3)
+    assert max(max(o) for o in free) >= 259  # a random model draws padded ids
+    capped = generate(params, CFG, prompts, 12, temperature=1.5, seed=3, vocab_limit=259)
+    assert max(max(o) for o in capped) < 259
+    greedy = generate(params, CFG, prompts, 6, vocab_limit=259)
+    from dsv3_jax.infer.sampling import limit_vocab
+    logits, _ = dsv3_jax.forward(params, jnp.asarray([prompts[0]]), CFG)
+    assert greedy[0][0] == int(jnp.argmax(limit_vocab(logits[0, -1:], 259)))
+    with pytest.raises(ValueError, match="vocab_limit"):
+        generate(params, CFG, prompts, 4, vocab_limit=259, speculative=True)

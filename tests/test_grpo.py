@@ -108,9 +108,12 @@ def lowercase_share(prompts, completions, **columns):
 
 
 def _lowercase_mass(params, cfg, prompts):
-    """Probability of a lowercase-letter token as each prompt's first completion token."""
+    """Probability of a lowercase-letter token as each prompt's first completion token, over
+    the ids the byte tokenizer can decode (what the rollouts sample from)."""
+    from dsv3_jax.infer.sampling import limit_vocab
+
     logits, _ = dsv3_jax.forward(params, jnp.asarray([p for p in prompts]), cfg)
-    probs = np.asarray(jax.nn.softmax(logits[:, -1], -1))
+    probs = np.asarray(jax.nn.softmax(limit_vocab(logits[:, -1], 259), -1))
     return probs[:, 97 + 3:123 + 3].sum(-1).mean()
 
 
@@ -122,7 +125,7 @@ def test_grpo_raises_the_reward_of_a_planted_task(tmp_path):
     data.write_text("\n".join(json.dumps({"prompt": t}) for t in texts) + "\n")
     s = grpo.GRPOSettings(data=[str(data)], chat=False, reward=[f"{tmp_path}/planted.py:"
                                                                 "lowercase_share"],
-                          steps=6, global_batch=4, num_generations=8, max_completion_length=4,
+                          steps=10, global_batch=4, num_generations=8, max_completion_length=4,
                           seq_len=8, lr=1e-2, warmup_steps=0, bias_gamma=1e-3,
                           eval_prompts=0, progress=False, log_every=1,
                           metrics_file=str(tmp_path / "m.jsonl"))

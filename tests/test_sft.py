@@ -3,6 +3,7 @@ and unpacked layouts agreeing, distillation toward an identical teacher, and the
 resume through the shared loop."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -160,3 +161,33 @@ def test_sft_job_resumes_bitwise_and_exports(tmp_path):
     with pytest.raises(ValueError, match="--data"):
         sft.run(sft.SFTSettings(**{**base, "data": [str(other)], "steps": 6,
                                    "checkpoint_dir": ck}))
+
+
+@pytest.mark.slow
+def test_sft_and_grpo_start_from_a_hugging_face_folder_with_its_tokenizer(tmp_path, tiny):
+    """--hf: a DeepSeek-V3 folder (our tiny model exported) with a real tokenizer.json and
+    DeepSeek's chat template: SFT renders and masks with them, GRPO samples and stops with the
+    folder's stop ids, and the export carries the tokenizer files along."""
+    import shutil
+
+    from dsv3_jax.io.hf import save_hf_checkpoint
+    from dsv3_jax.train import grpo
+
+    cfg, params = tiny
+    hf = tmp_path / "hf"
+    save_hf_checkpoint(params, cfg, str(hf))
+    tok_dir = pathlib.Path(__file__).parent / "fixtures" / "chat" / "tiny_tokenizer"
+    for f in tok_dir.iterdir():
+        shutil.copy(f, hf / f.name)
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "completion": c, "answer": c})
+                              for p, c in [("1+1=", "2"), ("2+2=", "4"), ("3+1=", "4")]) + "\n")
+    out = sft.run(sft.SFTSettings(hf=str(hf), data=[str(data)], steps=2, global_batch=2,
+                                  seq_len=32, mesh="none", progress=False, sample_tokens=3,
+                                  export_hf=str(tmp_path / "out")))
+    assert type(out["tokenizer"]).__name__ == "HFTokenizer" and len(out["history"]) == 2
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    g = grpo.run(grpo.GRPOSettings(hf=str(tmp_path / "out"), data=[str(data)], steps=1,
+                                   global_batch=2, num_generations=2, max_completion_length=3,
+                                   eval_prompts=0, progress=False))
+    assert g["steps_run"] == 1

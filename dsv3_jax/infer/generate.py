@@ -30,7 +30,7 @@ from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import Config
 from dsv3_jax.infer import speculative as spec
 from dsv3_jax.infer.prefill import prefill, whole_blocks
-from dsv3_jax.infer.sampling import check_controls, sample
+from dsv3_jax.infer.sampling import check_controls, limit_vocab, sample
 from dsv3_jax.runtime import Runtime
 
 def _validate(prompts, cfg: Config, max_new_tokens: int, max_len: int | None) -> tuple[list, int]:
@@ -72,12 +72,12 @@ def _validate(prompts, cfg: Config, max_new_tokens: int, max_len: int | None) ->
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rt", "max_new", "temperature", "top_k",
-                                             "top_p"))
+                                             "top_p", "vocab_limit"))
 def _run(params, tokens, lengths, stop, cache, key, *, cfg, rt, max_new, temperature, top_k,
-         top_p):
+         top_p, vocab_limit=None):
     b = tokens.shape[0]
     first, cache, _ = prefill(params, tokens, lengths, cache, key, cfg, rt, temperature, top_k,
-                              top_p)
+                              top_p, vocab_limit)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop) | (max_new == 1)
     n_out = jnp.ones((b,), jnp.int32)
@@ -91,7 +91,8 @@ def _run(params, tokens, lengths, stop, cache, key, *, cfg, rt, max_new, tempera
         logits, cache, _ = _model.forward_cached(params, tok[:, None], cache, cfg, rt,
                                                  absorbed=True,
                                                  n_valid=(~done).astype(jnp.int32))
-        nxt = sample(logits[:, 0], jax.random.fold_in(key, step), temperature, top_k, top_p)
+        nxt = sample(limit_vocab(logits[:, 0], vocab_limit), jax.random.fold_in(key, step),
+                     temperature, top_k, top_p)
         nxt = jnp.where(done, 0, nxt)
         out = out.at[:, step].set(nxt)
         n_out = n_out + (~done).astype(jnp.int32)
@@ -107,7 +108,7 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
              *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, stop_tokens: Sequence[int] = (), speculative: bool = False,
              max_len: int | None = None, cache_dtype=None, runtime: Runtime | None = None,
-             return_stats: bool = False, tokenizer=None):
+             return_stats: bool = False, tokenizer=None, vocab_limit: int | None = None):
     """Generate up to `max_new_tokens` tokens after each prompt; returns the new token-id lists
     (prompt excluded; a row ends with its stop token when it meets one), and with
     `return_stats` also a dict: `drafted` and `accepted` draft tokens and `steps` (forward
@@ -127,7 +128,9 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
     same distribution; `dsv3_jax.infer.speculative`).
     tokenizer: any `dsv3_jax.io.tokenizer` tokenizer; with it, prompts may be strings (encoded
     as they are: render a conversation first with `io.chat.tokenize_prompt`) and the outputs
-    are then decoded strings."""
+    are then decoded strings; ids at or above its vocab_size are never generated.
+    vocab_limit: never generate ids >= this (a checkpoint's embedding padded beyond its
+    tokenizer; `sampling.limit_vocab`)."""
     text = any(isinstance(p, str) for p in prompts) if isinstance(prompts, (list, tuple)) else False
     if text:
         if tokenizer is None:
@@ -139,10 +142,17 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
         out = generate(params, config, prompts, max_new_tokens, temperature=temperature,
                        top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
                        speculative=speculative, max_len=max_len, cache_dtype=cache_dtype,
-                       runtime=runtime, return_stats=return_stats)
+                       runtime=runtime, return_stats=return_stats,
+                       vocab_limit=min(vocab_limit or tokenizer.vocab_size,
+                                       tokenizer.vocab_size))
         outs, stats = out if return_stats else (out, None)
         texts = [tokenizer.decode(o) for o in outs]
         return (texts, stats) if return_stats else texts
+    if vocab_limit is not None and vocab_limit >= config.vocab_size:
+        vocab_limit = None
+    if speculative and vocab_limit is not None:
+        raise ValueError("speculative=True with a vocab_limit below the model's vocabulary is "
+                         "not supported yet: drop one of them")
     if speculative and config.mtp_depth < 1:
         raise ValueError("speculative=True drafts with the MTP module: Config.mtp_depth is 0")
     check_controls(temperature, top_k, top_p)
@@ -160,6 +170,8 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
     args = (params, jnp.asarray(tokens), jnp.asarray(lengths), stop, cache, jax.random.key(seed))
     static = dict(cfg=config, rt=rt, max_new=max_new_tokens, temperature=float(temperature),
                   top_k=top_k, top_p=top_p)
+    if vocab_limit is not None:
+        static["vocab_limit"] = int(vocab_limit)
     if speculative:
         # one slot more than the main cache (the draft's position), in whole 64-slot blocks too
         mtp_cache = spec.empty_mtp_cache(config, len(rows), whole_blocks(max_len + 1),

@@ -33,7 +33,7 @@ from dsv3_jax import model as _model
 from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import Config
 from dsv3_jax.infer.prefill import whole_blocks
-from dsv3_jax.infer.sampling import check_controls, sample
+from dsv3_jax.infer.sampling import check_controls, limit_vocab, sample
 from dsv3_jax.runtime import Runtime
 
 
@@ -60,13 +60,14 @@ def _logprob(logits, tokens, temperature):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rt", "max_new", "temperature", "top_k",
-                                             "top_p", "record_routing"))
+                                             "top_p", "record_routing", "vocab_limit"))
 def _run(params, tokens, lengths, stop, cache, key, *, cfg, rt, max_new, temperature, top_k,
-         top_p, record_routing):
+         top_p, record_routing, vocab_limit):
     b, p = tokens.shape
     logits, cache, aux = _model.forward_cached(params, tokens, cache, cfg, rt, absorbed=False,
                                                n_valid=lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    last = limit_vocab(jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0],
+                       vocab_limit)
     first = sample(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
     lp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(_logprob(last, first, temperature))
@@ -87,10 +88,11 @@ def _run(params, tokens, lengths, stop, cache, key, *, cfg, rt, max_new, tempera
         logits, cache, aux = _model.forward_cached(params, tok[:, None], cache, cfg, rt,
                                                    absorbed=True,
                                                    n_valid=(~done).astype(jnp.int32))
-        nxt = sample(logits[:, 0], jax.random.fold_in(key, step), temperature, top_k, top_p)
+        step_logits = limit_vocab(logits[:, 0], vocab_limit)
+        nxt = sample(step_logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
         nxt = jnp.where(done, 0, nxt)
         out = out.at[:, step].set(nxt)
-        lp = lp.at[:, step].set(jnp.where(done, 0.0, _logprob(logits[:, 0], nxt, temperature)))
+        lp = lp.at[:, step].set(jnp.where(done, 0.0, _logprob(step_logits, nxt, temperature)))
         if routing is not None:
             # the token fed at this step is completion token step-1, at position length + step-1
             pos = jnp.where(done, p + max_new - 1, lengths + step - 1)
@@ -128,11 +130,13 @@ def rollout(params: dict, cfg: Config, prompts: Sequence[Sequence[int]], max_new
             prompt_len: int | None = None, temperature: float = 1.0, top_k: int | None = None,
             top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (),
             record_routing: bool = False, cache_dtype=None, runtime: Runtime | None = None,
-            compute_weights: bool = True) -> Rollout:
+            compute_weights: bool = True, vocab_limit: int | None = None) -> Rollout:
     """Sample a completion of up to `max_new_tokens` after each prompt (see the module
     docstring). prompt_len: the padded prompt length (default: the longest prompt), fixed by
     callers that want one compiled shape. compute_weights=False when `params["weights"]` are
-    already cast for the runtime (saves a cast per call)."""
+    already cast for the runtime (saves a cast per call). vocab_limit: ids >= it are never
+    sampled and the log-probs are over the ids below it (`sampling.limit_vocab`; the trainer
+    must score with the same limit)."""
     check_controls(temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -154,7 +158,9 @@ def rollout(params: dict, cfg: Config, prompts: Sequence[Sequence[int]], max_new
     out, n_out, lp, routing = _run(
         params, jnp.asarray(tokens), jnp.asarray(lengths), stop, cache, jax.random.key(seed),
         cfg=cfg, rt=rt, max_new=max_new_tokens, temperature=float(temperature), top_k=top_k,
-        top_p=top_p, record_routing=record_routing)
+        top_p=top_p, record_routing=record_routing,
+        vocab_limit=None if vocab_limit is None or vocab_limit >= cfg.vocab_size
+        else int(vocab_limit))
     out, n_out, lp = np.asarray(out), np.asarray(n_out), np.asarray(lp)
     stops = np.asarray(list(stop_tokens), np.int32)
     last = out[np.arange(len(out)), np.maximum(n_out - 1, 0)]

@@ -10,6 +10,16 @@ import jax
 import jax.numpy as jnp
 
 
+def limit_vocab(logits: jax.Array, vocab_limit: int | None) -> jax.Array:
+    """Logits [..., V] with ids >= vocab_limit masked out (never sampled, zero probability):
+    checkpoints pad the embedding beyond their tokenizer's vocabulary (DeepSeek-V3: 129,280
+    rows for a smaller tokenizer), and an id the tokenizer cannot decode must not be drawn."""
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(ids < vocab_limit, logits, jnp.finfo(logits.dtype).min)
+
+
 def filtered_logits(logits: jax.Array, temperature: float, top_k: int | None,
                     top_p: float | None) -> jax.Array:
     """logits / temperature with the tokens outside top_k and outside the top_p mass masked."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from dsv3_jax.config import Config
 from dsv3_jax.infer.rollout import Rollout, rollout
+from dsv3_jax.infer.sampling import limit_vocab
 from dsv3_jax.io import chat
 from dsv3_jax.model import forward
 from dsv3_jax.runtime import Runtime
@@ -214,26 +215,28 @@ def step_prompts(prompts: Prompts, step: int, per_step: int, seed: int) -> list[
 
 
 def completion_logprobs(params, batch, cfg: Config, rt: Runtime, temperature: float,
-                        replay: bool):
+                        replay: bool, vocab_limit: int | None = None):
     """Log-probs [N, M] of the completion tokens under `params` (the training forward, expanded
     MLA path, over [prompt, completion] rows), the logits' entropy [N, M] and the forward's
-    aux. With `replay` the rollout's experts are forced."""
+    aux. With `replay` the rollout's experts are forced; `vocab_limit` masks the ids the
+    tokenizer does not have, as the rollout did."""
     forced = {"moe_layers": jnp.moveaxis(batch["routing"], 0, 1)} if replay else None
     logits, aux = forward(params, batch["tokens"], cfg, rt, segment_ids=batch["segment_ids"],
                           forced_experts=forced)
     m = batch["completion_tokens"].shape[1]
     pos = batch["prompt_len"][:, None] + jnp.arange(m)[None] - 1  # logits that predict them
-    z = jnp.take_along_axis(logits, pos[..., None], axis=1) / temperature  # [N, M, V]
+    z = limit_vocab(jnp.take_along_axis(logits, pos[..., None], axis=1), vocab_limit)
+    z = z / temperature  # [N, M, V]
     logz = jax.nn.log_softmax(z, axis=-1)
     logp = jnp.take_along_axis(logz, batch["completion_tokens"][..., None], axis=-1)[..., 0]
     entropy = -(jnp.exp(logz) * logz).sum(-1)
     return logp, entropy, aux
 
 
-def grpo_loss(params, batch, *, cfg, rt, s: GRPOSettings):
+def grpo_loss(params, batch, *, cfg, rt, s: GRPOSettings, vocab_limit: int | None = None):
     """The GRPO objective on one (micro-)batch of rollouts (see the module docstring)."""
     logp, entropy, aux = completion_logprobs(params, batch, cfg, rt, s.temperature,
-                                             s.routing_replay)
+                                             s.routing_replay, vocab_limit)
     mask = batch["mask"]
     old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
     is_w = None
@@ -316,7 +319,8 @@ def evaluate(params, e: Engine) -> dict:
     def completions(ids, temperature, seed=0):
         roll = rollout(params, e.cfg, ids, s.max_completion_length, prompt_len=s.seq_len,
                        temperature=temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
-                       stop_tokens=e.tokenizer.stop_ids, runtime=e.rt)
+                       stop_tokens=e.tokenizer.stop_ids, runtime=e.rt,
+                       vocab_limit=e.tokenizer.vocab_size)
         return [e.tokenizer.decode(c) for c in roll.completions()]
 
     greedy = completions(ev.ids, 0.0)
@@ -350,6 +354,7 @@ def grpo_step(e: Engine, state, batch, guard):
                    temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                    seed=int(np.random.default_rng([s.seed, i]).integers(2**31)),
                    stop_tokens=e.tokenizer.stop_ids, record_routing=s.routing_replay,
+                   vocab_limit=e.tokenizer.vocab_size,
                    cache_dtype=None if s.cache_dtype == "auto" else jnp.dtype(s.cache_dtype),
                    runtime=e.rt)
     t_roll = time.perf_counter() - t0
@@ -395,7 +400,8 @@ def build_engine(s: GRPOSettings, source: sources.Source, rt: Runtime, optimizer
     if s.eval_prompts:
         ev = load_prompts([s.eval_data] if s.eval_data else None, tok, s.chat, s.seq_len,
                           split="test", limit=s.eval_prompts, seed=0)
-    objective = functools.partial(grpo_loss, cfg=cfg, rt=rt, s=s)
+    limit = tok.vocab_size if tok.vocab_size < cfg.vocab_size else None
+    objective = functools.partial(grpo_loss, cfg=cfg, rt=rt, s=s, vocab_limit=limit)
     update = train_step.make_train_step(cfg, optimizer, schedule, None, objective=objective,
                                         bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
                                         extra_metrics=EXTRA + (("kl",) if s.beta else ())
@@ -403,7 +409,8 @@ def build_engine(s: GRPOSettings, source: sources.Source, rt: Runtime, optimizer
 
     @jax.jit
     def logprobs(params, batch):
-        return completion_logprobs(params, batch, cfg, rt, s.temperature, s.routing_replay)[0]
+        return completion_logprobs(params, batch, cfg, rt, s.temperature, s.routing_replay,
+                                   limit)[0]
 
     ref = jax.tree.map(jnp.asarray, source.params) if s.beta > 0 else None
     return Engine(s, cfg, rt, tok, rewards, prompts, ev, update, logprobs, ref)

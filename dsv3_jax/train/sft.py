@@ -172,7 +172,8 @@ def chat_sample(params, cfg: Config, rt: Runtime, tokenizer, user: str, n: int) 
     prompt = chat.tokenize_prompt(tokenizer, [{"role": "user", "content": user}]).tolist()
     n = min(n, cfg.max_seq_len - len(prompt))
     params = jax.tree.map(lambda a: jnp.asarray(a) if isinstance(a, np.ndarray) else a, params)
-    out = generate(params, cfg, [prompt], n, stop_tokens=tokenizer.stop_ids, runtime=rt)[0]
+    out = generate(params, cfg, [prompt], n, stop_tokens=tokenizer.stop_ids, runtime=rt,
+                   vocab_limit=tokenizer.vocab_size)[0]
     return tokenizer.decode(out)
 
 
