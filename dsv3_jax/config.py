@@ -324,6 +324,24 @@ class Config:
             router_bias=True, norm_topk_prob=True, route_scale=2.5,
             rope_factor=40.0, original_seq_len=4096, max_seq_len=32768, mtp_depth=1)
 
+    @classmethod
+    def v3_proxy(cls) -> "Config":
+        """DeepSeek-V3's widths at a depth one 80 GB GPU trains: everything a GEMM or the
+        attention sees is V3's (hidden 7168, query/KV ranks 1536/512, 128 heads of 128 + 64 with
+        values of 128, dense FFN 18432, experts of width 2048, 8 expert groups with 4 per token,
+        one shared expert, MTP depth 1), with 2 layers (one dense, one MoE), 16 routed experts of
+        which 4 are active, and a 32,768-token vocabulary. About 3.0B parameters (2.0B without
+        the MTP module); `small`'s narrow GEMMs (dim 1024) cannot show what FP8 buys at V3's
+        shapes, this preset can. Compile-time studies deepen it with `replace(n_layers=...)`."""
+        return cls(
+            name="v3_proxy", vocab_size=32768, dim=7168, inter_dim=18432, moe_inter_dim=2048,
+            n_layers=2, n_dense_layers=1, n_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+            n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
+            n_expert_groups=8, n_limited_groups=4, score_func="sigmoid", group_score="top2_sum",
+            router_bias=True, norm_topk_prob=True, route_scale=2.5,
+            rope_factor=40.0, original_seq_len=4096, max_seq_len=32768, mtp_depth=1)
+
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | str | os.PathLike, **overrides) -> "Config":
@@ -350,11 +368,13 @@ PRESETS = {
     "v2_lite_16b": Config.v2_lite_16b,
     "tiny": Config.tiny,
     "small": Config.small,
+    "v3_proxy": Config.v3_proxy,
 }
 
 
 def get_config(name: str, **overrides) -> Config:
-    """A preset by name (`v3_671b`, `v2_236b`, `v2_lite_16b`, `tiny`, `small`), with overrides."""
+    """A preset by name (`v3_671b`, `v2_236b`, `v2_lite_16b`, `tiny`, `small`, `v3_proxy`), with
+    overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()

@@ -21,6 +21,8 @@ import functools
 import logging
 from typing import Literal, NamedTuple
 
+import jax
+
 from dsv3_jax.config import Config
 from pallas_kernels.grouped_matmul import unsupported_dims
 
@@ -61,6 +63,9 @@ class Runtime:
     fp8: Fp8 | None = None  # FP8 GEMM inputs in the linear layers ([PAPER] §3.3); None = off
     decode_attention: str = "xla"  # absorbed decode attention core: see DECODE
     interpret: bool = False  # run the Pallas kernels in GPU interpret mode (CPU tests)
+    # Compile for bitwise-reproducible results: the same program on the same inputs gives the
+    # same bits, run after run (`DETERMINISTIC_OPTIONS`); costs step time on a GPU.
+    deterministic: bool = False
 
     def __post_init__(self):
         for field, choices in (("dtype", DTYPES + (None,)), ("remat", REMATS),
@@ -69,7 +74,7 @@ class Runtime:
             if getattr(self, field) not in choices:
                 raise ValueError(f"Runtime.{field}={getattr(self, field)!r} is not one of "
                                  f"{choices}")
-        for field in ("scan_layers", "interpret"):
+        for field in ("scan_layers", "interpret", "deterministic"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"Runtime.{field} must be a bool, got {getattr(self, field)!r}")
         if self.fp8 is not None:
@@ -98,6 +103,11 @@ class Runtime:
     def replace(self, **changes) -> "Runtime":
         return dataclasses.replace(self, **changes)
 
+    def compiler_options(self) -> dict | None:
+        """XLA options for every program compiled under this Runtime (`jax.jit`'s
+        compiler_options): the deterministic set, or None."""
+        return dict(DETERMINISTIC_OPTIONS) if self.deterministic else None
+
     def describe(self) -> str:
         """One line for logs: dtype and the kernels that differ from the portable defaults."""
         parts = [self.dtype or "model dtype"]
@@ -107,6 +117,8 @@ class Runtime:
                      f"{self.decode_attention}")
         if self.remat != "none":
             parts.append(f"remat {self.remat}")
+        if self.deterministic:
+            parts.append("deterministic")
         parts.append("scanned layers" if self.scan_layers else "unrolled layers")
         return ", ".join(parts)
 
@@ -120,8 +132,6 @@ class Devices:
 
     @classmethod
     def current(cls) -> "Devices":
-        import jax  # read here, once, at the top of a program; never while tracing
-
         dev = jax.devices()[0]
         hopper = (dev.platform == "gpu"
                   and str(getattr(dev, "compute_capability", "")).startswith("9"))
@@ -137,7 +147,8 @@ def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
             scan_layers: bool = True, attention: str = "auto", grouped: str = "auto",
             fp8: bool = False, fp8_gemm: str = "auto", fp8_quant: str = "auto",
             decode_attention: str = "auto", mesh_devices: int = 1,
-            devices: Devices | None = None, interpret: bool = False) -> Runtime:
+            devices: Devices | None = None, interpret: bool = False,
+            deterministic: bool = False) -> Runtime:
     """The Runtime for `cfg` on `devices` (default: this process's), "auto" decided:
 
     - attention: cuDNN's fused attention on a GPU in 16 bits, XLA elsewhere.
@@ -150,6 +161,7 @@ def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
       the cache's shapes), XLA elsewhere.
     `mesh_devices`: the devices of the mesh the program runs on (1: no mesh). `interpret`: run
     the Pallas kernels in GPU interpret mode (CPU tests), which lets "pallas" choices run here.
+    `deterministic`: compile bitwise-reproducible programs (`Runtime.deterministic`).
     """
     devices = devices or Devices.current()
     dtype = dtype or cfg.dtype
@@ -185,7 +197,7 @@ def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
     fp8_impl = _resolve_fp8(fp8, fp8_gemm, fp8_quant, dtype, devices, mesh_devices, interpret)
     return Runtime(dtype=dtype, remat=remat, scan_layers=scan_layers, attention=attention,
                    grouped=grouped, fp8=fp8_impl, decode_attention=decode_attention,
-                   interpret=interpret)
+                   interpret=interpret, deterministic=deterministic)
 
 
 def _resolve_fp8(on: bool, gemm: str, quant: str, dtype: str, devices: Devices,
@@ -218,6 +230,34 @@ def _resolve_fp8(on: bool, gemm: str, quant: str, dtype: str, devices: Devices,
             raise ValueError(f"{name}='pallas': our FP8 Mosaic GPU kernels need a Hopper GPU "
                              "(compute capability 9.x); use 'xla' or 'auto'")
     return Fp8(gemm, quant)
+
+
+# XLA's GPU programs are not bitwise reproducible by default: scatter-adds (the embedding's
+# gradient) and cuDNN's attention backward accumulate with atomics in whatever order threads
+# arrive. These options select XLA's deterministic implementations (sorted scatters,
+# cuDNN's deterministic backward) and make compilation fail on an op that has none
+# (XLA docs/determinism.md). Our Pallas kernels use no atomics: every output tile is written
+# by one program, its K loop in a fixed order; the MoE's row permutations are gathers both ways
+# (pallas_kernels/rows.py). The CPU backend is deterministic without them.
+DETERMINISTIC_OPTIONS = {"xla_gpu_deterministic_ops": True,
+                         "xla_gpu_exclude_nondeterministic_ops": True}
+
+
+def jit_by_runtime(fn=None, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` for a function whose static keyword argument `rt` is a
+    Runtime: compiled with `rt.compiler_options()` (a deterministic Runtime gets the
+    deterministic program). Usable as a decorator: `@functools.partial(jit_by_runtime,
+    static_argnames=(..., "rt"))`."""
+    if fn is None:
+        return functools.partial(jit_by_runtime, **jit_kwargs)
+    plain = jax.jit(fn, **jit_kwargs)
+    exact = jax.jit(fn, compiler_options=dict(DETERMINISTIC_OPTIONS), **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (exact if kwargs["rt"].deterministic else plain)(*args, **kwargs)
+
+    return call
 
 
 # the command-line flag of each choice (experiments/pretrain.py keeps these names)

@@ -86,6 +86,9 @@ def parse_args(argv=None):
                     help="expert GEMMs: auto = pallas on GPU, ragged_dot elsewhere")
     ap.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
                     help="attention core: auto = cudnn on GPU, xla elsewhere")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="compile the step bitwise-reproducible (pretrain's --deterministic), to "
+                         "measure what that costs")
     ap.add_argument("--command_buffers", action="store_true",
                     help="keep XLA's GPU command buffers (CUDA graphs); off by default so the "
                          "profile can name every kernel's scope (read before jax starts)")
@@ -161,7 +164,8 @@ def main(argv=None) -> dict:
     rt = runtime_lib.resolve(
         cfg, dtype="float32" if a.precision == "fp32" else "bfloat16", remat=a.remat,
         scan_layers=a.scan_layers == "true", attention=a.attention_impl, grouped=a.grouped_impl,
-        fp8=a.precision == "fp8", fp8_gemm=a.fp8_impl, fp8_quant=a.fp8_quant_impl)
+        fp8=a.precision == "fp8", fp8_gemm=a.fp8_impl, fp8_quant=a.fp8_quant_impl,
+        deterministic=a.deterministic)
     schedule = train.v3_schedule(1e-4, 1000, 10)
     optimizer = train.make_optimizer(cfg, schedule)
     state = train.init_state(cfg, jax.random.key(0), optimizer)
@@ -190,7 +194,7 @@ def main(argv=None) -> dict:
         "fp8_quant_impl": rt.fp8.quant if rt.fp8 else None,
         "batch": a.batch, "seq_len": a.seq_len, "remat": rt.remat, "scan_layers": rt.scan_layers,
         "xla_command_buffers": a.command_buffers, "grouped_impl": rt.grouped,
-        "attention_impl": rt.attention,
+        "attention_impl": rt.attention, "deterministic": rt.deterministic,
         "params": counts, "flops_per_token": cfg.flops_per_token(a.seq_len),
         "warmup_s_compile_included": warmup_s,
         "step_ms_median": sec * 1e3, "step_ms_all": [t * 1e3 for t in times],

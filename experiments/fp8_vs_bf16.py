@@ -97,6 +97,10 @@ def parse_args(argv=None):
     ap.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=True,
                     help="also train in fp32 and report bf16's own distance from it: the yardstick "
                          "for how far a change of GEMM precision moves the loss at this size")
+    ap.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                    help="bitwise-reproducible programs (pretrain's --deterministic), so that a "
+                         "difference between the runs is the precision's, not the GPU's "
+                         "reduction order (a CPU is deterministic either way)")
     ap.add_argument("--embedded_bytes", type=int, default=1_000_000,
                     help="bytes of the embedded corpus (the standard library's sources) to read")
     ap.add_argument("--log_every", type=int, default=50,
@@ -116,7 +120,8 @@ def train_run(precision: str, a) -> dict:
                      seq_len=a.seq_len, lr=a.lr, seed=a.seed, mtp_depth=a.mtp_depth,
                      embedded_bytes=a.embedded_bytes, log_every=a.log_every or a.steps,
                      progress=False, sample_tokens=0, metrics_file=str(metrics),
-                     spike_loss_factor=0.0, spike_grad_factor=0.0, max_update_ratio=0.0)
+                     spike_loss_factor=0.0, spike_grad_factor=0.0, max_update_ratio=0.0,
+                     deterministic=a.deterministic)
         t0 = time.perf_counter()
         summary = pretrain.run(s)
         seconds = time.perf_counter() - t0

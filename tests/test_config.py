@@ -68,6 +68,24 @@ def test_other_released_counts():
     assert 3e8 < small["main"] < 2e9
 
 
+def test_v3_proxy_has_v3_widths_and_fits_one_gpu():
+    """Every width a GEMM or the attention sees is V3's; the depth and expert count are cut so
+    that the training state fits an 80 GB GPU."""
+    v3, proxy = get_config("v3_671b"), get_config("v3_proxy")
+    widths = ("dim", "inter_dim", "moe_inter_dim", "n_heads", "q_lora_rank", "kv_lora_rank",
+              "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_shared_experts",
+              "n_expert_groups", "n_limited_groups", "score_func", "group_score", "router_bias",
+              "route_scale", "mtp_depth", "softmax_scale")
+    assert {f: getattr(proxy, f) for f in widths} == {f: getattr(v3, f) for f in widths}
+    assert (proxy.n_layers, proxy.n_dense_layers, proxy.n_routed_experts,
+            proxy.n_activated_experts) == (2, 1, 16, 4)
+    pc = proxy.param_count()
+    total = pc["main"] + pc["mtp"]
+    # fp32 master weights + bf16 moments + fp32 gradients + bf16 compute copy: 14 bytes a
+    # parameter, which must leave room for activations on an 80 GB card
+    assert 2.9e9 < total < 3.1e9 and total * 14 < 45e9
+
+
 def test_v3_preset_is_the_released_model():
     cfg = get_config("v3_671b")
     assert (cfg.score_func, cfg.group_score, cfg.router_bias) == ("sigmoid", "top2_sum", True)

@@ -11,7 +11,7 @@ import dsv3_jax
 from dsv3_jax.config import get_config
 from dsv3_jax.infer import speculative
 from dsv3_jax.infer.generate import generate
-from dsv3_jax.infer.sampling import probs, sample
+from dsv3_jax.infer.sampling import nucleus_keep, probs, sample
 
 CFG = get_config("tiny")
 RT = dsv3_jax.Runtime()
@@ -142,6 +142,36 @@ def test_sampling_draws_from_the_filtered_softmax(temperature, top_k, top_p, n_k
     assert stat < CHI2_999[n_kept - 1], (stat, counts, expected.round())
     chex.assert_trees_all_close(probs(logits[:1], temperature, top_k, top_p)[0],
                                 want.astype(np.float32), atol=1e-6, rtol=1e-5)
+
+
+def test_nucleus_set_without_a_sort_matches_the_sorted_definition():
+    """`nucleus_keep` (a search over float keys, no sort) keeps exactly the tokens whose mass
+    strictly above them, summed in float64 over the sorted row, is below top_p, on rows of
+    2 to 5,000 logits at spreads from flat to peaked; ties at the cut all stay (a sort would
+    keep an arbitrary part of them)."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(30):
+        v = int(rng.integers(2, 5000))
+        x = (rng.normal(size=(4, v)) * rng.uniform(0.1, 8.0)).astype(np.float32)
+        top_p = float(rng.uniform(0.05, 0.99))
+        got = np.asarray(nucleus_keep(jnp.asarray(x), top_p))
+        p = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        for row in range(4):
+            order = np.argsort(-p[row], kind="stable")
+            before = np.cumsum(p[row, order]) - p[row, order]
+            margin = np.abs(before - top_p).min()
+            if margin < 1e-5:  # a float32 sum may land either side of top_p: not a test
+                continue
+            want = np.zeros(v, bool)
+            want[order] = before < top_p
+            np.testing.assert_array_equal(got[row], want)
+            checked += 1
+    assert checked > 100
+    tied = jnp.asarray([[1.0, 1.0, 1.0, -2.0], [0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(nucleus_keep(tied, 0.3),
+                                  [[True, True, True, False], [True] * 4])
 
 
 @pytest.mark.parametrize("prompts, kw, message", [

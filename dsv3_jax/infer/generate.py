@@ -31,7 +31,7 @@ from dsv3_jax.config import Config
 from dsv3_jax.infer import speculative as spec
 from dsv3_jax.infer.prefill import prefill, whole_blocks
 from dsv3_jax.infer.sampling import check_controls, limit_vocab, sample
-from dsv3_jax.runtime import Runtime
+from dsv3_jax.runtime import Runtime, jit_by_runtime
 
 def _validate(prompts, cfg: Config, max_new_tokens: int, max_len: int | None) -> tuple[list, int]:
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -71,8 +71,8 @@ def _validate(prompts, cfg: Config, max_new_tokens: int, max_len: int | None) ->
     return rows, max_len
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rt", "max_new", "temperature", "top_k",
-                                             "top_p", "vocab_limit"))
+@functools.partial(jit_by_runtime, static_argnames=(
+    "cfg", "rt", "max_new", "temperature", "top_k", "top_p", "vocab_limit"))
 def _run(params, tokens, lengths, stop, cache, key, *, cfg, rt, max_new, temperature, top_k,
          top_p, vocab_limit=None):
     b = tokens.shape[0]

@@ -34,7 +34,7 @@ from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import Config
 from dsv3_jax.infer.prefill import whole_blocks
 from dsv3_jax.infer.sampling import check_controls, limit_vocab, sample
-from dsv3_jax.runtime import Runtime
+from dsv3_jax.runtime import Runtime, jit_by_runtime
 
 
 @dataclasses.dataclass
@@ -59,8 +59,8 @@ def _logprob(logits, tokens, temperature):
                                axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rt", "max_new", "temperature", "top_k",
-                                             "top_p", "record_routing", "vocab_limit"))
+@functools.partial(jit_by_runtime, static_argnames=(
+    "cfg", "rt", "max_new", "temperature", "top_k", "top_p", "record_routing", "vocab_limit"))
 def _run(params, tokens, lengths, stop, cache, key, *, cfg, rt, max_new, temperature, top_k,
          top_p, record_routing, vocab_limit):
     b, p = tokens.shape

@@ -27,7 +27,7 @@ from dsv3_jax.config import Config
 from dsv3_jax.infer.prefill import prefill
 from dsv3_jax.infer.sampling import probs, sample
 from dsv3_jax.mtp import mtp_module
-from dsv3_jax.runtime import Runtime
+from dsv3_jax.runtime import Runtime, jit_by_runtime
 
 
 def empty_mtp_cache(cfg: Config, batch: int, max_len: int, dtype) -> dict:
@@ -71,8 +71,8 @@ def verify(logits_p, logits_p1, draft, q_draft, key, temperature, top_k, top_p):
     return accepted, jnp.where(accepted, draft, fixed), bonus
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rt", "max_new", "temperature", "top_k",
-                                             "top_p"))
+@functools.partial(jit_by_runtime, static_argnames=(
+    "cfg", "rt", "max_new", "temperature", "top_k", "top_p"))
 def decode(params, tokens, lengths, stop, cache, key, mtp_cache, forced_drafts, *, cfg, rt,
            max_new, temperature, top_k, top_p):
     """Prefill + the speculative decode loop (see the module docstring) in one jit. Returns

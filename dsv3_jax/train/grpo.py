@@ -403,11 +403,11 @@ def build_engine(s: GRPOSettings, source: sources.Source, rt: Runtime, optimizer
     limit = tok.vocab_size if tok.vocab_size < cfg.vocab_size else None
     objective = functools.partial(grpo_loss, cfg=cfg, rt=rt, s=s, vocab_limit=limit)
     update = train_step.make_train_step(cfg, optimizer, schedule, None, objective=objective,
-                                        bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
+                                        rt=rt, bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
                                         extra_metrics=EXTRA + (("kl",) if s.beta else ())
                                         + (("is_weight_mean",) if s.rollout_is != "off" else ()))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=rt.compiler_options())
     def logprobs(params, batch):
         return completion_logprobs(params, batch, cfg, rt, s.temperature, s.routing_replay,
                                    limit)[0]

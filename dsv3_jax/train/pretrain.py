@@ -81,7 +81,7 @@ def build_runtime(s: Settings, cfg: Config, shard) -> Runtime:
         cfg, dtype=PRECISION_DTYPES[s.precision], remat=s.remat, scan_layers=s.scan_layers,
         attention=s.attention_impl, grouped=s.grouped_impl, fp8=s.precision == "fp8",
         fp8_gemm=s.fp8_impl, fp8_quant=s.fp8_quant_impl,
-        mesh_devices=1 if shard is None else shard.mesh.size)
+        mesh_devices=1 if shard is None else shard.mesh.size, deterministic=s.deterministic)
 
 
 def check_batch_split(s: Settings, shard) -> None:
@@ -243,7 +243,7 @@ def pretraining_job(s: Settings, cfg: Config, rt: Runtime, shard, dataset: Packe
     objective = train_step.pretraining_objective(
         cfg, rt, shard, weights=LossWeights(mtp=s.mtp_weight, balance=s.balance_alpha))
     step_fn = train_step.make_train_step(cfg, optimizer, schedule, shard, objective=objective,
-                                         bias_gamma=s.bias_gamma, grad_accum=s.grad_accum)
+                                         rt=rt, bias_gamma=s.bias_gamma, grad_accum=s.grad_accum)
     about = run_meta(cfg, rt, s)
     return loop.Job(
         name="pretraining",

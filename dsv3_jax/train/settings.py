@@ -61,6 +61,10 @@ class BaseSettings:
                                  "(pallas where the FP8 GEMMs run our kernels), xla (two XLA "
                                  "passes), pallas (one-pass Mosaic GPU kernels; Hopper, bf16)",
                                  KERNELS, choices=("auto", "xla", "pallas"))
+    deterministic: bool = _field(False, "compile bitwise-reproducible programs: the same command "
+                                 "twice gives the same per-step losses on a GPU (XLA's "
+                                 "deterministic scatters and cuDNN attention backward; costs "
+                                 "step time, docs/performance.md)", KERNELS)
     # --- devices ---
     mesh: str = _field("auto", "device mesh, e.g. 'fsdp=4,expert=2'; 'none' = the first device, "
                        "no mesh; 'auto' = 'none' with one device, fsdp over all when several",

@@ -203,7 +203,7 @@ def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset:
         frozen = jax.tree.map(jnp.asarray, teacher.params)
     extra = ("assistant_tokens",) + (("kd_loss",) if teacher is not None else ())
     step_fn = train_step.make_train_step(cfg, optimizer, schedule, shard, objective=objective,
-                                         bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
+                                         rt=rt, bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
                                          extra_metrics=extra, frozen=frozen)
     about = pretrain.run_meta(cfg, rt, s, source=source.description)
     key = jax.random.key(s.seed)

@@ -180,7 +180,8 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
     over the gradients, moments and weights before the update, which it gates, so it cannot
     share the update's pass (its cost: docs/performance.md); a guard without the key skips it. Its metrics: loss parts, grad_norm, update_ratio (with the key), lr, finite, applied,
     per-layer expert load (counts [L, E]) and router-bias magnitudes, and the objective's own
-    scalar metrics named in `extra_metrics` (e.g. GRPO's clip fraction).
+    scalar metrics named in `extra_metrics` (e.g. GRPO's clip fraction). `rt` also says how
+    the step compiles: `Runtime.deterministic` gives bitwise-reproducible steps.
 
     `frozen`: a pytree the objective needs but does not train (a distillation teacher's
     weights): the objective is then called as objective(params, micro_batch, frozen), and the
@@ -218,8 +219,10 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
             out["bias_abs_max"] = jnp.abs(new["params"]["router_state"]["moe_layers"]["bias"]).max(-1)
         return new, out
 
+    # `rt` decides how the step compiles (a deterministic Runtime: bitwise-reproducible steps)
+    options = rt.compiler_options() if rt is not None else None
     if shard is None:
-        jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+        jitted = jax.jit(step, donate_argnums=(0,) if donate else (), compiler_options=options)
     else:
         shardings = state_shardings(cfg, optimizer, shard)
         replicated = NamedSharding(shard.mesh, P())
@@ -228,7 +231,7 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
         in_shardings = (shardings, None, replicated) + (() if frozen is None else (None,))
         jitted = jax.jit(step, in_shardings=in_shardings,
                          out_shardings=(shardings, replicated),
-                         donate_argnums=(0,) if donate else ())
+                         donate_argnums=(0,) if donate else (), compiler_options=options)
     return jitted if frozen is None else FrozenArgStep(jitted, frozen)
 
 
