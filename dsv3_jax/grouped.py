@@ -76,12 +76,17 @@ def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray, *,
     def mm(a, w):
         return gk.grouped_matmul_padded(a, w.astype(a.dtype), plan, interpret=interpret)
 
-    # gate and up as one [E, D, 2F] product: x is read once and the backward runs one dgrad
-    # and one wgrad kernel instead of two each (measured on an H200: 0.7 ms of a 112 ms
-    # `small` step); the concatenation copies 2 E D F weights, small next to M D F work.
-    f = p["w_gate"].shape[-1]
-    gate_up = mm(x, jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1))
-    h = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
+    e, _, f = p["w_gate"].shape
+    if rows.shape[0] >= e * f:
+        # gate and up as one [E, D, 2F] product: x is read once and the backward runs one
+        # dgrad and one wgrad kernel instead of two each (measured on an H200: 0.7 ms of a
+        # 112 ms `small` step); the concatenation copies 2 E D F weights, which pays only when
+        # the rows are many next to the experts' size (training: 98k rows for `small`'s
+        # E F = 32k). Decoding's few rows would copy every expert's weights per token.
+        gate_up = mm(x, jnp.concatenate([p["w_gate"], p["w_up"]], axis=-1))
+        h = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
+    else:
+        h = jax.nn.silu(mm(x, p["w_gate"])) * mm(x, p["w_up"])
     return gk.unpad_rows(mm(h, p["w_down"]), plan)
 
 

@@ -63,10 +63,41 @@ def runtime_for(cfg: Config, rt: Runtime | None) -> Runtime:
 
 def compute_weights(weights: dict, cfg: Config, rt: Runtime | None = None) -> dict:
     """Cast master weights to the compute dtype, except the leaves declared `keep_fp32`
-    (norm gains and the router: `params.Decl`)."""
+    (norm gains and the router: `params.Decl`). Takes stacks split into layers
+    (`split_layers`) as well."""
     dtype = jnp.dtype(runtime_for(cfg, rt).dtype)
     keep = fact_tree(cfg, "keep_fp32")["weights"]
-    return jax.tree.map(lambda k, leaf: leaf if k else leaf.astype(dtype), keep, weights)
+
+    def cast(keep_tree, tree):
+        return jax.tree.map(lambda k, leaf: leaf if k else leaf.astype(dtype), keep_tree, tree)
+
+    return {name: [cast(keep[name], layer) for layer in sub] if isinstance(sub, list)
+            else cast(keep[name], sub) for name, sub in weights.items()}
+
+
+def decode_params(params: dict, cfg: Config, rt: Runtime, *, cast: bool = True) -> dict:
+    """params for a decode loop under `rt`: weights cast to the compute dtype once (`cast`),
+    and split into layers (`split_layers`) unless `rt.scan_layers` asks for the stacked
+    layout; pair them with `init_cache(..., per_layer=not rt.scan_layers)`."""
+    w = compute_weights(params["weights"], cfg, rt) if cast else params["weights"]
+    return {**params, "weights": w if rt.scan_layers else split_layers(w)}
+
+
+# The main model's layer stacks; the MTP stack stays stacked (one module per draft).
+STACKS = ("dense_layers", "moe_layers")
+
+
+def split_layers(weights: dict) -> dict:
+    """The main model's layer stacks as lists of per-layer trees: the decode layout. A decode
+    step that slices a stacked [L, ...] weight per layer copies it on a GPU (the slice feeds a
+    kernel that cannot read a strided view, once per token inside the decode loop); per-layer
+    arrays are read in place. `run_stack` and `forward_cached` take either layout."""
+    out = dict(weights)
+    for key in STACKS:
+        if key in weights and not isinstance(weights[key], list):
+            n = jax.tree.leaves(weights[key])[0].shape[0]
+            out[key] = [jax.tree.map(lambda a, i=i: a[i], weights[key]) for i in range(n)]
+    return out
 
 
 def block(lp: dict, h: jnp.ndarray, ctx: Context, cfg: Config, bias=None, forced=None,
@@ -95,9 +126,13 @@ def block(lp: dict, h: jnp.ndarray, ctx: Context, cfg: Config, bias=None, forced
     return constrain(h + f, _RESIDUAL, ctx.shard, "layer output"), aux, new_cache
 
 
-def run_stack(stack: dict, h: jnp.ndarray, ctx: Context, cfg: Config, *, biases=None,
+def run_stack(stack: dict | list, h: jnp.ndarray, ctx: Context, cfg: Config, *, biases=None,
               forced=None, cache=None, absorbed=False, collect_hidden=False):
-    """Scan `block` over a stack's leading L axis. Returns (h, (aux, new cache, hidden [L,B,T,D]))."""
+    """Scan `block` over a stack's leading L axis. Returns (h, (aux, new cache, hidden [L,B,T,D])).
+
+    `stack` may also be a list of per-layer trees (`split_layers`, the decode layout), with
+    `cache` then a list of per-layer caches: the layers run unrolled on their own arrays and
+    the new cache comes back as a list (nothing sliced, nothing restacked)."""
 
     def body(h, xs):
         lp, bias, forced_l, cache_l = xs
@@ -106,6 +141,22 @@ def run_stack(stack: dict, h: jnp.ndarray, ctx: Context, cfg: Config, *, biases=
 
     if ctx.rt.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[ctx.rt.remat])
+    if isinstance(stack, list):
+        if cache is not None and not isinstance(cache, list):
+            raise ValueError("layers split into a list (split_layers) need a per-layer cache "
+                             "(init_cache(..., per_layer=True))")
+        ys, caches = [], []
+        for i, lp in enumerate(stack):
+            pick = lambda a: None if a is None else a[i]  # noqa: E731 - [L, ...] -> layer i
+            h, (aux, new_cache, hidden) = body(h, (lp, pick(biases), pick(forced),
+                                                   None if cache is None else cache[i]))
+            ys.append((aux, hidden))
+            caches.append(new_cache)
+        aux, hidden = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else (None, None)
+        return h, (aux, caches if cache is not None else None, hidden)
+    if isinstance(cache, list):
+        raise ValueError("a per-layer cache (init_cache(..., per_layer=True)) needs the layers "
+                         "split into a list (split_layers)")
     xs = (stack, biases, forced, cache)
     if ctx.rt.scan_layers:
         return jax.lax.scan(body, h, xs)
@@ -199,20 +250,23 @@ def head_logits(h, w_head, shard):
 
 
 # ---------------------------------------------------------------------------- latent cache
-def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=None, *,
+               per_layer: bool = False) -> dict:
     """An empty latent cache: per layer c_kv [B, S, C] and k_rope [B, S, R] (C + R numbers per
     token per layer: 576 for V3, against 40,960 for expanded keys and values). dtype: None =
     the model's own dtype (`Config.dtype`, what it computes in by default); bfloat16 or
     float16 halve a float32 model's cache; float8_e4m3fn stores c_kv in e4m3 with per-token
-    scales (`c_kv_scale`) and k_rope in bf16 (dsv3_jax/latent_cache.py)."""
+    scales (`c_kv_scale`) and k_rope in bf16 (dsv3_jax/latent_cache.py). per_layer: each stack
+    as a list of per-layer caches (the decode layout, with `split_layers` weights: each token
+    writes its layer's arrays in place, where a stacked cache is re-stacked every step)."""
     dtype = cfg.dtype if dtype is None else dtype
     if max_len > cfg.max_seq_len:
         raise ValueError(f"cache max_len={max_len} exceeds Config.max_seq_len={cfg.max_seq_len}")
     cache = {"length": jnp.zeros((batch,), jnp.int32)}
-    if cfg.n_dense_layers:
-        cache["dense_layers"] = latent_cache.empty(cfg, (cfg.n_dense_layers, batch), max_len, dtype)
-    if cfg.n_moe_layers:
-        cache["moe_layers"] = latent_cache.empty(cfg, (cfg.n_moe_layers, batch), max_len, dtype)
+    for key, n in (("dense_layers", cfg.n_dense_layers), ("moe_layers", cfg.n_moe_layers)):
+        if n:
+            cache[key] = ([latent_cache.empty(cfg, (batch,), max_len, dtype) for _ in range(n)]
+                          if per_layer else latent_cache.empty(cfg, (n, batch), max_len, dtype))
     return cache
 
 

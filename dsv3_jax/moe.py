@@ -45,10 +45,42 @@ def grouped_swiglu(p: dict, rows: jnp.ndarray, sizes: jnp.ndarray,
                                       interpret=rt.interpret)
 
 
+def gathers_experts(rt: Runtime, n_pairs: int, n_experts: int) -> bool:
+    """Whether the routed experts of `n_pairs` (token, expert) pairs run as `gathered_experts`:
+    `rt.gather_experts` on, no FP8 (the gathered GEMMs are 16-bit), and at most half as many
+    pairs as experts, so that few experts' weights are read twice (decoding: 6 pairs of 64
+    experts per token of `small`)."""
+    return rt.gather_experts and rt.fp8 is None and 2 * n_pairs <= n_experts
+
+
+def gathered_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray,
+                     weights: jnp.ndarray) -> jnp.ndarray:
+    """The routed experts for few tokens: x [M0, D], indices/weights [M0, A] -> [M0, D] (fp32).
+    Each pair's expert weights are gathered ([M0, A, D, f]) and multiplied as one batched
+    GEMM per projection: a handful of kernels, where sorting the pairs into groups for the
+    grouped kernel (argsort, bincount, the padded layout, three grouped GEMMs, the unpermute)
+    launches dozens, which at one token a step cost more than the GEMMs (docs/performance.md).
+    Same rounding as the grouped path: float32 products rounded to x's dtype after each
+    projection, the weighted combine in float32."""
+    dt = x.dtype
+
+    def mm(spec, a, w):
+        return jnp.einsum(spec, a, w.astype(dt), preferred_element_type=jnp.float32).astype(dt)
+
+    with jax.named_scope("expert_gemms"):
+        gate = mm("md,madf->maf", x, p["w_gate"][indices])
+        up = mm("md,madf->maf", x, p["w_up"][indices])
+        y = mm("maf,mafd->mad", jax.nn.silu(gate) * up, p["w_down"][indices])
+    with jax.named_scope("combine"):
+        return jnp.einsum("mad,ma->md", y.astype(jnp.float32), weights)
+
+
 def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.ndarray,
                    rt: Runtime | None = None) -> jnp.ndarray:
     """Dropless expert FFN on one device: x [M0, D], indices/weights [M0, A] -> [M0, D] (fp32)."""
     m0, a = indices.shape
+    if gathers_experts(rt or _XLA, m0 * a, p["w_gate"].shape[0]):
+        return gathered_experts(p, x, indices, weights)
     with jax.named_scope("dispatch"):
         flat = indices.reshape(-1)  # [M] with M = M0 * A
         order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # rows grouped by expert

@@ -66,6 +66,10 @@ class Runtime:
     # Compile for bitwise-reproducible results: the same program on the same inputs gives the
     # same bits, run after run (`DETERMINISTIC_OPTIONS`); costs step time on a GPU.
     deterministic: bool = False
+    # Routed experts of few (token, expert) pairs -- at most half the experts: decoding -- as
+    # gathered per-pair weights and batched GEMMs instead of the grouped path
+    # (`moe.gathered_experts`; not under FP8).
+    gather_experts: bool = True
 
     def __post_init__(self):
         for field, choices in (("dtype", DTYPES + (None,)), ("remat", REMATS),
@@ -74,7 +78,7 @@ class Runtime:
             if getattr(self, field) not in choices:
                 raise ValueError(f"Runtime.{field}={getattr(self, field)!r} is not one of "
                                  f"{choices}")
-        for field in ("scan_layers", "interpret", "deterministic"):
+        for field in ("scan_layers", "interpret", "deterministic", "gather_experts"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"Runtime.{field} must be a bool, got {getattr(self, field)!r}")
         if self.fp8 is not None:
@@ -119,6 +123,8 @@ class Runtime:
             parts.append(f"remat {self.remat}")
         if self.deterministic:
             parts.append("deterministic")
+        if not self.gather_experts:
+            parts.append("no gathered experts")
         parts.append("scanned layers" if self.scan_layers else "unrolled layers")
         return ", ".join(parts)
 

@@ -69,8 +69,12 @@ def parse_args(argv=None):
     ap.add_argument("--top_p", type=float, default=0.95, help="sampled modes' nucleus mass")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed calls per case after the compiling one (the best is reported)")
-    ap.add_argument("--scan_layers", default="auto", choices=("auto", "true", "false"),
-                    help="layer stacks in the decode step: auto = generate's default runtime")
+    ap.add_argument("--scan_layers", default="false", choices=("true", "false"),
+                    help="decode layout: false (generate's default: unrolled layers over "
+                         "per-layer weights and caches) or true (stacked, scanned layers)")
+    ap.add_argument("--gather_experts", default="true", choices=("true", "false"),
+                    help="routed experts of few tokens as gathered per-pair GEMMs "
+                         "(Runtime.gather_experts, the default) or through the grouped path")
     ap.add_argument("--decode_attention_impl", default="auto", choices=("auto", "xla", "pallas"),
                     help="absorbed decode attention (Runtime.decode_attention)")
     ap.add_argument("--profile", action="store_true",
@@ -166,9 +170,10 @@ def _kernel_counts(trace_dir: str) -> int:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     params, cfg, what = load(a)
-    scan = {"auto": None, "true": True, "false": False}[a.scan_layers]
     rt = runtime_lib.resolve(cfg, decode_attention=a.decode_attention_impl,
-                             **({} if scan is None else {"scan_layers": scan}))
+                             scan_layers=a.scan_layers == "true").replace(
+        gather_experts=a.gather_experts == "true")
+    # cast once here, so that every timed call casts nothing (generate casts again: a no-op)
     params = {**params, "weights": dsv3_jax.model.compute_weights(params["weights"], cfg, rt)}
     dev = jax.devices()[0]
     print(f"bench_generate: {what} on {dev.device_kind}, {a.max_new_tokens} new tokens after "

@@ -96,6 +96,9 @@ def parse_args(argv=None):
                     help="absorbed decode attention: pallas = our Mosaic GPU MLA decode kernel "
                          "(Hopper, bf16, cache length a multiple of 64), xla = einsums, auto = "
                          "pallas where it runs (Runtime.decode_attention)")
+    ap.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=False,
+                    help="decode with the stacked, scanned layers (faster compile for deep "
+                         "models) instead of unrolled layers over per-layer weights and caches")
     ap.add_argument("--repeats", type=int, default=2,
                     help="generate calls; tokens/s is from the last (the first compiles)")
     ap.add_argument("--json", default=None, help="write the continuations and numbers here")
@@ -239,7 +242,8 @@ def _compare(params, cfg, prompts, a, kw, outs, tokens_per_s) -> dict:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     params, cfg = load_model(a)
-    rt = runtime_lib.resolve(cfg, dtype=a.dtype, decode_attention=a.decode_attention_impl)
+    rt = runtime_lib.resolve(cfg, dtype=a.dtype, decode_attention=a.decode_attention_impl,
+                             scan_layers=a.scan_layers)
     if rt.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
     texts = list(a.prompt or [])

@@ -226,9 +226,12 @@ def max_tiles(m: int, num_groups: int, block_m: int) -> int:
     """Static bound on the M-tiles of any split of `m` rows into `num_groups` groups.
 
     sum_g ceil(s_g / b) <= sum_g (s_g + b - 1) / b = (m + G (b - 1)) / b, and the left side is an
-    integer, so the floor of the right side bounds it. At least one tile so buffers are non-empty.
+    integer, so the floor of the right side bounds it. It is also at most m, since a non-empty
+    group needs ceil(s_g / b) <= s_g tiles: with few rows (decoding: a handful of tokens over
+    64 experts) the layout then has one tile per row, not one per expert. At least one tile so
+    buffers are non-empty.
     """
-    return max(1, (m + num_groups * (block_m - 1)) // block_m)
+    return max(1, min(m, (m + num_groups * (block_m - 1)) // block_m))
 
 
 def pad_plan(group_sizes: jax.Array, m: int, block_m: int) -> PadPlan:

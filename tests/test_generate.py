@@ -60,6 +60,31 @@ def test_batched_equals_one_by_one(params, plain):
         assert generate(params, CFG, [prompt], N_NEW, cache_dtype=jnp.float32)[0] == out
 
 
+def test_stacked_and_per_layer_decode_layouts_agree(params, plain):
+    """The default decode layout (per-layer weights and caches, unrolled) and the stacked,
+    scanned one give the same greedy tokens, plain and speculative, and the same logits to
+    float32 rounding; a stack split into layers with a stacked cache is an error."""
+    stacked = dsv3_jax.Runtime(scan_layers=True)
+    assert generate(params, CFG, PROMPTS, N_NEW, runtime=stacked) == plain
+    assert generate(params, CFG, PROMPTS, N_NEW, runtime=stacked, speculative=True) == plain
+    tokens = jnp.asarray([PROMPTS[0]])
+    outs = {}
+    for split in (False, True):
+        rt = dsv3_jax.Runtime(scan_layers=not split)
+        p = dsv3_jax.model.decode_params(params, CFG, rt)
+        assert isinstance(p["weights"]["moe_layers"], list) == split
+        cache = dsv3_jax.model.init_cache(CFG, 1, 64, per_layer=split)
+        outs[split] = dsv3_jax.model.forward_cached(p, tokens, cache, CFG, rt, absorbed=True)
+    chex.assert_trees_all_close(outs[True][0], outs[False][0], atol=1e-5, rtol=1e-5)
+    for key in ("c_kv", "k_rope"):
+        chex.assert_trees_all_close(jnp.stack([c[key] for c in outs[True][1]["moe_layers"]]),
+                                    outs[False][1]["moe_layers"][key], atol=1e-5, rtol=1e-5)
+    split_params = dsv3_jax.model.decode_params(params, CFG, dsv3_jax.Runtime(scan_layers=False))
+    with pytest.raises(ValueError, match="need a per-layer cache"):
+        dsv3_jax.model.forward_cached(split_params, tokens,
+                                      dsv3_jax.model.init_cache(CFG, 1, 64), CFG, RT)
+
+
 def test_stop_tokens_end_rows_independently(params, plain):
     stop = plain[0][2]  # the third token of row 0 becomes a stop token
     outs = generate(params, CFG, PROMPTS, N_NEW, stop_tokens=[stop], cache_dtype=jnp.float32)

@@ -162,6 +162,20 @@ def test_pad_plan_random_sizes_fit_the_static_bound():
         assert int(plan.num_tiles) <= plan.tile_group.shape[0]
 
 
+def test_few_rows_get_one_tile_per_row_at_most():
+    """Decoding routes a handful of rows over many experts: the layout's tiles are bounded by
+    the rows (6 rows over 64 experts: 6 tiles, not the 63 the per-group bound gives), and any
+    split of those rows still fits."""
+    assert gm.max_tiles(6, 64, 128) == 6
+    assert gm.max_tiles(6 * 64, 64, 128) == 64 + (6 * 64 - 64) // 128  # the per-group bound
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        sizes = np.bincount(rng.integers(0, 64, 6), minlength=64)
+        plan = gm.pad_plan(jnp.asarray(sizes, jnp.int32), 6, 128)
+        assert plan.padded_rows == 6 * 128
+        assert int(plan.num_tiles) == int((sizes > 0).sum())
+
+
 def test_pad_plan_is_a_jittable_pytree_with_static_ints():
     plan = jax.jit(gm.pad_plan, static_argnums=(1, 2))(jnp.asarray(SIZES, jnp.int32), M, 64)
     assert len(jax.tree.leaves(plan)) == 6  # the arrays; block_m and padded_rows are static
@@ -416,24 +430,30 @@ def test_gpu_custom_vjp_matches_ragged_dot():
 # ----------------------------------------------------------------------------- the MoE's use
 
 
-def test_expert_swiglu_through_the_kernel_equals_ragged_dot():
+@pytest.mark.parametrize("sizes", [(120, 0, 97, 60), (440, 0, 357, 260)],
+                         ids=["gate_up_apart", "gate_up_fused"])
+def test_expert_swiglu_through_the_kernel_equals_ragged_dot(sizes):
     """dsv3_jax.grouped.grouped_swiglu with impl="pallas" (rows padded once for the three
     matmuls; interpret mode) against the ragged_dot path: values and gradients, with an empty
-    expert and rows past the last group (as expert parallelism's buffers have). Both paths
+    expert and rows past the last group (as expert parallelism's buffers have), with fewer rows
+    than E x F (gate and up as two products) and more (one product over the concatenation). Both paths
     round their bf16 intermediates (gate, up, h) separately, so an intermediate one bf16 step
     apart moves an output by a fraction of 2^-8 of its row's scale: each check allows the
     output rounding elementwise plus that, as a fraction of the largest value (measured:
     5.6e-4 for y, <= 5.2e-4 for the weight gradients, 2.7e-3 for the rows' gradient)."""
     from dsv3_jax import grouped
 
-    e, d, f, m = 4, 256, 256, 300  # D and F: the default tiles' block_n
+    e, d, f = 4, 256, 256  # D and F: the default tiles' block_n
+    n_in = sum(sizes)
+    m = n_in + 23
     ks = jax.random.split(jax.random.key(3), 5)
     bf = jnp.bfloat16
     p = {"w_gate": jax.random.normal(ks[0], (e, d, f), bf) * 0.06,
          "w_up": jax.random.normal(ks[1], (e, d, f), bf) * 0.06,
          "w_down": jax.random.normal(ks[2], (e, f, d), bf) * 0.06}
     rows = jax.random.normal(ks[3], (m, d), bf)
-    sizes = jnp.array([120, 0, 97, 60], jnp.int32)  # 277 rows in groups, 23 past them
+    assert (m >= e * f) == (sizes[0] == 440)  # the two paths of grouped_swiglu
+    sizes = jnp.array(sizes, jnp.int32)  # 23 rows past the groups
 
     def loss(p, rows, impl):
         y = grouped.grouped_swiglu(p, rows, sizes, impl=impl, interpret=True)
@@ -443,7 +463,7 @@ def test_expert_swiglu_through_the_kernel_equals_ragged_dot():
     (_, y_ref), g_ref = grad(p, rows, "ragged_dot")
     (_, y_got), g_got = grad(p, rows, "pallas")
     # rows in no group are zeros, as ragged_dot gives
-    chex.assert_trees_all_equal(np.asarray(y_got[277:], np.float32),
+    chex.assert_trees_all_equal(np.asarray(y_got[n_in:], np.float32),
                                 np.zeros((23, d), np.float32))
     _assert_bf16_close(y_got, y_ref, atol=1e-3)
     for name in p:

@@ -226,6 +226,33 @@ def test_dropless_moe_equals_per_expert_loop(skew):
     chex.assert_trees_all_close(gx, jax.grad(loop_loss)(x), rtol=1e-4, atol=1e-5)
 
 
+def test_few_tokens_take_the_gathered_experts_with_the_same_result():
+    """Decoding's few (token, expert) pairs (at most half the experts) run as gathered
+    per-pair GEMMs (`gathered_experts`): the same output as the per-expert loop, in float32
+    and in bf16 as close as the grouped path (the same roundings); more pairs, FP8, or
+    `gather_experts=False` keep the grouped path."""
+    from dsv3_jax import moe as moe_lib
+
+    p = _moe_params()
+    x = jax.random.normal(jax.random.key(21), (2, CFG.dim))  # 2 tokens x 2 experts = 4 pairs
+    idx = route(x, p["router"], None, CFG).indices
+    w = jax.random.uniform(jax.random.key(22), idx.shape)
+    rt = dsv3_jax.Runtime()
+    assert moe_lib.gathers_experts(rt, 4, 8) and not moe_lib.gathers_experts(rt, 5, 8)
+    assert not moe_lib.gathers_experts(rt.replace(gather_experts=False), 4, 8)
+    assert not moe_lib.gathers_experts(rt.replace(fp8=dsv3_jax.runtime.Fp8()), 4, 8)
+    got = routed_experts(p["experts"], x, idx, w, rt)
+    chex.assert_trees_all_close(got, _loop_reference(p, x, idx, w), rtol=1e-4, atol=1e-5)
+    grouped = routed_experts(p["experts"], x, idx, w, rt.replace(gather_experts=False))
+    chex.assert_trees_all_close(got, grouped, rtol=1e-5, atol=1e-6)
+    bf = jnp.bfloat16
+    got16 = routed_experts(p["experts"], x.astype(bf), idx, w, rt)
+    grouped16 = routed_experts(p["experts"], x.astype(bf), idx, w,
+                               rt.replace(gather_experts=False))
+    chex.assert_trees_all_close(got16, grouped16, rtol=2e-2, atol=2e-2 * float(
+        jnp.abs(grouped16).max()))
+
+
 def test_moe_layer_adds_shared_expert_and_reports_load():
     p = _moe_params(seed=3)
     x = jax.random.normal(jax.random.key(13), (2, 9, CFG.dim))

@@ -122,7 +122,11 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
     float8_e4m3fn stores the latent in e4m3 with per-token scales and k_rope in bf16 (1.76x
     smaller than bf16 for V3; dsv3_jax/latent_cache.py).
     runtime: how to run the model (`dsv3_jax.runtime`); None resolves the fast paths of this
-    process's devices once (`runtime.resolve(config)`).
+    process's devices once (`runtime.resolve(config, scan_layers=False)`). Its `scan_layers`
+    picks the decode layout: False (the default) runs the layers unrolled over per-layer
+    weights and caches (`model.split_layers`; on a GPU a stacked layout copies every layer's
+    weights and cache per token), True the stacked, scanned layers (a faster compile for a
+    very deep model).
     speculative: draft one token per step with the MTP module and verify it with the main model
     (greedy: the output is the plain greedy output; sampled: standard speculative sampling, the
     same distribution; `dsv3_jax.infer.speculative`).
@@ -157,15 +161,18 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
         raise ValueError("speculative=True drafts with the MTP module: Config.mtp_depth is 0")
     check_controls(temperature, top_k, top_p)
     rows, max_len = _validate(prompts, config, max_new_tokens, max_len)
-    rt = (runtime or runtime_lib.resolve(config)).for_model(config)
+    # unrolled layers over per-layer weights and caches unless a runtime says otherwise
+    # (`model.split_layers`: a stacked layout copies weights per token on a GPU)
+    rt = (runtime or runtime_lib.resolve(config, scan_layers=False)).for_model(config)
     cache_dtype = rt.dtype if cache_dtype is None else cache_dtype
     lengths = np.array([len(r) for r in rows], np.int32)
     tokens = np.zeros((len(rows), int(lengths.max())), np.int32)
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
     # cast the master weights once, not once per token inside the loop
-    params = {**params, "weights": _model.compute_weights(params["weights"], config, rt)}
-    cache = _model.init_cache(config, len(rows), max_len, cache_dtype)
+    params = _model.decode_params(params, config, rt)
+    cache = _model.init_cache(config, len(rows), max_len, cache_dtype,
+                              per_layer=not rt.scan_layers)
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     args = (params, jnp.asarray(tokens), jnp.asarray(lengths), stop, cache, jax.random.key(seed))
     static = dict(cfg=config, rt=rt, max_new=max_new_tokens, temperature=float(temperature),

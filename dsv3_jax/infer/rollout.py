@@ -148,12 +148,13 @@ def rollout(params: dict, cfg: Config, prompts: Sequence[Sequence[int]], max_new
     if need > cfg.max_seq_len:
         raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceed "
                          f"the model's max_seq_len {cfg.max_seq_len}")
-    rt = (runtime or runtime_lib.resolve(cfg)).for_model(cfg)
-    if compute_weights:
-        params = {**params, "weights": _model.compute_weights(params["weights"], cfg, rt)}
+    # decoding runs unrolled layers over per-layer weights and caches, whatever the training
+    # step's layer loop (`model.split_layers`: a stacked layout copies weights per token)
+    rt = (runtime or runtime_lib.resolve(cfg)).for_model(cfg).replace(scan_layers=False)
+    params = _model.decode_params(params, cfg, rt, cast=compute_weights)
     max_len = min(whole_blocks(need), cfg.max_seq_len)
     cache = _model.init_cache(cfg, len(prompts), max_len, rt.dtype if cache_dtype is None
-                              else cache_dtype)
+                              else cache_dtype, per_layer=True)
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     out, n_out, lp, routing = _run(
         params, jnp.asarray(tokens), jnp.asarray(lengths), stop, cache, jax.random.key(seed),

@@ -27,7 +27,8 @@ class BaseSettings:
     """What every training job shares (model, kernels, devices, optimisation, failed steps,
     checkpoints, output); a job adds its data and its own flags in a subclass."""
     # --- model and precision ---
-    preset: str = _field("tiny", "config preset: tiny, small, v2_lite_16b, v2_236b, v3_671b",
+    preset: str = _field("tiny", "config preset: tiny, small, v3_proxy, v2_lite_16b, v2_236b, "
+                         "v3_671b",
                          MODEL)
     precision: str = _field("preset", "activation/matmul precision: preset (its own dtype: fp32 "
                             "for tiny, bf16 otherwise), fp32, bf16, or fp8 (bf16 activations + "
