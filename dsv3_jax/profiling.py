@@ -102,6 +102,24 @@ def device_op_times(trace_dir: str, module_substring: str) -> tuple[dict[str, fl
     return dict(times), recorded
 
 
+def kernel_count(trace_dir: str) -> int:
+    """GPU kernel events in the newest profile under `trace_dir`, every module together (the
+    device planes' lines other than the per-op and per-module summaries); 0 on a CPU."""
+    from jax.profiler import ProfileData
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                   key=os.path.getmtime)
+    if not paths:
+        raise FileNotFoundError(f"no .xplane.pb profile under {trace_dir}")
+    n = 0
+    for plane in ProfileData.from_file(paths[-1]).planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name not in ("XLA Ops", "XLA Modules", "Steps", "Source code"):
+                    n += sum(1 for _ in line.events)
+    return n
+
+
 def breakdown(op_times: dict[str, float], scopes: dict[str, str]) -> dict[str, float]:
     """Nanoseconds per part (PARTS, OTHER, UNATTRIBUTED), from per-op times and op scopes."""
     out: dict[str, float] = collections.defaultdict(float)

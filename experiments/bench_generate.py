@@ -141,30 +141,13 @@ def profile_batch1(params, cfg, rt, prompts, a) -> dict:
             dsv3_jax.generate(params, cfg, prompts[:1], a.max_new_tokens, **kw)
             wall = time.perf_counter() - t0
         ops, _ = profiling.device_op_times(tmp, "_run")
-        counts = _kernel_counts(tmp)
+        counts = profiling.kernel_count(tmp)
     n = a.max_new_tokens
     device_ms = sum(ops.values()) / 1e6
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:25]
     return {"wall_ms_per_token": 1e3 * wall / n, "device_ms_per_token": device_ms / n,
             "kernels_per_token": counts / n,
             "top_ops_ms_per_token": [(op, ns / 1e6 / n) for op, ns in top]}
-
-
-def _kernel_counts(trace_dir: str) -> int:
-    """GPU kernel events in the newest trace (all modules)."""
-    import glob
-
-    from jax.profiler import ProfileData
-
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
-                  key=os.path.getmtime)[-1]
-    n = 0
-    for plane in ProfileData.from_file(path).planes:
-        if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-                if line.name not in ("XLA Ops", "XLA Modules", "Steps", "Source code"):
-                    n += sum(1 for _ in line.events)
-    return n
 
 
 def main(argv=None) -> dict:

@@ -4,6 +4,8 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 from dsv3_jax import profiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,3 +83,52 @@ def test_lowering_stats_counts_shared_kernels(tmp_path):
     (rec,) = recs
     assert 0 < rec["distinct_kernels"] < rec["mosaic_gpu_call_sites"], rec
     assert json.loads((tmp_path / "l.json").read_text())[0]["run"]["command"]
+
+
+def test_bench_generate_prints_the_table_and_profiles(tmp_path):
+    """bench_generate end to end on `tiny`: every batch x mode case timed, speculative cases
+    with their acceptance and speed-up, the batch-1 profile, the record written."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import bench_generate
+
+    out = tmp_path / "gen.json"
+    rec = bench_generate.main(["--preset", "tiny", "--batches", "1", "2", "--max_new_tokens",
+                               "4", "--prompt_len", "8", "--repeats", "1", "--profile",
+                               "--json", str(out)])
+    assert json.loads(out.read_text())["cases"] == rec["cases"]
+    cases = {(c["batch"], c["mode"]): c for c in rec["cases"]}
+    assert set(cases) == {(b, m) for b in (1, 2) for m in bench_generate.MODES}
+    for (b, mode), c in cases.items():
+        assert c["tokens"] == 4 * b and c["ms_per_token"] > 0
+        assert ("acceptance" in c) == mode.endswith("speculative")
+        assert ("speedup_over_plain" in c) == mode.endswith("speculative")
+    assert rec["profile_batch1_greedy"]["device_ms_per_token"] > 0
+    assert "unrolled layers" in rec["runtime"]  # generate's default decode layout
+
+
+def test_compile_time_records_each_depth_and_mode(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import compile_time
+
+    out = tmp_path / "ct.json"
+    rec = compile_time.main(["--preset", "tiny", "--layers", "3", "--batch", "1", "--seq_len",
+                             "16", "--json", str(out)])
+    assert [(c["layers"], c["mode"]) for c in rec["cases"]] == [(3, "scan"), (3, "unrolled")]
+    assert all(c["compile_s"] > 0 and c["hlo_chars"] > 0 for c in rec["cases"])
+    assert json.loads(out.read_text())["cases"] == rec["cases"]
+
+
+def test_determinism_compares_runs_bit_for_bit():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import determinism
+
+    runs = [[{"step": 1, "loss": 2.0, "grad_norm": 1.0},
+             {"step": 2, "loss": 1.5, "grad_norm": 1.0}]]
+    assert determinism.compare(runs * 2)["identical"]
+    other = [{"step": 1, "loss": 2.0, "grad_norm": 1.0},
+             {"step": 2, "loss": 1.5 + 1.5 * 2**-23, "grad_norm": 1.0}]  # one float32 ulp
+    res = determinism.compare(runs + [other])
+    assert not res["identical"] and res["first_differing_step"] == 2
+    assert 0 < res["max_rel_loss_diff"] < 1e-6
+    with pytest.raises(SystemExit):
+        determinism.parse_args(["--runs", "1"])
