@@ -75,12 +75,12 @@ def compute_weights(weights: dict, cfg: Config, rt: Runtime | None = None) -> di
             else cast(keep[name], sub) for name, sub in weights.items()}
 
 
-def decode_params(params: dict, cfg: Config, rt: Runtime, *, cast: bool = True) -> dict:
-    """params for a decode loop under `rt`: weights cast to the compute dtype once (`cast`),
-    and split into layers (`split_layers`) unless `rt.scan_layers` asks for the stacked
-    layout; pair them with `init_cache(..., per_layer=not rt.scan_layers)`."""
-    w = compute_weights(params["weights"], cfg, rt) if cast else params["weights"]
-    return {**params, "weights": w if rt.scan_layers else split_layers(w)}
+def decode_layout(params: dict, rt: Runtime) -> dict:
+    """params in the decode layout `rt` asks for: the main stacks split into layers
+    (`split_layers`) unless `rt.scan_layers`; pair it with `init_cache(..., per_layer=not
+    rt.scan_layers)`. Called inside a decode program's jit, so the split is one slice per
+    layer before the decode loop, not eager work (and a weight copy) on every call."""
+    return params if rt.scan_layers else {**params, "weights": split_layers(params["weights"])}
 
 
 # The main model's layer stacks; the MTP stack stays stacked (one module per draft).

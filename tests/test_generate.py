@@ -71,7 +71,7 @@ def test_stacked_and_per_layer_decode_layouts_agree(params, plain):
     outs = {}
     for split in (False, True):
         rt = dsv3_jax.Runtime(scan_layers=not split)
-        p = dsv3_jax.model.decode_params(params, CFG, rt)
+        p = dsv3_jax.model.decode_layout(params, rt)
         assert isinstance(p["weights"]["moe_layers"], list) == split
         cache = dsv3_jax.model.init_cache(CFG, 1, 64, per_layer=split)
         outs[split] = dsv3_jax.model.forward_cached(p, tokens, cache, CFG, rt, absorbed=True)
@@ -79,7 +79,7 @@ def test_stacked_and_per_layer_decode_layouts_agree(params, plain):
     for key in ("c_kv", "k_rope"):
         chex.assert_trees_all_close(jnp.stack([c[key] for c in outs[True][1]["moe_layers"]]),
                                     outs[False][1]["moe_layers"][key], atol=1e-5, rtol=1e-5)
-    split_params = dsv3_jax.model.decode_params(params, CFG, dsv3_jax.Runtime(scan_layers=False))
+    split_params = dsv3_jax.model.decode_layout(params, dsv3_jax.Runtime(scan_layers=False))
     with pytest.raises(ValueError, match="need a per-layer cache"):
         dsv3_jax.model.forward_cached(split_params, tokens,
                                       dsv3_jax.model.init_cache(CFG, 1, 64), CFG, RT)

@@ -76,6 +76,7 @@ def _validate(prompts, cfg: Config, max_new_tokens: int, max_len: int | None) ->
 def _run(params, tokens, lengths, stop, cache, key, *, cfg, rt, max_new, temperature, top_k,
          top_p, vocab_limit=None):
     b = tokens.shape[0]
+    params = _model.decode_layout(params, rt)
     first, cache, _ = prefill(params, tokens, lengths, cache, key, cfg, rt, temperature, top_k,
                               top_p, vocab_limit)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
@@ -170,7 +171,7 @@ def generate(params: dict, config: Config, prompts: Sequence[Sequence[int]], max
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
     # cast the master weights once, not once per token inside the loop
-    params = _model.decode_params(params, config, rt)
+    params = {**params, "weights": _model.compute_weights(params["weights"], config, rt)}
     cache = _model.init_cache(config, len(rows), max_len, cache_dtype,
                               per_layer=not rt.scan_layers)
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)

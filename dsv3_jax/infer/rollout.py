@@ -64,6 +64,7 @@ def _logprob(logits, tokens, temperature):
 def _run(params, tokens, lengths, stop, cache, key, *, cfg, rt, max_new, temperature, top_k,
          top_p, record_routing, vocab_limit):
     b, p = tokens.shape
+    params = _model.decode_layout(params, rt)
     logits, cache, aux = _model.forward_cached(params, tokens, cache, cfg, rt, absorbed=False,
                                                n_valid=lengths)
     last = limit_vocab(jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0],
@@ -151,7 +152,8 @@ def rollout(params: dict, cfg: Config, prompts: Sequence[Sequence[int]], max_new
     # decoding runs unrolled layers over per-layer weights and caches, whatever the training
     # step's layer loop (`model.split_layers`: a stacked layout copies weights per token)
     rt = (runtime or runtime_lib.resolve(cfg)).for_model(cfg).replace(scan_layers=False)
-    params = _model.decode_params(params, cfg, rt, cast=compute_weights)
+    if compute_weights:
+        params = {**params, "weights": _model.compute_weights(params["weights"], cfg, rt)}
     max_len = min(whole_blocks(need), cfg.max_seq_len)
     cache = _model.init_cache(cfg, len(prompts), max_len, rt.dtype if cache_dtype is None
                               else cache_dtype, per_layer=True)

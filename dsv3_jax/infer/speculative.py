@@ -82,6 +82,7 @@ def decode(params, tokens, lengths, stop, cache, key, mtp_cache, forced_drafts, 
     the MTP module's, so that a test can force every draft to be accepted or rejected."""
     b = tokens.shape[0]
     rows = jnp.arange(b)
+    params = _model.decode_layout(params, rt)
     first, cache, aux = prefill(params, tokens, lengths, cache, key, cfg, rt, temperature, top_k,
                                 top_p)
     # MTP prefill: positions 0 .. len-1 with the tokens one ahead (the first generated at len-1)
