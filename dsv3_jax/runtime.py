@@ -9,9 +9,9 @@ of kernels, and a test can trace the GPU choices on a CPU.
 Every choice has a portable value that runs anywhere (XLA einsums, `jax.lax.ragged_dot`), and
 `Runtime()` holds exactly those, computing in the model's own dtype (`Config.dtype`). `resolve`
 turns "auto" into the fast path of the devices at hand: on a GPU in 16 bits the Pallas grouped
-kernel and cuDNN attention; on a Hopper GPU our FP8 kernels and the MLA decode kernel. An
-explicit choice that cannot run here is an error naming the choice and the reason, never a
-quiet substitute.
+kernel and cuDNN attention (XLA's attention in deterministic mode); on a Hopper GPU our FP8
+kernels and the MLA decode kernel. An explicit choice that cannot run here is an error naming
+the choice and the reason, never a quiet substitute.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class Runtime:
     decode_attention: str = "xla"  # absorbed decode attention core: see DECODE
     interpret: bool = False  # run the Pallas kernels in GPU interpret mode (CPU tests)
     # Compile for bitwise-reproducible results: the same program on the same inputs gives the
-    # same bits, run after run (`DETERMINISTIC_OPTIONS`); costs step time on a GPU.
+    # same bits, run after run (`DETERMINISTIC_OPTIONS`); costs step time on a GPU, where it
+    # needs XLA's attention (`resolve`).
     deterministic: bool = False
     # Routed experts of few (token, expert) pairs -- at most half the experts: decoding -- as
     # gathered per-pair weights and batched GEMMs instead of the grouped path
@@ -157,7 +158,9 @@ def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
             deterministic: bool = False) -> Runtime:
     """The Runtime for `cfg` on `devices` (default: this process's), "auto" decided:
 
-    - attention: cuDNN's fused attention on a GPU in 16 bits, XLA elsewhere.
+    - attention: cuDNN's fused attention on a GPU in 16 bits, XLA elsewhere and in
+      deterministic mode (cuDNN's attention crashes XLA's deterministic programs; an explicit
+      "cudnn" with `deterministic` on a GPU is an error, `_resolve_attention`).
     - grouped: our Pallas grouped kernel on a GPU in 16 bits where the experts' widths fit its
       tiles (`small` and the released models do, `tiny` does not), `ragged_dot` elsewhere.
     - fp8_gemm: our Mosaic GPU FP8 kernels on a Hopper GPU, the XLA reference elsewhere;
@@ -179,8 +182,7 @@ def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
     gpu16 = devices.backend == "gpu" and dtype != "float32"
     kernels_here = devices.hopper or interpret
 
-    if attention == "auto":
-        attention = "cudnn" if gpu16 else "xla"
+    attention = _resolve_attention(attention, gpu16, devices.backend == "gpu", deterministic)
 
     problem = unsupported_dims(cfg.dim, cfg.moe_inter_dim, names=("dim", "moe_inter_dim"))
     if grouped == "auto":
@@ -204,6 +206,28 @@ def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
     return Runtime(dtype=dtype, remat=remat, scan_layers=scan_layers, attention=attention,
                    grouped=grouped, fp8=fp8_impl, decode_attention=decode_attention,
                    interpret=interpret, deterministic=deterministic)
+
+
+def _resolve_attention(attention: str, gpu16: bool, gpu: bool, deterministic: bool) -> str:
+    """The training/prefill attention core. "auto": cuDNN's fused attention on a GPU in 16
+    bits, XLA's einsums elsewhere -- and XLA's in deterministic mode on a GPU. With XLA's
+    deterministic options (`DETERMINISTIC_OPTIONS`, or only XLA_FLAGS=--xla_gpu_deterministic_ops
+    =true) a program with cuDNN's fused attention compiles but crashes when it runs, with
+    `IndexError: absl::container_internal::raw_hash_map<>::at` from jax's execute_sharded (jax
+    0.11.2, one H100, 2026-12-07; the same with `ragged_dot` experts, so it is cuDNN's
+    attention, not our Pallas kernels). With XLA's attention the deterministic `small` step is
+    bitwise reproducible and costs 3.6% of the default mode's tokens/s at the same attention
+    (experiments/results/determinism_small_h100/, docs/performance.md). An explicit "cudnn"
+    with `deterministic` on a GPU is therefore an error, not a quiet substitute."""
+    if attention == "auto":
+        return "cudnn" if gpu16 and not deterministic else "xla"
+    if attention == "cudnn" and deterministic and gpu:
+        raise ValueError("attention='cudnn' (--attention_impl cudnn) cannot run with "
+                         "deterministic=True (--deterministic) on a GPU: cuDNN's fused attention "
+                         "crashes XLA's deterministic programs at execution (jax 0.11.2); use "
+                         "--attention_impl xla or auto (auto takes XLA's attention in "
+                         "deterministic mode), or drop --deterministic")
+    return attention
 
 
 def _resolve_fp8(on: bool, gemm: str, quant: str, dtype: str, devices: Devices,
@@ -240,11 +264,13 @@ def _resolve_fp8(on: bool, gemm: str, quant: str, dtype: str, devices: Devices,
 
 # XLA's GPU programs are not bitwise reproducible by default: scatter-adds (the embedding's
 # gradient) and cuDNN's attention backward accumulate with atomics in whatever order threads
-# arrive. These options select XLA's deterministic implementations (sorted scatters,
-# cuDNN's deterministic backward) and make compilation fail on an op that has none
-# (XLA docs/determinism.md). Our Pallas kernels use no atomics: every output tile is written
-# by one program, its K loop in a fixed order; the MoE's row permutations are gathers both ways
-# (pallas_kernels/rows.py). The CPU backend is deterministic without them.
+# arrive. These options select XLA's deterministic implementations (sorted scatters) and make
+# compilation fail on an op that has none (XLA docs/determinism.md). cuDNN's fused attention
+# does not survive them (the program crashes when it runs, jax 0.11.2), so a deterministic
+# Runtime takes XLA's attention on a GPU (`_resolve_attention`). Our Pallas kernels use no
+# atomics: every output tile is written by one program, its K loop in a fixed order; the MoE's
+# row permutations are gathers both ways (pallas_kernels/rows.py). The CPU backend is
+# deterministic without them.
 DETERMINISTIC_OPTIONS = {"xla_gpu_deterministic_ops": True,
                          "xla_gpu_exclude_nondeterministic_ops": True}
 

@@ -85,7 +85,8 @@ def parse_args(argv=None):
     ap.add_argument("--grouped_impl", default="auto", choices=("auto", "ragged_dot", "pallas"),
                     help="expert GEMMs: auto = pallas on GPU, ragged_dot elsewhere")
     ap.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
-                    help="attention core: auto = cudnn on GPU, xla elsewhere")
+                    help="attention core: auto = cudnn on GPU (xla with --deterministic), xla "
+                         "elsewhere")
     ap.add_argument("--deterministic", action="store_true",
                     help="compile the step bitwise-reproducible (pretrain's --deterministic), to "
                          "measure what that costs")

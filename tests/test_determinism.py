@@ -2,7 +2,8 @@
 every program a training or generation job compiles. Whether they make a GPU bitwise
 reproducible is measured on the GPU (experiments/determinism.py); here, on the CPU, we check
 the plumbing, by swapping the options for one XLA rejects: a program that does not carry them
-would compile without error.
+would compile without error; and the rule that the mode takes XLA's attention on a GPU (cuDNN's
+fused attention crashes XLA's deterministic programs), checked on pretended GPU devices.
 """
 
 import jax
@@ -33,6 +34,53 @@ def test_the_flag_reaches_the_runtime_of_every_job():
     s = parse_settings(["--deterministic", "--mesh", "none"])
     assert pretrain.build_runtime(s, CFG, None).deterministic
     assert not pretrain.build_runtime(parse_settings(["--mesh", "none"]), CFG, None).deterministic
+
+
+GPU = runtime_lib.Devices("gpu", hopper=True)
+CPU = runtime_lib.Devices("cpu", hopper=False)
+SMALL = get_config("small")
+
+
+def test_deterministic_mode_takes_xla_attention_on_a_gpu():
+    """cuDNN's fused attention crashes XLA's deterministic programs when they run (jax 0.11.2,
+    H100): "auto" resolves to XLA's attention under --deterministic on a GPU, and cuDNN's
+    otherwise; off the GPU nothing changes."""
+    resolve = runtime_lib.resolve
+    assert resolve(SMALL, dtype="bfloat16", devices=GPU).attention == "cudnn"
+    rt = resolve(SMALL, dtype="bfloat16", devices=GPU, deterministic=True)
+    assert (rt.attention, rt.deterministic) == ("xla", True)
+    assert rt.grouped == "pallas"  # only the attention changes: our kernels use no atomics
+    assert resolve(SMALL, dtype="bfloat16", fp8=True, devices=GPU,
+                   deterministic=True).attention == "xla"
+    assert resolve(SMALL, dtype="float32", devices=GPU, deterministic=True).attention == "xla"
+    for deterministic in (False, True):
+        assert resolve(SMALL, dtype="bfloat16", devices=CPU,
+                       deterministic=deterministic).attention == "xla"
+        assert resolve(SMALL, dtype="bfloat16", attention="xla", devices=GPU,
+                       deterministic=deterministic).attention == "xla"
+
+
+def test_explicit_cudnn_attention_with_deterministic_on_a_gpu_is_an_error():
+    with pytest.raises(ValueError, match=r"--attention_impl cudnn.*--deterministic"):
+        runtime_lib.resolve(SMALL, dtype="bfloat16", attention="cudnn", devices=GPU,
+                            deterministic=True)
+    # either one alone is allowed
+    assert runtime_lib.resolve(SMALL, dtype="bfloat16", attention="cudnn",
+                               devices=GPU).attention == "cudnn"
+    assert runtime_lib.resolve(SMALL, dtype="bfloat16", attention="xla", devices=GPU,
+                               deterministic=True).attention == "xla"
+
+
+def test_the_pretrain_flags_follow_the_rule(monkeypatch):
+    """`--deterministic` through the training scripts' settings, on a (pretended) GPU."""
+    monkeypatch.setattr(runtime_lib.Devices, "current", classmethod(lambda cls: GPU))
+    flags = ["--mesh", "none", "--precision", "bf16"]
+    assert pretrain.build_runtime(parse_settings(flags), SMALL, None).attention == "cudnn"
+    rt = pretrain.build_runtime(parse_settings(flags + ["--deterministic"]), SMALL, None)
+    assert (rt.attention, rt.deterministic) == ("xla", True)
+    with pytest.raises(ValueError, match="--deterministic"):
+        pretrain.build_runtime(parse_settings(flags + ["--deterministic", "--attention_impl",
+                                                       "cudnn"]), SMALL, None)
 
 
 def test_train_step_compiles_with_the_runtimes_options(monkeypatch):
