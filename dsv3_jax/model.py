@@ -233,6 +233,10 @@ def check_runtime_on_mesh(rt: Runtime, shard: ShardingContext | None) -> None:
     """A Runtime resolved for one device must not meet a mesh with the dense FP8 kernels on:
     they carry no sharding rule, so XLA's partitioner would gather their operands onto every
     device (a silent replication; `runtime.resolve(mesh_devices=...)` refuses it up front)."""
+    if shard is not None and shard.pipeline > 1:
+        raise ValueError(f"a mesh with pipeline={shard.pipeline} runs the model only through a "
+                         "pipeline schedule (dsv3_jax.train.pipeline, --pipeline_schedule); "
+                         "the plain forward would repeat every layer on every pipeline rank")
     if shard is None or rt.fp8 is None or shard.mesh.size == 1:
         return
     for name, value in (("fp8_gemm", rt.fp8.gemm), ("fp8_quant", rt.fp8.quant)):

@@ -147,7 +147,7 @@ def _moe_sharded(p, x, bias, token_mask, cfg: Config, rt: Runtime, forced,
 
     tok = P(batch, None, None)
     fn = jax.shard_map(
-        local, mesh=shard.mesh,
+        local, mesh=shard.shard_map_mesh(),
         in_specs=(tok, P(batch, None), None if forced is None else tok, P(),
                   None if bias is None else P(), expert_specs),
         out_specs=(tok, P(), P(), tok), check_vma=False)

@@ -59,7 +59,8 @@ def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Co
     hidden [B, T, D]: the main model's output after its final norm (what vLLM and transformers
     5.23's MtpModel feed). targets [B, T]: next tokens (targets[i] = token i+1). Module k at
     position i embeds targets[i + k] (token i+k+1) and its logits predict targets[i + k + 1].
-    aux: per-module `load` [depth, E], `balance` (summed), `indices` [depth, B, T, A].
+    aux: per-module `load` [depth, E], `balance` (summed) and `balances` [depth], `indices`
+    [depth, B, T, A].
     """
     rt = runtime_for(cfg, rt)
     w = compute_weights(params["weights"], cfg, rt)
@@ -79,4 +80,4 @@ def mtp_forward(params: dict, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: Co
         logits.append(lg)
         loads.append(aux["load"]), balances.append(aux["balance"]), indices.append(aux["indices"])
     return jnp.stack(logits), {"load": jnp.stack(loads), "balance": jnp.stack(balances).sum(),
-                               "indices": jnp.stack(indices)}
+                               "balances": jnp.stack(balances), "indices": jnp.stack(indices)}

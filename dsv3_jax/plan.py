@@ -39,6 +39,8 @@ from dsv3_jax.placement import batch_sharding, param_shardings, param_specs
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.loss import loss_fn
 from dsv3_jax.train.optim import adamw_v3
+from dsv3_jax.train.pipeline import stage_plan
+from sharding import schedules
 from sharding.context import ShardingContext
 from sharding.mesh import abstract_mesh, make_mesh, mesh_size, parse_mesh_spec
 
@@ -63,6 +65,11 @@ def parse_args(argv=None):
                     "the preset's max_seq_len if smaller)")
     ap.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
                     help="remat policy for --compile (default: none)")
+    ap.add_argument("--pipeline_schedule", default=None, choices=schedules.SCHEDULES,
+                    help="print this pipeline schedule's stages, timeline (rank x tick), "
+                    "bubble and activations in flight (default with pipeline > 1: 1f1b)")
+    ap.add_argument("--microbatches", type=int, default=None,
+                    help="microbatches per step through the pipeline (default: 2 x pipeline)")
     ap.add_argument("--json", default=None, help="also write the plan as JSON to this path")
     ap.add_argument("--compile", action="store_true", help="compile forward+loss+grad on fake "
                     "CPU devices; report memory_analysis() and HLO collectives per layer kind")
@@ -219,6 +226,15 @@ def compile_report(cfg, shard, batch: int, seq: int, *, remat: str = "none",
     return report
 
 
+def print_pipeline(pp: dict) -> None:
+    print(f"\npipeline: {pp['schedule']}, {pp['microbatches']} microbatches; stages (layer "
+          f"ranges, dense first): {pp['stage_layers']}")
+    print(pp["timeline"])
+    print(pp["about"])
+    print("activations per rank (estimate, no remat, the schedule's peak in flight): " +
+          ", ".join(_fmt_bytes(x) for x in pp["activations_per_rank_estimate"]))
+
+
 def print_plan(plan: dict) -> None:
     rows = plan["params"]
     w_path = max(len(r["path"]) for r in rows)
@@ -268,9 +284,31 @@ def build_plan(args) -> dict:
                                  "optimizer": optimizer_bytes(cfg, shard, specs),
                                  "activations_estimate": activation_estimate(cfg, shard, batch, seq)},
             "expert_placement": expert_placement(cfg, shard)}
+    if args.pipeline_schedule or shard.pipeline > 1:
+        plan["pipeline"] = pipeline_plan(cfg, shard, args, batch, seq)
     if args.compile:
         plan["compile"] = compile_report(cfg, shard, batch, seq, remat=args.remat)
     return plan
+
+
+def pipeline_plan(cfg, shard, args, batch: int, seq: int) -> dict:
+    """The schedule's stages, timeline, bubble and activations: a rank holds its peak number of
+    microbatches in flight, each its share of the layers' activations for one microbatch."""
+    ranks = shard.pipeline
+    name = args.pipeline_schedule or "1f1b"
+    micro = args.microbatches or 2 * ranks
+    if batch % micro:
+        raise ValueError(f"--microbatches {micro} must divide --batch {batch}")
+    stages = stage_plan(cfg, name, ranks, micro, seq)
+    tl = stages.timeline
+    summary = tl.summary()
+    layers = [(stages.dense[r] >= 0).sum() + (stages.moe[r] >= 0).sum() for r in range(ranks)]
+    whole = activation_estimate(cfg, shard, batch // micro, seq)  # one microbatch, all layers
+    per_rank = [whole * n / cfg.n_layers * held
+                for n, held in zip(layers, summary["activations_in_flight"])]
+    return {"schedule": name, "microbatches": micro, "stage_layers": list(stages.ranges),
+            "timeline": schedules.render(tl), "about": schedules.describe(tl),
+            "summary": summary, "activations_per_rank_estimate": per_rank}
 
 
 def main(argv=None) -> dict:
@@ -283,6 +321,8 @@ def main(argv=None) -> dict:
             jax.config.update("jax_platforms", "cpu")
     plan = build_plan(args)
     print_plan(plan)
+    if "pipeline" in plan:
+        print_pipeline(plan["pipeline"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(plan, fh, indent=1)

@@ -25,9 +25,6 @@ class ShardingContext:
         if isinstance(self.strategy, str):
             object.__setattr__(self, "strategy", get_strategy(self.strategy))
         sizes = self.sizes
-        if sizes.get("pipeline", 1) > 1:
-            raise ValueError("mesh axis pipeline > 1: pipeline parallelism is not available yet "
-                             "(it arrives with the pipeline issue); use pipeline=1")
         if self.dispatch not in DISPATCH_IMPLS:
             raise ValueError(f"dispatch={self.dispatch!r} is not one of {DISPATCH_IMPLS}")
         for axis in self.strategy.expert_axes:
@@ -57,6 +54,18 @@ class ShardingContext:
         if len(axes) > 1:
             raise ValueError(f"experts split over several mesh axes {axes}: not supported")
         return axes[0] if axes else None
+
+    @property
+    def pipeline(self) -> int:
+        """Pipeline ranks (the `pipeline` axis size; 1 without pipelining)."""
+        return self.sizes.get("pipeline", 1)
+
+    def shard_map_mesh(self):
+        """The mesh a `shard_map` inside the model takes: ours, or inside the pipeline
+        executor's shard_map (manual over `pipeline`) the context's mesh with that axis manual,
+        which a nested shard_map must name instead."""
+        context = jax.sharding.get_abstract_mesh()
+        return context if context.manual_axes else self.mesh
 
     @property
     def tensor_axis(self) -> str | None:

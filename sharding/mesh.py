@@ -1,9 +1,10 @@
-"""Device meshes from spec strings: `data=2,fsdp=2,expert=2,tensor=1,pipeline=1`.
+"""Device meshes from spec strings: `pipeline=1,data=2,fsdp=2,expert=2,tensor=1`.
 
-Axes, outermost first: data (pure data parallelism: parameters replicated), fsdp (data
+Axes, outermost first: pipeline (layer stages: the axis with the least traffic, point-to-point
+activations, so it may cross nodes), data (pure data parallelism: parameters replicated), fsdp (data
 parallelism with parameters, gradients and optimizer state sharded, ZeRO-3 style), expert
 (expert parallelism; also a data axis for everything outside the experts), tensor (tensor
-parallelism of heads and FFN widths), pipeline (layer stages). Axes left out have size 1. Inner
+parallelism of heads and FFN widths). Axes left out have size 1. Inner
 axes get the closest devices (jax.make_mesh orders devices by topology), so tensor and expert
 traffic stays inside a node where the mesh allows.
 
@@ -17,12 +18,14 @@ import re
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor", "pipeline")
+# pipeline first: besides the topology, XLA requires manual axes in mesh order, and the pipeline
+# executor's shard_map (manual over pipeline) holds the MoE's (manual over expert) inside it
+MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")
 _ITEM = re.compile(r"^\s*([A-Za-z_]+)\s*=\s*(\d+)\s*$")
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """'fsdp=4,expert=2' -> {'data': 1, 'fsdp': 4, 'expert': 2, 'tensor': 1, 'pipeline': 1}."""
+    """'fsdp=4,expert=2' -> {'pipeline': 1, 'data': 1, 'fsdp': 4, 'expert': 2, 'tensor': 1}."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"mesh spec must be a non-empty string like 'fsdp=4,expert=2', got {spec!r}")
     sizes = dict.fromkeys(MESH_AXES, 1)

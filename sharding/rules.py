@@ -11,6 +11,11 @@ order is the priority with which a tensor's dimensions claim mesh axes:
     divide, is an error naming the tensor, never a silent replication;
   * size-1 mesh axes are dropped from specs (they shard nothing).
 
+With pipeline parallelism (`pipeline` > 1) the parameters at rest are also split over the
+pipeline axis wherever they are split over fsdp (ZeRO over the stages too: `pipeline` is the
+last claimant of a dimension, so it changes nothing at size 1); each step gathers a stage's
+layers to its rank (`dsv3_jax.train.pipeline`).
+
 Leaves the caller marks as replicated (`tree_specs(..., replicated=...)`) get P() in every
 strategy, and the plan shows them: the model marks its RMSNorm gains (a few KiB per layer;
 splitting them would force their widths to divide every mesh axis) and the router's
@@ -40,21 +45,27 @@ class Strategy:
 
     @property
     def expert_axes(self) -> tuple[str, ...]:
-        """Mesh axes the routed experts are split over (expert parallelism when 'expert')."""
-        return dict(self.params)["experts"]
+        """Mesh axes the routed experts are split over (expert parallelism when 'expert'); the
+        pipeline axis only stores them (ZeRO), it routes no tokens."""
+        return tuple(a for a in dict(self.params)["experts"] if a != "pipeline")
 
 
 # Dimensions that are never split (per-head widths, top-k, layer stacks until pipelining).
 _NEVER = (("layers", ()), ("qk_nope", ()), ("qk_rope", ()), ("v_head", ()), ("topk", ()),
           ("expert_groups", ()), ("seq", ()), ("kv_seq", ()), ("tokens", ()))
 
+# ZeRO axes of the parameter tables: fsdp (with expert where experts do not claim it, and tensor
+# for the latents under TP), then pipeline (see the module docstring)
+_Z = ("fsdp", "pipeline")
+_ZE = ("fsdp", "expert", "pipeline")
+_ZET = ("fsdp", "expert", "tensor", "pipeline")
+
 FSDP = Strategy(
     name="fsdp",
     description="pure FSDP (ZeRO-3): every parameter split over fsdp, gathered per layer; "
                 "batch over data x fsdp; experts computed locally after the gather",
-    params=(("experts", ("fsdp",)), ("embed", ("fsdp",)), ("q_latent", ("fsdp",)),
-            ("kv_latent", ("fsdp",)), ("mlp", ("fsdp",)), ("expert_mlp", ("fsdp",)),
-            ("mtp_in", ("fsdp",)), ("vocab", ("fsdp",)), ("heads", ())) + _NEVER,
+    params=(("experts", _Z), ("embed", _Z), ("q_latent", _Z), ("kv_latent", _Z), ("mlp", _Z),
+            ("expert_mlp", _Z), ("mtp_in", _Z), ("vocab", _Z), ("heads", ())) + _NEVER,
     activations=(("batch", ("data", "fsdp")), ("embed", ()), ("heads", ()), ("mlp", ()),
                  ("expert_mlp", ()), ("vocab", ()), ("experts", ()), ("q_latent", ()),
                  ("kv_latent", ()), ("mtp_in", ())) + _NEVER,
@@ -65,10 +76,9 @@ FSDP_EP = Strategy(
     description="FSDP + expert parallelism: routed experts split over expert (dropless "
                 "dispatch/combine), their D over fsdp; other parameters over fsdp x expert; "
                 "batch over data x fsdp x expert",
-    params=(("experts", ("expert",)), ("embed", ("fsdp", "expert")),
-            ("q_latent", ("fsdp", "expert")), ("kv_latent", ("fsdp", "expert")),
-            ("mlp", ("fsdp", "expert")), ("expert_mlp", ("fsdp",)), ("mtp_in", ("fsdp", "expert")),
-            ("vocab", ("fsdp", "expert")), ("heads", ())) + _NEVER,
+    params=(("experts", ("expert",)), ("embed", _ZE), ("q_latent", _ZE), ("kv_latent", _ZE),
+            ("mlp", _ZE), ("expert_mlp", _Z), ("mtp_in", _ZE), ("vocab", _ZE),
+            ("heads", ())) + _NEVER,
     activations=(("batch", ("data", "fsdp", "expert")), ("embed", ()), ("heads", ()),
                  ("mlp", ()), ("expert_mlp", ()), ("vocab", ()), ("experts", ()),
                  ("q_latent", ()), ("kv_latent", ()), ("mtp_in", ())) + _NEVER,
@@ -81,9 +91,8 @@ FSDP_EP_TP = Strategy(
     # the latents also take the tensor axis where the model width has claimed fsdp x expert, so
     # the down-projections [D, Q|C] are not replicated over tensor ranks
     params=(("experts", ("expert",)), ("heads", ("tensor",)), ("mlp", ("tensor",)),
-            ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)), ("embed", ("fsdp", "expert")),
-            ("q_latent", ("fsdp", "expert", "tensor")), ("kv_latent", ("fsdp", "expert", "tensor")),
-            ("mtp_in", ("fsdp", "expert", "tensor"))) + _NEVER,
+            ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)), ("embed", _ZE),
+            ("q_latent", _ZET), ("kv_latent", _ZET), ("mtp_in", _ZET)) + _NEVER,
     activations=(("batch", ("data", "fsdp", "expert")), ("heads", ("tensor",)),
                  ("mlp", ("tensor",)), ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)),
                  ("embed", ()), ("experts", ()), ("q_latent", ()), ("kv_latent", ()),

@@ -69,8 +69,9 @@ def test_rules_errors_and_claims():
 def test_context_validation():
     with pytest.raises(ValueError, match=r"mesh axes \['expert'\] have size > 1 but strategy fsdp"):
         ShardingContext(abstract_mesh("fsdp=2,expert=4"), "fsdp")
-    with pytest.raises(ValueError, match="pipeline parallelism is not available yet"):
-        ShardingContext(abstract_mesh("fsdp=4,pipeline=2"), "fsdp")
+    # a pipeline axis is a ZeRO axis of the parameters at rest (stages gather per step)
+    ctx = ShardingContext(abstract_mesh("fsdp=4,pipeline=2"), "fsdp")
+    assert ctx.pipeline == 2 and ctx.expert_axis is None
     with pytest.raises(ValueError, match="unknown sharding strategy 'zero'"):
         ShardingContext(abstract_mesh("fsdp=8"), "zero")
     with pytest.raises(ValueError, match="dispatch='nccl'"):

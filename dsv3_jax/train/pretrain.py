@@ -25,7 +25,7 @@ from dsv3_jax.config import Config, get_config
 from dsv3_jax.infer.generate import generate
 from dsv3_jax.placement import batch_sharding
 from dsv3_jax.runtime import Runtime
-from dsv3_jax.train import loop, step as train_step
+from dsv3_jax.train import loop, pipeline as pipeline_lib, step as train_step
 from dsv3_jax.train.checkpoint import CheckpointError
 from dsv3_jax.train.data import DataError, PackedDataset, build_dataset
 from dsv3_jax.train.loss import LossWeights
@@ -82,6 +82,52 @@ def build_runtime(s: Settings, cfg: Config, shard) -> Runtime:
         attention=s.attention_impl, grouped=s.grouped_impl, fp8=s.precision == "fp8",
         fp8_gemm=s.fp8_impl, fp8_quant=s.fp8_quant_impl,
         mesh_devices=1 if shard is None else shard.mesh.size, deterministic=s.deterministic)
+
+
+def pipeline_schedule(s, shard) -> str:
+    """The schedule the flags ask for: 'none' or one of `sharding.schedules.SCHEDULES`."""
+    ranks = 1 if shard is None else shard.pipeline
+    name = s.pipeline_schedule
+    if name == "auto":
+        name = "1f1b" if ranks > 1 else "none"
+    if name == "none" and ranks > 1:
+        raise ValueError(f"--mesh has pipeline={ranks}: choose a --pipeline_schedule (gpipe, "
+                         "1f1b, zero_bubble, dualpipev), not none")
+    return name
+
+
+def build_pipeline(s, cfg: Config, shard):
+    """The stage plan of `--pipeline_schedule` / `--microbatches`, or None without pipelining."""
+    name = pipeline_schedule(s, shard)
+    if name == "none":
+        if s.microbatches is not None:
+            raise ValueError("--microbatches needs a --pipeline_schedule (or a mesh with "
+                             "pipeline > 1); --grad_accum splits a step without a pipeline")
+        return None
+    ranks = 1 if shard is None else shard.pipeline
+    others = {} if shard is None else {a: n for a, n in shard.sizes.items()
+                                       if a != "pipeline" and n > 1}
+    if ranks > 1 and others:
+        # XLA 0.11.2's partitioner rejects the executor's per-rank branches (lax.switch) when
+        # another mesh axis is automatic inside the pipeline's shard_map ("Inconsistent
+        # conditional sharding", hlo_verifier): refuse rather than fail deep in compilation
+        raise ValueError(f"--mesh pipeline={ranks} with {others}: pipeline parallelism runs on "
+                         "a mesh of the pipeline axis alone for now (FSDP, expert and tensor "
+                         "axes beside it are not supported yet); use e.g. --mesh "
+                         f"pipeline={ranks}")
+    micro = s.microbatches or 2 * ranks
+    if s.grad_accum != 1:
+        raise ValueError("--grad_accum with a pipeline schedule: use --microbatches instead")
+    pipeline_lib.check(cfg, name, ranks, micro, s.global_batch)
+    if shard is not None:
+        n = math.prod(shard.sizes[a] for a in shard.batch_axes)
+        if (s.global_batch // micro) % n:
+            raise ValueError(f"each microbatch ({s.global_batch // micro} sequences) must split "
+                             f"evenly over the {n} devices of the batch axes "
+                             f"{shard.batch_axes}; change --global_batch, --microbatches or "
+                             "--mesh")
+    mtp = bool(cfg.mtp_depth) and s.mtp_weight > 0
+    return pipeline_lib.stage_plan(cfg, name, ranks, micro, s.seq_len, mtp)
 
 
 def check_batch_split(s: Settings, shard) -> None:
@@ -240,10 +286,10 @@ def pretraining_job(s: Settings, cfg: Config, rt: Runtime, shard, dataset: Packe
                     tokenizer) -> loop.Job:
     """Pretraining as a loop job: the V3 objective over `dataset`'s packed batches."""
     schedule, optimizer = build_optimizer(s, cfg)
-    objective = train_step.pretraining_objective(
-        cfg, rt, shard, weights=LossWeights(mtp=s.mtp_weight, balance=s.balance_alpha))
-    step_fn = train_step.make_train_step(cfg, optimizer, schedule, shard, objective=objective,
-                                         rt=rt, bias_gamma=s.bias_gamma, grad_accum=s.grad_accum)
+    weights = LossWeights(mtp=s.mtp_weight, balance=s.balance_alpha)
+    step_fn = train_step.make_train_step(
+        cfg, optimizer, schedule, shard, rt=rt, pipeline=build_pipeline(s, cfg, shard),
+        bias_gamma=s.bias_gamma, grad_accum=s.grad_accum, loss_weights=weights)
     about = run_meta(cfg, rt, s)
     return loop.Job(
         name="pretraining",

@@ -64,12 +64,21 @@ class BaseSettings:
                                  KERNELS, choices=("auto", "xla", "pallas"))
     deterministic: bool = _field(False, "compile bitwise-reproducible programs: the same command "
                                  "twice gives the same per-step losses on a GPU (XLA's "
-                                 "deterministic scatters and cuDNN attention backward; costs "
-                                 "step time, docs/performance.md)", KERNELS)
+                                 "deterministic ops; attention auto = XLA's, since cuDNN's "
+                                 "crashes that mode; costs step time, docs/performance.md)",
+                                 KERNELS)
     # --- devices ---
     mesh: str = _field("auto", "device mesh, e.g. 'fsdp=4,expert=2'; 'none' = the first device, "
                        "no mesh; 'auto' = 'none' with one device, fsdp over all when several",
                        DEVICES)
+    pipeline_schedule: str = _field(
+        "auto", "pipeline schedule over the mesh's pipeline axis: gpipe, 1f1b, zero_bubble, "
+        "dualpipev (README: Scaling); auto = 1f1b when pipeline > 1, none otherwise; a schedule "
+        "with pipeline=1 runs the pipelined step on one rank (its overhead)", DEVICES,
+        choices=("auto", "none", "gpipe", "1f1b", "zero_bubble", "dualpipev"))
+    microbatches: int | None = _field(None, "microbatches per step through the pipeline "
+                                      "(default: 2 x pipeline ranks); must divide "
+                                      "--global_batch", DEVICES)
     strategy: str = _field("fsdp", "sharding strategy", DEVICES,
                            choices=("fsdp", "fsdp_ep", "fsdp_ep_tp"))
     dispatch: str = _field("allgather", "expert-parallel dispatch", DEVICES,
@@ -139,6 +148,8 @@ class BaseSettings:
             v = getattr(self, name)
             if not (v == 0 or v > 1):
                 raise ValueError(f"--{name} must be 0 (off) or > 1, got {v}")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ValueError(f"--microbatches must be >= 1, got {self.microbatches}")
         if self.global_batch % self.grad_accum:
             raise ValueError(f"--global_batch {self.global_batch} is not a multiple of "
                              f"--grad_accum {self.grad_accum}")

@@ -171,7 +171,8 @@ def no_guard() -> dict:
 def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
                     objective: Objective | None = None, rt: Runtime | None = None,
                     bias_gamma: float = V3_BIAS_GAMMA, grad_accum: int = 1, donate: bool = True,
-                    extra_metrics: tuple[str, ...] = (), frozen=None):
+                    extra_metrics: tuple[str, ...] = (), frozen=None, pipeline=None,
+                    loss_weights: LossWeights = LossWeights()):
     """The jitted step(state, batch, guard) -> (state, metrics). `objective` defaults to V3's
     pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm"} and optionally
     "max_update_ratio" (float32 scalars; `no_guard()` for none): a step whose loss or gradient
@@ -186,12 +187,26 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
     `frozen`: a pytree the objective needs but does not train (a distillation teacher's
     weights): the objective is then called as objective(params, micro_batch, frozen), and the
     step is still called as step(state, batch, guard) (`FrozenArgStep` passes `frozen` as an
-    argument of the compiled program, not as a constant folded into it)."""
-    objective = objective or pretraining_objective(cfg, rt, shard)
+    argument of the compiled program, not as a constant folded into it).
+
+    `pipeline`: a `dsv3_jax.train.pipeline.StagePlan`: the gradient of V3's pretraining loss
+    (with `loss_weights`) comes from the plan's pipeline schedule instead of `objective`
+    (which must then be None), exactly the unpipelined one."""
+    if pipeline is not None and (objective is not None or frozen is not None or grad_accum != 1):
+        raise ValueError("a pipeline schedule computes V3's pretraining objective over its own "
+                         "microbatches: no custom objective, teacher or --grad_accum with it")
+    objective = objective or pretraining_objective(cfg, rt, shard, weights=loss_weights)
+
+    def grads_of(params, batch, frozen):
+        if pipeline is None:
+            return _grads(objective, params, batch, grad_accum, frozen)
+        from dsv3_jax.train.pipeline import pipelined_grads  # noqa: PLC0415 - it imports us
+
+        return pipelined_grads(params, batch, cfg, pipeline, rt, shard, weights=loss_weights)
 
     def step(state, batch, guard, frozen=None):
         params = state["params"]
-        loss, metrics, grads = _grads(objective, params, batch, grad_accum, frozen)
+        loss, metrics, grads = grads_of(params, batch, frozen)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         with jax.named_scope("optimizer"):
