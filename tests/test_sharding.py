@@ -71,7 +71,7 @@ def test_context_validation():
         ShardingContext(abstract_mesh("fsdp=2,expert=4"), "fsdp")
     # a pipeline axis is a ZeRO axis of the parameters at rest (stages gather per step)
     ctx = ShardingContext(abstract_mesh("fsdp=4,pipeline=2"), "fsdp")
-    assert ctx.pipeline == 2 and ctx.expert_axis is None
+    assert ctx.pipeline == 2 and ctx.expert_axis == "fsdp"  # pipeline routes no tokens
     with pytest.raises(ValueError, match="unknown sharding strategy 'zero'"):
         ShardingContext(abstract_mesh("fsdp=8"), "zero")
     with pytest.raises(ValueError, match="dispatch='nccl'"):
