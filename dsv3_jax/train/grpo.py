@@ -417,6 +417,7 @@ def build_engine(s: GRPOSettings, source: sources.Source, rt: Runtime, optimizer
 
 
 def grpo_job(s: GRPOSettings, source: sources.Source, rt: Runtime) -> tuple[loop.Job, Engine]:
+    pretrain.refuse_pipeline(s, None, "GRPO")
     cfg = source.cfg
     schedule, optimizer = pretrain.build_optimizer(s, cfg, min(10, s.steps // 4))
     e = build_engine(s, source, rt, optimizer, schedule)

@@ -96,6 +96,15 @@ def pipeline_schedule(s, shard) -> str:
     return name
 
 
+def refuse_pipeline(s, shard, job: str) -> None:
+    """Jobs whose objectives do not run through a pipeline schedule yet refuse its flags."""
+    asked = s.pipeline_schedule not in ("auto", "none") or s.microbatches is not None
+    if asked or (shard is not None and shard.pipeline > 1):
+        raise ValueError(f"{job} does not run on a pipeline yet: drop --pipeline_schedule / "
+                         "--microbatches and the mesh's pipeline axis (pipelining runs "
+                         "experiments/pretrain.py's objective)")
+
+
 def build_pipeline(s, cfg: Config, shard):
     """The stage plan of `--pipeline_schedule` / `--microbatches`, or None without pipelining."""
     name = pipeline_schedule(s, shard)

@@ -194,6 +194,7 @@ def _sampler(s: SFTSettings, cfg: Config, rt: Runtime, tokenizer):
 
 def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset: SFTDataset,
             teacher: sources.Source | None = None) -> loop.Job:
+    pretrain.refuse_pipeline(s, shard, "SFT and distillation")
     cfg = source.cfg
     schedule, optimizer = pretrain.build_optimizer(s, cfg)
     objective = sft_objective(cfg, rt, shard, LossWeights(mtp=s.mtp_weight,
