@@ -212,13 +212,10 @@ def _resolve_attention(attention: str, gpu16: bool, gpu: bool, deterministic: bo
     """The training/prefill attention core. "auto": cuDNN's fused attention on a GPU in 16
     bits, XLA's einsums elsewhere -- and XLA's in deterministic mode on a GPU. With XLA's
     deterministic options (`DETERMINISTIC_OPTIONS`, or only XLA_FLAGS=--xla_gpu_deterministic_ops
-    =true) a program with cuDNN's fused attention compiles but crashes when it runs, with
-    `IndexError: absl::container_internal::raw_hash_map<>::at` from jax's execute_sharded (jax
-    0.11.2, one H100, 2026-12-07; the same with `ragged_dot` experts, so it is cuDNN's
-    attention, not our Pallas kernels). With XLA's attention the deterministic `small` step is
-    bitwise reproducible and costs 3.6% of the default mode's tokens/s at the same attention
-    (experiments/results/determinism_small_h100/, docs/performance.md). An explicit "cudnn"
-    with `deterministic` on a GPU is therefore an error, not a quiet substitute."""
+    =true) a program with cuDNN's fused attention compiles but crashes when it runs (jax
+    0.11.2; it is cuDNN's attention, not our Pallas kernels: docs/performance.md, "Deterministic
+    mode"). An explicit "cudnn" with `deterministic` on a GPU is therefore an error, not a
+    quiet substitute."""
     if attention == "auto":
         return "cudnn" if gpu16 and not deterministic else "xla"
     if attention == "cudnn" and deterministic and gpu:

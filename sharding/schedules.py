@@ -17,9 +17,9 @@ training_systems.md §1):
 
 Everything runs in one SPMD program, so ranks advance in lock step: `place` puts the ranks'
 lists into ticks. In a tick a rank takes its next task if its inputs arrived in an earlier tick
-(a neighbour's output crosses the `pipeline` axis between ticks), and the task after it too if
-that one is ready and uses the other lane: a tick has a forward lane (F) and a backward lane (B,
-Bx or W), which is how 1F1B's steady state and DualPipeV's overlapped F&B pairs run. A tick lasts
+(a neighbour's output crosses the `pipeline` axis between ticks); under dualpipev (`PACKED`)
+also the task after it if that one is ready and uses the other lane (a tick has a forward lane,
+F, and a backward lane, B, Bx or W): DualPipeV's overlapped F&B pairs. A tick lasts
 as long as its busiest rank (F = 1, Bx = W = 1, B = 2 units of one stage's work), so the bubble
 reported is the lock-step one, with the published formula beside it.
 
