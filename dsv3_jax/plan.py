@@ -22,6 +22,7 @@ The tool sits above both the model and `sharding/` and imports what it needs at 
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,11 +37,12 @@ import optax
 from dsv3_jax.config import get_config
 from dsv3_jax.params import abstract_params, logical_axes_tree
 from dsv3_jax.placement import batch_sharding, param_shardings, param_specs
-from dsv3_jax.runtime import Runtime
+from dsv3_jax.model import compute_weights, runtime_for
+from dsv3_jax.runtime import Fp8, Runtime
 from dsv3_jax.train.loss import loss_fn
 from dsv3_jax.train.optim import adamw_v3
-from dsv3_jax.train.pipeline import stage_plan
-from sharding import schedules
+from dsv3_jax.train.pipeline import _stage_fn as pipeline_stage_fn, stage_plan
+from sharding import pipeline as executor, schedules
 from sharding.context import ShardingContext
 from sharding.mesh import abstract_mesh, make_mesh, mesh_size, parse_mesh_spec
 
@@ -64,7 +66,15 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default: 4096, or "
                     "the preset's max_seq_len if smaller)")
     ap.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
-                    help="remat policy for --compile (default: none)")
+                    help="per-layer remat policy of the step: the activation estimate and "
+                         "--compile follow it (default: none)")
+    ap.add_argument("--attention_impl", default="cudnn", choices=("cudnn", "xla"),
+                    help="attention core the estimate assumes: cudnn (a fused kernel, what a "
+                         "GPU step in 16 bits runs: no S x S matrix kept) or xla (scores and "
+                         "probabilities kept, as on a CPU; --compile uses xla)")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8", "fp32"),
+                    help="compute precision the estimate traces (fp8: FP8 GEMM inputs, and "
+                         "what they keep for the backward)")
     ap.add_argument("--pipeline_schedule", default=None, choices=schedules.SCHEDULES,
                     help="print this pipeline schedule's stages, timeline (rank x tick), "
                     "bubble and activations in flight (default with pipeline > 1: 1f1b)")
@@ -134,24 +144,85 @@ def optimizer_bytes(cfg, shard, specs) -> int:
                for a, s in zip(leaves, leaf_specs))
 
 
-def activation_estimate(cfg, shard, batch: int, seq: int) -> int:
-    """Rough bytes per device of what the backward pass keeps with remat 'none' (compute
-    dtype), for `batch` global sequences of `seq` tokens. --compile gives the real number."""
-    sizes = shard.sizes
-    tokens = batch * seq // max(1, math.prod(sizes[a] for a in shard.batch_axes))
-    tp = sizes["tensor"] if shard.strategy.name == "fsdp_ep_tp" else 1
-    item = jnp.dtype(cfg.dtype).itemsize
-    n, d = cfg.n_heads // tp, cfg.dim
-    attn = (2 * d + cfg.q_lora_rank + n * cfg.qk_head_dim + cfg.kv_lora_rank
-            + cfg.qk_rope_head_dim + n * (cfg.qk_nope_head_dim + 2 * cfg.v_head_dim)
-            + 2 * n * seq)  # scores and probabilities: N x S per query token
-    dense = d + 3 * cfg.inter_dim // tp
-    moe = (d + 2 * cfg.n_routed_experts  # router scores in fp32
-           + cfg.n_activated_experts * (2 * d + 3 * cfg.moe_inter_dim // tp)
-           + 3 * cfg.shared_inter_dim // tp)
-    per_token = (cfg.n_dense_layers * (attn + dense) + (cfg.n_moe_layers + cfg.mtp_depth) * (attn + moe))
-    logits = 4 * cfg.vocab_size // tp * (1 + cfg.mtp_depth)
-    return tokens * (per_token * item + logits)
+# The backward's working set beyond what the layers keep: about 1.6 x one MoE layer's saved
+# residuals (its recomputed or read residuals plus their cotangents while its backward runs),
+# fitted to the compiled programs' temp memory of `tiny` on CPU (tests/test_dump.py checks the
+# whole estimate's growth with the batch against memory_analysis within 10%).
+TRANSIENT = 1.6
+
+
+def _local_cfg(cfg, tp: int):
+    """The config one tensor-parallel rank computes: heads, FFN and expert widths and the
+    vocabulary divided by `tp`."""
+    if tp == 1:
+        return cfg
+    return dataclasses.replace(cfg, n_heads=cfg.n_heads // tp, inter_dim=cfg.inter_dim // tp,
+                               moe_inter_dim=cfg.moe_inter_dim // tp,
+                               vocab_size=cfg.vocab_size // tp)
+
+
+def layer_saved_bytes(cfg, rt, kind: str, rows: int, seq: int) -> int:
+    """Bytes one layer of `kind` ("dense_layers" or "moe_layers") keeps for its backward over
+    `rows` sequences of `seq` tokens: the residuals autodiff saves under `rt` (remat policy,
+    FP8 GEMM inputs), traced abstractly (no compute), without the weights or anything computed
+    from weights alone (the pipeline executor's own split, `sharding.pipeline.kept_shapes`).
+    A fused attention kernel (`rt.attention` "cudnn") keeps no S x S matrix: its trace cannot
+    run on a CPU, so XLA's is traced and its score and probability matrices are replaced by
+    the kernel's softmax statistics (rows x heads x seq float32)."""
+    fused = rt.attention == "cudnn"
+    rt = rt.replace(attention="xla") if fused else rt
+    one = jax.eval_shape(lambda w: compute_weights({kind: w[kind]}, cfg, rt),
+                         abstract_params(cfg)["weights"])
+    w = {kind: jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype),
+                            one[kind])}
+    c = {kind.split("_")[0] + "_valid": jnp.ones((1,), bool)}
+    if kind == "moe_layers":
+        c["bias"] = jnp.zeros((1, cfg.n_routed_experts), jnp.float32)
+    x = jax.ShapeDtypeStruct((rows, seq, cfg.dim), jnp.dtype(rt.dtype))
+    mb = {"inputs": jax.ShapeDtypeStruct((rows, seq), jnp.int32),
+          "balance_weight": jax.ShapeDtypeStruct((), jnp.float32)}
+    fns = executor.StageFns(None, pipeline_stage_fn(cfg, rt, None), None, None)
+    total = 0
+    for leaf in executor.kept_shapes(fns, w, c, x, mb):
+        if fused and leaf.shape[-2:] == (seq, seq) and seq > 1:
+            continue
+        total += math.prod(leaf.shape) * leaf.dtype.itemsize
+    if fused:
+        total += rows * cfg.n_heads * seq * 4
+    return total
+
+
+def activation_model(cfg, shard, rows: int, seq: int, *, remat: str = "none",
+                     attention: str = "cudnn", precision: str = "bf16") -> dict:
+    """Per-device bytes of what a training step keeps for its backward, for `rows` sequences of
+    `seq` tokens on this device (one microbatch under a pipeline): per dense and MoE layer
+    (`layer_saved_bytes` under the remat policy), the head (float32 logits and their
+    log-normaliser, which the cross entropy keeps, and its input), each MTP module (a MoE
+    block outside the remat policy, its projection and head) and the backward's transient
+    working set (`TRANSIENT`)."""
+    tp = shard.sizes.get("tensor", 1) if shard.strategy.name == "fsdp_ep_tp" else 1
+    local = _local_cfg(cfg, tp)
+    fp8 = Fp8() if precision == "fp8" else None
+    rt = runtime_for(local, Runtime(remat=remat, attention=attention, fp8=fp8,
+                                    dtype="float32" if precision == "fp32" else "bfloat16"))
+    item = jnp.dtype(rt.dtype).itemsize
+    dense = layer_saved_bytes(local, rt, "dense_layers", rows, seq) if cfg.n_dense_layers else 0
+    moe = layer_saved_bytes(local, rt, "moe_layers", rows, seq) if cfg.n_moe_layers else 0
+    moe_all = (moe if remat == "none" else
+               layer_saved_bytes(local, rt.replace(remat="none"), "moe_layers", rows, seq))
+    tokens = rows * seq
+    head = tokens * (local.vocab_size * 4 + 4 + cfg.dim * item)
+    mtp = cfg.mtp_depth * (moe_all + head + 3 * tokens * cfg.dim * item)
+    return {"dense_layer": dense, "moe_layer": moe, "head": head, "mtp": mtp,
+            "transient": int(TRANSIENT * moe_all), "tokens": tokens}
+
+
+def activation_estimate(cfg, shard, batch: int, seq: int, **kw) -> int:
+    """Per-device activation bytes of the unpipelined step over `batch` global sequences."""
+    rows = max(1, batch // max(1, math.prod(shard.sizes[a] for a in shard.batch_axes)))
+    m = activation_model(cfg, shard, rows, seq, **kw)
+    return (cfg.n_dense_layers * m["dense_layer"] + cfg.n_moe_layers * m["moe_layer"]
+            + m["head"] + m["mtp"] + m["transient"])
 
 
 def expert_placement(cfg, shard) -> dict:
@@ -198,8 +269,8 @@ def all_gather_results(text: str) -> list[tuple[int, ...]]:
 
 
 def compile_report(cfg, shard, batch: int, seq: int, *, remat: str = "none",
-                   keep_hlo: bool = False) -> dict:
-    rt = Runtime(remat=remat)
+                   precision: str = "bf16", keep_hlo: bool = False) -> dict:
+    rt = Runtime(remat=remat, dtype="float32" if precision == "fp32" else "bfloat16")
     shardings = param_shardings(cfg, shard)
     params = abstract_params(cfg)
     tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding(shard))
@@ -231,8 +302,12 @@ def print_pipeline(pp: dict) -> None:
           f"ranges, dense first): {pp['stage_layers']}")
     print(pp["timeline"])
     print(pp["about"])
-    print("activations per rank (estimate, no remat, the schedule's peak in flight): " +
-          ", ".join(_fmt_bytes(x) for x in pp["activations_per_rank_estimate"]))
+    a = pp["activations"]
+    print(f"activations per rank (estimate): {_fmt_bytes(a['per_rank'])} = {a['slots']} slots x "
+          f"{a['stages_per_rank']} stage(s) x {_fmt_bytes(a['per_slot'])} (a microbatch of "
+          f"{a['rows']} sequence(s) through the widest stage, {a['widest_stage']}) + "
+          f"{_fmt_bytes(a['head_and_transient'])} (head, MTP and the backward's working set); "
+          f"in flight at the peak: {pp['summary']['activations_in_flight']} microbatches per rank")
 
 
 def print_plan(plan: dict) -> None:
@@ -250,10 +325,13 @@ def print_plan(plan: dict) -> None:
               f"{' '.join(r['logical']):<{w_log}}  {r['spec']:<{w_spec}}  "
               f"{_fmt_bytes(r['bytes_per_device'])}")
     t = plan["per_device_bytes"]
+    how = (f"remat {plan['remat']}, {plan['attention_impl']} attention, {plan['precision']}")
+    what = (f"pipelined: {plan['pipeline']['schedule']} x {plan['pipeline']['microbatches']} "
+            "microbatches" if "pipeline" in plan else "no pipeline")
     print(f"\nper device: parameters {_fmt_bytes(t['params'])}, gradients {_fmt_bytes(t['grads'])}, "
           f"optimizer state {_fmt_bytes(t['optimizer'])}, activations (estimate, batch "
-          f"{plan['batch']} x {plan['seq']}, no remat) {_fmt_bytes(t['activations_estimate'])}; "
-          f"total {_fmt_bytes(sum(t.values()))}")
+          f"{plan['batch']} x {plan['seq']}, {how}, {what}) "
+          f"{_fmt_bytes(t['activations_estimate'])}; total {_fmt_bytes(sum(t.values()))}")
     e = plan["expert_placement"]
     spans = "; ".join(f"g{g['group']}: experts {g['experts'][0]}-{g['experts'][1]} on ranks "
                       f"{g['ranks'][0]}-{g['ranks'][-1]}" for g in e["groups"])
@@ -278,22 +356,31 @@ def build_plan(args) -> dict:
     rows, specs = param_rows(cfg, shard)
     params = sum(r["bytes_per_device"] for r in rows if r["path"].startswith("weights"))
     state = sum(r["bytes_per_device"] for r in rows if r["path"].startswith("router_state"))
+    how = {"remat": args.remat, "attention": args.attention_impl, "precision": args.precision}
     plan = {"preset": cfg.name, "mesh": args.mesh, "strategy": strategy,
-            "devices": math.prod(sizes.values()), "batch": batch, "seq": seq, "params": rows,
+            "devices": math.prod(sizes.values()), "batch": batch, "seq": seq, "remat": args.remat,
+            "attention_impl": args.attention_impl, "precision": args.precision, "params": rows,
             "per_device_bytes": {"params": params + state, "grads": params,
-                                 "optimizer": optimizer_bytes(cfg, shard, specs),
-                                 "activations_estimate": activation_estimate(cfg, shard, batch, seq)},
+                                 "optimizer": optimizer_bytes(cfg, shard, specs)},
             "expert_placement": expert_placement(cfg, shard)}
     if args.pipeline_schedule or shard.pipeline > 1:
-        plan["pipeline"] = pipeline_plan(cfg, shard, args, batch, seq)
+        plan["pipeline"] = pipeline_plan(cfg, shard, args, batch, seq, how)
+        acts = plan["pipeline"]["activations"]["per_rank"]
+    else:
+        acts = activation_estimate(cfg, shard, batch, seq, **how)
+    plan["per_device_bytes"]["activations_estimate"] = acts
     if args.compile:
-        plan["compile"] = compile_report(cfg, shard, batch, seq, remat=args.remat)
+        plan["compile"] = compile_report(cfg, shard, batch, seq, remat=args.remat,
+                                         precision=args.precision)
     return plan
 
 
-def pipeline_plan(cfg, shard, args, batch: int, seq: int) -> dict:
-    """The schedule's stages, timeline, bubble and activations: a rank holds its peak number of
-    microbatches in flight, each its share of the layers' activations for one microbatch."""
+def pipeline_plan(cfg, shard, args, batch: int, seq: int, how: dict) -> dict:
+    """The schedule's stages, timeline, bubble and activations. The executor gives every rank
+    the same buffers (one SPMD program): `slots` per stage it holds, each one microbatch's
+    residuals through the widest stage (stages are padded to it), plus the input and gradient
+    activations of each slot, the head and MTP (run at once by the last stage's forward task,
+    not kept) and the backward's working set."""
     ranks = shard.pipeline
     name = args.pipeline_schedule or "1f1b"
     micro = args.microbatches or 2 * ranks
@@ -301,14 +388,24 @@ def pipeline_plan(cfg, shard, args, batch: int, seq: int) -> dict:
         raise ValueError(f"--microbatches {micro} must divide --batch {batch}")
     stages = stage_plan(cfg, name, ranks, micro, seq)
     tl = stages.timeline
-    summary = tl.summary()
-    layers = [(stages.dense[r] >= 0).sum() + (stages.moe[r] >= 0).sum() for r in range(ranks)]
-    whole = activation_estimate(cfg, shard, batch // micro, seq)  # one microbatch, all layers
-    per_rank = [whole * n / cfg.n_layers * held
-                for n, held in zip(layers, summary["activations_in_flight"])]
+    n_batch = max(1, math.prod(shard.sizes[a] for a in shard.batch_axes))
+    if (batch // micro) % n_batch:
+        raise ValueError(f"a microbatch ({batch // micro} sequences) must split over the "
+                         f"{n_batch} devices of the batch axes: change --batch or --microbatches")
+    rows = batch // micro // n_batch
+    m = activation_model(cfg, shard, rows, seq, **how)
+    width_d, width_m = stages.dense.shape[-1], stages.moe.shape[-1]
+    item = 4 if how["precision"] == "fp32" else 2
+    per_slot = (width_d * m["dense_layer"] + width_m * m["moe_layer"]
+                + 2 * m["tokens"] * cfg.dim * item)
+    rest = m["head"] + m["mtp"] + m["transient"]
+    acts = {"per_rank": tl.per_rank * tl.n_slots * per_slot + rest, "slots": tl.n_slots,
+            "stages_per_rank": tl.per_rank, "per_slot": per_slot, "rows": rows,
+            "widest_stage": f"{width_d} dense + {width_m} MoE layers",
+            "head_and_transient": rest, "model": m}
     return {"schedule": name, "microbatches": micro, "stage_layers": list(stages.ranges),
             "timeline": schedules.render(tl), "about": schedules.describe(tl),
-            "summary": summary, "activations_per_rank_estimate": per_rank}
+            "summary": tl.summary(), "activations": acts}
 
 
 def main(argv=None) -> dict:

@@ -24,8 +24,10 @@ import functools
 from typing import Callable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: no public spelling yet
 from jax.sharding import PartitionSpec as P
 
 from sharding.schedules import Timeline, home
@@ -43,11 +45,14 @@ class StageFns:
       whose gradient seed is `side_seed(mb)`, `aux` statistics summed over microbatches.
     loss(shared, y, mb) -> (loss, metrics): the last stage's objective part for one microbatch,
       already scaled so that the step's loss is the sum over microbatches; metrics are summed.
+    act(x) -> x: the sharding constraint of a stage's input activation (on a mesh with other
+      axes, XLA's conditionals need it on every branch that yields one); identity by default.
     """
     embed: Callable
     stage: Callable
     loss: Callable
     side_seed: Callable
+    act: Callable = lambda x: x  # noqa: E731
 
 
 # ------------------------------------------------------------------------------ the tables
@@ -113,48 +118,92 @@ def _set(out, prefix, t, r, **vals):
 # ------------------------------------------------------------------------ residual handling
 @dataclasses.dataclass(frozen=True)
 class _Stash:
-    """How a stage's pullback is kept: its tree structure, and per residual leaf either the
-    index of the input leaf it is (looked up again) or the index of its buffer."""
-    treedef: object
-    source: tuple  # per residual leaf: ("in", j) or ("buf", k)
+    """A stage's forward traced once (`fwd`: input leaves -> output leaves, then the pullback's
+    residual leaves) and how each residual leaf reaches the backward: ("in", j) it is input leaf
+    j, looked up again; ("buf", k) it depends on the stage's input activation and is kept in
+    buffer k; ("re", k) it does not (a weight's slice or cast, a rope table, a mask) and is
+    recomputed at the backward by `recompute` from the inputs it needs. So a slot holds
+    activations only, never a copy of the stage's weights."""
+    fwd: object  # ClosedJaxpr
+    in_tree: object
+    out_tree: object
+    n_out: int
+    treedef: object  # the pullback's
+    source: tuple
     shapes: tuple  # ShapeDtypeStructs of the buffered leaves
-
-
-def _forward(fns: StageFns, w, c, x, mb):
-    """(y, side), aux, pullback, and the flat input leaves the pullback may hold."""
-    (out, pull, aux) = jax.vjp(lambda w_, x_: fns.stage(w_, c, x_, mb), w, x, has_aux=True)
-    return out, aux, pull, jax.tree.leaves((w, c, x, mb))
+    recompute: object  # ClosedJaxpr over the inputs `re_inputs` -> the ("re", k) leaves
+    re_inputs: tuple  # indices of the input leaves `recompute` takes
 
 
 def _stash_of(fns: StageFns, w, c, x, mb) -> _Stash:
+    leaves, in_tree = jax.tree.flatten((w, c, x, mb))
     found = {}
 
+    def fwd(*flat):
+        w, c, x, mb = jax.tree.unflatten(in_tree, flat)
+        out, pull, aux = jax.vjp(lambda w_, x_: fns.stage(w_, c, x_, mb), w, x, has_aux=True)
+        res, treedef = jax.tree.flatten(pull)
+        outs, out_tree = jax.tree.flatten((out, aux))
+        found.update(treedef=treedef, out_tree=out_tree, n_out=len(outs),
+                     same=[next((j for j, a in enumerate(flat) if r is a), None) for r in res])
+        return outs + res
+
+    closed = jax.make_jaxpr(fwd)(*leaves)
+    n_out, n_in = found["n_out"], len(leaves)
+    n_wc = len(jax.tree.leaves((w, c)))
+    n_x = len(jax.tree.leaves(x))
+    source, shapes, re_idx = [], [], []
+    for k, j in enumerate(found["same"]):
+        if j is not None:
+            source.append(("in", j))
+            continue
+        only = [i == n_out + k for i in range(len(closed.jaxpr.outvars))]
+        _, used = pe.dce_jaxpr(closed.jaxpr, only)
+        if any(used[n_wc:n_wc + n_x]):  # depends on the input activation: keep it
+            source.append(("buf", len(shapes)))
+            aval = closed.out_avals[n_out + k]
+            shapes.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype))
+        else:
+            source.append(("re", len(re_idx)))
+            re_idx.append(n_out + k)
+    keep = [i in re_idx for i in range(len(closed.jaxpr.outvars))]
+    re_jaxpr, used = pe.dce_jaxpr(closed.jaxpr, keep)
+    recompute = jax.extend.core.ClosedJaxpr(re_jaxpr, closed.consts)
+    re_inputs = tuple(i for i in range(n_in) if used[i])
+    return _Stash(closed, in_tree, found["out_tree"], n_out, found["treedef"], tuple(source),
+                  tuple(shapes), recompute, re_inputs)
+
+
+def kept_shapes(fns: StageFns, w, c, x, mb) -> tuple:
+    """The ShapeDtypeStructs a forward task of `fns.stage` keeps for its backward (a slot's
+    contents), from abstract or concrete inputs: activations only (`_Stash`)."""
+    out = {}
+
     def probe(w, c, x, mb):
-        _, _, pull, inputs = _forward(fns, w, c, x, mb)
-        leaves, treedef = jax.tree.flatten(pull)
-        source, kept = [], []
-        for leaf in leaves:
-            j = next((j for j, a in enumerate(inputs) if leaf is a), None)
-            if j is None:
-                source.append(("buf", len(kept)))
-                kept.append(leaf)
-            else:
-                source.append(("in", j))
-        found.update(treedef=treedef, source=tuple(source))
-        return kept
+        out["stash"] = _stash_of(fns, w, c, x, mb)
+        return 0
 
-    shapes = jax.eval_shape(probe, w, c, x, mb)
-    return _Stash(found["treedef"], found["source"], tuple(shapes))
+    jax.eval_shape(probe, w, c, x, mb)
+    return out["stash"].shapes
 
 
-def _split(stash: _Stash, pull) -> list:
-    leaves = jax.tree.leaves(pull)
-    return [leaf for leaf, (kind, _) in zip(leaves, stash.source) if kind == "buf"]
+def _run_forward(stash: _Stash, w, c, x, mb):
+    """(stage outputs, aux), the residual leaves to keep."""
+    flat = jax.tree.leaves((w, c, x, mb))
+    outs = jax.extend.core.jaxpr_as_fun(stash.fwd)(*flat)
+    out, aux = jax.tree.unflatten(stash.out_tree, outs[:stash.n_out])
+    res = outs[stash.n_out:]
+    kept = [r for r, (kind, _) in zip(res, stash.source) if kind == "buf"]
+    return out, aux, kept
 
 
-def _rebuild(stash: _Stash, kept: list, inputs: list):
-    leaves = [kept[j] if kind == "buf" else inputs[j] for kind, j in stash.source]
-    return jax.tree.unflatten(stash.treedef, leaves)
+def _rebuild(stash: _Stash, kept: list, w, c, x, mb):
+    """The pullback from the kept leaves, the inputs and the recomputed leaves."""
+    flat = jax.tree.leaves((w, c, x, mb))
+    re = (jax.extend.core.jaxpr_as_fun(stash.recompute)(*[flat[i] for i in stash.re_inputs])
+          if any(kind == "re" for kind, _ in stash.source) else [])
+    pick = {"in": flat, "buf": kept, "re": re}
+    return jax.tree.unflatten(stash.treedef, [pick[kind][j] for kind, j in stash.source])
 
 
 # ------------------------------------------------------------------------------ the executor
@@ -225,45 +274,53 @@ def _program(tl: Timeline, fns: StageFns, np_tab, stage_w, stage_c, shared, micr
     def row(t_tab, name):
         return t_tab[name][r]
 
+    def f32_zeros(tree):
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)
+
+    # The lanes' conditionals take only what their branches read (one slot's input, one
+    # microbatch, the accumulators they add to), never the whole carry: an XLA conditional
+    # copies its operands, and the carry holds every slot's residuals.
     def forward_lane(c, t_tab):
         on, v, m, slot = (row(t_tab, f"f_{k}") for k in ("on", "v", "m", "slot"))
         first, last = row(t_tab, "f_first"), row(t_tab, "f_last")
+        mb = _take(micro, m)
 
         def branch(vi):
-            def go(c):
-                mb = _take(micro, m)
+            def go(x_in, mb, g_shared):
                 w, cc = _take(stage_w, vi), _take(stage_c, vi)
-                x = jax.lax.cond(first > 0, lambda: fns.embed(shared, mb).astype(act.dtype),
-                                 lambda: c["x"][vi, slot])
-                (y, side), aux, pull, _ = _forward(fns, w, cc, x, mb)
+                x = jax.lax.cond(first > 0,
+                                 lambda: fns.act(fns.embed(shared, mb).astype(act.dtype)),
+                                 lambda: fns.act(x_in))
+                (y, side), aux, kept = _run_forward(stash, w, cc, x, mb)
 
-                def head(y):
+                def head(y, g_shared):
                     (loss, pull_l, metrics) = jax.vjp(lambda s, y_: fns.loss(s, y_, mb),
                                                       shared, y, has_aux=True)
                     g_s, dy = pull_l(jnp.ones((), loss.dtype))
-                    return loss, metrics, jax.tree.map(lambda a: a.astype(jnp.float32), g_s), dy
+                    g_shared = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32),
+                                            g_shared, g_s)
+                    return loss, metrics, g_shared, dy
 
-                def no_head(y):
-                    return (jnp.zeros((), loss_s.dtype), _zeros(metrics_s),
-                            jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shared),
+                def no_head(y, g_shared):
+                    return (jnp.zeros((), loss_s.dtype), _zeros(metrics_s), g_shared,
                             jnp.zeros(y.shape, y.dtype))
 
-                loss, metrics, g_s, dy = jax.lax.cond(last > 0, head, no_head, y)
+                loss, metrics, g_shared, dy = jax.lax.cond(last > 0, head, no_head, y,
+                                                           g_shared)
                 # the stage's side term (its balance loss) counts in the loss with its seed
                 loss = loss + (side * fns.side_seed(mb)).astype(loss.dtype)
-                return x, y, _split(stash, pull), aux, loss, metrics, g_s, dy
+                return x, y, kept, aux, loss, metrics, g_shared, dy
             return go
 
-        def off(c):
+        def off(x_in, mb, g_shared):
             return (jnp.zeros(act.shape, act.dtype), jnp.zeros(act.shape, act.dtype),
                     [jnp.zeros(s.shape, s.dtype) for s in stash.shapes], _zeros(aux_s),
-                    jnp.zeros((), loss_s.dtype), _zeros(metrics_s),
-                    jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shared),
+                    jnp.zeros((), loss_s.dtype), _zeros(metrics_s), g_shared,
                     jnp.zeros(act.shape, act.dtype))
 
         idx = jnp.where(on > 0, 1 + v, 0)
-        x, y, kept, aux, loss, metrics, g_s, dy = jax.lax.switch(
-            idx, [off] + [branch(i) for i in range(n_v)], c)
+        x, y, kept, aux, loss, metrics, g_shared, dy = jax.lax.switch(
+            idx, [off] + [branch(i) for i in range(n_v)], c["x"][v, slot], mb, c["g_shared"])
         on_b = on > 0
         c = dict(c)
         c["x"] = _put(c["x"], v, slot, x, on_b)
@@ -273,37 +330,33 @@ def _program(tl: Timeline, fns: StageFns, np_tab, stage_w, stage_c, shared, micr
             acc.dtype)), c["aux"], aux)
         c["loss"] = c["loss"] + loss.astype(jnp.float32)
         c["metrics"] = jax.tree.map(jnp.add, c["metrics"], metrics)
-        c["g_shared"] = jax.tree.map(jnp.add, c["g_shared"], g_s)
+        c["g_shared"] = g_shared
         return c, y
 
     def backward_lane(c, t_tab):
         kind, v, m, slot = (row(t_tab, f"b_{k}") for k in ("kind", "v", "m", "slot"))
         first = row(t_tab, "b_first")
-        zero_w = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], jnp.float32), stage_w)
+        mb = _take(micro, m)
+        zero_w = f32_zeros(_take(stage_w, 0))
 
         def branch(kind_i, vi):
-            def go(c):
-                mb = _take(micro, m)
+            def go(kept, x, dy, mb, g_shared):
                 w, cc = _take(stage_w, vi), _take(stage_c, vi)
-                x = c["x"][vi, slot]
-                inputs = jax.tree.leaves((w, cc, x, mb))
-                pull = _rebuild(stash, [b[vi, slot] for b in c["res"]], inputs)
-                dw, dx = pull((c["dy"][vi, slot], fns.side_seed(mb)))
+                pull = _rebuild(stash, kept, w, cc, x, mb)
+                dw, dx = pull((dy, fns.side_seed(mb)))
                 dw = jax.tree.map(lambda a: a.astype(jnp.float32), dw)
                 if kind_i == _KINDS["Bx"]:
                     dw = zero_w
                 if kind_i == _KINDS["W"]:
-                    return dw, jnp.zeros(act.shape, act.dtype), _no_shared()
-                g_e = jax.lax.cond(first > 0, lambda: _embed_grad(fns, shared, mb, dx),
-                                   _no_shared)
-                return dw, dx, g_e
+                    return dw, jnp.zeros(act.shape, act.dtype), g_shared
+                g_shared = jax.lax.cond(
+                    first > 0, lambda g: jax.tree.map(jnp.add, g, _embed_grad(fns, shared, mb, dx)),
+                    lambda g: g, g_shared)
+                return dw, dx, g_shared
             return go
 
-        def _no_shared():
-            return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shared)
-
-        def off(c):
-            return zero_w, jnp.zeros(act.shape, act.dtype), _no_shared()
+        def off(kept, x, dy, mb, g_shared):
+            return zero_w, jnp.zeros(act.shape, act.dtype), g_shared
 
         # only the kinds this schedule uses get a branch (1F1B: B; zero bubble: Bx and W)
         used = [k for k in (1, 2, 3) if (np_tab["b_kind"] == k).any()]
@@ -312,10 +365,12 @@ def _program(tl: Timeline, fns: StageFns, np_tab, stage_w, stage_c, shared, micr
         for j, k in enumerate(used):
             slot_of[k] = j
         idx = jnp.where(kind > 0, 1 + jnp.asarray(slot_of)[kind] * n_v + v, 0)
-        dw, dx, g_e = jax.lax.switch(idx, branches, c)
+        dw, dx, g_shared = jax.lax.switch(
+            idx, branches, [b[v, slot] for b in c["res"]], c["x"][v, slot], c["dy"][v, slot],
+            mb, c["g_shared"])
         c = dict(c)
         c["g_stage"] = jax.tree.map(lambda acc, g: acc.at[v].add(g), c["g_stage"], dw)
-        c["g_shared"] = jax.tree.map(jnp.add, c["g_shared"], g_e)
+        c["g_shared"] = g_shared
         return c, dx
 
     def shift(x, direction):

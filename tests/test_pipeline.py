@@ -150,10 +150,20 @@ def test_stage_layout_round_trips():
     np.testing.assert_array_equal(back, stack)
 
 
-@pytest.mark.slow
-def test_pipelined_gradient_equals_the_unpipelined_one():
-    """dualpipev on 2 ranks: 4 stages of one layer, the V's turn, B, Bx and W tasks, MTP and
-    the router bias; loss, every gradient leaf and the expert loads as `loss_fn`'s."""
+_MESHES = [  # (schedule, mesh, strategy, microbatches): every schedule, every other axis
+    pytest.param("dualpipev", "pipeline=2", "fsdp", 4, marks=pytest.mark.slow),
+    pytest.param("1f1b", "pipeline=2,fsdp=2", "fsdp", 2),
+    pytest.param("zero_bubble", "pipeline=2,expert=2,tensor=2", "fsdp_ep_tp", 2,
+                 marks=pytest.mark.slow),
+    pytest.param("gpipe", "pipeline=2,fsdp=2,expert=2", "fsdp_ep", 2, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("schedule,mesh,strategy,micro", _MESHES)
+def test_pipelined_gradient_equals_the_unpipelined_one(schedule, mesh, strategy, micro):
+    """Loss, every gradient leaf and the expert loads as `loss_fn`'s on one device, with MTP
+    and a router bias; with FSDP, expert and tensor axes beside `pipeline` (dualpipev: 4
+    stages of one layer, the V's turn, B, Bx and W tasks)."""
     cfg = Config.tiny()
     params = init_params(cfg, jax.random.PRNGKey(0))
     params["router_state"] = jax.tree.map(lambda b: b + 0.01 * jnp.arange(b.shape[-1]),
@@ -166,8 +176,10 @@ def test_pipelined_gradient_equals_the_unpipelined_one():
 
     (ref_loss, ref_m), ref_g = jax.jit(jax.value_and_grad(reference, has_aux=True))(
         params["weights"])
-    plan = pl.stage_plan(cfg, "dualpipev", 2, 4)
-    shard = ShardingContext(make_mesh("pipeline=2", jax.devices()[:2]), "fsdp")
+    m_ = make_mesh(mesh, jax.devices()[:int(np.prod([int(a.split("=")[1])
+                                                       for a in mesh.split(",")]))])
+    shard = ShardingContext(m_, strategy)
+    plan = pl.stage_plan(cfg, schedule, 2, micro)
     loss, m, g = jax.jit(lambda p, b: pl.pipelined_grads(p, b, cfg, plan, shard=shard))(
         params, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -183,7 +195,32 @@ def test_pipelined_gradient_equals_the_unpipelined_one():
         assert float(jnp.abs(a - b).max()) <= 2e-6 * scale, jax.tree_util.keystr(path)
 
 
-def test_a_pipeline_mesh_refuses_the_plain_forward_and_other_axes():
+def test_a_stage_keeps_activations_not_weights():
+    """A forward task's slot holds only what depends on the stage's input (every kept leaf
+    but the routers' per-expert statistics doubles with the microbatch); the stage's weights and what is computed from weights alone
+    are looked up or recomputed at the backward, never copied into a slot."""
+    cfg = Config.tiny()
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    plan = pl.stage_plan(cfg, "1f1b", 1, 2)
+    rt = pl.runtime_for(cfg, None)
+    stage_w, stage_c = pl._stage_inputs(cfg, plan, params, rt, None)
+    fns = pipeline.StageFns(None, pl._stage_fn(cfg, rt, None), None, None)
+    w, c = (jax.tree.map(lambda a: a[0, 0], t) for t in (stage_w, stage_c))
+
+    def kept(rows):
+        x = jnp.zeros((rows, 16, cfg.dim))
+        mb = {"inputs": jnp.zeros((rows, 16), jnp.int32), "balance_weight": jnp.float32(1)}
+        stash = pipeline._stash_of(fns, w, c, x, mb)
+        assert sum(kind == "re" for kind, _ in stash.source) > 10  # the weights' slices
+        return [int(np.prod(s.shape)) for s in stash.shapes]
+
+    one, two = kept(2), kept(4)
+    assert len(one) == len(two) > 0
+    fixed = [a for a, b in zip(one, two) if b != 2 * a]  # per-expert statistics, [layers, E]
+    assert sum(fixed) <= 2 * Config.tiny().n_routed_experts, fixed
+
+
+def test_a_pipeline_mesh_refuses_the_plain_forward_and_bad_flags():
     from dsv3_jax.model import forward
     from dsv3_jax.train import pretrain
     from dsv3_jax.train.settings import parse_settings
@@ -194,8 +231,9 @@ def test_a_pipeline_mesh_refuses_the_plain_forward_and_other_axes():
     with pytest.raises(ValueError, match="pipeline schedule"):
         forward(params, jnp.zeros((2, 4), jnp.int32), cfg, shard=shard)
     both = ShardingContext(make_mesh("pipeline=2,fsdp=4"), "fsdp")
-    s = parse_settings(["--preset", "tiny", "--mesh", "pipeline=2,fsdp=4"])
-    with pytest.raises(ValueError, match="pipeline axis alone"):
+    s = parse_settings(["--preset", "tiny", "--mesh", "pipeline=2,fsdp=4", "--global_batch",
+                        "8", "--microbatches", "4"])
+    with pytest.raises(ValueError, match="must split evenly over the 4 devices"):
         pretrain.build_pipeline(s, cfg, both)
     s = parse_settings(["--preset", "tiny", "--pipeline_schedule", "1f1b", "--microbatches",
                         "3", "--global_batch", "8"])
@@ -208,23 +246,36 @@ def test_a_pipeline_mesh_refuses_the_plain_forward_and_other_axes():
 
 
 @pytest.mark.slow
-def test_pretrain_script_on_a_pipeline_mesh_matches_fsdp(tmp_path):
-    """The issue's check: the training script on a pipeline mesh gives the per-step losses of
-    the same run without a pipeline (fp32, two CPU devices)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    common = ["--preset", "tiny", "--precision", "fp32", "--steps", "3", "--global_batch", "8",
-              "--seq_len", "32", "--embedded_bytes", "200000", "--sample_tokens", "0",
-              "--no-progress", "--log_every", "1000"]
+def test_pretrain_script_on_a_pipeline_mesh_matches_fsdp_and_resumes_across_layouts(tmp_path):
+    """The issue's check: the training script on `pipeline=2,fsdp=2` gives the per-step losses
+    of `fsdp=4` (fp32, four CPU devices), with 1F1B and with DualPipeV (gpipe and zero bubble:
+    the gradient tests above, on these axes too); and a checkpoint written under one layout
+    resumes under another (1F1B's 2 stages -> DualPipeV's 4) and under none, continuing the
+    same losses."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    common = ["--preset", "tiny", "--precision", "fp32", "--global_batch", "8", "--seq_len",
+              "32", "--embedded_bytes", "200000", "--sample_tokens", "0", "--no-progress",
+              "--log_every", "1000", "--no-async_checkpoint"]
+    pipe = ["--mesh", "pipeline=2,fsdp=2", "--microbatches", "4", "--pipeline_schedule"]
+    ck = tmp_path / "ck"
+    runs = (("fsdp", 4, ["--mesh", "fsdp=4"]),  # the reference, from scratch
+            ("1f1b", 2, [*pipe, "1f1b", "--checkpoint_dir", str(ck)]),
+            ("dualpipev", 3, [*pipe, "dualpipev", "--checkpoint_dir", str(ck)]),  # resumes
+            ("none", 4, ["--mesh", "fsdp=4", "--checkpoint_dir", str(ck)]))  # resumes
     losses = {}
-    for name, mesh in (("fsdp", ["--mesh", "fsdp=2"]),
-                       ("1f1b", ["--mesh", "pipeline=2", "--pipeline_schedule", "1f1b",
-                                 "--microbatches", "4"])):
+    for name, steps, flags in runs:
         out = tmp_path / f"{name}.jsonl"
         p = subprocess.run([sys.executable, str(ROOT / "experiments" / "pretrain.py"), *common,
-                            *mesh, "--metrics_file", str(out)], env=env, capture_output=True,
-                           text=True, timeout=900)
+                            "--steps", str(steps), *flags, "--metrics_file", str(out)], env=env,
+                           capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
-        losses[name] = [json.loads(line)["loss"] for line in out.read_text().splitlines()
-                        if '"loss"' in line]
-    assert len(losses["fsdp"]) == 3
-    np.testing.assert_allclose(losses["1f1b"], losses["fsdp"], rtol=1e-5)
+        losses[name] = {r["step"]: r["loss"] for r in map(json.loads,
+                                                          out.read_text().splitlines())
+                        if "loss" in r}
+    ref = losses["fsdp"]
+    assert sorted(ref) == [1, 2, 3, 4]
+    assert sorted(losses["1f1b"]) == [1, 2] and sorted(losses["dualpipev"]) == [3]
+    assert sorted(losses["none"]) == [4]
+    for name in ("1f1b", "dualpipev", "none"):
+        for step, loss in losses[name].items():
+            np.testing.assert_allclose(loss, ref[step], rtol=1e-5, err_msg=f"{name} step {step}")

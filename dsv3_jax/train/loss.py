@@ -45,16 +45,24 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
 def _cross_entropy_fwd(logits, targets):
     with jax.named_scope("head"):  # profiles count the softmax with the head matmul
         logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        # the target's logit by a masked sum, not `take_along_axis`: a reduction over a
+        # vocabulary split over `tensor` partitions everywhere, while XLA 0.11's partitioner
+        # aborts on that gather inside the pipeline's shard_map (tests/test_pipeline.py)
+        picked = jnp.where(_one_hot(targets, logits), logits, 0.0).sum(-1)
+        # a target outside [0, V) poisons its loss (NaN), as the gather's fill did
+        picked = jnp.where((targets >= 0) & (targets < logits.shape[-1]), picked, jnp.nan)
         return logz - picked, (logits, logz, targets)
+
+
+def _one_hot(targets, logits):
+    return jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1) \
+        == targets[..., None]
 
 
 def _cross_entropy_bwd(res, g):
     logits, logz, targets = res
     with jax.named_scope("head"):
-        one_hot = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1) \
-            == targets[..., None]
-        d = (jnp.exp(logits - logz[..., None]) - one_hot) * g[..., None]
+        d = (jnp.exp(logits - logz[..., None]) - _one_hot(targets, logits)) * g[..., None]
         return d.astype(logits.dtype), None
 
 

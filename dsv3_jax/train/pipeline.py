@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import Config
 from dsv3_jax.layers import embed, rms_norm
+from dsv3_jax.placement import param_specs
 from dsv3_jax.model import (_REMAT_POLICIES, _RESIDUAL, block, compute_weights, context,
                             default_positions, head_logits, runtime_for)
 from dsv3_jax.mtp import mtp_forward, shift_left
@@ -133,19 +134,26 @@ def stage_plan(cfg: Config, schedule: str, ranks: int, micro: int, seq_len: int 
 
 
 def to_stages(idx: np.ndarray, stack):
-    """[L, ...] leaves -> [P, V, width, ...] by the plan's indices (padding reads layer 0)."""
-    safe = jnp.asarray(np.maximum(idx, 0))
-    return jax.tree.map(lambda a: a[safe], stack)
+    """[L, ...] leaves -> [P, V, width, ...] by the plan's indices (padding repeats layer 0).
+    Built from static slices, not a gather: each stage is a contiguous run of layers, and XLA's
+    partitioner handles slices of a ZeRO-split stack where its gather aborts (XLA 0.11.2)."""
+    def one(a):
+        rows = [a[i:i + 1] if i >= 0 else a[:1] for i in idx.reshape(-1)]
+        return jnp.concatenate(rows).reshape(idx.shape + a.shape[1:])
+    return jax.tree.map(one, stack)
 
 
 def from_stages(idx: np.ndarray, tree, n: int):
-    """[P, V, width, ...] leaves -> [L, ...]: each layer's entry, padding dropped."""
+    """[P, V, width, ...] leaves -> [L, ...]: each layer's entry, padding dropped (static
+    slices, as `to_stages`)."""
     flat = idx.reshape(-1)
-    keep = np.nonzero(flat >= 0)[0]
-    order = np.argsort(flat[keep])
-    pick = keep[order]
-    assert np.array_equal(flat[pick], np.arange(n)), "every layer belongs to one stage"
-    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[3:])[pick], tree)
+    where = {int(layer): j for j, layer in enumerate(flat) if layer >= 0}
+    assert sorted(where) == list(range(n)), "every layer belongs to one stage"
+
+    def one(a):
+        a = a.reshape((-1,) + a.shape[3:])
+        return jnp.concatenate([a[where[i]:where[i] + 1] for i in range(n)])
+    return jax.tree.map(one, tree)
 
 
 # -------------------------------------------------------------------- stage functions
@@ -301,7 +309,8 @@ def pipelined_grads(params: dict, batch: dict, cfg: Config, plan: StagePlan,
     micro = microbatches(batch, plan.micro, cfg, use_mtp)
     fns = executor.StageFns(embed=_embed_fn(cfg, rt, shard), stage=_stage_fn(cfg, rt, shard),
                             loss=_loss_fn(cfg, rt, shard, weights),
-                            side_seed=lambda mb: weights.balance * mb["balance_weight"])
+                            side_seed=lambda mb: weights.balance * mb["balance_weight"],
+                            act=lambda x: constrain(x, _RESIDUAL, shard, "stage activation"))
     g_stage, g_shared, loss, metrics, aux = executor.run(
         plan.timeline, fns, stage_w, stage_c, shared, micro,
         mesh=None if shard is None else shard.mesh)
@@ -336,7 +345,8 @@ def _stage_inputs(cfg: Config, plan: StagePlan, params: dict, rt: Runtime, shard
     for key, idx in (("dense_layers", plan.dense), ("moe_layers", plan.moe)):
         if key not in w or idx.shape[-1] == 0:
             continue
-        stage_w[key] = _on_stages(to_stages(idx, w[key]), shard)
+        stage_w[key] = _on_stages(to_stages(idx, w[key]), shard,
+                                  None if shard is None else param_specs(cfg, shard)["weights"][key])
         stage_c[key.split("_")[0] + "_valid"] = jnp.asarray(idx >= 0)
     bias = params["router_state"].get("moe_layers", {}).get("bias")
     if "moe_layers" in stage_w and bias is not None:
@@ -344,13 +354,34 @@ def _stage_inputs(cfg: Config, plan: StagePlan, params: dict, rt: Runtime, shard
     return stage_w, stage_c
 
 
-def _on_stages(tree, shard):
-    """[P, V, width, ...] leaves split over `pipeline` on P (each rank gathers its stages'
-    layers from their ZeRO split once per step)."""
+def _on_stages(tree, shard, specs):
+    """[P, V, width, ...] leaves split over `pipeline` on P and, on their own dims, as the
+    parameters are over the other axes (`specs`: the stacks' PartitionSpecs [L, ...], whose
+    ZeRO entries name `pipeline` too: here it moves to the leading dim). So each rank gathers
+    its stages' layers from the ZeRO split once per step, and no more: experts stay split over
+    `expert`, widths over `tensor`."""
     if shard is None or shard.pipeline == 1:
         return tree
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
-        a, shard.named(P("pipeline", *([None] * (a.ndim - 1))))), tree)
+
+    def one(a, spec):
+        rest = [_without(e, "pipeline") for e in tuple(spec)[1:]]
+        if shard.sizes.get("tensor", 1) > 1:
+            # with a tensor axis, XLA partitions the stage's computation with collective-
+            # permutes that deadlock inside the ranks' diverging branches (CPU, XLA 0.11.2):
+            # there the stage's weights are whole on each pipeline rank
+            rest = []
+        rest += [None] * (a.ndim - 3 - len(rest))
+        return jax.lax.with_sharding_constraint(a, shard.named(P("pipeline", None, None, *rest)))
+    return jax.tree.map(one, tree, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def _without(entry, axis):
+    if entry is None or entry == axis:
+        return None
+    if isinstance(entry, str):
+        return entry
+    kept = tuple(a for a in entry if a != axis)
+    return kept if len(kept) > 1 else (kept[0] if kept else None)
 
 
 def check(cfg: Config, schedule: str, ranks: int, micro: int, batch_per_step: int) -> None:

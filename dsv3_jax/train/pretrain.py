@@ -114,16 +114,6 @@ def build_pipeline(s, cfg: Config, shard):
                              "pipeline > 1); --grad_accum splits a step without a pipeline")
         return None
     ranks = 1 if shard is None else shard.pipeline
-    others = {} if shard is None else {a: n for a, n in shard.sizes.items()
-                                       if a != "pipeline" and n > 1}
-    if ranks > 1 and others:
-        # XLA 0.11.2's partitioner rejects the executor's per-rank branches (lax.switch) when
-        # another mesh axis is automatic inside the pipeline's shard_map ("Inconsistent
-        # conditional sharding", hlo_verifier): refuse rather than fail deep in compilation
-        raise ValueError(f"--mesh pipeline={ranks} with {others}: pipeline parallelism runs on "
-                         "a mesh of the pipeline axis alone for now (FSDP, expert and tensor "
-                         "axes beside it are not supported yet); use e.g. --mesh "
-                         f"pipeline={ranks}")
     micro = s.microbatches or 2 * ranks
     if s.grad_accum != 1:
         raise ValueError("--grad_accum with a pipeline schedule: use --microbatches instead")
