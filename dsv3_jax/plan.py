@@ -6,7 +6,9 @@
 The table has one row per parameter leaf: path, shape, logical axes, PartitionSpec and bytes per
 device; then per-device totals for parameters, gradients, optimizer state (the V3 AdamW with
 bf16 moments) and an activation estimate for the stated batch, and where the expert groups
-live. Everything is computed from `jax.eval_shape` and an abstract mesh, so the 671B plan on
+live. The estimate traces what one layer's backward keeps under the step's remat policy,
+attention kernel and precision (`layer_saved_bytes`), and with `--pipeline_schedule` counts the
+executor's slots per rank, its stages' gathered weights and their gradients. Everything is computed from `jax.eval_shape` and an abstract mesh, so the 671B plan on
 256 or 2048 devices prints in seconds on a laptop.
 
 `--compile` lowers and compiles the training computation (forward, loss and gradients, as the
@@ -306,7 +308,9 @@ def print_pipeline(pp: dict) -> None:
     print(f"activations per rank (estimate): {_fmt_bytes(a['per_rank'])} = {a['slots']} slots x "
           f"{a['stages_per_rank']} stage(s) x {_fmt_bytes(a['per_slot'])} (a microbatch of "
           f"{a['rows']} sequence(s) through the widest stage, {a['widest_stage']}) + "
-          f"{_fmt_bytes(a['head_and_transient'])} (head, MTP and the backward's working set); "
+          f"{_fmt_bytes(a['head_and_transient'])} (head, MTP and the backward's working set) + "
+          f"{_fmt_bytes(a['stage_weights_and_grads'])} (the stages' weights in the compute dtype "
+          f"and their float32 gradients); "
           f"in flight at the peak: {pp['summary']['activations_in_flight']} microbatches per rank")
 
 
@@ -364,7 +368,7 @@ def build_plan(args) -> dict:
                                  "optimizer": optimizer_bytes(cfg, shard, specs)},
             "expert_placement": expert_placement(cfg, shard)}
     if args.pipeline_schedule or shard.pipeline > 1:
-        plan["pipeline"] = pipeline_plan(cfg, shard, args, batch, seq, how)
+        plan["pipeline"] = pipeline_plan(cfg, shard, args, batch, seq, how, rows)
         acts = plan["pipeline"]["activations"]["per_rank"]
     else:
         acts = activation_estimate(cfg, shard, batch, seq, **how)
@@ -375,7 +379,29 @@ def build_plan(args) -> dict:
     return plan
 
 
-def pipeline_plan(cfg, shard, args, batch: int, seq: int, how: dict) -> dict:
+def stage_weight_bytes(rows, shard, width_d: int, width_m: int, per_rank: int,
+                       item: int) -> int:
+    """What the executor holds per rank besides activations: its stages' layers gathered
+    from the ZeRO split in the compute dtype (`item` bytes; split over fsdp and expert as the
+    parameters are, whole under a tensor axis) and their float32 gradient accumulator, each
+    stage padded to the widest (`width_d` dense, `width_m` MoE layers)."""
+    total = 0.0
+    for r in rows:
+        parts = r["path"].split("/")
+        if parts[0] != "weights" or parts[1] not in ("dense_layers", "moe_layers"):
+            continue
+        width = width_d if parts[1] == "dense_layers" else width_m
+        if shard.sizes.get("tensor", 1) > 1:
+            per_layer = math.prod(r["shape"][1:]) * 4
+        else:
+            unsplit = shard.sizes["pipeline"] if "pipeline" in r["spec"] else 1
+            per_layer = r["bytes_per_device"] * unsplit / r["shape"][0]
+        total += per_rank * width * per_layer / 4 * (item + 4)  # rows count float32 masters
+    return int(total)
+
+
+def pipeline_plan(cfg, shard, args, batch: int, seq: int, how: dict,
+                  rows_of_params: list) -> dict:
     """The schedule's stages, timeline, bubble and activations. The executor gives every rank
     the same buffers (one SPMD program): `slots` per stage it holds, each one microbatch's
     residuals through the widest stage (stages are padded to it), plus the input and gradient
@@ -399,7 +425,9 @@ def pipeline_plan(cfg, shard, args, batch: int, seq: int, how: dict) -> dict:
     per_slot = (width_d * m["dense_layer"] + width_m * m["moe_layer"]
                 + 2 * m["tokens"] * cfg.dim * item)
     rest = m["head"] + m["mtp"] + m["transient"]
-    acts = {"per_rank": tl.per_rank * tl.n_slots * per_slot + rest, "slots": tl.n_slots,
+    weights = stage_weight_bytes(rows_of_params, shard, width_d, width_m, tl.per_rank, item)
+    acts = {"per_rank": tl.per_rank * tl.n_slots * per_slot + rest + weights,
+            "stage_weights_and_grads": weights, "slots": tl.n_slots,
             "stages_per_rank": tl.per_rank, "per_slot": per_slot, "rows": rows,
             "widest_stage": f"{width_d} dense + {width_m} MoE layers",
             "head_and_transient": rest, "model": m}

@@ -145,7 +145,20 @@ def test_pipeline_activations_follow_the_schedules_slots():
     class Args:
         pipeline_schedule, microbatches = "gpipe", micro
     pp = dump.pipeline_plan(cfg, shard, Args, batch, seq,
-                            {"remat": "none", "attention": "xla", "precision": "fp32"})
+                            {"remat": "none", "attention": "xla", "precision": "fp32"},
+                            dump.param_rows(cfg, shard)[0])
     want = (slots["gpipe"] - slots["1f1b"]) * pp["activations"]["per_slot"]
     got = temps["gpipe"] - temps["1f1b"]
     assert abs(want - got) <= 0.2 * got, (want, got)
+
+
+def test_v3_trains_on_80gb_gpus_in_the_readme_layout():
+    """The README's V3 layout (2048 GPUs: 16-way DualPipeV, 32-way EP, 4-way data, full remat)
+    fits 80 GB per device by the dump's own figures."""
+    plan = dump.main(["--preset", "v3_671b", "--mesh", "pipeline=16,expert=32,data=4",
+                      "--strategy", "fsdp_ep", "--pipeline_schedule", "dualpipev",
+                      "--microbatches", "32", "--batch", "4096", "--remat", "full"])
+    total = sum(plan["per_device_bytes"].values())
+    assert 40 * 2**30 < total < 80 * 2**30, total / 2**30
+    acts = plan["pipeline"]["activations"]
+    assert acts["slots"] == 32 and acts["widest_stage"] == "2 dense + 2 MoE layers"

@@ -140,6 +140,11 @@ def test_partition_gives_the_last_stage_fewer_layers_and_refuses_too_many_stages
     assert sizes[-1] < max(sizes)
     with pytest.raises(ValueError, match="every stage needs a layer"):
         pl.partition(Config.tiny(), 5)
+    # V3 on DualPipeV's 32 stages: the head and MTP make the last stage the costliest; the
+    # others then share the 60 layers evenly (no stage wider than 2) rather than the first
+    # ones taking 4 each, which would pad every stage's slots to 4 layers
+    v3 = pl.partition(Config.v3_671b(), 32, seq_len=4096)
+    assert max(hi - lo for lo, hi in v3) == 2 and v3[-1] == (60, 61)
 
 
 def test_stage_layout_round_trips():

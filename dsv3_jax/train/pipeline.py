@@ -69,8 +69,11 @@ def tail_cost(cfg: Config, seq_len: int, mtp: bool = True) -> float:
 def partition(cfg: Config, n_stages: int, seq_len: int = 4096,
               mtp: bool = True) -> tuple[tuple[int, int], ...]:
     """[lo, hi) layer ranges of `n_stages` contiguous stages minimising the costliest stage
-    (`layer_costs`, the last stage also paying `tail_cost`); among equal maxima, the earliest
-    stages take the most layers. Every stage gets at least one layer."""
+    (`layer_costs`, the last stage also paying `tail_cost`), then, among splits with that
+    maximum, the most layers any stage has (every stage's slots are padded to the widest, so
+    when the head makes the last stage the costliest, the others share the layers evenly
+    instead of the first ones taking all they may); then the earliest stages take the most.
+    Every stage gets at least one layer."""
     costs = layer_costs(cfg, seq_len)
     n = len(costs)
     if n_stages > n:
@@ -80,21 +83,27 @@ def partition(cfg: Config, n_stages: int, seq_len: int = 4096,
     tail = tail_cost(cfg, seq_len, mtp)
     prefix = np.concatenate([[0.0], np.cumsum(costs)])
 
+    def better(a, b) -> bool:  # (max cost, max layers) compared with a float tolerance
+        if b is None or a[0] < b[0] * (1 - 1e-9):
+            return True
+        return a[0] <= b[0] * (1 + 1e-9) and a[1] < b[1]
+
     @functools.lru_cache(maxsize=None)
-    def best(start: int, k: int) -> tuple[float, tuple]:
-        """(max cost, ranges) splitting layers [start, n) into k stages."""
+    def best(start: int, k: int) -> tuple[float, int, tuple]:
+        """(max cost, max layers, ranges) splitting layers [start, n) into k stages."""
         if k == 1:
-            return prefix[n] - prefix[start] + tail, ((start, n),)
+            return prefix[n] - prefix[start] + tail, n - start, ((start, n),)
         out = None
         for hi in range(n - k + 1, start, -1):  # earliest stages as long as possible first
             head = prefix[hi] - prefix[start]
-            rest, ranges = best(hi, k - 1)
-            cand = (max(head, rest), ((start, hi),) + ranges)
-            if out is None or cand[0] < out[0] - 1e-9 * cand[0]:
+            rest_cost, rest_width, ranges = best(hi, k - 1)
+            cand = (max(head, rest_cost), max(hi - start, rest_width),
+                    ((start, hi),) + ranges)
+            if better(cand, out):
                 out = cand
         return out
 
-    return best(0, n_stages)[1]
+    return best(0, n_stages)[2]
 
 
 @dataclasses.dataclass(frozen=True)
