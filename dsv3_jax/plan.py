@@ -43,7 +43,7 @@ from dsv3_jax.model import compute_weights, runtime_for
 from dsv3_jax.runtime import Fp8, Runtime
 from dsv3_jax.train.loss import loss_fn
 from dsv3_jax.train.optim import adamw_v3
-from dsv3_jax.train.pipeline import _stage_fn as pipeline_stage_fn, stage_plan
+from dsv3_jax.train.pipeline import stage_fn as pipeline_stage_fn, stage_plan
 from sharding import pipeline as executor, schedules
 from sharding.context import ShardingContext
 from sharding.mesh import abstract_mesh, make_mesh, mesh_size, parse_mesh_spec

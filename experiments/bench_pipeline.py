@@ -5,7 +5,7 @@ Command:   python experiments/bench_pipeline.py                     (all devices
            python experiments/bench_pipeline.py --presets small v3_proxy --micro 4 8
            XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
              python experiments/bench_pipeline.py --presets tiny --batch 8 --seq_len 32 \
-             --steps 1 --warmup 1 --json /tmp/pipe.json              (the fake-device check)
+             --precision fp32 --steps 1 --json pipe.json                (the fake-device check)
 Hardware:  one GPU measures the pipelined program's overhead (pipeline = 1: every stage on one
            rank, no bubble); a machine of 2, 4 or 8 GPUs measures the schedules.
 What it measures, per preset, each the full jitted pretraining step (`train.step`: forward with

@@ -79,32 +79,30 @@ def tables(tl: Timeline) -> dict[str, np.ndarray]:
         code = {1: 1, -1: 2, 0: 3}[r2 - r]
         return code, v2, tl.slot[(r2, v2, micro)], r2
 
+    def fill(lane, t, r, row, micro, dest, channels):
+        """Write a task's row of `lane` ("f" or "b"); `dest` is the stage its output goes to
+        (None: nowhere), received on `channels` (from the left, from the right)."""
+        if dest is not None:
+            code, v2, s2, r2 = route(dest, micro, r)
+            row.update(send=code, dest_v=v2, dest_slot=s2)
+            if code in (1, 2):
+                _set(out, f"rx_{channels[code - 1]}", t, r2, on=1, v=v2, slot=s2)
+        for k, val in row.items():
+            out[f"{lane}_{k}"][t, r] = val
+
     for t, tick in enumerate(tl.ticks):
         for r, (f, b) in enumerate(tick):
             if f is not None:
                 v = home(tl.schedule, p, f.stage)[1]
-                row = dict(on=1, v=v, m=f.micro, slot=tl.slot[(r, v, f.micro)],
-                           first=int(f.stage == 0), last=int(f.stage == last))
-                if f.stage < last:
-                    code, v2, s2, r2 = route(f.stage + 1, f.micro, r)
-                    row.update(send=code, dest_v=v2, dest_slot=s2)
-                    if code in (1, 2):
-                        ch = "act_l" if code == 1 else "act_r"
-                        _set(out, f"rx_{ch}", t, r2, on=1, v=v2, slot=s2)
-                for k, val in row.items():
-                    out[f"f_{k}"][t, r] = val
+                fill("f", t, r, dict(on=1, v=v, m=f.micro, slot=tl.slot[(r, v, f.micro)],
+                                     first=int(f.stage == 0), last=int(f.stage == last)),
+                     f.micro, f.stage + 1 if f.stage < last else None, ("act_l", "act_r"))
             if b is not None:
                 v = home(tl.schedule, p, b.stage)[1]
-                row = dict(kind=_KINDS[b.kind], v=v, m=b.micro, slot=tl.slot[(r, v, b.micro)],
-                           first=int(b.stage == 0))
-                if b.kind != "W" and b.stage > 0:
-                    code, v2, s2, r2 = route(b.stage - 1, b.micro, r)
-                    row.update(send=code, dest_v=v2, dest_slot=s2)
-                    if code in (1, 2):
-                        ch = "grad_l" if code == 1 else "grad_r"
-                        _set(out, f"rx_{ch}", t, r2, on=1, v=v2, slot=s2)
-                for k, val in row.items():
-                    out[f"b_{k}"][t, r] = val
+                fill("b", t, r, dict(kind=_KINDS[b.kind], v=v, m=b.micro,
+                                     slot=tl.slot[(r, v, b.micro)], first=int(b.stage == 0)),
+                     b.micro, b.stage - 1 if b.kind != "W" and b.stage > 0 else None,
+                     ("grad_l", "grad_r"))
     return out
 
 

@@ -209,7 +209,7 @@ def test_a_stage_keeps_activations_not_weights():
     plan = pl.stage_plan(cfg, "1f1b", 1, 2)
     rt = pl.runtime_for(cfg, None)
     stage_w, stage_c = pl._stage_inputs(cfg, plan, params, rt, None)
-    fns = pipeline.StageFns(None, pl._stage_fn(cfg, rt, None), None, None)
+    fns = pipeline.StageFns(None, pl.stage_fn(cfg, rt, None), None, None)
     w, c = (jax.tree.map(lambda a: a[0, 0], t) for t in (stage_w, stage_c))
 
     def kept(rows):

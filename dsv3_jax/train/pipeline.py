@@ -209,7 +209,7 @@ def _run_layers(w, valid, biases, h, ctx, cfg):
     return h, load, bal.sum()
 
 
-def _stage_fn(cfg: Config, rt: Runtime, shard):
+def stage_fn(cfg: Config, rt: Runtime, shard):
     def stage(w, c, x, mb):
         ctx = _ctx(cfg, rt, shard, mb)
         h = x
@@ -316,7 +316,7 @@ def pipelined_grads(params: dict, batch: dict, cfg: Config, plan: StagePlan,
     if use_mtp and bias is not None:
         shared["mtp_bias"] = bias
     micro = microbatches(batch, plan.micro, cfg, use_mtp)
-    fns = executor.StageFns(embed=_embed_fn(cfg, rt, shard), stage=_stage_fn(cfg, rt, shard),
+    fns = executor.StageFns(embed=_embed_fn(cfg, rt, shard), stage=stage_fn(cfg, rt, shard),
                             loss=_loss_fn(cfg, rt, shard, weights),
                             side_seed=lambda mb: weights.balance * mb["balance_weight"],
                             act=lambda x: constrain(x, _RESIDUAL, shard, "stage activation"))
