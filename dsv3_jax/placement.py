@@ -26,6 +26,17 @@ def param_shardings(cfg: Config, shard: ShardingContext) -> dict:
     return jax.tree.map(shard.named, param_specs(cfg, shard), is_leaf=lambda x: isinstance(x, P))
 
 
+def optimizer_specs(cfg: Config, shard: ShardingContext) -> dict:
+    """PartitionSpec tree, like the weights', of how their optimizer moments (and the update)
+    are split: the strategy's optimizer table (ZeRO-1: finer than the weights)."""
+    return shard.optimizer_specs(abstract_params(cfg)["weights"], logical_axes_tree(cfg)["weights"],
+                                 fact_tree(cfg, "replicated")["weights"])
+
+
+def optimizer_shardings(cfg: Config, shard: ShardingContext) -> dict:
+    return jax.tree.map(shard.named, optimizer_specs(cfg, shard), is_leaf=lambda x: isinstance(x, P))
+
+
 def _place(x, sharding: NamedSharding) -> jax.Array:
     """A global array from a value every process holds whole: each device takes its slice, so
     this works on meshes that span several processes."""

@@ -38,7 +38,7 @@ import optax
 
 from dsv3_jax.config import get_config
 from dsv3_jax.params import abstract_params, logical_axes_tree
-from dsv3_jax.placement import batch_sharding, param_shardings, param_specs
+from dsv3_jax.placement import batch_sharding, optimizer_specs, param_shardings, param_specs
 from dsv3_jax.model import compute_weights, runtime_for
 from dsv3_jax.runtime import Fp8, Runtime
 from dsv3_jax.train.loss import loss_fn
@@ -59,7 +59,7 @@ def parse_args(argv=None):
                     "tiny, small)")
     ap.add_argument("--mesh", required=True, help="mesh spec, e.g. fsdp=16,expert=16 (axes: data, "
                     "fsdp, expert, tensor, pipeline; omitted axes are 1)")
-    ap.add_argument("--strategy", default=None, help="fsdp, fsdp_ep or fsdp_ep_tp (default: the "
+    ap.add_argument("--strategy", default=None, help="fsdp, fsdp_ep, fsdp_ep_tp or zero1_ep (default: the "
                     "simplest one that uses every mesh axis)")
     ap.add_argument("--dispatch", default="allgather", help="expert dispatch for --compile: "
                     "allgather, ragged_a2a (GPU only) or ragged_a2a_emulated")
@@ -132,12 +132,14 @@ def param_rows(cfg, shard):
     return rows, specs
 
 
-def optimizer_bytes(cfg, shard, specs) -> int:
-    """Per-device bytes of the V3 AdamW state (bf16 mu and nu), from its eval_shape."""
+def optimizer_bytes(cfg, shard) -> int:
+    """Per-device bytes of the V3 AdamW state (bf16 mu and nu), from its eval_shape, split by
+    the strategy's optimizer table (the parameters' unless ZeRO-1)."""
     weights = abstract_params(cfg)["weights"]
     opt = adamw_v3(1e-4, cfg)
     state = jax.eval_shape(opt.init, weights)
-    state_specs = optax.tree_map_params(opt, lambda _, spec: spec, state, specs["weights"],
+    state_specs = optax.tree_map_params(opt, lambda _, spec: spec, state,
+                                        optimizer_specs(cfg, shard),
                                         transform_non_params=lambda _: jax.sharding.PartitionSpec(),
                                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     leaves = jax.tree.leaves(state)
@@ -365,7 +367,7 @@ def build_plan(args) -> dict:
             "devices": math.prod(sizes.values()), "batch": batch, "seq": seq, "remat": args.remat,
             "attention_impl": args.attention_impl, "precision": args.precision, "params": rows,
             "per_device_bytes": {"params": params + state, "grads": params,
-                                 "optimizer": optimizer_bytes(cfg, shard, specs)},
+                                 "optimizer": optimizer_bytes(cfg, shard)},
             "expert_placement": expert_placement(cfg, shard)}
     if args.pipeline_schedule or shard.pipeline > 1:
         plan["pipeline"] = pipeline_plan(cfg, shard, args, batch, seq, how, rows)

@@ -37,7 +37,8 @@ class ShardingContext:
                              f"{self.strategy.name} shards nothing over them")
 
     def _uses(self, axis: str) -> bool:
-        return any(axis in axes for _, axes in self.strategy.params + self.strategy.activations)
+        tables = self.strategy.params + self.strategy.activations + self.strategy.optimizer_table
+        return any(axis in axes for _, axes in tables)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -76,6 +77,20 @@ class ShardingContext:
 
     def param_specs(self, shapes, names, replicated=None):
         return tree_specs(shapes, names, self.strategy.params, self.sizes, replicated)
+
+    def optimizer_specs(self, shapes, names, replicated=None):
+        """Specs of the optimizer moments of parameters with these shapes and names (the
+        strategy's optimizer table, claimed greedily; the parameters' own table otherwise)."""
+        if self.strategy.optimizer is None:
+            return self.param_specs(shapes, names, replicated)
+        return tree_specs(shapes, names, self.strategy.optimizer, self.sizes, replicated,
+                          greedy=True)
+
+    @property
+    def zero1(self) -> bool:
+        """The optimizer state is split differently from the parameters (ZeRO-1): the step
+        moves the gradients to the moments' split for the update, and the weights back."""
+        return self.strategy.optimizer is not None
 
     def named(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)

@@ -16,6 +16,12 @@ pipeline axis wherever they are split over fsdp (ZeRO over the stages too: `pipe
 last claimant of a dimension, so it changes nothing at size 1); each step gathers a stage's
 layers to its rank (`dsv3_jax.train.pipeline`).
 
+A strategy may give its optimizer state a table of its own (`optimizer`; by default the
+moments are split like the parameters): `zero1_ep` keeps the dense weights whole on every rank
+of a stage (no per-layer gathers; gradients all-reduced) and splits only the moments and the
+update over the data-parallel ranks, ZeRO stage 1 as DeepSeek-V3 trained ([PAPER] §3.2.1:
+16-way pipeline, 64-way expert parallelism, ZeRO-1 data parallelism).
+
 Leaves the caller marks as replicated (`tree_specs(..., replicated=...)`) get P() in every
 strategy, and the plan shows them: the model marks its RMSNorm gains (a few KiB per layer;
 splitting them would force their widths to divide every mesh axis) and the router's
@@ -38,6 +44,11 @@ class Strategy:
     description: str
     params: Table
     activations: Table
+    optimizer: Table | None = None  # the optimizer moments' table; None: as `params`
+
+    @property
+    def optimizer_table(self) -> Table:
+        return self.params if self.optimizer is None else self.optimizer
 
     @property
     def batch_axes(self) -> tuple[str, ...]:
@@ -99,7 +110,33 @@ FSDP_EP_TP = Strategy(
                  ("mtp_in", ())) + _NEVER,
 )
 
-STRATEGIES = {s.name: s for s in (FSDP, FSDP_EP, FSDP_EP_TP)}
+# V3's own layout: the dense weights at rest are split only over the pipeline axis (the executor
+# gathers a stage's layers; without pipelining they are whole), so data and expert ranks compute
+# with whole dense weights and all-reduce their gradients; the moments and the update are split
+# over data x expert x pipeline, claimed greedily (`spec_for(greedy=True)`): the orders below
+# split every large V3 leaf 2048 ways at data=2, expert=64, pipeline=16 (7168 = 7 x 1024,
+# 1536 = 3 x 512, 128 heads); a [D, 64] leaf (w_kr) stays whole over data there (a few MiB).
+_ZERO1_PARAM = ("embed", "q_latent", "kv_latent", "mlp", "expert_mlp", "mtp_in", "vocab")
+_DEP = ("data", "expert", "pipeline")
+ZERO1_EP = Strategy(
+    name="zero1_ep",
+    description="ZeRO-1 + expert parallelism (V3's training layout): routed experts split over "
+                "expert; dense weights whole per stage (split over pipeline at rest), gradients "
+                "all-reduced; optimizer moments and the update split over data x expert x "
+                "pipeline; batch over data x expert",
+    params=((("experts", ("expert",)),) + tuple((n, ("pipeline",)) for n in _ZERO1_PARAM)
+            + (("heads", ()),) + _NEVER),
+    activations=(("batch", ("data", "expert")), ("embed", ()), ("heads", ()), ("mlp", ()),
+                 ("expert_mlp", ()), ("vocab", ()), ("experts", ()), ("q_latent", ()),
+                 ("kv_latent", ()), ("mtp_in", ())) + _NEVER,
+    optimizer=(("experts", ("expert",)), ("heads", _DEP),
+               ("q_latent", ("pipeline", "data", "expert")),
+               ("kv_latent", ("pipeline", "data", "expert")), ("mlp", _DEP), ("expert_mlp", _DEP),
+               ("mtp_in", _DEP), ("vocab", _DEP), ("embed", ("expert", "pipeline", "data")))
+    + _NEVER,
+)
+
+STRATEGIES = {s.name: s for s in (FSDP, FSDP_EP, FSDP_EP_TP, ZERO1_EP)}
 
 
 def get_strategy(name: str) -> Strategy:
@@ -109,8 +146,12 @@ def get_strategy(name: str) -> Strategy:
 
 
 def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], table: Table,
-             sizes: dict[str, int], what: str) -> P:
-    """PartitionSpec for a tensor with logical `names` per dimension (None: never split)."""
+             sizes: dict[str, int], what: str, greedy: bool = False) -> P:
+    """PartitionSpec for a tensor with logical `names` per dimension (None: never split).
+
+    `greedy` (optimizer tables only): a dimension takes those of its free axes that keep
+    dividing its size, in the rule's order, instead of all or an error; a moment left whole
+    over an axis costs memory, not correctness, and the plan's optimizer bytes count it."""
     if len(names) != len(shape):
         raise ValueError(f"{what}: {len(names)} logical names {names} for shape {shape}")
     rules = dict(table)
@@ -124,6 +165,8 @@ def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], table: Table
     order = sorted((i for i, n in enumerate(names) if n is not None), key=lambda i: priority[names[i]])
     for i in order:
         axes = tuple(a for a in rules[names[i]] if a not in claimed and sizes.get(a, 1) > 1)
+        if greedy:
+            axes = _dividing(axes, shape[i], sizes)
         ways = math.prod(sizes[a] for a in axes)
         if shape[i] % ways:
             raise ValueError(f"{what}: dimension {i} ({names[i]}, size {shape[i]}) is not "
@@ -134,7 +177,17 @@ def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], table: Table
     return P(*out)
 
 
-def tree_specs(shapes, names, table: Table, sizes: dict[str, int], replicated=None):
+def _dividing(axes: tuple[str, ...], size: int, sizes: dict[str, int]) -> tuple[str, ...]:
+    taken, ways = [], 1
+    for a in axes:
+        if size % (ways * sizes[a]) == 0:
+            taken.append(a)
+            ways *= sizes[a]
+    return tuple(taken)
+
+
+def tree_specs(shapes, names, table: Table, sizes: dict[str, int], replicated=None,
+               greedy: bool = False):
     """PartitionSpec tree for a tree of shapes (anything with `.shape`), a matching tree of
     logical-name tuples and, optionally, a matching tree of bools: leaves marked True there are
     replicated (P()), whole on every device; the caller says which (the model's parameter
@@ -144,7 +197,7 @@ def tree_specs(shapes, names, table: Table, sizes: dict[str, int], replicated=No
         if replicated is not None and _get(replicated, path):
             return P()
         where = jax.tree_util.keystr(path, simple=True, separator="/")
-        return spec_for(_get(names, path), tuple(leaf.shape), table, sizes, where)
+        return spec_for(_get(names, path), tuple(leaf.shape), table, sizes, where, greedy)
 
     return jax.tree_util.tree_map_with_path(one, shapes)
 

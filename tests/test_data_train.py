@@ -350,6 +350,30 @@ def test_grad_accumulation_on_a_mesh_equals_one_device(fp32):
     _assert_step_equal(state, jax.device_get(got), ref)
 
 
+def test_zero1_splits_the_moments_finer_than_the_weights_and_equals_one_device(fp32):
+    """zero1_ep (V3's layout) on data=2,expert=4: dense weights whole on every device, their
+    optimizer state (SGD momentum, linear in the gradient) split 8 ways; the step equals the
+    one-device step and leaves the weights in their own layout."""
+    cfg, _, sched, state, batch, _ = fp32
+    opt = optax.sgd(sched, momentum=0.9)
+    state = train.init_state(cfg, jax.random.key(0), opt)
+    ref = train.make_train_step(cfg, opt, sched, donate=False)(state, batch, NO_GUARD)
+    shard = ShardingContext(make_mesh("data=2,expert=4"), "zero1_ep", "ragged_a2a_emulated")
+    sharded = jax.device_put(state, train.state_shardings(cfg, opt, shard))
+    step = train.make_train_step(cfg, opt, sched, shard, donate=False)
+    new, m = step(sharded, placement.shard_batch(batch, shard), NO_GUARD)
+    w = new["params"]["weights"]["dense_layers"]["attn"]["w_dq"]
+    trace = new["opt_state"][0].trace["dense_layers"]["attn"]["w_dq"]
+    assert w.addressable_shards[0].data.size == w.size  # whole: no per-layer gather
+    assert trace.sharding.spec == placement.optimizer_specs(cfg, shard)["dense_layers"]["attn"]["w_dq"]
+    assert trace.addressable_shards[0].data.size * 8 == trace.size
+    experts = new["params"]["weights"]["moe_layers"]["moe"]["experts"]["w_gate"]
+    assert experts.addressable_shards[0].data.size * 4 == experts.size  # expert-parallel
+    _assert_step_equal(state, jax.device_get((new, m)), ref)
+    chex.assert_trees_all_close(jax.device_get(new["opt_state"]), ref[0]["opt_state"],
+                                rtol=1e-4, atol=1e-7)
+
+
 def _assert_state_unchanged(state, new):
     assert int(new["step"]) == int(state["step"]) + 1
     chex.assert_trees_all_equal(new["params"], state["params"])

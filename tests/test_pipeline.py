@@ -160,7 +160,8 @@ _MESHES = [  # (schedule, mesh, strategy, microbatches): every schedule, every o
     pytest.param("1f1b", "pipeline=2,fsdp=2", "fsdp", 2),
     pytest.param("zero_bubble", "pipeline=2,expert=2,tensor=2", "fsdp_ep_tp", 2,
                  marks=pytest.mark.slow),
-    pytest.param("gpipe", "pipeline=2,fsdp=2,expert=2", "fsdp_ep", 2, marks=pytest.mark.slow),
+    # V3's layout: ZeRO-1 data parallelism and expert parallelism beside the pipeline
+    pytest.param("gpipe", "pipeline=2,expert=2,data=2", "zero1_ep", 2, marks=pytest.mark.slow),
 ]
 
 
@@ -255,8 +256,8 @@ def test_pretrain_script_on_a_pipeline_mesh_matches_fsdp_and_resumes_across_layo
     """The issue's check: the training script on `pipeline=2,fsdp=2` gives the per-step losses
     of `fsdp=4` (fp32, four CPU devices), with 1F1B and with DualPipeV (gpipe and zero bubble:
     the gradient tests above, on these axes too); and a checkpoint written under one layout
-    resumes under another (1F1B's 2 stages -> DualPipeV's 4) and under none, continuing the
-    same losses."""
+    resumes under another (1F1B's 2 stages -> DualPipeV's 4) and under none (`zero1_ep`: the
+    moments re-split for ZeRO-1), continuing the same losses."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     common = ["--preset", "tiny", "--precision", "fp32", "--global_batch", "8", "--seq_len",
               "32", "--embedded_bytes", "200000", "--sample_tokens", "0", "--no-progress",
@@ -266,7 +267,9 @@ def test_pretrain_script_on_a_pipeline_mesh_matches_fsdp_and_resumes_across_layo
     runs = (("fsdp", 4, ["--mesh", "fsdp=4"]),  # the reference, from scratch
             ("1f1b", 2, [*pipe, "1f1b", "--checkpoint_dir", str(ck)]),
             ("dualpipev", 3, [*pipe, "dualpipev", "--checkpoint_dir", str(ck)]),  # resumes
-            ("none", 4, ["--mesh", "fsdp=4", "--checkpoint_dir", str(ck)]))  # resumes
+            # resumes with no pipeline, as V3's ZeRO-1 + expert-parallel layout
+            ("none", 4, ["--mesh", "data=2,expert=2", "--strategy", "zero1_ep",
+                         "--checkpoint_dir", str(ck)]))
     losses = {}
     for name, steps, flags in runs:
         out = tmp_path / f"{name}.jsonl"

@@ -15,7 +15,7 @@ from dsv3_jax.router import update_router_bias
 from sharding import ep
 from sharding.context import ShardingContext
 from sharding.mesh import abstract_mesh, make_mesh, parse_mesh_spec
-from sharding.rules import FSDP_EP, spec_for
+from sharding.rules import FSDP_EP, ZERO1_EP, spec_for
 
 CFG = dsv3_jax.get_config("tiny")
 # (mesh, strategy, dispatch): every strategy, both CPU-capable dispatch implementations
@@ -64,6 +64,17 @@ def test_rules_errors_and_claims():
                     sizes, "w") == P(None, "expert", "fsdp", None)
     assert spec_for(("embed", "mlp"), (64, 128), FSDP_EP.params, sizes, "w") == \
         P(("fsdp", "expert"), None)
+    # ZeRO-1 moments claim greedily: at V3's widths on its own mesh each leaf splits 2048 ways
+    # (heads take data x expert, the width pipeline), or stays whole over what cannot divide
+    v3 = parse_mesh_spec("pipeline=16,expert=64,data=2")
+    assert spec_for(("heads", "v_head", "embed"), (128, 128, 7168), ZERO1_EP.optimizer, v3,
+                    "w_o", greedy=True) == P(("data", "expert"), None, "pipeline")
+    assert spec_for(("embed", "q_latent"), (7168, 1536), ZERO1_EP.optimizer, v3, "w_dq",
+                    greedy=True) == P("expert", ("pipeline", "data"))
+    assert spec_for(("embed", "qk_rope"), (7168, 64), ZERO1_EP.optimizer, v3, "w_kr",
+                    greedy=True) == P(("expert", "pipeline"), None)
+    with pytest.raises(ValueError, match="not divisible"):  # without greedy: an error
+        spec_for(("embed", "qk_rope"), (7168, 64), ZERO1_EP.optimizer, v3, "w_kr")
 
 
 def test_context_validation():

@@ -80,7 +80,7 @@ class BaseSettings:
                                       "(default: 2 x pipeline ranks); must divide "
                                       "--global_batch", DEVICES)
     strategy: str = _field("fsdp", "sharding strategy", DEVICES,
-                           choices=("fsdp", "fsdp_ep", "fsdp_ep_tp"))
+                           choices=("fsdp", "fsdp_ep", "fsdp_ep_tp", "zero1_ep"))
     dispatch: str = _field("allgather", "expert-parallel dispatch", DEVICES,
                            choices=("allgather", "ragged_a2a", "ragged_a2a_emulated"))
     distributed: str = _field("off", "multi-process: off; auto (jax.distributed.initialize() "

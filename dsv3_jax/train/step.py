@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import Config
 from dsv3_jax.params import abstract_params, init_params
-from dsv3_jax.placement import init_params_sharded, param_shardings
+from dsv3_jax.placement import init_params_sharded, optimizer_shardings, param_shardings
 from dsv3_jax.router import update_router_bias
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.loss import LossWeights, loss_fn
@@ -89,8 +89,9 @@ def state_from_params(cfg: Config, params: dict, key: jax.Array, optimizer, shar
 
 
 def _opt_shardings(cfg: Config, optimizer, shard):
-    """Optimizer-state shardings mirror the weights' (ZeRO: moments split like parameters)."""
-    weights = param_shardings(cfg, shard)["weights"]
+    """Optimizer-state shardings: each moment split like its weight, or finer under ZeRO-1
+    (the strategy's optimizer table, `placement.optimizer_specs`)."""
+    weights = optimizer_shardings(cfg, shard)
     state = jax.eval_shape(optimizer.init, abstract_params(cfg)["weights"])
     replicated = NamedSharding(shard.mesh, P())
     return optax.tree_map_params(optimizer, lambda _, s: s, state, weights,
@@ -204,18 +205,28 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
 
         return pipelined_grads(params, batch, cfg, pipeline, rt, shard, weights=loss_weights)
 
+    zero1 = shard is not None and shard.zero1
+
     def step(state, batch, guard, frozen=None):
         params = state["params"]
         loss, metrics, grads = grads_of(params, batch, frozen)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         with jax.named_scope("optimizer"):
-            updates, opt_state = optimizer.update(grads, state["opt_state"], params["weights"])
+            weights = params["weights"]
+            if zero1:  # each rank updates its slice of the moments' split, then gathers
+                split = optimizer_shardings(cfg, shard)
+                grads = jax.lax.with_sharding_constraint(grads, split)
+                weights = jax.lax.with_sharding_constraint(weights, split)
+            updates, opt_state = optimizer.update(grads, state["opt_state"], weights)
             ok = finite & (loss <= guard["max_loss"]) & (grad_norm <= guard["max_grad_norm"])
             if "max_update_ratio" in guard:  # the key is static: without it, no extra pass
-                update_ratio = optax.tree.norm(updates) / optax.tree.norm(params["weights"])
+                update_ratio = optax.tree.norm(updates) / optax.tree.norm(weights)
                 ok = ok & (update_ratio <= guard["max_update_ratio"])
-            weights = optax.apply_updates(params["weights"], updates)
+            weights = optax.apply_updates(weights, updates)
+            if zero1:
+                weights = jax.lax.with_sharding_constraint(
+                    weights, param_shardings(cfg, shard)["weights"])
             router = _update_biases(params["router_state"], metrics, bias_gamma)
             fresh = {"params": {"weights": weights, "router_state": router}, "opt_state": opt_state}
             kept = {"params": params, "opt_state": state["opt_state"]}
