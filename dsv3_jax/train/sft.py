@@ -134,8 +134,11 @@ def sft_objective(cfg: Config, rt: Runtime, shard, weights: LossWeights, teacher
 
 def _sft_loss(params, batch, *, cfg, rt, shard, weights):
     loss, m = loss_fn(params, batch, cfg, rt, weights=weights, shard=shard)
-    m["assistant_tokens"] = batch["mask"].sum()
-    return loss, m
+    return loss, {**m, **assistant_tokens(batch)}
+
+
+def assistant_tokens(batch) -> dict:
+    return {"assistant_tokens": batch["mask"].sum()}
 
 
 def _sft_kd_loss(params, batch, teacher_params, *, cfg, rt, shard, weights, t_cfg, t_rt,
@@ -194,18 +197,24 @@ def _sampler(s: SFTSettings, cfg: Config, rt: Runtime, tokenizer):
 
 def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset: SFTDataset,
             teacher: sources.Source | None = None) -> loop.Job:
-    pretrain.refuse_pipeline(s, shard, "SFT and distillation")
     cfg = source.cfg
+    weights = LossWeights(mtp=s.mtp_weight, balance=s.balance_alpha)
+    if teacher is not None:
+        pretrain.refuse_pipeline(s, shard, "distillation (--teacher)")
+    # without a teacher, SFT is the pretraining objective over masked, packed rows: a pipeline
+    # schedule runs it as it runs pretraining's (the executor takes mask, segments, positions)
+    plan = pretrain.build_pipeline(s, cfg, shard) if teacher is None else None
     schedule, optimizer = pretrain.build_optimizer(s, cfg)
-    objective = sft_objective(cfg, rt, shard, LossWeights(mtp=s.mtp_weight,
-                                                          balance=s.balance_alpha), teacher, s)
+    objective = None if plan else sft_objective(cfg, rt, shard, weights, teacher, s)
     frozen = None
     if teacher is not None:
         frozen = jax.tree.map(jnp.asarray, teacher.params)
     extra = ("assistant_tokens",) + (("kd_loss",) if teacher is not None else ())
     step_fn = train_step.make_train_step(cfg, optimizer, schedule, shard, objective=objective,
                                          rt=rt, bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
-                                         extra_metrics=extra, frozen=frozen)
+                                         extra_metrics=extra, frozen=frozen, pipeline=plan,
+                                         loss_weights=weights,
+                                         batch_metrics=assistant_tokens if plan else None)
     about = pretrain.run_meta(cfg, rt, s, source=source.description)
     key = jax.random.key(s.seed)
     return loop.Job(
@@ -241,6 +250,8 @@ def run(s: SFTSettings) -> dict:
         raise DataError(f"--seq_len {s.seq_len} is above the model's {cfg.max_seq_len} positions")
     shard = pretrain.build_sharding(s)
     pretrain.check_batch_split(s, shard)
+    if s.teacher:  # before the teacher loads
+        pretrain.refuse_pipeline(s, shard, "distillation (--teacher)")
     rt = pretrain.build_runtime(s, cfg, shard)
     dataset, about = build_dataset(s, source.tokenizer)
     teacher = load_teacher(s, cfg) if s.teacher else None

@@ -173,7 +173,7 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
                     objective: Objective | None = None, rt: Runtime | None = None,
                     bias_gamma: float = V3_BIAS_GAMMA, grad_accum: int = 1, donate: bool = True,
                     extra_metrics: tuple[str, ...] = (), frozen=None, pipeline=None,
-                    loss_weights: LossWeights = LossWeights()):
+                    loss_weights: LossWeights = LossWeights(), batch_metrics=None):
     """The jitted step(state, batch, guard) -> (state, metrics). `objective` defaults to V3's
     pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm"} and optionally
     "max_update_ratio" (float32 scalars; `no_guard()` for none): a step whose loss or gradient
@@ -192,7 +192,8 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
 
     `pipeline`: a `dsv3_jax.train.pipeline.StagePlan`: the gradient of V3's pretraining loss
     (with `loss_weights`) comes from the plan's pipeline schedule instead of `objective`
-    (which must then be None), exactly the unpipelined one."""
+    (which must then be None), exactly the unpipelined one; `batch_metrics` (batch -> dict)
+    adds what the objective would have counted from the batch alone (SFT's assistant tokens)."""
     if pipeline is not None and (objective is not None or frozen is not None or grad_accum != 1):
         raise ValueError("a pipeline schedule computes V3's pretraining objective over its own "
                          "microbatches: no custom objective, teacher or --grad_accum with it")
@@ -200,10 +201,15 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
 
     def grads_of(params, batch, frozen):
         if pipeline is None:
-            return _grads(objective, params, batch, grad_accum, frozen)
-        from dsv3_jax.train.pipeline import pipelined_grads  # noqa: PLC0415 - it imports us
+            loss, metrics, grads = _grads(objective, params, batch, grad_accum, frozen)
+        else:
+            from dsv3_jax.train.pipeline import pipelined_grads  # noqa: PLC0415 - imports us
 
-        return pipelined_grads(params, batch, cfg, pipeline, rt, shard, weights=loss_weights)
+            loss, metrics, grads = pipelined_grads(params, batch, cfg, pipeline, rt, shard,
+                                                   weights=loss_weights)
+        if batch_metrics is not None:
+            metrics = {**metrics, **batch_metrics(batch)}
+        return loss, metrics, grads
 
     zero1 = shard is not None and shard.zero1
 
