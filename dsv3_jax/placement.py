@@ -37,7 +37,7 @@ def optimizer_shardings(cfg: Config, shard: ShardingContext) -> dict:
     return jax.tree.map(shard.named, optimizer_specs(cfg, shard), is_leaf=lambda x: isinstance(x, P))
 
 
-def _place(x, sharding: NamedSharding) -> jax.Array:
+def place(x, sharding: NamedSharding) -> jax.Array:
     """A global array from a value every process holds whole: each device takes its slice, so
     this works on meshes that span several processes."""
     host = np.asarray(x)
@@ -46,7 +46,7 @@ def _place(x, sharding: NamedSharding) -> jax.Array:
 
 def shard_params(params: dict, cfg: Config, shard: ShardingContext) -> dict:
     """Move an existing state (the same on every process) onto the mesh."""
-    return jax.tree.map(_place, params, param_shardings(cfg, shard))
+    return jax.tree.map(place, params, param_shardings(cfg, shard))
 
 
 def init_params_sharded(cfg: Config, key: jax.Array, shard: ShardingContext) -> dict:
@@ -64,4 +64,4 @@ def batch_sharding(shard: ShardingContext, ndim: int = 2) -> NamedSharding:
 
 def shard_batch(batch: dict, shard: ShardingContext) -> dict:
     """Split a global batch (the same on every process) over the batch axes."""
-    return {k: _place(v, batch_sharding(shard, np.ndim(v))) for k, v in batch.items()}
+    return {k: place(v, batch_sharding(shard, np.ndim(v))) for k, v in batch.items()}

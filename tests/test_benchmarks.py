@@ -144,7 +144,7 @@ def test_bench_pipeline_runs_every_layout_on_fake_devices(tmp_path, capsys):
 
     out = tmp_path / "pipe.json"
     rec = bench_pipeline.main(["--presets", "tiny", "--precision", "fp32", "--batch", "8",
-                               "--seq_len", "16", "--steps", "1", "--micro", "2",
+                               "--seq_len", "16", "--steps", "1", "--warmup", "1", "--micro", "2",
                                "--schedules", "1f1b", "--ranks", "1", "2", "--json", str(out)])
     rows = {r["layout"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"plain (1 device)", "fsdp=8", "P=1 (1 device)", "pipeline=2,fsdp=4"}

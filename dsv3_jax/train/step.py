@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import Config
 from dsv3_jax.params import abstract_params, init_params
-from dsv3_jax.placement import init_params_sharded, optimizer_shardings, param_shardings
+from dsv3_jax.placement import init_params_sharded, optimizer_shardings, param_shardings, place
 from dsv3_jax.router import update_router_bias
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.loss import LossWeights, loss_fn
@@ -70,8 +70,21 @@ def init_state(cfg: Config, key: jax.Array, optimizer, shard=None) -> dict:
     params = (init_params(cfg, key) if shard is None else init_params_sharded(cfg, key, shard))
     opt_state = jax.jit(optimizer.init, out_shardings=_opt_shardings(cfg, optimizer, shard))(
         params["weights"]) if shard else optimizer.init(params["weights"])
-    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.fold_in(key, 1))}
+    return _committed({"params": params, "opt_state": opt_state,
+                       "step": jnp.zeros((), jnp.int32),
+                       "rng": jax.random.key_data(jax.random.fold_in(key, 1))}, shard)
+
+
+def _committed(state: dict, shard) -> dict:
+    """The state placed where the step returns it: a leaf left uncommitted (made by jnp on the
+    default device) would make the second call compile the step again for the committed
+    layout the first call returns."""
+    if shard is None:
+        return jax.device_put(state, jax.devices()[0])
+    # params and moments come out of jit with their shardings; the two scalars are placed
+    # from the host value every process holds (works on meshes spanning processes)
+    replicated = NamedSharding(shard.mesh, P())
+    return {**state, **{k: place(state[k], replicated) for k in ("step", "rng")}}
 
 
 def state_from_params(cfg: Config, params: dict, key: jax.Array, optimizer, shard=None) -> dict:
@@ -84,8 +97,9 @@ def state_from_params(cfg: Config, params: dict, key: jax.Array, optimizer, shar
         params = jax.device_put(params, param_shardings(cfg, shard))
     opt_state = jax.jit(optimizer.init, out_shardings=_opt_shardings(cfg, optimizer, shard))(
         params["weights"]) if shard else optimizer.init(params["weights"])
-    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.fold_in(key, 1))}
+    return _committed({"params": params, "opt_state": opt_state,
+                       "step": jnp.zeros((), jnp.int32),
+                       "rng": jax.random.key_data(jax.random.fold_in(key, 1))}, shard)
 
 
 def _opt_shardings(cfg: Config, optimizer, shard):
