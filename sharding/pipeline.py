@@ -43,8 +43,10 @@ class StageFns:
     stage(w, c, x, mb) -> ((y, side), aux): one stage; `w` its weights, `c` its constants
       (not differentiated), `side` a scalar term of the loss the stage adds (e.g. a balance loss)
       whose gradient seed is `side_seed(mb)`, `aux` statistics summed over microbatches.
-    loss(shared, y, mb) -> (loss, metrics): the last stage's objective part for one microbatch,
-      already scaled so that the step's loss is the sum over microbatches; metrics are summed.
+    loss(shared, y, mb[, frozen]) -> (loss, metrics): the last stage's objective part for one
+      microbatch, already scaled so that the step's loss is the sum over microbatches; metrics
+      are summed. `frozen` (when `run` is given one): weights it reads but does not train (a
+      distillation teacher's head), replicated over `pipeline`, never differentiated.
     act(x) -> x: the sharding constraint of a stage's input activation (on a mesh with other
       axes, XLA's conditionals need it on every branch that yields one); identity by default.
     """
@@ -205,27 +207,29 @@ def _rebuild(stash: _Stash, kept: list, w, c, x, mb):
 
 
 # ------------------------------------------------------------------------------ the executor
-def run(tl: Timeline, fns: StageFns, stage_w, stage_c, shared, micro, *, mesh=None):
+def run(tl: Timeline, fns: StageFns, stage_w, stage_c, shared, micro, *, mesh=None,
+        frozen=None):
     """Run the timeline. stage_w / stage_c: pytrees with leading [P, V] axes (ranks, stages per
     rank; `stage_w` in the compute dtype: its gradients come back in float32, summed over
     microbatches); shared: the weights `embed` and `loss` use, replicated over `pipeline`;
     micro: the microbatches, leading axis M. mesh: a mesh with a `pipeline` axis of size P, or
-    None for P = 1 (no collectives).
+    None for P = 1 (no collectives). frozen: passed to `fns.loss` (see `StageFns`).
 
     Returns (grads of stage_w [P, V, ...] float32, grads of shared, loss, metrics, aux
     [P, V, ...]): loss and metrics summed over microbatches; aux per stage, summed."""
     body = functools.partial(_program, tl, fns, tables(tl))
+    frozen = {} if frozen is None else frozen
     if tl.ranks == 1:
-        return body(stage_w, stage_c, shared, micro)
+        return body(stage_w, stage_c, shared, micro, frozen)
     if mesh is None or dict(mesh.shape).get(AXIS, 1) != tl.ranks:
         raise ValueError(f"a {tl.ranks}-rank pipeline needs a mesh whose {AXIS!r} axis has "
                          f"size {tl.ranks}")
     pipe = P(AXIS)
     fn = jax.shard_map(
         body, mesh=mesh, axis_names={AXIS},
-        in_specs=(pipe, pipe, P(), P()),
+        in_specs=(pipe, pipe, P(), P(), P()),
         out_specs=(pipe, P(), P(), P(), pipe), check_vma=False)
-    return fn(stage_w, stage_c, shared, micro)
+    return fn(stage_w, stage_c, shared, micro, frozen)
 
 
 def _zeros(tree):
@@ -242,8 +246,12 @@ def _put(buf, v, slot, value, on):
     return buf.at[v, slot].set(jnp.where(on, value, old).astype(buf.dtype))
 
 
-def _program(tl: Timeline, fns: StageFns, np_tab, stage_w, stage_c, shared, micro):
+def _program(tl: Timeline, fns: StageFns, np_tab, stage_w, stage_c, shared, micro, frozen):
     multi = tl.ranks > 1
+
+    def loss_fn(s, y, mb):
+        return fns.loss(s, y, mb, frozen) if frozen else fns.loss(s, y, mb)
+
     # this rank's block [1, V, ...] -> [V, ...] (with one rank, the whole [1, V, ...])
     stage_w, stage_c = (jax.tree.map(lambda a: a[0], t) for t in (stage_w, stage_c))
     tab = {k: jnp.asarray(v) for k, v in np_tab.items()}
@@ -255,7 +263,7 @@ def _program(tl: Timeline, fns: StageFns, np_tab, stage_w, stage_c, shared, micr
     stash = _stash_of(fns, w0, c0, x_shape, mb0)
     (y_s, side_s), aux_s = jax.eval_shape(lambda w, c, x, mb: fns.stage(w, c, x, mb),
                                           w0, c0, x_shape, mb0)
-    loss_s, metrics_s = jax.eval_shape(fns.loss, shared, y_s, mb0)
+    loss_s, metrics_s = jax.eval_shape(loss_fn, shared, y_s, mb0)
     act = jax.ShapeDtypeStruct(y_s.shape, y_s.dtype)
 
     def slots(s):
@@ -292,7 +300,7 @@ def _program(tl: Timeline, fns: StageFns, np_tab, stage_w, stage_c, shared, micr
                 (y, side), aux, kept = _run_forward(stash, w, cc, x, mb)
 
                 def head(y, g_shared):
-                    (loss, pull_l, metrics) = jax.vjp(lambda s, y_: fns.loss(s, y_, mb),
+                    (loss, pull_l, metrics) = jax.vjp(lambda s, y_: loss_fn(s, y_, mb),
                                                       shared, y, has_aux=True)
                     g_s, dy = pull_l(jnp.ones((), loss.dtype))
                     g_shared = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32),

@@ -194,24 +194,27 @@ def test_sft_and_grpo_start_from_a_hugging_face_folder_with_its_tokenizer(tmp_pa
 
 
 @pytest.mark.slow
-def test_sft_on_a_pipeline_mesh_gives_the_unpipelined_losses(tmp_path):
-    """SFT's packed, masked rows through a 1F1B pipeline (pipeline=2 x fsdp=4) give the
-    one-device run's losses and assistant-token counts (fp32); distillation refuses a pipeline,
-    naming its flag."""
+def test_sft_and_distillation_on_a_pipeline_mesh_give_the_unpipelined_losses(tmp_path):
+    """SFT's packed, masked rows with a distillation term through a 1F1B pipeline
+    (pipeline=2 x fsdp=4) give the one-device run's losses, KD terms and assistant-token
+    counts (fp32); the teacher (another seed, one step of SFT) reaches the last stage's
+    loss as an untrained argument."""
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(json.dumps({"messages": c}) for c in CONVS * 6) + "\n")
     base = dict(data=[str(data)], steps=2, global_batch=8, seq_len=64, log_every=1,
                 progress=False, sample_tokens=0, precision="fp32")
+    teacher = tmp_path / "teacher"
+    sft.run(sft.SFTSettings(**{**base, "steps": 1}, mesh="none", seed=1,
+                            checkpoint_dir=str(teacher), async_checkpoint=False))
+    kd = dict(teacher=str(teacher), kd_weight=0.5, kd_beta=0.5)
     recs = {}
     for name, flags in (("plain", dict(mesh="none")),
                         ("piped", dict(mesh="pipeline=2,fsdp=4", pipeline_schedule="1f1b",
                                        microbatches=2))):
         out = tmp_path / f"{name}.jsonl"
-        sft.run(sft.SFTSettings(**base, **flags, metrics_file=str(out)))
+        sft.run(sft.SFTSettings(**base, **kd, **flags, metrics_file=str(out)))
         recs[name] = [json.loads(line) for line in out.read_text().splitlines()]
     for a, b in zip(recs["plain"], recs["piped"], strict=True):
-        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
-        assert b["assistant_tokens"] == a["assistant_tokens"] > 0
-    with pytest.raises(ValueError, match="distillation .*--pipeline_schedule"):
-        sft.run(sft.SFTSettings(**base, mesh="none", pipeline_schedule="1f1b",
-                                teacher=str(tmp_path)))
+        for key in ("loss", "main_loss", "kd_loss"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
+        assert a["kd_loss"] > 1e-3 and b["assistant_tokens"] == a["assistant_tokens"] > 0

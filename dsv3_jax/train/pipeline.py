@@ -234,13 +234,15 @@ def _embed_fn(cfg: Config, rt: Runtime, shard):
     return fn
 
 
-def _loss_fn(cfg: Config, rt: Runtime, shard, weights: LossWeights):
+def _loss_fn(cfg: Config, rt: Runtime, shard, weights: LossWeights, extra=None):
     """The last stage's part of `loss.loss_fn` for one microbatch, scaled to sum to the
     batch's loss: cross entropies over the batch's target count, balance terms by the
-    microbatch's share of sequences."""
+    microbatch's share of sequences; plus `extra(hidden, head, mb, frozen) -> (term,
+    metrics)` when given (a term over the final-normed hidden state, e.g. distillation's,
+    scaled the same way by its maker)."""
     use_mtp = bool(cfg.mtp_depth) and weights.mtp > 0
 
-    def fn(shared, y, mb):
+    def fn(shared, y, mb, frozen=None):
         w = compute_weights({k: shared[k] for k in ("final_norm", "head")}, cfg, rt)
         targets, mask = mb["targets"], mb["mask"]
         hidden = rms_norm(y, w["final_norm"], cfg.rms_norm_eps)
@@ -248,6 +250,10 @@ def _loss_fn(cfg: Config, rt: Runtime, shard, weights: LossWeights):
         main = (cross_entropy(logits, targets) * mask).sum() / mb["n_targets"]
         metrics = {"main_loss": main}
         total = main
+        if extra is not None:
+            term, more = extra(hidden, w["head"], mb, frozen)
+            total = total + term
+            metrics.update(more)
         if use_mtp:
             params = {"weights": {k: shared[k] for k in ("embed", "head", "mtp")},
                       "router_state": {"mtp": {"bias": shared["mtp_bias"]}}
@@ -301,10 +307,12 @@ def microbatches(batch: dict, micro: int, cfg: Config, use_mtp: bool) -> dict:
 
 def pipelined_grads(params: dict, batch: dict, cfg: Config, plan: StagePlan,
                     rt: Runtime | None = None, shard: ShardingContext | None = None, *,
-                    weights: LossWeights = LossWeights()):
+                    weights: LossWeights = LossWeights(), extra=None, frozen=None):
     """(loss, metrics, grads of params["weights"]) of V3's pretraining objective through the
     plan's schedule: the same values as `jax.value_and_grad(loss.loss_fn)` on the whole batch
-    (metrics: main_loss, balance_loss, load [L_m, E], and mtp_loss / mtp_load with MTP)."""
+    (metrics: main_loss, balance_loss, load [L_m, E], and mtp_loss / mtp_load with MTP).
+    `extra` / `frozen`: a further term of the last stage and the untrained weights it reads
+    (`_loss_fn`); per-row arrays it needs travel in `batch` and are split like the tokens."""
     rt = runtime_for(cfg, rt)
     use_mtp = bool(cfg.mtp_depth) and weights.mtp > 0
     w = params["weights"]
@@ -317,12 +325,12 @@ def pipelined_grads(params: dict, batch: dict, cfg: Config, plan: StagePlan,
         shared["mtp_bias"] = bias
     micro = microbatches(batch, plan.micro, cfg, use_mtp)
     fns = executor.StageFns(embed=_embed_fn(cfg, rt, shard), stage=stage_fn(cfg, rt, shard),
-                            loss=_loss_fn(cfg, rt, shard, weights),
+                            loss=_loss_fn(cfg, rt, shard, weights, extra),
                             side_seed=lambda mb: weights.balance * mb["balance_weight"],
                             act=lambda x: constrain(x, _RESIDUAL, shard, "stage activation"))
     g_stage, g_shared, loss, metrics, aux = executor.run(
         plan.timeline, fns, stage_w, stage_c, shared, micro,
-        mesh=None if shard is None else shard.mesh)
+        mesh=None if shard is None else shard.mesh, frozen=frozen)
     grads = {k: g_shared[k] for k in _SHARED if k in g_shared}
     if "mtp" in w and "mtp" not in grads:
         grads["mtp"] = jax.tree.map(jnp.zeros_like, w["mtp"])
@@ -331,7 +339,9 @@ def pipelined_grads(params: dict, batch: dict, cfg: Config, plan: StagePlan,
         if key in g_stage:
             grads[key] = from_stages(idx, g_stage[key], n)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), {k: grads[k] for k in w}, w)
-    out = {"main_loss": metrics["main_loss"], "loss": loss}
+    out = {**metrics, "main_loss": metrics["main_loss"], "loss": loss}
+    for k in ("mtp_loss", "mtp_load", "mtp_balance"):
+        out.pop(k, None)
     balance = jnp.zeros((), jnp.float32)
     if "load" in aux:
         out["load"] = from_stages(plan.moe, aux["load"], cfg.n_moe_layers)

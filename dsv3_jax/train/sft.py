@@ -26,11 +26,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import Config
 from dsv3_jax.infer.generate import generate
 from dsv3_jax.io import chat
 from dsv3_jax.model import compute_weights, forward
+from dsv3_jax.placement import place
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train import loop, pretrain, sources, step as train_step, tasks
 from dsv3_jax.train.data import DataError
@@ -155,6 +157,35 @@ def _sft_kd_loss(params, batch, teacher_params, *, cfg, rt, shard, weights, t_cf
     return loss, m
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelinedKD:
+    """Distillation as a term of the pipeline's last stage (`make_train_step(pipeline_extra=)`):
+    the teacher's forward runs on the whole batch before the schedule (its final-normed hidden
+    states travel with the microbatches; on a pipeline mesh it is computed without the
+    pipeline axis, by XLA's partitioner, on every pipeline rank's batch rows), and each
+    microbatch adds its part of `kd_loss`, scaled to the batch's assistant-token count."""
+    t_cfg: Config
+    t_rt: Runtime
+    kd_weight: float
+    beta: float
+    temperature: float
+    chunk: int
+
+    def prepare(self, batch, teacher_params):
+        _, aux = forward(teacher_params, batch["inputs"], self.t_cfg, self.t_rt,
+                         positions=batch["positions"], segment_ids=batch["segment_ids"])
+        head = compute_weights({"head": teacher_params["weights"]["head"]}, self.t_cfg,
+                               self.t_rt)["head"]
+        return {**batch, "teacher_hidden": aux["hidden"]}, {"teacher_head": head}
+
+    def loss(self, hidden, head, mb, frozen):
+        kd, _ = kd_loss(hidden, head, mb["teacher_hidden"], frozen["teacher_head"], mb["mask"],
+                        beta=self.beta, temperature=self.temperature, chunk=self.chunk)
+        # kd_loss is this microbatch's token mean: rescale it to a share of the batch's
+        kd = kd * jnp.maximum(mb["mask"].sum(), 1.0) / mb["n_targets"]
+        return self.kd_weight * kd, {"kd_loss": kd}
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -199,21 +230,27 @@ def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset:
             teacher: sources.Source | None = None) -> loop.Job:
     cfg = source.cfg
     weights = LossWeights(mtp=s.mtp_weight, balance=s.balance_alpha)
-    if teacher is not None:
-        pretrain.refuse_pipeline(s, shard, "distillation (--teacher)")
-    # without a teacher, SFT is the pretraining objective over masked, packed rows: a pipeline
-    # schedule runs it as it runs pretraining's (the executor takes mask, segments, positions)
-    plan = pretrain.build_pipeline(s, cfg, shard) if teacher is None else None
+    # SFT is the pretraining objective over masked, packed rows: a pipeline schedule runs it
+    # as it runs pretraining's (the executor takes mask, segments, positions), distillation's
+    # term on its last stage
+    plan = pretrain.build_pipeline(s, cfg, shard)
     schedule, optimizer = pretrain.build_optimizer(s, cfg)
     objective = None if plan else sft_objective(cfg, rt, shard, weights, teacher, s)
+    kd = None
+    if plan and teacher is not None:
+        kd = PipelinedKD(teacher.cfg, rt.for_model(teacher.cfg), s.kd_weight, s.kd_beta,
+                         s.kd_temperature, s.kd_chunk)
     frozen = None
     if teacher is not None:
-        frozen = jax.tree.map(jnp.asarray, teacher.params)
+        # on a mesh the teacher is whole on every device (replicated: the plan's choice for a
+        # frozen model, which neither trains nor saves), placed from the host copy
+        frozen = (jax.tree.map(jnp.asarray, teacher.params) if shard is None else
+                  jax.tree.map(lambda a: place(a, shard.named(P())), teacher.params))
     extra = ("assistant_tokens",) + (("kd_loss",) if teacher is not None else ())
     step_fn = train_step.make_train_step(cfg, optimizer, schedule, shard, objective=objective,
                                          rt=rt, bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
                                          extra_metrics=extra, frozen=frozen, pipeline=plan,
-                                         loss_weights=weights,
+                                         loss_weights=weights, pipeline_extra=kd,
                                          batch_metrics=assistant_tokens if plan else None)
     about = pretrain.run_meta(cfg, rt, s, source=source.description)
     key = jax.random.key(s.seed)
@@ -250,8 +287,6 @@ def run(s: SFTSettings) -> dict:
         raise DataError(f"--seq_len {s.seq_len} is above the model's {cfg.max_seq_len} positions")
     shard = pretrain.build_sharding(s)
     pretrain.check_batch_split(s, shard)
-    if s.teacher:  # before the teacher loads
-        pretrain.refuse_pipeline(s, shard, "distillation (--teacher)")
     rt = pretrain.build_runtime(s, cfg, shard)
     dataset, about = build_dataset(s, source.tokenizer)
     teacher = load_teacher(s, cfg) if s.teacher else None

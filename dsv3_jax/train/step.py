@@ -187,7 +187,8 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
                     objective: Objective | None = None, rt: Runtime | None = None,
                     bias_gamma: float = V3_BIAS_GAMMA, grad_accum: int = 1, donate: bool = True,
                     extra_metrics: tuple[str, ...] = (), frozen=None, pipeline=None,
-                    loss_weights: LossWeights = LossWeights(), batch_metrics=None):
+                    loss_weights: LossWeights = LossWeights(), batch_metrics=None,
+                    pipeline_extra=None):
     """The jitted step(state, batch, guard) -> (state, metrics). `objective` defaults to V3's
     pretraining loss in runtime `rt`. `guard` = {"max_loss", "max_grad_norm"} and optionally
     "max_update_ratio" (float32 scalars; `no_guard()` for none): a step whose loss or gradient
@@ -207,10 +208,15 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
     `pipeline`: a `dsv3_jax.train.pipeline.StagePlan`: the gradient of V3's pretraining loss
     (with `loss_weights`) comes from the plan's pipeline schedule instead of `objective`
     (which must then be None), exactly the unpipelined one; `batch_metrics` (batch -> dict)
-    adds what the objective would have counted from the batch alone (SFT's assistant tokens)."""
-    if pipeline is not None and (objective is not None or frozen is not None or grad_accum != 1):
+    adds what the objective would have counted from the batch alone (SFT's assistant tokens).
+    `pipeline_extra`: a further term of the pipeline's last stage (distillation's), with
+    `prepare(batch, frozen) -> (batch, frozen)` run before the schedule (the teacher's
+    forward) and `loss(hidden, head, mb, frozen) -> (term, metrics)` (`train.pipeline`)."""
+    if pipeline is not None and (objective is not None or grad_accum != 1
+                                 or (frozen is not None) != (pipeline_extra is not None)):
         raise ValueError("a pipeline schedule computes V3's pretraining objective over its own "
-                         "microbatches: no custom objective, teacher or --grad_accum with it")
+                         "microbatches (plus a `pipeline_extra` term that reads `frozen`): no "
+                         "custom objective or --grad_accum with it")
     objective = objective or pretraining_objective(cfg, rt, shard, weights=loss_weights)
 
     def grads_of(params, batch, frozen):
@@ -219,8 +225,13 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
         else:
             from dsv3_jax.train.pipeline import pipelined_grads  # noqa: PLC0415 - imports us
 
+            extra, held = None, None
+            if pipeline_extra is not None:
+                batch, held = pipeline_extra.prepare(batch, frozen)
+                extra = pipeline_extra.loss
             loss, metrics, grads = pipelined_grads(params, batch, cfg, pipeline, rt, shard,
-                                                   weights=loss_weights)
+                                                   weights=loss_weights, extra=extra,
+                                                   frozen=held)
         if batch_metrics is not None:
             metrics = {**metrics, **batch_metrics(batch)}
         return loss, metrics, grads
