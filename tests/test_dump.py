@@ -117,9 +117,11 @@ def test_activation_estimate_grows_as_the_compiled_program(remat):
 
 def test_pipeline_activations_follow_the_schedules_slots():
     """gpipe keeps every microbatch's residuals, 1F1B one at a time on one rank: the compiled
-    programs' temp memory differs by the estimate's (slots difference) x (one slot). Measured:
-    the estimate's slot is 16% under the compiled one's (XLA keeps about 0.2 MB more per tiny
-    slot than the traced residuals and the slot's input and gradient): within 20%."""
+    programs' temp memory differs by the estimate's (slots difference) x (one slot). The
+    estimate's slot equals the executor's slot buffers byte for byte (`kept_shapes` of the
+    real stage: 4.62 MB at S=64); XLA's CPU program holds more per slot, and the excess grows
+    with S^2 (+19% at S=64, +27% at S=128: extra copies of the S x S score and probability
+    residuals, which the default cuDNN attention does not keep): within 20% here."""
     import jax
     import jax.numpy as jnp
     from dsv3_jax.params import abstract_params
