@@ -204,7 +204,7 @@ def activation_model(cfg, shard, rows: int, seq: int, *, remat: str = "none",
     log-normaliser, which the cross entropy keeps, and its input), each MTP module (a MoE
     block outside the remat policy, its projection and head) and the backward's transient
     working set (`TRANSIENT`)."""
-    tp = shard.sizes.get("tensor", 1) if shard.strategy.name == "fsdp_ep_tp" else 1
+    tp = shard.sizes.get("tensor", 1)  # a context refuses a tensor axis its strategy ignores
     local = _local_cfg(cfg, tp)
     fp8 = Fp8() if precision == "fp8" else None
     rt = runtime_for(local, Runtime(remat=remat, attention=attention, fp8=fp8,

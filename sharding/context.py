@@ -37,7 +37,7 @@ class ShardingContext:
                              f"{self.strategy.name} shards nothing over them")
 
     def _uses(self, axis: str) -> bool:
-        tables = self.strategy.params + self.strategy.activations + self.strategy.optimizer_table
+        tables = self.strategy.params + self.strategy.activations + (self.strategy.optimizer or ())
         return any(axis in axes for _, axes in tables)
 
     @property

@@ -47,10 +47,6 @@ class Strategy:
     optimizer: Table | None = None  # the optimizer moments' table; None: as `params`
 
     @property
-    def optimizer_table(self) -> Table:
-        return self.params if self.optimizer is None else self.optimizer
-
-    @property
     def batch_axes(self) -> tuple[str, ...]:
         return dict(self.activations)["batch"]
 

@@ -339,9 +339,10 @@ def pipelined_grads(params: dict, batch: dict, cfg: Config, plan: StagePlan,
         if key in g_stage:
             grads[key] = from_stages(idx, g_stage[key], n)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), {k: grads[k] for k in w}, w)
-    out = {**metrics, "main_loss": metrics["main_loss"], "loss": loss}
-    for k in ("mtp_loss", "mtp_load", "mtp_balance"):
-        out.pop(k, None)
+    # the last stage's metrics (main_loss, mtp_loss/mtp_load, an extra term's) as they are;
+    # its MTP balance joins the stages' balance terms
+    out = {k: v for k, v in metrics.items() if k != "mtp_balance"}
+    out["loss"] = loss
     balance = jnp.zeros((), jnp.float32)
     if "load" in aux:
         out["load"] = from_stages(plan.moe, aux["load"], cfg.n_moe_layers)
@@ -349,7 +350,6 @@ def pipelined_grads(params: dict, batch: dict, cfg: Config, plan: StagePlan,
     else:
         out["load"] = jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
     if use_mtp:
-        out.update(mtp_loss=metrics["mtp_loss"], mtp_load=metrics["mtp_load"])
         balance = balance + metrics["mtp_balance"]
     out["balance_loss"] = balance
     return loss, out, grads

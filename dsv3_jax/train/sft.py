@@ -126,35 +126,40 @@ def sft_objective(cfg: Config, rt: Runtime, shard, weights: LossWeights, teacher
                   s: SFTSettings | None = None):
     """(params, batch[, teacher params]) -> (loss, metrics): the assistant-token cross-entropy
     (+ MTP and balance by `weights`), + the distillation term with a teacher."""
-    if teacher is None:
-        return functools.partial(_sft_loss, cfg=cfg, rt=rt, shard=shard, weights=weights)
+    if teacher is None:  # the pretraining objective: the rows' mask makes it SFT's
+        return train_step.pretraining_objective(cfg, rt, shard, weights=weights)
     t_cfg = teacher.cfg
     return functools.partial(_sft_kd_loss, cfg=cfg, rt=rt, shard=shard, weights=weights,
                              t_cfg=t_cfg, t_rt=rt.for_model(t_cfg), kd_weight=s.kd_weight,
                              beta=s.kd_beta, temperature=s.kd_temperature, chunk=s.kd_chunk)
 
 
-def _sft_loss(params, batch, *, cfg, rt, shard, weights):
-    loss, m = loss_fn(params, batch, cfg, rt, weights=weights, shard=shard)
-    return loss, {**m, **assistant_tokens(batch)}
-
-
 def assistant_tokens(batch) -> dict:
+    """The step's count of loss tokens (`make_train_step(batch_metrics=)`: the whole batch's,
+    whatever its split into micro-batches or pipeline microbatches)."""
     return {"assistant_tokens": batch["mask"].sum()}
 
 
 def _sft_kd_loss(params, batch, teacher_params, *, cfg, rt, shard, weights, t_cfg, t_rt,
                  kd_weight, beta, temperature, chunk):
     loss, m = loss_fn(params, batch, cfg, rt, weights=weights, shard=shard, keep_hidden=True)
-    _, t_aux = forward(teacher_params, batch["inputs"], t_cfg, t_rt, positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], shard=shard)  # its logits are unused
-    s_head = compute_weights(params["weights"], cfg, rt)["head"]
-    t_head = compute_weights(teacher_params["weights"], t_cfg, t_rt)["head"]
-    kd, _ = kd_loss(m.pop("hidden"), s_head, t_aux["hidden"], t_head, batch["mask"], beta=beta,
-                    temperature=temperature, chunk=chunk)
+    t_hidden, t_head = _teacher(teacher_params, batch, t_cfg, t_rt, shard)
+    kd, _ = kd_loss(m.pop("hidden"), _head(params, cfg, rt), t_hidden, t_head, batch["mask"],
+                    beta=beta, temperature=temperature, chunk=chunk)
     loss = loss + kd_weight * kd
-    m.update(loss=loss, kd_loss=kd, assistant_tokens=batch["mask"].sum())
+    m.update(loss=loss, kd_loss=kd)
     return loss, m
+
+
+def _head(params, cfg: Config, rt: Runtime):
+    return compute_weights({"head": params["weights"]["head"]}, cfg, rt)["head"]
+
+
+def _teacher(teacher_params, batch, t_cfg: Config, t_rt: Runtime, shard):
+    """The frozen teacher's final-normed hidden states over the batch and its head."""
+    _, aux = forward(teacher_params, batch["inputs"], t_cfg, t_rt, positions=batch["positions"],
+                     segment_ids=batch["segment_ids"], shard=shard)  # its logits are unused
+    return aux["hidden"], _head(teacher_params, t_cfg, t_rt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +177,8 @@ class PipelinedKD:
     chunk: int
 
     def prepare(self, batch, teacher_params):
-        _, aux = forward(teacher_params, batch["inputs"], self.t_cfg, self.t_rt,
-                         positions=batch["positions"], segment_ids=batch["segment_ids"])
-        head = compute_weights({"head": teacher_params["weights"]["head"]}, self.t_cfg,
-                               self.t_rt)["head"]
-        return {**batch, "teacher_hidden": aux["hidden"]}, {"teacher_head": head}
+        hidden, head = _teacher(teacher_params, batch, self.t_cfg, self.t_rt, None)
+        return {**batch, "teacher_hidden": hidden}, {"teacher_head": head}
 
     def loss(self, hidden, head, mb, frozen):
         kd, _ = kd_loss(hidden, head, mb["teacher_hidden"], frozen["teacher_head"], mb["mask"],
@@ -251,7 +253,7 @@ def sft_job(s: SFTSettings, source: sources.Source, rt: Runtime, shard, dataset:
                                          rt=rt, bias_gamma=s.bias_gamma, grad_accum=s.grad_accum,
                                          extra_metrics=extra, frozen=frozen, pipeline=plan,
                                          loss_weights=weights, pipeline_extra=kd,
-                                         batch_metrics=assistant_tokens if plan else None)
+                                         batch_metrics=assistant_tokens)
     about = pretrain.run_meta(cfg, rt, s, source=source.description)
     key = jax.random.key(s.seed)
     return loop.Job(

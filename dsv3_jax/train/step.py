@@ -38,7 +38,7 @@ V3_BIAS_GAMMA = 1e-3
 Objective = Callable[[dict, dict], tuple[jax.Array, dict]]
 
 # metrics that are counts: summed over micro-batches, not averaged
-SUMMED_METRICS = ("load", "mtp_load", "assistant_tokens", "completion_tokens")
+SUMMED_METRICS = ("load", "mtp_load", "completion_tokens")
 
 # V3 schedule shape ([PAPER] §4.2, 14.8T tokens): warmup; constant to 10T; cosine to 10% over
 # 4.3T; 10% for 333B; 7.3e-6 / 2.2e-4 = 3.3% for the last 167B. Fractions of the run:
@@ -208,7 +208,7 @@ def make_train_step(cfg: Config, optimizer, schedule, shard=None, *,
     `pipeline`: a `dsv3_jax.train.pipeline.StagePlan`: the gradient of V3's pretraining loss
     (with `loss_weights`) comes from the plan's pipeline schedule instead of `objective`
     (which must then be None), exactly the unpipelined one; `batch_metrics` (batch -> dict)
-    adds what the objective would have counted from the batch alone (SFT's assistant tokens).
+    adds counts taken from the whole batch (SFT's assistant tokens), with or without a pipeline.
     `pipeline_extra`: a further term of the pipeline's last stage (distillation's), with
     `prepare(batch, frozen) -> (batch, frozen)` run before the schedule (the teacher's
     forward) and `loss(hidden, head, mb, frozen) -> (term, metrics)` (`train.pipeline`)."""
