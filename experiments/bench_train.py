@@ -5,7 +5,8 @@ Command:   python experiments/bench_train.py                 (the `small` preset
                --json bench_tiny.json                          (a CPU smoke run; no MFU there)
 Hardware:  one NVIDIA H100/H200 for the numbers in experiments/results/; any CPU for the smoke run.
 What it measures: the full jitted pretraining step of `dsv3_jax.train.step` (forward with MTP, loss,
-backward, AdamW with bf16 moments, router-bias update) on synthetic token ids, timed over
+backward, AdamW with bf16 moments, router-bias update) on synthetic token ids (or, with --data
+corpus, on pretrain.py's default batches, placed on the device before timing), timed over
 --steps steps after --warmup, each waited for. MFU = flops_per_token(seq_len) x tokens/s over the
 device's dense bf16 peak (the datasheet's; --peak_tflops overrides). Then a profile of
 --profile_steps steps, attributed to model parts through the scopes the model names
@@ -30,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -68,6 +70,10 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=16,
                     help="sequences per step (16 x 2048 fits an 80 GB H100: 56 GiB measured)")
     ap.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    ap.add_argument("--data", default="random", choices=("random", "corpus"),
+                    help="the step's tokens: random (one batch of uniform ids, reused) or corpus "
+                         "(pretrain.py's default data, the embedded corpus in its step order: its "
+                         "routing is as skewed as real text's)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile included)")
     ap.add_argument("--profile_steps", type=int, default=3,
@@ -107,15 +113,49 @@ def synthetic_batch(cfg, batch: int, seq_len: int) -> dict:
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def time_steps(step, state, batch, n: int) -> tuple[dict, list[float]]:
+def corpus_batches(cfg, batch: int, seq_len: int, n: int) -> list[dict]:
+    """The first n steps' batches of pretrain.py's default data, on the device."""
+    from dsv3_jax.train import data as data_lib
+    from dsv3_jax.train.settings import Settings
+    dataset, _ = data_lib.build_dataset(None, seq_len=seq_len, global_batch=batch, seed=0,
+                                        vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
+                                        embedded_bytes=Settings.embedded_bytes)
+    return [{k: jnp.asarray(v) for k, v in dataset.rows(i).items()
+             if k in ("inputs", "targets")} for i in range(n)]
+
+
+class Batches:
+    """The batches in turn (one batch, reused, for --data random)."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches, self.i = batches, 0
+
+    def next(self) -> dict:
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+
+def time_steps(step, state, batches: Batches, n: int) -> tuple[dict, list[float]]:
     times = []
     guard = train.no_guard()
     for _ in range(n):
+        batch = batches.next()
         t0 = time.perf_counter()
         state, metrics = step(state, batch, guard)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     return state, times
+
+
+def load_balance(step, state, batch) -> tuple[dict, float | None]:
+    """(state, the largest max/mean expert load over the MoE layers for `batch`): what pretrain
+    logs. One more step (the step donates its state)."""
+    state, metrics = step(state, batch, train.no_guard())
+    load = np.asarray(metrics["load"]) if "load" in metrics else None
+    if load is None or load.ndim != 2 or not load.size:
+        return state, None
+    return state, float((load.max(-1) / np.maximum(load.mean(-1), 1e-9)).max())
 
 
 def _top_ops_by_part(ops: dict, scopes: dict, n_steps: int, k: int = 6) -> dict:
@@ -133,7 +173,8 @@ def _top_ops_by_part(ops: dict, scopes: dict, n_steps: int, k: int = 6) -> dict:
 def profile_parts(step, state, batch, n: int, keep_dir: str | None,
                   top_ops: int = 25) -> tuple[dict, dict, dict]:
     """(state, {part: ms per step}, details) from a profile of n steps."""
-    scopes = profiling.op_scopes(step.lower(state, batch, train.no_guard()).compile().as_text())
+    scopes = profiling.op_scopes(step.lower(state, batch.batches[0], train.no_guard())
+                                 .compile().as_text())
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = keep_dir or tmp
         with jax.profiler.trace(trace_dir):
@@ -171,7 +212,11 @@ def main(argv=None) -> dict:
     optimizer = train.make_optimizer(cfg, schedule)
     state = train.init_state(cfg, jax.random.key(0), optimizer)
     step = train.make_train_step(cfg, optimizer, schedule, rt=rt)
-    batch = synthetic_batch(cfg, a.batch, a.seq_len)
+    if a.data == "corpus":
+        batch = Batches(corpus_batches(cfg, a.batch, a.seq_len,
+                                       a.warmup + a.steps + a.profile_steps + 1))
+    else:
+        batch = Batches([synthetic_batch(cfg, a.batch, a.seq_len)])
     counts = cfg.param_count()
     print(f"bench_train: {a.preset} ({counts['main'] / 1e6:,.1f}M params, "
           f"{counts['activated'] / 1e6:,.1f}M activated) on {dev.device_kind}, batch {a.batch} x "
@@ -195,13 +240,14 @@ def main(argv=None) -> dict:
         "fp8_quant_impl": rt.fp8.quant if rt.fp8 else None,
         "batch": a.batch, "seq_len": a.seq_len, "remat": rt.remat, "scan_layers": rt.scan_layers,
         "xla_command_buffers": a.command_buffers, "grouped_impl": rt.grouped,
-        "attention_impl": rt.attention, "deterministic": rt.deterministic,
+        "attention_impl": rt.attention, "deterministic": rt.deterministic, "data": a.data,
         "params": counts, "flops_per_token": cfg.flops_per_token(a.seq_len),
         "warmup_s_compile_included": warmup_s,
         "step_ms_median": sec * 1e3, "step_ms_all": [t * 1e3 for t in times],
         "tokens_per_s": tokens / sec, "model_tflops_per_s": flops / sec / 1e12,
         "peak_tflops": peak, "mfu": (flops / sec / 1e12 / peak) if peak else None,
     }
+    state, record["load_max_over_mean"] = load_balance(step, state, batch.batches[0])
     stats = dev.memory_stats() or {}  # None on CPU
     if "peak_bytes_in_use" in stats:
         record["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -216,6 +262,9 @@ def main(argv=None) -> dict:
     print(f"{'model TFLOP/s':<52}{flops / sec / 1e12:>10.1f}")
     if "peak_memory_gib" in record:
         print(f"{'peak device memory':<52}{record['peak_memory_gib']:>10.1f} GiB")
+    if record["load_max_over_mean"] is not None:
+        print(f"{'expert load, max/mean (worst layer, first batch)':<52}"
+              f"{record['load_max_over_mean']:>10.2f}")
     print(f"{'MFU':<52}{'n/a (no peak for this device)' if not peak else f'{record['mfu']:>10.1%}'}")
     if a.profile_steps:
         total = sum(parts.values())

@@ -8,17 +8,23 @@ What it measures: the pretraining step of `dsv3_jax.train.step` (forward with MT
 backward, AdamW, router-bias update) for --preset deepened to each of --layers (the first layer
 dense as in the preset, the rest MoE), lowered and compiled ahead of time on abstract shapes
 (`jax.eval_shape`: nothing is allocated, so depths that would not fit the device still
-compile), with the layer stacks scanned (`lax.scan`) and unrolled. Reported per case: seconds to
-trace and lower, seconds to compile, and the compiled program's own size. Cases run from the
-cheapest up, the record is rewritten after each (a time limit keeps what finished), and
---max_seconds skips the cases left once that much time has passed.
+compile), with the layer stacks scanned (`lax.scan`) and unrolled. Each case compiles in a
+process of its own, so no case reuses another's autotuning or caches: the time is what a first
+run sees. XLA's GEMM autotuning is off by default (--autotune turns it on): it runs candidate
+kernels on real buffers, and at depths that cannot fit the device (61 V3-width layers on one
+GPU) it fails for want of memory rather than compiling. Reported per case: seconds to trace and
+lower, seconds to compile, and the compiled program's own size, or the error that stopped it.
+Cases run from the cheapest up, the record is rewritten after each (a time limit keeps what
+finished), and --max_seconds skips the cases left once that much time has passed.
 Output: a table and a JSON record (--json, default experiments/results/compile_time_<preset>_<device>.json).
 """
 
 import argparse
 import datetime
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -47,7 +53,12 @@ def parse_args(argv=None):
     ap.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
     ap.add_argument("--max_seconds", type=float, default=540.0,
                     help="start no new case after this many seconds")
+    ap.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=False,
+                    help="keep XLA's GEMM autotuning on (it needs the program's buffers on "
+                         "the device, so depths that do not fit fail)")
     ap.add_argument("--json", default=None, help="where to write the record")
+    ap.add_argument("--case", nargs=2, metavar=("LAYERS", "MODE"), default=None,
+                    help=argparse.SUPPRESS)  # internal: compile one case, print its JSON
     return ap.parse_args(argv)
 
 
@@ -66,15 +77,46 @@ def compile_case(cfg, rt, batch: int, seq_len: int) -> dict:
             "hlo_chars": len(compiled.as_text() or "")}
 
 
+def case_config(base, n: int):
+    return base.replace(n_layers=n, n_dense_layers=min(base.n_dense_layers, n))
+
+
+def run_one(a) -> dict:
+    n, mode = int(a.case[0]), a.case[1]
+    cfg = case_config(get_config(a.preset), n)
+    rt = runtime_lib.resolve(cfg, dtype="bfloat16", scan_layers=mode == "scan",
+                             fp8=a.precision == "fp8")
+    return compile_case(cfg, rt, a.batch, a.seq_len)
+
+
+def run_in_process(a, n: int, mode: str) -> dict:
+    """One case in a fresh interpreter: its own caches, and a failure that stays its own."""
+    cmd = [sys.executable, __file__, "--preset", a.preset, "--precision", a.precision,
+           "--batch", str(a.batch), "--seq_len", str(a.seq_len), "--case", str(n), mode]
+    env = dict(os.environ)
+    if not a.autotune:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"error": f"exit {proc.returncode}: {tail[:400]}"}
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.case is not None:
+        print(json.dumps(run_one(a)), flush=True)
+        return {}
     dev = jax.devices()[0]
-    base = get_config(a.preset)
     record = {"command": "python experiments/compile_time.py " + " ".join(
                   argv if argv is not None else sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "device": dev.device_kind,
               "jax": jax.__version__, "preset": a.preset, "batch": a.batch,
-              "seq_len": a.seq_len, "precision": a.precision, "cases": []}
+              "seq_len": a.seq_len, "precision": a.precision, "autotune": a.autotune,
+              "cases": []}
     out = pathlib.Path(a.json) if a.json else RESULTS / (
         f"compile_time_{a.preset}_{dev.device_kind.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,13 +128,13 @@ def main(argv=None) -> dict:
             if time.perf_counter() - start > a.max_seconds:
                 record["cases"].append({"layers": n, "mode": mode, "skipped": "time"})
                 continue
-            cfg = base.replace(n_layers=n, n_dense_layers=min(base.n_dense_layers, n))
-            rt = runtime_lib.resolve(cfg, dtype="bfloat16", scan_layers=mode == "scan",
-                                     fp8=a.precision == "fp8")
-            res = {"layers": n, "mode": mode, **compile_case(cfg, rt, a.batch, a.seq_len)}
+            res = {"layers": n, "mode": mode, **run_in_process(a, n, mode)}
             record["cases"].append(res)
-            print(f"{n:>7} {mode:<9} {res['lower_s']:>9.1f} {res['compile_s']:>10.1f} "
-                  f"{res['hlo_chars']:>14,}", flush=True)
+            if "error" in res:
+                print(f"{n:>7} {mode:<9} failed: {res['error']}", flush=True)
+            else:
+                print(f"{n:>7} {mode:<9} {res['lower_s']:>9.1f} {res['compile_s']:>10.1f} "
+                      f"{res['hlo_chars']:>14,}", flush=True)
             out.write_text(json.dumps(record, indent=1) + "\n")
     done = {(c["layers"], c["mode"]): c for c in record["cases"] if "compile_s" in c}
     for mode in a.modes:

@@ -4,6 +4,8 @@ import json
 import pathlib
 import sys
 
+import numpy as np
+
 import pytest
 
 from dsv3_jax import profiling
@@ -39,8 +41,10 @@ def test_bench_train_runs_and_attributes_the_profile(tmp_path):
 
     out = tmp_path / "bench.json"
     rec = bench_train.main(["--preset", "tiny", "--batch", "2", "--seq_len", "32", "--steps", "2",
-                            "--warmup", "1", "--profile_steps", "1", "--json", str(out)])
+                            "--warmup", "1", "--profile_steps", "1", "--data", "corpus",
+                            "--json", str(out)])
     assert json.loads(out.read_text())["tokens_per_s"] == rec["tokens_per_s"] > 0
+    assert rec["data"] == "corpus" and rec["load_max_over_mean"] >= 1.0
     assert rec["warmup_s_compile_included"] > 0
     assert rec["grouped_impl"] == "ragged_dot" and rec["attention_impl"] == "xla"  # CPU: auto
     assert rec["fp8_impl"] is None and rec["fp8_quant_impl"] is None  # bf16: no FP8
@@ -53,6 +57,25 @@ def test_bench_train_runs_and_attributes_the_profile(tmp_path):
         assert parts.get(part, 0) > 0, parts
     # almost all op time carries a scope of ours
     assert parts.get(profiling.UNATTRIBUTED, 0) < 0.2 * sum(parts.values()), parts
+
+
+def test_bench_train_corpus_batches_are_pretrains_steps_in_order():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import bench_train
+    from dsv3_jax.config import get_config
+    from dsv3_jax.train import data as data_lib
+
+    cfg = get_config("tiny")
+    got = bench_train.corpus_batches(cfg, 2, 32, 3)
+    dataset, _ = data_lib.build_dataset(None, seq_len=32, global_batch=2, seed=0,
+                                        vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
+                                        embedded_bytes=4_000_000)  # pretrain's default
+    for i, b in enumerate(got):
+        np.testing.assert_array_equal(np.asarray(b["inputs"]), dataset.rows(i)["inputs"])
+        np.testing.assert_array_equal(np.asarray(b["targets"]), dataset.rows(i)["targets"])
+    assert not np.array_equal(np.asarray(got[0]["inputs"]), np.asarray(got[1]["inputs"]))
+    batches = bench_train.Batches(got)
+    assert [batches.next() is got[i % 3] for i in range(4)] == [True] * 4
 
 
 def test_peak_tflops_reads_the_device_kind_by_whole_words():
