@@ -33,6 +33,17 @@ load = np.asarray(metrics["load"].addressable_data(0))
 # poll late (each poll returns the previous poll's cross-process max)
 from dsv3_jax.train.signals import Signals  # noqa: E402
 
+from jax.experimental import multihost_utils  # noqa: E402
+
+
+def _host_sync(*_a, **_k):
+    raise AssertionError("a host-side collective in the step's signal poll")
+
+
+# the poll runs every step: no host collective may sit in it (the first poll returning None
+# while process 1 holds a signal shows it read nothing it had to wait for)
+for name in ("process_allgather", "sync_global_devices", "broadcast_one_to_all"):
+    setattr(multihost_utils, name, _host_sync)
 signals = Signals()
 signals.received = 15 if pid == 1 else None
 polls = [signals.poll(), signals.poll()]
