@@ -96,7 +96,7 @@ def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.n
 
 
 def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, rt: Runtime,
-                       ep_axis, impl):
+                       ep_axis, impl, capacity: float = 2.0):
     """Route local tokens x [B, T, D] and run the routed experts (with EP when ep_axis is set).
     Returns (y [B, T, D] float32, counts [B, E], balance terms, indices [B, T, A])."""
     b, t, d = x.shape
@@ -107,12 +107,9 @@ def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, rt
         if ep_axis is None:
             y = routed_experts(experts, xf, r.indices, r.weights, rt)
         else:
-            with jax.named_scope("dispatch"):
-                rows, sizes, plan = ep.dispatch(xf, r.indices, n_experts=cfg.n_routed_experts,
-                                                axis=ep_axis, impl=impl)
-            ys = grouped_swiglu(experts, rows, sizes, rt)
-            with jax.named_scope("combine"):
-                y = ep.combine(ys, r.weights, plan, axis=ep_axis, impl=impl)
+            y, _ = ep.run_experts(lambda rows, sizes: grouped_swiglu(experts, rows, sizes, rt),
+                                  xf, r.indices, r.weights, n_experts=cfg.n_routed_experts,
+                                  axis=ep_axis, impl=impl, capacity_factor=capacity)
     indices = r.indices.reshape(b, t, -1)
     counts = expert_counts(indices, mask, cfg.n_routed_experts)
     terms = sequence_balance_terms(r.scores.reshape(b, t, -1), counts, mask, cfg)
@@ -137,7 +134,8 @@ def _moe_sharded(p, x, bias, token_mask, cfg: Config, rt: Runtime, forced,
 
     def local(x, mask, forced, w_router, bias, experts):
         y, counts, (per_seq, has), indices = _route_and_compute(
-            w_router, experts, x, bias, mask, forced, cfg, rt, ep_axis, shard.dispatch)
+            w_router, experts, x, bias, mask, forced, cfg, rt, ep_axis, shard.dispatch,
+            shard.capacity_factor)
         if tp:  # each tensor rank summed its slice of the expert width
             y = jax.lax.psum(y, tp)
         load = jax.lax.psum(counts.sum(0), sum_axes) if sum_axes else counts.sum(0)

@@ -20,6 +20,7 @@ class ShardingContext:
     mesh: Mesh  # or an AbstractMesh for plans
     strategy: Strategy
     dispatch: str = "allgather"  # expert-parallel dispatch: see sharding.ep
+    capacity_factor: float = 2.0  # the `a2a` dispatch's fast-path buffers (sharding.ep)
 
     def __post_init__(self):
         if isinstance(self.strategy, str):
@@ -27,6 +28,8 @@ class ShardingContext:
         sizes = self.sizes
         if self.dispatch not in DISPATCH_IMPLS:
             raise ValueError(f"dispatch={self.dispatch!r} is not one of {DISPATCH_IMPLS}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
         for axis in self.strategy.expert_axes:
             if sizes.get(axis, 1) > 1 and axis not in self.strategy.batch_axes:
                 raise ValueError(f"strategy {self.strategy.name}: experts are split over {axis!r}, "

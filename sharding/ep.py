@@ -4,10 +4,24 @@ Tokens live on the devices of a mesh axis (`axis`, the expert axis); routed expe
 contiguously over the same axis (device i holds experts [i*E_l, (i+1)*E_l)). `dispatch` moves
 every (token, expert) pair to the device holding its expert and returns the received rows
 sorted by local expert, ready for one grouped matmul; `combine` brings the results back and
-sums them with the routing weights. Nothing is ever dropped: receive buffers are sized for the
-worst case (every pair of every peer landing on one device), so overflow is impossible.
+sums them with the routing weights. Nothing is ever dropped: every implementation either sizes
+its buffers for the worst case or checks, on the devices, that the pairs fit and otherwise takes
+an exact worst-case path. `run_experts` is the whole round trip (dispatch, the caller's expert
+FFN, combine) and the entry point the MoE uses.
 
 Implementations (one interface, chosen by name; none is picked behind the caller's back):
+  a2a                  one dense `all_to_all` each way over per-peer buffers of C pairs, C =
+                       capacity_factor x the mean M*A / ep rounded up to 8 (a dense exchange of
+                       fixed size is what NCCL moves at full speed; `ragged_all_to_all` ran 20x
+                       slower per byte in jax 0.11.2, reference/gpu_facts.md). The pair counts
+                       are exchanged first; when any device of the axis would send more than C
+                       pairs to one peer, every device of the axis takes the same round trip
+                       with C = M*A (the worst case, `lax.cond` on the axis-wide max), so an
+                       overflow costs time, never a token. Runs everywhere. It saves time, not
+                       memory: the worst-case branch's buffers (ep x the fast ones) are in the
+                       program, and XLA sizes a conditional by its larger branch. (Bounding the
+                       memory too needs the exchange in rounds of C pairs, each through the
+                       experts, with a custom backward: not built.)
   allgather            all-gather the tokens over the axis, compute the local experts' pairs,
                        reduce-scatter the weighted results back ("ring of experts"). Exact
                        buffers; runs everywhere, XLA:CPU included.
@@ -17,6 +31,7 @@ Implementations (one interface, chosen by name; none is picked behind the caller
                        `all_to_all`, so the ragged path's offsets and layouts are tested on CPU.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -24,7 +39,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.rows import gather_rows
 
-DISPATCH_IMPLS = ("allgather", "ragged_a2a", "ragged_a2a_emulated")
+DISPATCH_IMPLS = ("a2a", "allgather", "ragged_a2a", "ragged_a2a_emulated")
 
 
 def _inverse(perm: jax.Array) -> jax.Array:
@@ -45,9 +60,50 @@ class Plan(NamedTuple):
     sends: jax.Array  # [ep, ep] sender x receiver pair counts (ragged)
 
 
+def run_experts(ffn, x: jax.Array, experts: jax.Array, weights: jax.Array, *, n_experts: int,
+                axis: str, impl: str, capacity_factor: float = 2.0):
+    """The expert-parallel round trip: x [M, D] local tokens, experts / weights [M, A] ->
+    (y [M, D] float32, overflowed: bool, true when `a2a` took its worst-case path).
+    `ffn(rows [R, D], group_sizes [E_local]) -> [R, D]` runs this device's experts on rows
+    sorted by local expert (rows past the groups are padding; their outputs are ignored)."""
+    if impl != "a2a":
+        with jax.named_scope("dispatch"):
+            rows, sizes, plan = dispatch(x, experts, n_experts=n_experts, axis=axis, impl=impl)
+        ys = ffn(rows, sizes)
+        with jax.named_scope("combine"):
+            return combine(ys, weights, plan, axis=axis, impl=impl), jnp.bool_(False)
+    m, a = experts.shape
+    fast = a2a_capacity(m * a, jax.lax.axis_size(axis), capacity_factor)
+    per_expert = _pairs_per_expert(experts, n_experts, jax.lax.axis_size(axis))
+    over = jax.lax.pmax(jnp.max(per_expert.sum(1)), axis) > fast
+
+    def trip(capacity):
+        def go(x, experts, weights):
+            with jax.named_scope("dispatch"):
+                rows, sizes, plan = _dispatch_a2a(x, experts, n_experts, axis, capacity)
+            ys = ffn(rows, sizes)
+            with jax.named_scope("combine"):
+                return _combine_a2a(ys, weights, plan, axis, capacity)
+        return go
+
+    if fast >= m * a:  # the fast buffers already hold the worst case
+        return trip(m * a)(x, experts, weights), jnp.bool_(False)
+    return jax.lax.cond(over, trip(m * a), trip(fast), x, experts, weights), over
+
+
+def a2a_capacity(pairs: int, ep: int, capacity_factor: float) -> int:
+    """Pairs each device sends each peer in `a2a`'s fast path: capacity_factor x the mean
+    pairs / ep, rounded up to a multiple of 8 and at most `pairs` (the worst case)."""
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    c = math.ceil(capacity_factor * pairs / ep)
+    return min(pairs, -(-c // 8) * 8)
+
+
 def dispatch(x: jax.Array, experts: jax.Array, *, n_experts: int, axis: str, impl: str):
     """x [M, D] local tokens, experts [M, A] global expert ids -> (rows [R, D] sorted by local
-    expert, group_sizes [E_local], plan). R is the static worst-case row count."""
+    expert, group_sizes [E_local], plan). R is the static worst-case row count. (`a2a` runs
+    through `run_experts`, which holds both of its capacities.)"""
     if impl == "allgather":
         return _dispatch_allgather(x, experts, n_experts, axis)
     if impl in ("ragged_a2a", "ragged_a2a_emulated"):
@@ -85,6 +141,55 @@ def _combine_allgather(y, weights, plan, axis):
     pairs = gather_rows(y, _inverse(plan.order), plan.order).reshape(-1, a, y.shape[-1])
     partial = jnp.einsum("mad,ma->md", pairs.astype(jnp.float32), w_all)  # [ep*M, D]
     return jax.lax.psum_scatter(partial, axis, scatter_dimension=0, tiled=True)  # [M, D]
+
+
+# ---------------------------------------------------------------------------- dense a2a
+def _pairs_per_expert(experts, n_experts, ep):
+    """[ep, E_local] this device's pairs per destination device and its local expert."""
+    counts = jnp.bincount(experts.reshape(-1), length=n_experts)
+    return counts.reshape(ep, n_experts // ep).astype(jnp.int32)
+
+
+def _dispatch_a2a(x, experts, n_experts, axis, capacity):
+    ep = jax.lax.axis_size(axis)
+    e_local = n_experts // ep
+    m, a = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # by expert = by destination
+    xs = gather_rows(jnp.repeat(x, a, axis=0), order, _inverse(order))  # [M*A, D]
+    per_expert = _pairs_per_expert(experts, n_experts, ep)
+    send_sizes = per_expert.sum(1)  # [ep]
+    send_offsets = _exclusive_cumsum(send_sizes)
+    # peer j's buffer: my sorted pairs send_offsets[j] .. + send_sizes[j], zero-padded to C
+    c = jnp.arange(capacity)
+    src = send_offsets[:, None] + c[None]  # [ep, C]
+    sent = c[None] < send_sizes[:, None]
+    chunks = jnp.where(sent[..., None], jnp.take(xs, jnp.minimum(src, m * a - 1), axis=0), 0)
+    got = jax.lax.all_to_all(chunks, axis, 0, 0, tiled=True)  # [ep, C, D]: [i] from peer i
+    recv_counts = jax.lax.all_to_all(per_expert, axis, 0, 0, tiled=True)  # [ep, E_l] per sender
+    # row (i, c) holds local expert k when c is past sender i's first k groups
+    bounds = jnp.cumsum(recv_counts, axis=1)  # [ep, E_l]
+    local = (c[None, :, None] >= bounds[:, None, :]).sum(-1)  # [ep, C], e_local on padding
+    order_recv = jnp.argsort(local.reshape(-1), stable=True).astype(jnp.int32)
+    rows = gather_rows(got.reshape(ep * capacity, -1), order_recv, _inverse(order_recv))
+    sizes = recv_counts.sum(0).astype(jnp.int32)
+    none = jnp.zeros((0,), jnp.int32)
+    plan = Plan(order, order_recv, jnp.zeros((0,), bool), send_sizes, none, none)
+    return rows, sizes, plan
+
+
+def _combine_a2a(y, weights, plan, axis, capacity):
+    ep = jax.lax.axis_size(axis)
+    m, a = weights.shape
+    y_recv = gather_rows(y, _inverse(plan.order_recv), plan.order_recv)  # sender-major again
+    back = jax.lax.all_to_all(y_recv.reshape(ep, capacity, -1), axis, 0, 0, tiled=True)
+    # sorted pair s went to peer j = the chunk holding s, slot s - send_offsets[j]
+    s = jnp.arange(m * a)
+    dest = jnp.searchsorted(jnp.cumsum(plan.send_sizes), s, side="right")
+    slot = s - _exclusive_cumsum(plan.send_sizes)[jnp.minimum(dest, ep - 1)]
+    ys = jnp.take(back.reshape(ep * capacity, -1), dest * capacity + slot, axis=0)
+    pairs = gather_rows(ys, _inverse(plan.order), plan.order).reshape(m, a, -1)
+    return jnp.einsum("mad,ma->md", pairs.astype(jnp.float32), weights)
 
 
 # ---------------------------------------------------------------------------- ragged

@@ -26,7 +26,8 @@ SETUPS = [
     ("fsdp=8", "fsdp", "allgather"),
     ("data=2,fsdp=4", "fsdp", "allgather"),
     pytest.param("fsdp=2,expert=4", "fsdp_ep", "allgather", marks=pytest.mark.slow),
-    ("fsdp=2,expert=4", "fsdp_ep", "ragged_a2a_emulated"),
+    pytest.param("fsdp=2,expert=4", "fsdp_ep", "ragged_a2a_emulated", marks=pytest.mark.slow),
+    ("fsdp=2,expert=4", "fsdp_ep", "a2a"),
     ("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp", "allgather"),
     pytest.param("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp", "ragged_a2a_emulated",
                  marks=pytest.mark.slow),
@@ -145,7 +146,7 @@ def test_sharded_step_equals_single_device(reference, mesh_spec, strategy, dispa
 
 
 EP_SHARD = {d: ShardingContext(make_mesh("fsdp=2,expert=4"), "fsdp_ep", d)
-            for d in ("allgather", "ragged_a2a_emulated")}
+            for d in ("a2a", "allgather", "ragged_a2a_emulated")}
 
 
 def _moe_loss(p, x, forced, shard):
@@ -166,15 +167,18 @@ def moe_inputs():
     return p, x
 
 
-@pytest.mark.parametrize("dispatch", ["allgather", "ragged_a2a_emulated"])
+@pytest.mark.parametrize("dispatch", ["a2a", "allgather", "ragged_a2a_emulated"])
 @pytest.mark.parametrize("skew", [False, True])
 def test_expert_parallel_moe_equals_dense_reference(moe_inputs, dispatch, skew):
     """One MoE layer under EP against the single-device layer, forward and backward; `skew`
-    sends every token to the two experts of one device (worst-case buffers, empty experts)."""
+    sends every token to the two experts of one device (worst-case buffers, empty experts;
+    `a2a` overflows its fast buffers and takes its worst-case path)."""
     p, x = moe_inputs
     forced = jnp.tile(jnp.array([4, 5]), (8, 12, 1)) if skew else None
     (_, (y_ref, load_ref, bal_ref)), g_ref = _moe_value_and_grad(p, x, forced, None)
     (_, (y, load, bal)), g = _moe_value_and_grad(p, x, forced, EP_SHARD[dispatch])
+    # (the expert GEMMs' rounding on XLA:CPU depends on how many rows each call gets; the
+    # round trip alone is bitwise: test_a2a_round_trip_is_exact_with_and_without_overflow)
     chex.assert_trees_all_close(y, y_ref, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_equal(np.asarray(load), np.asarray(load_ref))
     chex.assert_trees_all_close(bal, bal_ref, rtol=1e-6, atol=0)
@@ -252,6 +256,65 @@ def test_ep_dispatch_and_combine(impl, routing):
     chex.assert_trees_all_close(identity, x64 * w64.sum(1, keepdims=True), rtol=1e-6, atol=1e-6)
     chex.assert_trees_all_close(scaled, x64 * (w64 * (experts + 1)).sum(1, keepdims=True),
                                 rtol=1e-6, atol=1e-5)
+
+
+def _run_experts_program(impl, capacity_factor):
+    """`ep.run_experts` over the 8 devices as one expert axis, expert e multiplying its rows by
+    e + 1 (the expert of a row read from the group sizes, as the grouped kernels do)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("ep",))
+
+    def ffn(rows, sizes):
+        local = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(rows.shape[0]), side="right")
+        return rows * (jax.lax.axis_index("ep") * E_LOCAL + local + 1).astype(rows.dtype)[:, None]
+
+    def body(x, experts, weights):
+        y, over = ep.run_experts(ffn, x, experts, weights, n_experts=N_EXPERTS, axis="ep",
+                                 impl=impl, capacity_factor=capacity_factor)
+        return y, over[None]
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), P("ep"), P("ep")),
+                                 out_specs=(P("ep"), P("ep")), check_vma=False))
+
+
+@pytest.mark.parametrize("routing", ["random", "one_device"])
+def test_a2a_round_trip_is_exact_with_and_without_overflow(routing):
+    """`a2a` through `run_experts`: equal bit for bit to the ragged path's round trip (the same
+    pairs summed in the same order) and to a float64 reference within float32 rounding, with
+    its fast buffers when the pairs fit and its worst-case path when one device would overflow
+    (every device agrees which one ran); never a token lost."""
+    n = EP_SIZE * M_LOCAL
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, DIM)).astype(np.float32)
+    experts = _routing(routing)
+    weights = rng.uniform(0.1, 1.0, (n, SLOTS)).astype(np.float32)
+    want = x.astype(np.float64) * (weights * (experts + 1)).sum(1, keepdims=True)
+    # one device, the same float32 ops: each pair's row scaled, then the weighted sum over slots
+    pairs = jnp.asarray(x)[:, None, :] * (jnp.asarray(experts) + 1).astype(jnp.float32)[..., None]
+    one_device = np.asarray(jnp.einsum("mad,ma->md", pairs, jnp.asarray(weights)))
+    ragged, over = _run_experts_program("ragged_a2a_emulated", 1.0)(x, experts, weights)
+    assert not np.asarray(over).any()
+    for factor in (1.0, 4.0, 8.0):  # 8.0: the fast buffers hold the worst case, no branch
+        y, over = _run_experts_program("a2a", factor)(x, experts, weights)
+        chex.assert_trees_all_equal(np.asarray(y), np.asarray(ragged))
+        chex.assert_trees_all_equal(np.asarray(y), one_device)
+        chex.assert_trees_all_close(np.asarray(y), want, rtol=1e-6, atol=1e-5)
+        # capacity: ceil(f * 12 pairs / 8 peers) rounded up to 8, at most 12: 8, 8, 12. Random
+        # routing sends at most 8 pairs to a peer (asserted below); all to one device, 12
+        overflowed = routing == "one_device" and factor < 8.0
+        assert np.asarray(over).tolist() == [overflowed] * EP_SIZE, (factor, over)
+    per_peer = max(np.bincount(experts[d * M_LOCAL:(d + 1) * M_LOCAL].reshape(-1) // E_LOCAL,
+                               minlength=EP_SIZE).max() for d in range(EP_SIZE))
+    assert (per_peer > 8) == (routing == "one_device")  # the premise of `overflowed` above
+
+
+def test_a2a_capacity_rounds_up_and_is_bounded():
+    assert ep.a2a_capacity(12, 8, 1.0) == 8  # ceil(1.5) = 2 -> 8
+    assert ep.a2a_capacity(4096 * 8, 64, 2.0) == 1024  # 2 x the mean of 512
+    assert ep.a2a_capacity(12, 8, 8.0) == 12  # never past the worst case
+    with pytest.raises(ValueError, match="capacity_factor"):
+        ep.a2a_capacity(12, 8, 0.0)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        ShardingContext(make_mesh("fsdp=2,expert=4"), "fsdp_ep", "a2a", capacity_factor=-1)
 
 
 def test_ragged_dispatch_refuses_cpu(moe_inputs):

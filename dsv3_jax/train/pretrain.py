@@ -69,7 +69,7 @@ def build_sharding(s: Settings):
         if jax.device_count() == 1:
             return None
         spec = f"fsdp={jax.device_count()}"
-    return ShardingContext(make_mesh(spec), s.strategy, s.dispatch)
+    return ShardingContext(make_mesh(spec), s.strategy, s.dispatch, s.ep_capacity)
 
 
 PRECISION_DTYPES = {"preset": None, "fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}

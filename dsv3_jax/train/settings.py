@@ -81,8 +81,16 @@ class BaseSettings:
                                       "--global_batch", DEVICES)
     strategy: str = _field("fsdp", "sharding strategy", DEVICES,
                            choices=("fsdp", "fsdp_ep", "fsdp_ep_tp", "zero1_ep"))
-    dispatch: str = _field("allgather", "expert-parallel dispatch", DEVICES,
-                           choices=("allgather", "ragged_a2a", "ragged_a2a_emulated"))
+    dispatch: str = _field("allgather", "expert-parallel dispatch (sharding/ep.py): a2a (dense "
+                           "all-to-all of --ep_capacity-sized buffers, an exact worst-case path "
+                           "when they would overflow), allgather, ragged_a2a (GPU only) or "
+                           "ragged_a2a_emulated", DEVICES,
+                           choices=("a2a", "allgather", "ragged_a2a", "ragged_a2a_emulated"))
+    ep_capacity: float = _field(2.0, "--dispatch a2a: pairs each device sends each peer per "
+                                "step, as a multiple of the mean (tokens x experts per token / "
+                                "expert ranks); more costs bytes, less overflows more often "
+                                "(an overflow takes the worst-case exchange, never drops a "
+                                "token)", DEVICES)
     distributed: str = _field("off", "multi-process: off; auto (jax.distributed.initialize() "
                               "reads SLURM/Open MPI/... from the environment); manual (the three "
                               "flags below)", DEVICES, choices=("off", "auto", "manual"))
@@ -148,6 +156,8 @@ class BaseSettings:
             v = getattr(self, name)
             if not (v == 0 or v > 1):
                 raise ValueError(f"--{name} must be 0 (off) or > 1, got {v}")
+        if not self.ep_capacity > 0:
+            raise ValueError(f"--ep_capacity must be > 0, got {self.ep_capacity}")
         if self.microbatches is not None and self.microbatches < 1:
             raise ValueError(f"--microbatches must be >= 1, got {self.microbatches}")
         if self.global_batch % self.grad_accum:
