@@ -207,7 +207,8 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: Config, rt: Runtime | None =
     token_mask = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
     ctx = context(cfg, rt, positions, segment_ids, token_mask, shard, causal=causal)
     forced = (forced_experts or {}).get("moe_layers")
-    h = constrain(embed(w["embed"], tokens), _RESIDUAL, shard, "embedding")
+    h = constrain(embed(w["embed"], tokens, sorted_grad=shard is None), _RESIDUAL, shard,
+                  "embedding")
     hidden = []
     if cfg.n_dense_layers:
         with jax.named_scope("dense_layers"):

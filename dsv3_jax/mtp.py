@@ -40,7 +40,8 @@ def mtp_module(lp: dict, w: dict, h: jnp.ndarray, next_tokens: jnp.ndarray, ctx:
 
     Returns (logits [B, T, V] float32, its normalised output h' [B, T, D], MoE aux, new layer
     cache or None)."""
-    e = constrain(embed(w["embed"], next_tokens), _RESIDUAL, ctx.shard, "MTP embedding")
+    e = constrain(embed(w["embed"], next_tokens, sorted_grad=ctx.shard is None), _RESIDUAL,
+                  ctx.shard, "MTP embedding")
     x = jnp.concatenate([rms_norm(e, lp["enorm"], cfg.rms_norm_eps),
                          rms_norm(h, lp["hnorm"], cfg.rms_norm_eps)], axis=-1)
     x = jnp.einsum("btp,pd->btd", x, lp["eh_proj"])

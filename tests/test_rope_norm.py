@@ -105,3 +105,27 @@ def test_rope_scores_depend_on_relative_position_only():
 
     chex.assert_trees_all_close(score(5, 2), score(105, 102), rtol=0, atol=1e-4)
     assert abs(score(5, 2) - score(5, 3)) > 1e-3  # ... and it does depend on it
+
+
+def test_embedding_gradient_without_atomics_sums_each_ids_rows():
+    """The sorted segmented-sum gradient of `embed` against a numpy accumulation: random ids,
+    one id repeated (the byte corpus's case), negative ids (jnp.take wraps them) and ids past
+    the table (NaN rows forward, no gradient)."""
+    import jax
+    from dsv3_jax.layers import embed
+
+    v, d = 50, 16
+    table = np.asarray(jax.random.normal(jax.random.key(0), (v, d)), np.float32)
+    rng = np.random.default_rng(0)
+    for toks in (rng.integers(0, v, (4, 33)), np.full((3, 9), 7), np.array([[1, 2, 60, -1, 2]])):
+        g = rng.standard_normal(toks.shape + (d,)).astype(np.float32)
+        want = np.zeros((v, d), np.float64)
+        for t, row in zip(toks.reshape(-1), g.reshape(-1, d)):
+            if -v <= t < v:
+                want[t % v] += row
+        f = lambda w: jnp.sum(jnp.nan_to_num(embed(w, jnp.asarray(toks, jnp.int32))) * g)
+        got = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(table)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        plain = jax.grad(lambda w: jnp.sum(jnp.nan_to_num(
+            embed(w, jnp.asarray(toks, jnp.int32), sorted_grad=False)) * g))(jnp.asarray(table))
+        np.testing.assert_allclose(got, np.asarray(plain), rtol=1e-5, atol=1e-5)
