@@ -179,3 +179,20 @@ def test_bench_pipeline_runs_every_layout_on_fake_devices(tmp_path, capsys):
     losses = [r["loss"] for r in rec["rows"]]
     assert max(losses) - min(losses) < 1e-4 * abs(losses[0])
     assert "bubble" in capsys.readouterr().out
+
+
+def test_bench_dispatch_checks_and_times_each_round_trip(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import bench_dispatch
+
+    rec = bench_dispatch.main(["--tokens", "16", "--dim", "8", "--experts", "16", "--topk", "2",
+                               "--dispatch", "a2a", "allgather", "--iters", "1", "--warmup", "1",
+                               "--json", str(tmp_path / "d.json")])
+    cases = {(c["dispatch"], c["routing"]): c for c in rec["cases"]}
+    assert set(cases) == {(d, r) for d in ("a2a", "allgather") for r in bench_dispatch.ROUTINGS}
+    assert all(c["max_rel_error"] < 1e-6 and c["ms"] > 0 for c in cases.values())
+    assert cases[("a2a", "one_device")]["overflowed"]  # 32 pairs to one peer > capacity 8
+    assert not cases[("a2a", "uniform")]["overflowed"]  # at most 8 pairs to a peer (seeded)
+    experts = bench_dispatch.routing("zipf", 4096, 16, 2, 8)
+    assert (experts[:, 0] != experts[:, 1]).all()  # distinct experts per token
+    assert np.bincount(experts.reshape(-1), minlength=16).max() > 2 * 4096 * 2 / 16  # a hot few
