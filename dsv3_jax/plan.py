@@ -62,7 +62,7 @@ def parse_args(argv=None):
     ap.add_argument("--strategy", default=None, help="fsdp, fsdp_ep, fsdp_ep_tp or zero1_ep (default: the "
                     "simplest one that uses every mesh axis)")
     ap.add_argument("--dispatch", default="allgather", help="expert dispatch for --compile: "
-                    "allgather, ragged_a2a (GPU only) or ragged_a2a_emulated")
+                    "a2a, allgather, ragged_a2a (GPU only) or ragged_a2a_emulated")
     ap.add_argument("--batch", type=int, default=None, help="global batch in sequences for the "
                     "activation estimate and --compile (default: one sequence per batch shard)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default: 4096, or "

@@ -196,3 +196,23 @@ def test_bench_dispatch_checks_and_times_each_round_trip(tmp_path):
     experts = bench_dispatch.routing("zipf", 4096, 16, 2, 8)
     assert (experts[:, 0] != experts[:, 1]).all()  # distinct experts per token
     assert np.bincount(experts.reshape(-1), minlength=16).max() > 2 * 4096 * 2 / 16  # a hot few
+
+
+def test_bench_scaling_rows_run_in_their_own_processes(tmp_path):
+    """The weak-scaling script end to end on fake devices: EP x pipeline on 4 (a2a dispatch,
+    1F1B) in a child process, with the plan's prediction beside it; 2 devices are too few."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import bench_scaling
+
+    rec = bench_scaling.main(["--presets", "tiny", "--precisions", "bf16", "--batch_per_device",
+                              "2", "--seq_len", "16", "--steps", "1", "--warmup", "1",
+                              "--device_counts", "2", "4", "--layouts", "ep_pipeline",
+                              "--json", str(tmp_path / "s.json")])
+    rows = {(r["devices"], r["layout"]): r for r in rec["rows"]}
+    assert "at least 4 devices" in rows[(2, "ep_pipeline")]["skipped"]
+    four = rows[(4, "ep_pipeline")]
+    assert "error" not in four, four
+    assert four["step_ms"] > 0 and np.isfinite(four["loss"])
+    assert four["mesh"] == "pipeline=2,expert=2" and four["plan_gib"] > 0
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == rec["rows"]
+    assert "even --batch_per_device" in bench_scaling.layout_mesh("ep_pipeline", 8, 1)[3]
