@@ -147,7 +147,7 @@ def run_stack(stack: dict | list, h: jnp.ndarray, ctx: Context, cfg: Config, *, 
                              "(init_cache(..., per_layer=True))")
         ys, caches = [], []
         for i, lp in enumerate(stack):
-            pick = lambda a: None if a is None else a[i]  # noqa: E731 - [L, ...] -> layer i
+            pick = lambda a: jax.tree.map(lambda v: v[i], a)  # noqa: E731 - [L, ...] -> layer i
             h, (aux, new_cache, hidden) = body(h, (lp, pick(biases), pick(forced),
                                                    None if cache is None else cache[i]))
             ys.append((aux, hidden))
@@ -173,8 +173,13 @@ def run_stack(stack: dict | list, h: jnp.ndarray, ctx: Context, cfg: Config, *, 
 
 
 def stack_bias(params: dict, key: str):
-    """The router biases [L, E] of stack `key` ("moe_layers", "mtp"), or None without them."""
-    return params["router_state"].get(key, {}).get("bias")
+    """The router biases [L, E] of stack `key` ("moe_layers", "mtp"), or None without them;
+    with redundant experts (`sharding.eplb.replica_state` under router_state[key]["replicas"])
+    the stack's router state {"bias", "replicas"}, sliced per layer like the bias."""
+    state = params["router_state"].get(key, {})
+    if "replicas" in state:
+        return {"bias": state.get("bias"), "replicas": state["replicas"]}
+    return state.get("bias")
 
 
 def context(cfg: Config, rt: Runtime, positions, segment_ids, token_mask, shard,

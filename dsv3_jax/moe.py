@@ -28,7 +28,7 @@ from dsv3_jax.layers import swiglu
 from dsv3_jax.router import expert_counts, route, sequence_balance_terms
 from dsv3_jax.runtime import Runtime
 from pallas_kernels.rows import gather_rows
-from sharding import ep
+from sharding import ep, eplb
 from sharding.context import ShardingContext, constrain
 
 
@@ -96,35 +96,47 @@ def routed_experts(p: dict, x: jnp.ndarray, indices: jnp.ndarray, weights: jnp.n
 
 
 def _route_and_compute(p_router, experts, x, bias, mask, forced, cfg: Config, rt: Runtime,
-                       ep_axis, impl, capacity: float = 2.0):
+                       ep_axis, impl, capacity: float = 2.0, replicas: dict | None = None):
     """Route local tokens x [B, T, D] and run the routed experts (with EP when ep_axis is set).
-    Returns (y [B, T, D] float32, counts [B, E], balance terms, indices [B, T, A])."""
+    Returns (y [B, T, D] float32, counts [B, E], balance terms, indices [B, T, A]).
+    With `replicas` ({"table": [E, C], "copies": [E]}, `sharding.eplb`) `experts` hold the
+    physical slots and each pair goes to one copy of its expert (`eplb.choose_copy`); the
+    counts and the balance terms stay those of the logical experts."""
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     with jax.named_scope("router"):
         r = route(xf, p_router, bias, cfg, None if forced is None else forced.reshape(b * t, -1))
     with jax.named_scope("experts"):
+        slots = r.indices
+        if replicas is not None:
+            offset = 0 if ep_axis is None else jax.lax.axis_index(ep_axis)
+            slots = eplb.choose_copy(r.indices, replicas["table"], replicas["copies"],
+                                     offset=offset)
         if ep_axis is None:
-            y = routed_experts(experts, xf, r.indices, r.weights, rt)
+            y = routed_experts(experts, xf, slots, r.weights, rt)
         else:
+            n_slots = experts["w_gate"].shape[0] * jax.lax.axis_size(ep_axis)
             y, _ = ep.run_experts(lambda rows, sizes: grouped_swiglu(experts, rows, sizes, rt),
-                                  xf, r.indices, r.weights, n_experts=cfg.n_routed_experts,
-                                  axis=ep_axis, impl=impl, capacity_factor=capacity)
+                                  xf, slots, r.weights, n_experts=n_slots, axis=ep_axis,
+                                  impl=impl, capacity_factor=capacity)
     indices = r.indices.reshape(b, t, -1)
     counts = expert_counts(indices, mask, cfg.n_routed_experts)
     terms = sequence_balance_terms(r.scores.reshape(b, t, -1), counts, mask, cfg)
     return y.reshape(b, t, d), counts, terms, indices
 
 
-def _moe_local(p, x, bias, token_mask, cfg, rt, forced):
+def _moe_local(p, x, bias, token_mask, cfg, rt, forced, replicas=None):
+    experts = p["experts"] if replicas is None else eplb.expand_weights(p["experts"],
+                                                                         replicas["slots"])
     y, counts, (per_seq, has), indices = _route_and_compute(
-        p["router"], p["experts"], x, bias, token_mask, forced, cfg, rt, None, None)
+        p["router"], experts, x, bias, token_mask, forced, cfg, rt, None, None,
+        replicas=replicas)
     balance = (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
     return y, counts.sum(0), balance, indices
 
 
 def _moe_sharded(p, x, bias, token_mask, cfg: Config, rt: Runtime, forced,
-                 shard: ShardingContext):
+                 shard: ShardingContext, replicas=None):
     batch = shard.batch_axes or None
     ep_axis = shard.expert_axis
     tp = shard.tensor_axis if "tensor" in dict(shard.strategy.params)["expert_mlp"] else None
@@ -132,10 +144,10 @@ def _moe_sharded(p, x, bias, token_mask, cfg: Config, rt: Runtime, forced,
     expert_specs = {"w_gate": w_in, "w_up": w_in, "w_down": w_out}
     sum_axes = shard.batch_axes
 
-    def local(x, mask, forced, w_router, bias, experts):
+    def local(x, mask, forced, w_router, bias, experts, copies):
         y, counts, (per_seq, has), indices = _route_and_compute(
             w_router, experts, x, bias, mask, forced, cfg, rt, ep_axis, shard.dispatch,
-            shard.capacity_factor)
+            shard.capacity_factor, copies)
         if tp:  # each tensor rank summed its slice of the expert width
             y = jax.lax.psum(y, tp)
         load = jax.lax.psum(counts.sum(0), sum_axes) if sum_axes else counts.sum(0)
@@ -147,9 +159,19 @@ def _moe_sharded(p, x, bias, token_mask, cfg: Config, rt: Runtime, forced,
     fn = jax.shard_map(
         local, mesh=shard.shard_map_mesh(),
         in_specs=(tok, P(batch, None), None if forced is None else tok, P(),
-                  None if bias is None else P(), expert_specs),
+                  None if bias is None else P(), expert_specs,
+                  None if replicas is None else {"table": P(), "copies": P()}),
         out_specs=(tok, P(), P(), tok), check_vma=False)
-    return fn(x, token_mask, forced, p["router"], bias, p["experts"])
+    experts, copies = p["experts"], None
+    if replicas is not None:  # the slots' weights, split over the expert axis like the experts
+        if ep_axis is not None and replicas["slots"].shape[0] % shard.sizes[ep_axis]:
+            raise ValueError(f"{replicas['slots'].shape[0]} expert slots do not split over the "
+                             f"{shard.sizes[ep_axis]} ranks of mesh axis {ep_axis!r}")
+        experts = {k: jax.lax.with_sharding_constraint(
+                       v, jax.sharding.NamedSharding(shard.mesh, expert_specs[k]))
+                   for k, v in eplb.expand_weights(p["experts"], replicas["slots"]).items()}
+        copies = {"table": replicas["table"], "copies": replicas["copies"]}
+    return fn(x, token_mask, forced, p["router"], bias, experts, copies)
 
 
 def moe(p: dict, x: jnp.ndarray, bias: jnp.ndarray | None, token_mask: jnp.ndarray, cfg: Config,
@@ -157,14 +179,24 @@ def moe(p: dict, x: jnp.ndarray, bias: jnp.ndarray | None, token_mask: jnp.ndarr
         shard: ShardingContext | None = None):
     """x [B, T, D] -> (y [B, T, D], aux).
 
+    `bias` is the router bias [E] or None, or a layer's router state {"bias", "replicas"}: with
+    "replicas" ({"slots" [P], "table" [E, C], "copies" [E]}: `sharding.eplb.replica_state`) the
+    routed experts run as P physical slots, the hottest experts in several copies, and each
+    (token, expert) pair goes to one copy (`eplb.choose_copy`); the output equals the layer's
+    without copies. The slots' weights are gathered from the logical experts in the step
+    (autodiff sums the copies' gradients back); on a mesh the gather crosses the expert axis.
     aux: `load` [E] tokens per expert over the whole batch (masked tokens excluded), `balance`
     the unscaled sequence-wise balance loss, `indices` [B, T, A] the experts used (for replay).
     """
     rt = rt or _XLA
+    replicas = None
+    if isinstance(bias, dict):  # a layer's router state: its bias and redundant experts
+        bias, replicas = bias.get("bias"), bias.get("replicas")
     if shard is None:
-        y, load, balance, indices = _moe_local(p, x, bias, token_mask, cfg, rt, forced)
+        y, load, balance, indices = _moe_local(p, x, bias, token_mask, cfg, rt, forced, replicas)
     else:
-        y, load, balance, indices = _moe_sharded(p, x, bias, token_mask, cfg, rt, forced, shard)
+        y, load, balance, indices = _moe_sharded(p, x, bias, token_mask, cfg, rt, forced, shard,
+                                                 replicas)
     y = constrain(y.astype(x.dtype), ("batch", "seq", "embed"), shard, "moe combine")
     if "shared" in p:
         with jax.named_scope("shared_experts"):

@@ -33,6 +33,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 
@@ -82,6 +83,16 @@ def parse_args(argv=None):
                     "bubble and activations in flight (default with pipeline > 1: 1f1b)")
     ap.add_argument("--microbatches", type=int, default=None,
                     help="microbatches per step through the pipeline (default: 2 x pipeline)")
+    ap.add_argument("--redundant_experts", type=int, default=0,
+                    help="EPLB: place this many redundant expert copies over the expert axis "
+                         "(sharding/eplb.py) and print each rank's load before and after")
+    ap.add_argument("--expert_load", default=None,
+                    help="per-expert loads for --redundant_experts: a pretrain --metrics_file "
+                         "(.jsonl: its last record with expert_load [L, E]) or a .npy [L, E] or "
+                         "[E] (default: synthetic Zipf loads, said as such)")
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="nodes the expert ranks span, for --redundant_experts' hierarchical "
+                         "placement (expert groups to nodes first; default 1)")
     ap.add_argument("--json", default=None, help="also write the plan as JSON to this path")
     ap.add_argument("--compile", action="store_true", help="compile forward+loss+grad on fake "
                     "CPU devices; report memory_analysis() and HLO collectives per layer kind")
@@ -343,6 +354,15 @@ def print_plan(plan: dict) -> None:
                       f"{g['ranks'][0]}-{g['ranks'][-1]}" for g in e["groups"])
     print(f"experts over {e['axis'] or 'no axis'} ({e['ranks']} ranks, {e['experts_per_rank']} "
           f"each): {spans}; a token reaches at most {e['max_ranks_per_token']} ranks")
+    if "redundant_experts" in plan:
+        r = plan["redundant_experts"]
+        b, a = np.asarray(r["before_max_over_mean"]), np.asarray(r["after_max_over_mean"])
+        print(f"\nredundant experts: {r['slots']} slots ({r['slots_per_rank']} per rank over "
+              f"{r['ranks']} ranks, {r['nodes']} node(s)), from {r['source']}")
+        print(f"  busiest rank / mean over {len(b)} layers: before mean {b.mean():.2f} max "
+              f"{b.max():.2f}; after mean {a.mean():.2f} max {a.max():.2f}")
+        for i in range(min(len(b), 4)):
+            print(f"  layer {i}: {b[i]:.2f} -> {a[i]:.2f}")
     if "compile" in plan:
         c = plan["compile"]
         print(f"\ncompiled in {c['seconds']} s; memory_analysis: " +
@@ -378,7 +398,50 @@ def build_plan(args) -> dict:
     if args.compile:
         plan["compile"] = compile_report(cfg, shard, batch, seq, remat=args.remat,
                                          precision=args.precision)
+    if getattr(args, "redundant_experts", 0):
+        plan["redundant_experts"] = redundancy_plan(cfg, shard, args.redundant_experts,
+                                                    args.expert_load, args.nodes)
     return plan
+
+
+def _loads(cfg, path: str | None) -> tuple[np.ndarray, str]:
+    """([L, E] per-expert loads, where they came from)."""
+    layers = max(cfg.n_layers - cfg.n_dense_layers, 1)
+    if path is None:  # a hot few, as trained routers show before the bias settles them
+        rng = np.random.default_rng(0)
+        zipf = 1.0 / np.arange(1, cfg.n_routed_experts + 1) ** 1.2
+        return (np.stack([rng.permutation(zipf) for _ in range(layers)]),
+                "synthetic Zipf(1.2) loads (no --expert_load given)")
+    if path.endswith(".npy"):
+        load = np.load(path)
+    else:
+        recs = [json.loads(line) for line in open(path) if '"expert_load"' in line]
+        if not recs:
+            raise ValueError(f"--expert_load {path}: no record with expert_load (pretrain writes "
+                             "it on logged steps)")
+        load = np.asarray(recs[-1]["expert_load"], float)
+    load = np.atleast_2d(load)
+    if load.shape[-1] != cfg.n_routed_experts:
+        raise ValueError(f"--expert_load {path}: {load.shape[-1]} experts, the preset has "
+                         f"{cfg.n_routed_experts}")
+    return load, path
+
+
+def redundancy_plan(cfg, shard, redundant: int, load_path: str | None, nodes: int) -> dict:
+    """EPLB over the expert axis: per-rank load max/mean before (contiguous experts) and after
+    placing `redundant` copies (`sharding.eplb.plan`)."""
+    from sharding import eplb
+
+    ranks = shard.sizes.get(shard.expert_axis, 1) if shard.expert_axis else 1
+    load, source = _loads(cfg, load_path)
+    slots = cfg.n_routed_experts + redundant
+    placed = eplb.plan(load, slots, cfg.n_expert_groups, nodes, ranks)
+    before = eplb.imbalance(eplb.rank_load_plain(load, ranks))
+    after = eplb.imbalance(placed.rank_load)
+    return {"source": source, "ranks": ranks, "nodes": nodes, "slots": slots,
+            "slots_per_rank": slots // ranks, "before_max_over_mean": before.tolist(),
+            "after_max_over_mean": after.tolist(),
+            "copies_max": int(placed.copies.max())}
 
 
 def stage_weight_bytes(rows, shard, width_d: int, width_m: int, per_rank: int,

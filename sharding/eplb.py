@@ -207,3 +207,18 @@ def expand_weights(w, phys_to_logical):
     phys_to_logical [n_replicas]); works on one array or a pytree such as {w_gate, w_up,
     w_down}. Sharded over EP like the logical weights, rank r then holds slots [r*S, (r+1)*S)."""
     return jax.tree.map(lambda x: x[phys_to_logical], w)
+
+
+def replica_state(placement: Placement) -> dict:
+    """The arrays the MoE takes for a placement (`dsv3_jax.moe.moe`'s router state
+    "replicas"), stacked over layers like the router bias: slots [L, P], table [L, E, C],
+    copies [L, E], all int32. The table is padded (-1) to C = P - E + 1 copies, the most any
+    expert can have, so that every placement of P slots has the same shapes (a compiled step
+    takes a new placement without recompiling)."""
+    table = placement.logical_to_phys
+    n_experts, n_slots = table.shape[-2], placement.phys_to_logical.shape[-1]
+    width = n_slots - n_experts + 1
+    pad = [(0, 0)] * (table.ndim - 1) + [(0, width - table.shape[-1])]
+    return {"slots": jnp.asarray(placement.phys_to_logical, jnp.int32),
+            "table": jnp.asarray(np.pad(table, pad, constant_values=-1), jnp.int32),
+            "copies": jnp.asarray(placement.copies, jnp.int32)}

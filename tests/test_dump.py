@@ -167,3 +167,28 @@ def test_v3_trains_on_80gb_gpus_in_the_reports_layout():
     assert plan["per_device_bytes"]["optimizer"] < 1.01 * 4 * n_params / 2048
     acts = plan["pipeline"]["activations"]
     assert acts["slots"] == 32 and acts["widest_stage"] == "2 dense + 2 MoE layers"
+
+
+def test_redundant_experts_table_from_synthetic_and_logged_loads(tmp_path, capsys):
+    """--redundant_experts: each rank's load before and after EPLB's placement, from synthetic
+    loads (said so) or from a pretrain metrics file's expert_load."""
+    plan = dump.main(["--preset", "v3_671b", "--mesh", "expert=64,fsdp=4", "--strategy",
+                      "fsdp_ep", "--redundant_experts", "64"])
+    r = plan["redundant_experts"]
+    assert r["slots"] == 320 and r["slots_per_rank"] == 5 and r["ranks"] == 64
+    assert "synthetic" in r["source"] and "synthetic" in capsys.readouterr().out
+    before, after = r["before_max_over_mean"], r["after_max_over_mean"]
+    assert len(before) == 58 and max(after) < 1.2 < min(before)  # one node: global placement
+    load = [[1.0] * 64 for _ in range(3)]
+    load[1][5] = 400.0  # one hot expert in layer 1
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n" +
+                       json.dumps({"step": 2, "expert_load": load}) + "\n")
+    plan = dump.main(["--preset", "v2_lite_16b", "--mesh", "expert=8", "--strategy", "fsdp_ep",
+                      "--redundant_experts", "8", "--expert_load", str(metrics)])
+    r = plan["redundant_experts"]
+    assert r["source"] == str(metrics) and len(r["before_max_over_mean"]) == 3
+    assert r["after_max_over_mean"][1] < r["before_max_over_mean"][1] / 2
+    with pytest.raises(ValueError, match="64 experts, the preset has 256"):
+        dump.main(["--preset", "v3_671b", "--mesh", "expert=64", "--strategy", "fsdp_ep",
+                   "--redundant_experts", "64", "--expert_load", str(metrics)])

@@ -241,3 +241,72 @@ def test_validation_names_the_argument(kwargs, name):
         eplb.plan(**args)
     with pytest.raises(ValueError, match="n_ranks"):
         eplb.rank_load_plain(README_LOAD, 8)  # 12 experts on 8 ranks has no plain layout
+
+
+# ----------------------------------------------------------------------------- in the model
+def _tiny_with_replicas(n_slots: int, n_ranks: int):
+    import dsv3_jax
+    from dsv3_jax.config import get_config
+
+    cfg = get_config("tiny")
+    params = dsv3_jax.init_params(cfg.replace(init_std=0.1), jax.random.key(0))
+    n_moe = params["router_state"]["moe_layers"]["bias"].shape[0]
+    load = np.random.default_rng(0).zipf(1.5, (n_moe, cfg.n_routed_experts)).astype(float)
+    placed = eplb.plan(load, n_slots, 1, 1, n_ranks)
+    with_copies = jax.tree.map(lambda a: a, params)
+    with_copies["router_state"]["moe_layers"]["replicas"] = eplb.replica_state(placed)
+    toks = np.random.default_rng(1).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
+    batch = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:])}
+    return cfg, params, with_copies, batch, placed
+
+
+def test_redundant_experts_leave_the_model_unchanged_on_one_device():
+    """The tiny model with hot experts copied (fp32): loss, logits' gradients and every weight
+    gradient equal the model without copies; the copies receive pairs."""
+    import dsv3_jax
+    from dsv3_jax.train.loss import loss_fn
+
+    cfg, params, with_copies, batch, placed = _tiny_with_replicas(cfg_slots := 24, 4)
+    assert (placed.copies > 1).any()
+    f = jax.jit(jax.value_and_grad(
+        lambda w, p: loss_fn({**p, "weights": w}, batch, cfg)[0]))  # weights: ints stay out
+    (l0, g0), (l1, g1) = f(params["weights"], params), f(with_copies["weights"], with_copies)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    # the copies' gradients are summed back in another order: float32 rounding, 1e-5 of scale
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                   atol=1e-5 * max(float(jnp.abs(b).max()), 1e-12))
+    logits = jax.jit(lambda p: dsv3_jax.forward(p, batch["inputs"], cfg)[0])
+    # the expert GEMMs see other row counts per call: float32 rounding, 1e-6 relative
+    np.testing.assert_allclose(np.asarray(logits(with_copies)), np.asarray(logits(params)),
+                               rtol=1e-6, atol=1e-6)
+    assert cfg_slots == placed.phys_to_logical.shape[1]
+
+
+def test_redundant_experts_on_an_expert_parallel_mesh():
+    """The same on fsdp=2,expert=4 (fsdp_ep, a2a dispatch): 24 slots, 6 per rank."""
+    from dsv3_jax import placement
+    from dsv3_jax.train.loss import loss_fn
+    from sharding.context import ShardingContext
+    from sharding.mesh import make_mesh
+
+    cfg, params, with_copies, batch, _ = _tiny_with_replicas(24, 4)
+    shard = ShardingContext(make_mesh("fsdp=2,expert=4"), "fsdp_ep", "a2a")
+    l0 = jax.jit(lambda p: loss_fn(p, batch, cfg)[0])(params)
+    sp = placement.shard_params(params, cfg, shard)
+    sp["router_state"]["moe_layers"]["replicas"] = with_copies["router_state"]["moe_layers"][
+        "replicas"]
+    f = jax.jit(jax.value_and_grad(
+        lambda w, p, b: loss_fn({**p, "weights": w}, b, cfg, shard=shard)[0]))
+    l1, g1 = f(sp["weights"], sp, placement.shard_batch(batch, shard))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    g0 = jax.jit(jax.grad(lambda p: loss_fn(p, batch, cfg)[0]))(params)["weights"]
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                   atol=1e-5 * max(float(jnp.abs(b).max()), 1e-12))
+    with pytest.raises(ValueError, match="do not split over the 4 ranks"):
+        bad = jax.tree.map(lambda a: a, sp)
+        r = bad["router_state"]["moe_layers"]["replicas"]
+        placed = eplb.plan(np.ones((r["copies"].shape[0], cfg.n_routed_experts)), 18, 1, 1, 1)
+        bad["router_state"]["moe_layers"]["replicas"] = eplb.replica_state(placed)
+        f(bad["weights"], bad, placement.shard_batch(batch, shard))

@@ -23,7 +23,9 @@ from dsv3_jax.train import loop, pretrain
 from dsv3_jax.train import step as train_step
 from dsv3_jax.train.checkpoint import CheckpointError, Checkpoints
 from dsv3_jax.train.data import DataError, PackedDataset
+from dsv3_jax.config import get_config
 from dsv3_jax.train.settings import Settings, parse_settings, settings_parser
+from sharding import eplb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "pretrain.py"
@@ -463,3 +465,28 @@ def test_help_is_grouped_and_says_no_default_none():
     assert "(default: None)" not in text and "inject_nan" not in text
     for group in ("model and precision:", "kernels:", "checkpoints:", "failed steps:"):
         assert group in text
+
+
+def test_redundant_experts_train_as_the_plain_model_and_are_replaced_from_loads(tmp_path):
+    """--redundant_experts: the copies change nothing the model computes (the losses equal the
+    run without them), are re-placed from the loads every --rebalance_every steps, and are in
+    the checkpoint (a resume continues with them)."""
+    base = ["--mesh", "none", "--steps", "4", "--metrics_file"]
+    plain = pretrain.run(_settings(tmp_path, *base, str(tmp_path / "a.jsonl")))
+    out = pretrain.run(_settings(tmp_path, *base, str(tmp_path / "b.jsonl"),
+                                 "--redundant_experts", "4", "--rebalance_every", "2",
+                                 "--checkpoint_dir", str(tmp_path / "ck")))
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / f).read_text().splitlines()]
+              for f in ("a.jsonl", "b.jsonl")]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    reps = jax.device_get(out["state"]["params"]["router_state"]["moe_layers"]["replicas"])
+    cfg = get_config("tiny")
+    assert reps["slots"].shape[-1] == cfg.n_routed_experts + 4
+    uniform = eplb.plan(np.ones(reps["copies"].shape), cfg.n_routed_experts + 4, 1, 1, 1)
+    assert not np.array_equal(reps["copies"], uniform.copies)  # re-placed from measured loads
+    resumed = pretrain.run(_settings(tmp_path, "--mesh", "none", "--steps", "5",
+                                     "--redundant_experts", "4", "--rebalance_every", "2",
+                                     "--checkpoint_dir", str(tmp_path / "ck")))
+    assert resumed["start_step"] == 4
+    with pytest.raises(SystemExit):  # a usage error naming the flag
+        _settings(tmp_path, "--redundant_experts", "-1")

@@ -129,6 +129,10 @@ class Job:
     flops_per_token: float | None = None
     log_fields: tuple[tuple[str, str], ...] = ()  # extra (metric, label) pairs for log lines
     sample: Callable[[Any], str] | None = None  # a line printed at the end, from the final state
+    # (state, loads [L, E] summed since the last call) -> state, every `rebalance_every` steps:
+    # redundant experts re-placed from measured loads (pretrain --redundant_experts)
+    rebalance: Callable[[Any, np.ndarray], Any] | None = None
+    rebalance_every: int = 0
 
 
 @dataclasses.dataclass
@@ -167,6 +171,7 @@ class _Run:
         self.applied_losses = collections.deque(maxlen=opts.guard.window)
         self.applied_grad_norms = collections.deque(maxlen=opts.guard.window)
         self.t_prev = time.perf_counter()
+        self.load_sum = None  # [L, E] tokens per expert since the last rebalance
 
     def guard(self) -> dict:
         return self.opts.guard.thresholds(self.applied_losses, self.applied_grad_norms)
@@ -175,6 +180,9 @@ class _Run:
         """Read step `step`'s metrics (blocks until they exist), record and judge them."""
         m = {k: host_value(v) for k, v in m_dev.items()}
         now = time.perf_counter()
+        if "load" in m and bool(m["applied"]):
+            load = np.asarray(m["load"], np.float64)
+            self.load_sum = load if self.load_sum is None else self.load_sum + load
         opts = self.opts
         logged = step % opts.log_every == 0 or step == opts.steps or step == self.start + 1
         rec = record(step, m, now - self.t_prev, self.job.tokens_per_step,
@@ -289,6 +297,14 @@ def run(job: Job, opts: LoopOptions) -> Result:
                              "nothing saved (a streak of failed steps)")
                     raise TrainingStopped(f"stopped by {name} after step {i + 1}; {saved}",
                                           exit_code=128 + stop_sig)
+                every = job.rebalance_every if job.rebalance is not None else 0
+                if every and (i + 1) % every == 0 and i + 1 < opts.steps:
+                    if pending is not None:  # its loads count
+                        r.finish(*pending)
+                        pending = None
+                    if r.load_sum is not None:
+                        state = job.rebalance(state, r.load_sum)
+                        r.load_sum = None
                 if ckpt and ((i + 1) % opts.checkpoint_every == 0 or i + 1 == opts.steps):
                     # the metrics are read first: a failed step is not saved
                     r.finish(*pending)

@@ -30,6 +30,7 @@ from dsv3_jax.train.checkpoint import CheckpointError
 from dsv3_jax.train.data import DataError, PackedDataset, build_dataset
 from dsv3_jax.train.loss import LossWeights
 from dsv3_jax.train.settings import Settings, parse_settings
+from sharding import eplb
 from sharding.context import ShardingContext
 from sharding.mesh import make_mesh
 
@@ -289,11 +290,14 @@ def pretraining_job(s: Settings, cfg: Config, rt: Runtime, shard, dataset: Packe
     step_fn = train_step.make_train_step(
         cfg, optimizer, schedule, shard, rt=rt, pipeline=build_pipeline(s, cfg, shard),
         bias_gamma=s.bias_gamma, grad_accum=s.grad_accum, loss_weights=weights)
+    copies = Redundancy(cfg, shard, s.redundant_experts) if s.redundant_experts else None
+    init = lambda: train_step.init_state(cfg, jax.random.key(s.seed), optimizer, shard)
+    abstract = lambda: train_step.abstract_state(cfg, optimizer, shard)
     about = run_meta(cfg, rt, s)
     return loop.Job(
         name="pretraining",
-        init_state=lambda: train_step.init_state(cfg, jax.random.key(s.seed), optimizer, shard),
-        abstract_state=lambda: train_step.abstract_state(cfg, optimizer, shard),
+        init_state=init if copies is None else lambda: copies.with_placement(init(), None),
+        abstract_state=abstract if copies is None else lambda: copies.abstract(abstract()),
         step=step_fn,
         batch=lambda i: place_batch(Rows(dataset, i), shard),
         meta=lambda i: {"data": dataset.state(i), **about},
@@ -301,7 +305,48 @@ def pretraining_job(s: Settings, cfg: Config, rt: Runtime, shard, dataset: Packe
         tokens_per_step=s.global_batch * s.seq_len,
         flops_per_token=cfg.flops_per_token(s.seq_len),
         log_fields=(("main_loss", "main"),),
-        sample=_sampler(s, cfg, rt, tokenizer))
+        sample=_sampler(s, cfg, rt, tokenizer),
+        rebalance=None if copies is None else copies.with_placement,
+        rebalance_every=s.rebalance_every)
+
+
+class Redundancy:
+    """--redundant_experts: the routed experts' copies in the state's router state
+    (router_state["moe_layers"]["replicas"], `sharding.eplb.replica_state`), placed over the
+    expert axis from measured loads (uniform at the start) and saved with every checkpoint."""
+
+    def __init__(self, cfg: Config, shard, redundant: int):
+        self.cfg, self.shard = cfg, shard
+        self.ranks = shard.sizes.get(shard.expert_axis, 1) if shard and shard.expert_axis else 1
+        self.slots = cfg.n_routed_experts + redundant
+        if self.slots % self.ranks:
+            raise ValueError(f"--redundant_experts {redundant}: {self.slots} expert slots do not "
+                             f"split over the {self.ranks} expert ranks of the mesh")
+        self.layers = cfg.n_layers - cfg.n_dense_layers
+
+    def with_placement(self, state, load):
+        """state with its copies placed for `load` [L, E] (None: uniform)."""
+        if load is None:
+            load = np.ones((self.layers, self.cfg.n_routed_experts))
+        placed = eplb.plan(load, self.slots, 1, 1, self.ranks)
+        # committed where the step expects them: the compiled step takes no other placement
+        where = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if self.shard is None else
+                 jax.sharding.NamedSharding(self.shard.mesh, jax.sharding.PartitionSpec()))
+        arrays = jax.tree.map(lambda a: jax.device_put(a, where), eplb.replica_state(placed))
+        router = dict(state["params"]["router_state"])
+        router["moe_layers"] = {**router["moe_layers"], "replicas": arrays}
+        return {**state, "params": {**state["params"], "router_state": router}}
+
+    def abstract(self, tree):
+        """The restore target with the copies' arrays in it."""
+        placed = eplb.replica_state(eplb.plan(
+            np.ones((self.layers, self.cfg.n_routed_experts)), self.slots, 1, 1, self.ranks))
+        one = tree["step"].sharding
+        arrays = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                              placed)
+        router = dict(tree["params"]["router_state"])
+        router["moe_layers"] = {**router["moe_layers"], "replicas": arrays}
+        return {**tree, "params": {**tree["params"], "router_state": router}}
 
 
 def loop_options(s: Settings) -> loop.LoopOptions:

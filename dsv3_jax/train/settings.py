@@ -179,12 +179,23 @@ class Settings(BaseSettings):
                                     "sources)", DATA, nargs="*")
     text_field: str = _field("text", "the field of each .jsonl record that holds its text", DATA)
     embedded_bytes: int = _field(4_000_000, "bytes of the embedded corpus to read", DATA)
+    # --- redundant experts ---
+    redundant_experts: int = _field(0, "EPLB: run the routed experts as E + this many slots, "
+                                    "the hottest experts copied (sharding/eplb.py); the model's "
+                                    "outputs are unchanged (0: none)", DEVICES)
+    rebalance_every: int = _field(50, "with --redundant_experts: re-place the copies every N "
+                                  "steps from the expert loads seen since the last placement",
+                                  DEVICES)
     # --- output ---
     sample_tokens: int = _field(64, "greedy tokens to sample at the end (0: none)", OUTPUT)
     sample_prompt: str = _field("def ", "prompt of the final greedy sample", OUTPUT)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.redundant_experts < 0:
+            raise ValueError(f"--redundant_experts must be >= 0, got {self.redundant_experts}")
+        if self.rebalance_every < 1:
+            raise ValueError(f"--rebalance_every must be >= 1, got {self.rebalance_every}")
         if self.embedded_bytes < 1:
             raise ValueError(f"--embedded_bytes must be >= 1, got {self.embedded_bytes}")
         if self.sample_tokens < 0:

@@ -331,7 +331,8 @@ def _update_biases(router_state: dict, metrics: dict, gamma: float) -> dict:
     out = dict(router_state)
     for key, load in (("moe_layers", "load"), ("mtp", "mtp_load")):
         if key in router_state and load in metrics:  # no MTP load when its loss is off
-            out[key] = {"bias": update_router_bias(router_state[key]["bias"], metrics[load], gamma)}
+            out[key] = {**router_state[key],  # redundant experts (eplb) ride along
+                        "bias": update_router_bias(router_state[key]["bias"], metrics[load], gamma)}
     return out
 
 
