@@ -24,8 +24,12 @@ Axes that are not multiples of 128 (tokens, K, N; the `tiny` preset has D = 64) 
 explicitly around the op: a zero row or column of x or w adds nothing to any product and leaves
 every tile's amax (so its scale) unchanged, and the padded outputs are sliced off; autodiff
 slices the gradients back. Real shapes (`small`, V3) need none except the shared rope key's
-projection w_kr [D, R = 64]: on one device the last part of the w_dkv + w_kr GEMM
-(`matmul_parts`; V3's N = 512 + 64 runs padded to 640), on a mesh alone, padded to N = 128.
+projection w_kr [D, R = 64], the last part of the w_dkv + w_kr GEMM (`matmul_parts`; V3's
+N = 512 + 64 runs padded to 640).
+
+On a mesh (`matmul`'s `shard`) each FP8 GEMM runs in a `shard_map` of its own, on each device's
+token rows and its compute split of the weight (`_on_mesh`): the Mosaic GPU kernels carry no
+sharding rule, so XLA's partitioner must never see them.
 
 How the ops run is a `dsv3_jax.runtime.Fp8` (`Runtime.fp8`; every `fp8_impl` argument here
 also takes a plain gemm string, meaning quant "xla"): `gemm` "xla" multiplies the dequantized
@@ -49,12 +53,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.runtime import Fp8
 from pallas_kernels import fp8_gemm
 from pallas_kernels import fp8_quant as q8
 from pallas_kernels import fp8_quant_kernel as qk
 from pallas_kernels import grouped_matmul as gk
+from sharding.context import ShardingContext, single_device
 
 BLOCK = q8.BLOCK
 _log = logging.getLogger(__name__)
@@ -77,6 +83,10 @@ class _Statics(NamedTuple):
     interpret: bool  # Pallas GPU interpret mode (CPU tests)
     w_dtype: str  # the weight gradient's dtype
     grouped: str | None = None  # grouped path: the dequantized matmul under gemm "xla"
+    # Dense op returning float32 sums (a K split's partial products on a mesh, summed before
+    # the cast): x's dtype, which dy is cast back to before it is quantized and dx comes out
+    # in. None: y in x's dtype.
+    partial_of: str | None = None
 
 
 def as_impl(fp8_impl: "str | Fp8") -> Fp8:
@@ -131,14 +141,21 @@ def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, impl: "str | Fp8" = "xla", *,
-               interpret=False) -> jax.Array:
+               interpret=False, out_dtype=None) -> jax.Array:
     """x [..., K] @ w [K, N] (our [in, out] layout) with FP8 GEMMs both ways -> [..., N] in
     x's dtype; the weight gradient comes back in w's dtype. `impl`: fp8_gemm's impl ("xla": the
     dequantize + fp32 matmul reference, any backend; "pallas": the Mosaic GPU kernel), or an
     `Fp8` that also picks the activation quantizers (quant "pallas": the one-pass kernels,
-    bf16 x only). `interpret`: run the Pallas kernels in GPU interpret mode (CPU tests)."""
+    bf16 x only). `interpret`: run the Pallas kernels in GPU interpret mode (CPU tests).
+    `out_dtype` float32: y as the GEMM's float32 sums, not rounded to x's dtype (what a K split
+    over a mesh adds up before the cast, `matmul`); y's cotangent is then cast to x's dtype
+    before it is quantized, as on one device."""
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"fp8_linear: x {x.shape} must be [..., K] and w {w.shape} [K, N]")
+    if out_dtype is not None and jnp.dtype(out_dtype) not in (jnp.dtype(x.dtype),
+                                                              jnp.dtype(jnp.float32)):
+        raise ValueError(f"fp8_linear: out_dtype={out_dtype!r} must be None, x's dtype "
+                         f"({jnp.dtype(x.dtype)}) or float32")
     impl = as_impl(impl)
     if impl.gemm == "xla":
         _log_once("xla", "fp8: dense GEMMs use the XLA reference path (dequantize + float32 "
@@ -150,7 +167,9 @@ def fp8_linear(x: jax.Array, w: jax.Array, impl: "str | Fp8" = "xla", *,
     # kernel takes whole 128-row tiles (real runs have B * T a multiple of 128: no copy).
     x2 = _pad_axis(_pad_axis(x2, 0, _round_up(m)), 1, _round_up(k))  # [Mp, Kp]
     wp = _pad_axis(_pad_axis(w, 0, _round_up(k)), 1, _round_up(n))  # [Kp, Np]
-    mm = _Statics(impl.gemm, impl.quant, bool(interpret), jnp.dtype(w.dtype).name)
+    partial = out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(x.dtype)
+    mm = _Statics(impl.gemm, impl.quant, bool(interpret), jnp.dtype(w.dtype).name,
+                  partial_of=jnp.dtype(x.dtype).name if partial else None)
     y = _fp8_matmul(x2, wp, mm)
     return y[:m, :n].reshape(*lead, n)
 
@@ -164,13 +183,15 @@ def _fp8_matmul(x, w, mm):
 def _fp8_matmul_fwd(x, w, mm):
     qx, sx = _quant_rows(x, "x", mm.quant, mm.interpret)  # 1 x 128 tiles along K
     qw, sw = q8.quantize_blocks(w.T, name="w^T")  # [Np, Kp]: K-major, as the GEMM reads it
-    y = fp8_gemm.gemm_1d2d(qx, sx, qw, sw, out_dtype=x.dtype, impl=mm.gemm,
-                           interpret=mm.interpret)
+    y = fp8_gemm.gemm_1d2d(qx, sx, qw, sw, out_dtype=jnp.float32 if mm.partial_of else x.dtype,
+                           impl=mm.gemm, interpret=mm.interpret)
     return y, (qx, sx, qw, sw)
 
 
 def _fp8_matmul_bwd(mm, res, dy):
     qx, sx, qw, sw = res
+    if mm.partial_of:  # float32 sums out: dy holds x-dtype values (the cast's cotangent)
+        dy = dy.astype(mm.partial_of)
     # dgrad dx [Mp, Kp] = dy [Mp, Np] @ w^T: dy in 1 x 128 tiles along N; the weight's blocks
     # as the [Kp, Np] operand.
     qdy, sdy = _quant_rows(dy, "dy", mm.quant, mm.interpret)
@@ -208,21 +229,25 @@ def _linear_spec(spec: str, x: jax.Array, w: jax.Array) -> int:
 
 
 def matmul(spec: str, x: jax.Array, w: jax.Array,
-           fp8_impl: "str | Fp8 | None" = None) -> jax.Array:
+           fp8_impl: "str | Fp8 | None" = None, *, shard: ShardingContext | None = None,
+           axes: "tuple[str | None, ...] | None" = None, name: str = "w") -> jax.Array:
     """A linear layer written as an einsum (`"btq,qnk->btnk"`): `jnp.einsum(spec, x, w)` when
     `fp8_impl` is None, else `fp8_linear` with x and w flattened to 2-D around the call
-    (`fp8_impl`: a gemm impl string or an `Fp8`, `Runtime.fp8`)."""
-    if fp8_impl is None:
-        return jnp.einsum(spec, x, w)
-    n_in = _linear_spec(spec, x, w)
-    lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    k, n = math.prod(ins), math.prod(outs)
-    y = fp8_linear(x.reshape(*lead, k), w.reshape(k, n), fp8_impl)
-    return y.reshape(*lead, *outs)
+    (`fp8_impl`: a gemm impl string or an `Fp8`, `Runtime.fp8`).
+
+    On the mesh of `shard` (several devices) the FP8 op runs in its own `shard_map`
+    (`_on_mesh`): `axes` are w's logical axis names (its declaration in params.py without the
+    layer axis), x's first axis is its batch; `name` names w in errors. The plain einsum is
+    left to XLA's partitioner, which `shard` and `axes` do not change."""
+    return matmul_parts(spec, x, [w], fp8_impl, shard=shard,
+                        axes=None if axes is None else [axes], names=[name])[0]
 
 
 def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
-                 fp8_impl: "str | Fp8 | None" = None, *, fuse: bool = True) -> list:
+                 fp8_impl: "str | Fp8 | None" = None, *, fuse: bool = True,
+                 shard: ShardingContext | None = None,
+                 axes: "list[tuple[str | None, ...]] | None" = None,
+                 names: "list[str] | None" = None) -> list:
     """`[matmul(spec, x, w, fp8_impl) for w in ws]`, the linear layers of one input, as one FP8
     GEMM over the weights concatenated along their flattened output axis when `fuse` (and
     `fp8_impl` is set): x is quantized, cached and re-tiled for the weight gradient once
@@ -234,11 +259,31 @@ def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
     order does not depend on N, except where its default splits K for few output tiles
     (small M) and splits the fused GEMM and the parts differently: then the last bit can
     differ; the data gradient accumulates all parts in one float32 sum before its bf16
-    rounding, instead of rounding each part's product and adding them in bf16). Callers pass
-    fuse=False where the weights are sharded along their outputs (a concatenation would
-    reshuffle the shards). Its effect on the step time: docs/fp8.md."""
-    if fp8_impl is None or not fuse or len(ws) == 1:
-        return [matmul(spec, x, w, fp8_impl) for w in ws]
+    rounding, instead of rounding each part's product and adding them in bf16). On a mesh
+    the concatenation is of each device's own parts, inside the shard_map (`matmul`'s
+    `shard`, `axes` (one tuple per weight) and `names`), so it moves no shard. Its effect on
+    the step time: docs/fp8.md."""
+    names = list(names) if names is not None else [f"weight {i}" for i in range(len(ws))]
+    if fp8_impl is None:
+        return [jnp.einsum(spec, x, w) for w in ws]
+    if not single_device(shard):
+        return _on_mesh(spec, x, list(ws), fp8_impl, fuse, shard, axes, names)
+    return _parts(spec, x, list(ws), fp8_impl, fuse)
+
+
+def _one(spec, x, w, fp8_impl, out_dtype=None):
+    """One FP8 linear layer of einsum `spec` on whole (or one device's) arrays."""
+    n_in = _linear_spec(spec, x, w)
+    lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    k, n = math.prod(ins), math.prod(outs)
+    y = fp8_linear(x.reshape(*lead, k), w.reshape(k, n), fp8_impl, out_dtype=out_dtype)
+    return y.reshape(*lead, *outs)
+
+
+def _parts(spec, x, ws, fp8_impl, fuse, out_dtype=None) -> list:
+    """`matmul_parts` on whole (or one device's) arrays."""
+    if not fuse or len(ws) == 1:
+        return [_one(spec, x, w, fp8_impl, out_dtype) for w in ws]
     n_in = _linear_spec(spec, x, ws[0])
     lead, ins = x.shape[:x.ndim - n_in], ws[0].shape[:n_in]
     k = math.prod(ins)
@@ -253,12 +298,114 @@ def matmul_parts(spec: str, x: jax.Array, ws: "list[jax.Array]",
         w2 = w.reshape(k, n)
         flat.append(w2 if i == len(ws) - 1 else _pad_axis(w2, 1, _round_up(n)))
         widths.append(n)
-    y = fp8_linear(x.reshape(*lead, k), jnp.concatenate(flat, axis=1), fp8_impl)
+    y = fp8_linear(x.reshape(*lead, k), jnp.concatenate(flat, axis=1), fp8_impl,
+                   out_dtype=out_dtype)
     outs, start = [], 0
     for w, part, n in zip(ws, flat, widths):
         outs.append(y[..., start:start + n].reshape(*lead, *w.shape[n_in:]))
         start += part.shape[1]
     return outs
+
+
+# ------------------------------------------------------------------------------ on a mesh
+
+
+def _on_mesh(spec, x, ws, fp8_impl, fuse, shard: ShardingContext, axes, names) -> list:
+    """The FP8 layers of `matmul_parts` on a mesh, in one `shard_map` of their own: the Mosaic
+    GPU kernels (GEMMs and quantizers) are custom calls with no sharding rule, so left to
+    XLA's partitioner their operands would be gathered onto every device. Inside, each device
+    runs the one-device op (`_parts`, its custom_vjp) on its own blocks:
+
+      x  [B_(batch axes), ..., K]   the activations' split: each device its token rows
+      w  [K, N] as the strategy computes with it: its activation-table split (tensor
+         parallelism: heads and FFN widths), so an FSDP split is gathered at the boundary, as
+         XLA gathers it for a plain einsum; column parallel (N split): y is split too; row
+         parallel (K split): each device's float32 partial products are summed over the K
+         axes (psum) before the cast to x's dtype, as one device accumulates all of K.
+
+    Gradients come from autodiff's transpose of the shard_map (check_vma=False: cotangents
+    of inputs not split over an axis are summed over it): dw, each device's x^T dy over its
+    own tokens, is summed over the batch axes (XLA then splits it to the weight's own
+    sharding); under column parallelism dx sums the N parts in x's dtype, as XLA sums a plain
+    einsum's partial products. A split K or N keeps whole 128-wide tiles (`_mesh_specs`), so
+    every tile and block is quantized as on one device; the weight gradient's 128-token tiles
+    are each device's own rows (the one-device tiles where each device holds a multiple of
+    128 rows, as real batches do)."""
+    if axes is None or len(axes) != len(ws):
+        raise ValueError(f"fp8 matmul on a mesh {shard.sizes}: {names} need their logical axis "
+                         "names (axes=..., one tuple per weight) to run in a shard_map")
+    n_in = _linear_spec(spec, x, ws[0])
+    mesh = shard.shard_map_mesh()
+    x_spec, w_specs, y_specs, k_axes = _mesh_specs(x, ws, n_in, axes, names, shard, mesh)
+    out_dtype = jnp.float32 if k_axes else None
+
+    def local(x, *ws):
+        ys = _parts(spec, x, list(ws), fp8_impl, fuse, out_dtype)
+        return [jax.lax.psum(y, k_axes) for y in ys] if k_axes else ys
+
+    ys = jax.shard_map(local, mesh=mesh, in_specs=(x_spec, *w_specs), out_specs=y_specs,
+                       check_vma=False)(x, *ws)
+    return [y.astype(x.dtype) for y in ys]
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _mesh_specs(x, ws, n_in, axes, names, shard: ShardingContext, mesh):
+    """(x's spec, each weight's spec, each output's spec, the mesh axes splitting K).
+
+    The inputs' specs also name the shard_map's axes of size 1 (they split nothing): the
+    transpose sums an input's cotangent over every axis its spec leaves out, and XLA:CPU keeps
+    such an all-reduce over groups of one device (measured: dx's, per FP8 op under FSDP)."""
+    lead = x.ndim - n_in
+    idle = tuple(a for a in mesh.axis_names
+                 if shard.sizes[a] == 1 and a not in getattr(mesh, "manual_axes", ()))
+    w_specs = []
+    for w, ax, name in zip(ws, axes, names):
+        if len(ax) != w.ndim:
+            raise ValueError(f"fp8 matmul: {name} {list(w.shape)} has {w.ndim} axes but "
+                             f"{len(ax)} logical names {tuple(ax)}")
+        ws_spec = tuple(shard.activation_spec(tuple(ax), w.shape, name))
+        _check_tiles(name, w.shape, ws_spec, 0, n_in, "input (K)", shard)
+        _check_tiles(name, w.shape, ws_spec, n_in, w.ndim, "output (N)", shard)
+        w_specs.append(ws_spec)
+    for ws_spec, name in zip(w_specs[1:], names[1:]):
+        if ws_spec[:n_in] != w_specs[0][:n_in]:
+            raise ValueError(f"fp8 matmul_parts: {name}'s input axes are split as "
+                             f"{ws_spec[:n_in]}, {names[0]}'s as {w_specs[0][:n_in]}: parts of "
+                             "one input must split it alike")
+    k_spec = w_specs[0][:n_in]
+    x_lead = tuple(shard.activation_spec(("batch",) + (None,) * (lead - 1), x.shape[:lead],
+                                         f"{names[0]}'s input"))
+    k_axes = tuple(a for entry in k_spec for a in _mesh_axes(entry))
+    x_spec = (_mesh_axes(x_lead[0]) + idle or None,) + x_lead[1:] + k_spec
+    return (P(*x_spec), [P(_mesh_axes(s[0]) + idle or None, *s[1:]) for s in w_specs],
+            [P(*x_lead, *s[n_in:]) for s in w_specs], k_axes)
+
+
+def _check_tiles(name, shape, spec, lo, hi, what, shard: ShardingContext) -> None:
+    """A K (or N) split over the mesh must leave each device whole 128-wide FP8 tiles of the
+    flattened axis, so that its tiles and blocks are the one-device op's: split on the first
+    of the flattened axes (each device a contiguous range), into multiples of 128."""
+    split = [i for i in range(lo, hi) if spec[i] is not None]
+    if not split:
+        return
+    mesh_axes = tuple(a for i in split for a in _mesh_axes(spec[i]))
+    ways = math.prod(shard.sizes[a] for a in mesh_axes)
+    local = math.prod(shape[lo:hi]) // ways
+    if split != [lo]:
+        raise ValueError(f"fp8 on a mesh: {name} {list(shape)} is split over mesh axes "
+                         f"{mesh_axes} along {what} axis {split} other than the first "
+                         f"({lo}): each device's part of the flattened {what} axis would not be "
+                         "a contiguous range of the one-device FP8 tiles")
+    if local % BLOCK:
+        raise ValueError(f"fp8 on a mesh: {name} {list(shape)} is split {ways} ways over mesh "
+                         f"axes {mesh_axes} along its {what} axes, {local} per device, which "
+                         f"is not a whole number of {BLOCK}-wide FP8 tiles; choose a size of "
+                         f"{mesh_axes} that leaves multiples of {BLOCK}, or another precision "
+                         "than fp8")
 
 
 # ------------------------------------------------------------------------------ grouped (MoE)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.fp8 import matmul, matmul_parts
-from sharding.context import ShardingContext, constrain, single_device
+from sharding.context import ShardingContext, constrain
 
 
 def rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -24,12 +24,16 @@ def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.n
     """down(silu(x gate) * x up): x [B, T, D], w_gate/w_up [D, F], w_down [F, D] (reference
     §2.1). On a mesh the hidden [B, T, F] is constrained by `width`'s rule (tensor parallelism).
     `fp8_impl` (`Runtime.fp8`: an `Fp8` or None): FP8 GEMM inputs through `fp8.matmul`;
-    None: plain."""
-    # FP8: gate and up as one GEMM on one device (x quantized once; fp8.matmul_parts); on a
-    # mesh their F is split by tensor parallelism and a concatenation would reshuffle it
-    g, u = matmul_parts("btd,df->btf", x, [w_gate, w_up], fp8_impl, fuse=single_device(shard))
+    None: plain. `width` is F's logical name: "mlp" (the dense FFN) or "expert_mlp" (the
+    shared experts); on a mesh each FP8 GEMM runs in its own shard_map split by it (column
+    parallel gate and up, row parallel down)."""
+    # FP8: gate and up as one GEMM (x quantized once; fp8.matmul_parts)
+    g, u = matmul_parts("btd,df->btf", x, [w_gate, w_up], fp8_impl, shard=shard,
+                        axes=[("embed", width)] * 2,
+                        names=[f"w_gate ({width})", f"w_up ({width})"])
     h = constrain(jax.nn.silu(g) * u, ("batch", "seq", width), shard, f"{width} hidden")
-    return matmul("btf,fd->btd", h, w_down, fp8_impl)
+    return matmul("btf,fd->btd", h, w_down, fp8_impl, shard=shard, axes=(width, "embed"),
+                  name=f"w_down ({width})")
 
 
 def embed(table: jnp.ndarray, tokens: jnp.ndarray, sorted_grad: bool = True) -> jnp.ndarray:

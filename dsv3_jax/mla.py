@@ -23,21 +23,24 @@ With FP8 on (`rt.fp8`) the projections (w_dq, w_uq, w_qr, w_dkv, w_kr, w_uk, w_u
 cuDNN forms, and w_o) take FP8 inputs (`dsv3_jax.fp8`); the attention core does not (the V3
 report keeps it in BF16, §3.3.1), nor do the absorbed form's folded w_uk / w_uv products.
 The projections that share an input (w_uq and w_qr, w_dkv and w_kr, w_uk and w_uv) run as one
-FP8 GEMM each pair on one device (`fp8.matmul_parts`: the input quantized and re-tiled once;
-the same outputs and weight gradients as separate layers).
+FP8 GEMM each pair (`fp8.matmul_parts`: the input quantized and re-tiled once; the same outputs
+and weight gradients as separate layers). On a mesh each FP8 projection runs in its own
+shard_map, split as its declared logical axes say (`_project`; tensor parallelism splits the
+heads).
 """
 
 import jax
 import jax.numpy as jnp
 
 from dsv3_jax import latent_cache
+from dsv3_jax.axes import logical_axes
 from dsv3_jax.config import Config
-from dsv3_jax.fp8 import matmul, matmul_parts
+from dsv3_jax.fp8 import matmul_parts
 from dsv3_jax.layers import rms_norm
 from dsv3_jax.rope import apply_rope
 from dsv3_jax.runtime import Runtime
 from pallas_kernels import mla_decode as decode_kernel
-from sharding.context import ShardingContext, constrain, single_device
+from sharding.context import ShardingContext, constrain
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays NaN-free
 _XLA = Runtime()
@@ -47,19 +50,24 @@ _XLA = Runtime()
 DECODE_BLOCK_S = 64
 
 
-def _fp8(rt: Runtime | None):
-    return (rt or _XLA).fp8
+def _project(spec: str, x, p: dict, names: tuple[str, ...], letters: tuple[str, ...],
+             rt: Runtime | None, shard) -> list:
+    """The projections `names` of x (einsum `spec`; `letters`: each weight's declaration in
+    params.py without the layer axis, which on a mesh says how its FP8 GEMM is split)."""
+    return matmul_parts(spec, x, [p[n] for n in names], (rt or _XLA).fp8, shard=shard,
+                        axes=[logical_axes(a) for a in letters], names=list(names))
 
 
 def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, rt: Runtime | None = None,
           shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """q_nope [B, T, N, K] and rotated q_rope [B, T, N, R] from x [B, T, D]."""
-    fp8 = _fp8(rt)
+    q = "D"  # the query projections' input: the normalised latent, or x itself (V2-Lite)
     if cfg.q_lora_rank:
-        x = rms_norm(matmul("btd,dq->btq", x, p["w_dq"], fp8), p["q_norm"], cfg.rms_norm_eps)
+        (c_q,) = _project("btd,dq->btq", x, p, ("w_dq",), ("D Q",), rt, shard)
+        x, q = rms_norm(c_q, p["q_norm"], cfg.rms_norm_eps), "Q"
     heads = ("batch", "seq", "heads", None)  # tensor parallelism splits the heads
-    q_nope, q_rope = matmul_parts("btq,qnk->btnk", x, [p["w_uq"], p["w_qr"]], fp8,
-                                  fuse=single_device(shard))
+    q_nope, q_rope = _project("btq,qnk->btnk", x, p, ("w_uq", "w_qr"), (f"{q} N K", f"{q} N R"),
+                              rt, shard)
     q_nope = constrain(q_nope, heads, shard, "q_nope")
     q_rope = constrain(q_rope, heads, shard, "q_rope")
     return q_nope, apply_rope(q_rope, cos, sin, interleave=cfg.rope_interleave)
@@ -68,8 +76,7 @@ def query(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, rt: Runtime | None = N
 def latent(p: dict, x: jnp.ndarray, cos, sin, cfg: Config, rt: Runtime | None = None,
            shard=None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """What the cache stores: normalised c_kv [B, S, C] and rotated shared k_rope [B, S, R]."""
-    c_kv, k_rope = matmul_parts("bsd,dc->bsc", x, [p["w_dkv"], p["w_kr"]], _fp8(rt),
-                                fuse=single_device(shard))
+    c_kv, k_rope = _project("bsd,dc->bsc", x, p, ("w_dkv", "w_kr"), ("D C", "D R"), rt, shard)
     c_kv = rms_norm(c_kv, p["kv_norm"], cfg.rms_norm_eps)
     return c_kv, apply_rope(k_rope, cos, sin, interleave=cfg.rope_interleave)
 
@@ -81,17 +88,18 @@ def _softmax(scores: jnp.ndarray, mask: jnp.ndarray, cfg: Config, dtype) -> jnp.
 
 
 def _output(p: dict, out: jnp.ndarray, rt: Runtime | None, shard) -> jnp.ndarray:
-    """[B, T, N, H] -> [B, T, D]; with heads split, XLA reduces the partial sums here."""
+    """[B, T, N, H] -> [B, T, D]; with heads split, the partial sums are reduced here (by XLA,
+    or in FP8 by fp8.matmul's float32 psum)."""
     out = constrain(out, ("batch", "seq", "heads", None), shard, "attention output")
-    return constrain(matmul("btnh,nhd->btd", out, p["w_o"], _fp8(rt)),
-                     ("batch", "seq", "embed"), shard, "attention projection")
+    (y,) = _project("btnh,nhd->btd", out, p, ("w_o",), ("N H D",), rt, shard)
+    return constrain(y, ("batch", "seq", "embed"), shard, "attention projection")
 
 
 def _keys_values(p: dict, c_kv, rt: Runtime | None, shard) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Per-head k_nope [B, S, N, K] and v [B, S, N, H] from the latent c_kv [B, S, C]."""
     kv_heads = ("batch", "kv_seq", "heads", None)
-    k_nope, v = matmul_parts("bsc,cnk->bsnk", c_kv, [p["w_uk"], p["w_uv"]], _fp8(rt),
-                             fuse=single_device(shard))
+    k_nope, v = _project("bsc,cnk->bsnk", c_kv, p, ("w_uk", "w_uv"), ("C N K", "C N H"), rt,
+                         shard)
     return constrain(k_nope, kv_heads, shard, "k_nope"), constrain(v, kv_heads, shard, "v")
 
 

@@ -205,7 +205,7 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: Config, rt: Runtime | None =
     (each layer's output before the final norm). `shard` runs it on a mesh (see sharding/).
     """
     rt = runtime_for(cfg, rt)
-    check_runtime_on_mesh(rt, shard)
+    check_plain_mesh(shard)
     w = compute_weights(params["weights"], cfg, rt)
     causal = positions is None and segment_ids is None
     positions = default_positions(tokens) if positions is None else positions
@@ -235,22 +235,14 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: Config, rt: Runtime | None =
     return head_logits(aux["hidden"], w["head"], shard), aux
 
 
-def check_runtime_on_mesh(rt: Runtime, shard: ShardingContext | None) -> None:
-    """A Runtime resolved for one device must not meet a mesh with the dense FP8 kernels on:
-    they carry no sharding rule, so XLA's partitioner would gather their operands onto every
-    device (a silent replication; `runtime.resolve(mesh_devices=...)` refuses it up front)."""
+def check_plain_mesh(shard: ShardingContext | None) -> None:
+    """The plain forward's mesh: any but one with a pipeline axis, which runs the model only
+    through a pipeline schedule. (The FP8 kernels run on any mesh: each dense FP8 GEMM in its
+    own shard_map, `fp8.matmul`; the routed experts inside the MoE's.)"""
     if shard is not None and shard.pipeline > 1:
         raise ValueError(f"a mesh with pipeline={shard.pipeline} runs the model only through a "
                          "pipeline schedule (dsv3_jax.train.pipeline, --pipeline_schedule); "
                          "the plain forward would repeat every layer on every pipeline rank")
-    if shard is None or rt.fp8 is None or shard.mesh.size == 1:
-        return
-    for name, value in (("fp8_gemm", rt.fp8.gemm), ("fp8_quant", rt.fp8.quant)):
-        if value == "pallas":
-            raise ValueError(f"Runtime.fp8.{name.split('_')[1]}='pallas' on a mesh of "
-                             f"{shard.sizes}: the dense FP8 kernels have no sharding rule yet "
-                             "and would be replicated on every device; resolve the runtime "
-                             f"with {name}='xla' for a mesh")
 
 
 def head_logits(h, w_head, shard):
@@ -298,7 +290,7 @@ def forward_cached(params: dict, tokens: jnp.ndarray, cache: dict, cfg: Config,
     later tokens overwrite.
     """
     rt = runtime_for(cfg, rt)
-    check_runtime_on_mesh(rt, shard)
+    check_plain_mesh(shard)
     w = compute_weights(params["weights"], cfg, rt)
     b, t = tokens.shape
     positions = cache["length"][:, None] + jnp.arange(t, dtype=jnp.int32)[None]

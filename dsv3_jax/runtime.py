@@ -153,9 +153,8 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
             scan_layers: bool = True, attention: str = "auto", grouped: str = "auto",
             fp8: bool = False, fp8_gemm: str = "auto", fp8_quant: str = "auto",
-            decode_attention: str = "auto", mesh_devices: int = 1,
-            devices: Devices | None = None, interpret: bool = False,
-            deterministic: bool = False) -> Runtime:
+            decode_attention: str = "auto", devices: Devices | None = None,
+            interpret: bool = False, deterministic: bool = False) -> Runtime:
     """The Runtime for `cfg` on `devices` (default: this process's), "auto" decided:
 
     - attention: cuDNN's fused attention on a GPU in 16 bits, XLA elsewhere and in
@@ -165,11 +164,12 @@ def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
       tiles (`small` and the released models do, `tiny` does not), `ragged_dot` elsewhere.
     - fp8_gemm: our Mosaic GPU FP8 kernels on a Hopper GPU, the XLA reference elsewhere;
       fp8_quant: the one-pass quantizer kernels where the GEMMs are ours and the activations
-      bf16, XLA's elsewhere (and on a mesh, where the dense kernels have no sharding rule yet).
+      bf16, XLA's elsewhere. On a mesh too: each dense FP8 GEMM runs in its own shard_map
+      (`fp8.matmul`), the routed experts in the MoE's.
     - decode_attention: the Pallas MLA decode kernel on a Hopper GPU in bf16 (where it takes
       the cache's shapes), XLA elsewhere.
-    `mesh_devices`: the devices of the mesh the program runs on (1: no mesh). `interpret`: run
-    the Pallas kernels in GPU interpret mode (CPU tests), which lets "pallas" choices run here.
+    `interpret`: run the Pallas kernels in GPU interpret mode (CPU tests), which lets "pallas"
+    choices run here.
     `deterministic`: compile bitwise-reproducible programs (`Runtime.deterministic`).
     """
     devices = devices or Devices.current()
@@ -202,7 +202,7 @@ def resolve(cfg: Config, *, dtype: str | None = None, remat: str = "none",
         _log.warning("the routed experts run on jax.lax.ragged_dot, which XLA lowers on a GPU "
                      "to a dense masked product costing about (experts) x the useful FLOPs; "
                      "the Pallas grouped kernel needs bf16 and widths that fit its tiles")
-    fp8_impl = _resolve_fp8(fp8, fp8_gemm, fp8_quant, dtype, devices, mesh_devices, interpret)
+    fp8_impl = _resolve_fp8(fp8, fp8_gemm, fp8_quant, dtype, devices, interpret)
     return Runtime(dtype=dtype, remat=remat, scan_layers=scan_layers, attention=attention,
                    grouped=grouped, fp8=fp8_impl, decode_attention=decode_attention,
                    interpret=interpret, deterministic=deterministic)
@@ -228,11 +228,14 @@ def _resolve_attention(attention: str, gpu16: bool, gpu: bool, deterministic: bo
 
 
 def _resolve_fp8(on: bool, gemm: str, quant: str, dtype: str, devices: Devices,
-                 mesh_devices: int, interpret: bool) -> Fp8 | None:
-    """The FP8 choice. The dense FP8 kernels carry no sharding rule yet, so on a mesh of
-    several devices XLA's partitioner would gather their operands onto every device (a silent
-    replication): there they are an error naming the way out. The routed experts run inside
-    shard_map and are unaffected."""
+                 interpret: bool) -> Fp8 | None:
+    """The FP8 choice, the same on one device and on a mesh: there each dense FP8 GEMM and its
+    quantizers run in a shard_map of their own (`fp8.matmul`), so XLA's partitioner never sees
+    the Mosaic GPU custom calls (which carry no sharding rule: left to it, their operands would
+    be gathered onto every device); the routed experts run inside the MoE's shard_map. What a
+    mesh can still refuse depends on the shapes, and is an error when the program is traced:
+    a tensor-parallel split of a projection that leaves a device part of a 128-wide FP8 tile
+    (`fp8._check_tiles`, naming the weight and the mesh axis)."""
     if quant == "pallas" and dtype != "bfloat16":  # a choice that cannot run, even unused
         raise ValueError(f"fp8_quant='pallas' needs bfloat16 activations (the quantizer kernels "
                          f"take bf16 only), got dtype={dtype!r}")
@@ -245,13 +248,6 @@ def _resolve_fp8(on: bool, gemm: str, quant: str, dtype: str, devices: Devices,
     if quant == "pallas" and dtype != "bfloat16":
         raise ValueError(f"fp8_quant='pallas' needs bfloat16 activations (the quantizer kernels "
                          f"take bf16 only), got dtype={dtype!r}")
-    if mesh_devices > 1:
-        for name, value in (("fp8_gemm", gemm), ("fp8_quant", quant)):
-            if value == "pallas":
-                raise ValueError(f"{name} resolves to 'pallas' on a mesh of {mesh_devices} "
-                                 "devices: the dense FP8 kernels have no sharding rule yet and "
-                                 "would be replicated on every device; run them on one device, "
-                                 f"or choose {name}='xla' (--{_FLAG[name]} xla) on a mesh")
     for name, value in (("fp8_gemm", gemm), ("fp8_quant", quant)):
         if value == "pallas" and not (devices.hopper or interpret):
             raise ValueError(f"{name}='pallas': our FP8 Mosaic GPU kernels need a Hopper GPU "
@@ -287,10 +283,6 @@ def jit_by_runtime(fn=None, **jit_kwargs):
         return (exact if kwargs["rt"].deterministic else plain)(*args, **kwargs)
 
     return call
-
-
-# the command-line flag of each choice (experiments/pretrain.py keeps these names)
-_FLAG = {"fp8_gemm": "fp8_impl", "fp8_quant": "fp8_quant_impl"}
 
 
 @functools.lru_cache(maxsize=64)

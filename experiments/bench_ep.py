@@ -57,7 +57,7 @@ def parse_args(argv=None):
 
 def step_fn(cfg, shard):
     """Loss and gradients on `shard`, with the kernels this machine's runtime picks for it."""
-    rt = runtime_lib.resolve(cfg, mesh_devices=1 if shard is None else shard.mesh.size)
+    rt = runtime_lib.resolve(cfg)
     return jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, cfg, rt, shard=shard)[0]))
 
 

@@ -100,8 +100,8 @@ class ShardingContext:
 
 
 def single_device(ctx: ShardingContext | None) -> bool:
-    """No mesh, or a mesh of one device: arrays are whole, so ops may concatenate or split them
-    along any axis without moving shards (e.g. `dsv3_jax.fp8.matmul_parts`)."""
+    """No mesh, or a mesh of one device: arrays are whole, so an op needs no shard_map around
+    it (e.g. whether `dsv3_jax.fp8.matmul` runs its FP8 GEMMs in one)."""
     return ctx is None or ctx.mesh.size == 1
 
 

@@ -32,8 +32,8 @@ def test_deterministic_runtime_names_xla_deterministic_ops():
 
 def test_the_flag_reaches_the_runtime_of_every_job():
     s = parse_settings(["--deterministic", "--mesh", "none"])
-    assert pretrain.build_runtime(s, CFG, None).deterministic
-    assert not pretrain.build_runtime(parse_settings(["--mesh", "none"]), CFG, None).deterministic
+    assert pretrain.build_runtime(s, CFG).deterministic
+    assert not pretrain.build_runtime(parse_settings(["--mesh", "none"]), CFG).deterministic
 
 
 GPU = runtime_lib.Devices("gpu", hopper=True)
@@ -75,12 +75,12 @@ def test_the_pretrain_flags_follow_the_rule(monkeypatch):
     """`--deterministic` through the training scripts' settings, on a (pretended) GPU."""
     monkeypatch.setattr(runtime_lib.Devices, "current", classmethod(lambda cls: GPU))
     flags = ["--mesh", "none", "--precision", "bf16"]
-    assert pretrain.build_runtime(parse_settings(flags), SMALL, None).attention == "cudnn"
-    rt = pretrain.build_runtime(parse_settings(flags + ["--deterministic"]), SMALL, None)
+    assert pretrain.build_runtime(parse_settings(flags), SMALL).attention == "cudnn"
+    rt = pretrain.build_runtime(parse_settings(flags + ["--deterministic"]), SMALL)
     assert (rt.attention, rt.deterministic) == ("xla", True)
     with pytest.raises(ValueError, match="--deterministic"):
         pretrain.build_runtime(parse_settings(flags + ["--deterministic", "--attention_impl",
-                                                       "cudnn"]), SMALL, None)
+                                                       "cudnn"]), SMALL)
 
 
 def test_train_step_compiles_with_the_runtimes_options(monkeypatch):

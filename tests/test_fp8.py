@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv3_jax import fp8, grouped, layers, mla, testing
+from dsv3_jax import fp8, grouped, layers, mla, placement, testing
 from dsv3_jax.config import Config, get_config
 from dsv3_jax.model import forward
 from dsv3_jax.params import init_params
@@ -33,6 +33,8 @@ from dsv3_jax.train.pretrain import build_config, build_runtime, check_resume
 from dsv3_jax.train.settings import Settings
 from pallas_kernels import fp8_gemm
 from pallas_kernels import fp8_quant as q8
+from sharding.context import ShardingContext
+from sharding.mesh import make_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 F64 = np.float64
@@ -620,19 +622,18 @@ def test_runtime_fp8_resolves_from_the_flags_and_devices():
 
 def test_precision_flags_build_the_runtime():
     cfg = get_config("tiny")
-    rt = build_runtime(Settings(preset="tiny", precision="fp8"), cfg, None)
+    rt = build_runtime(Settings(preset="tiny", precision="fp8"), cfg)
     assert rt.fp8 == Fp8("xla", "xla") and rt.dtype == "bfloat16"  # this CPU
-    assert build_runtime(Settings(preset="tiny", precision="bf16"), cfg, None).fp8 is None
-    assert build_runtime(Settings(preset="tiny"), cfg, None).dtype == "float32"  # the preset's
+    assert build_runtime(Settings(preset="tiny", precision="bf16"), cfg).fp8 is None
+    assert build_runtime(Settings(preset="tiny"), cfg).dtype == "float32"  # the preset's
     with pytest.raises(ValueError, match=r"fp8_quant='pallas': .*Hopper GPU"):  # this CPU
-        build_runtime(Settings(preset="tiny", precision="fp8", fp8_quant_impl="pallas"), cfg,
-                      None)
+        build_runtime(Settings(preset="tiny", precision="fp8", fp8_quant_impl="pallas"), cfg)
 
 
 def test_fp8_quant_flag_without_fp8_is_refused():
     with pytest.raises(ValueError, match="fp8_quant='pallas' needs bfloat16"):
         build_runtime(Settings(preset="tiny", precision="fp32", fp8_quant_impl="pallas"),
-                      get_config("tiny"), None)
+                      get_config("tiny"))
 
 
 def test_resume_may_switch_precision():
@@ -777,7 +778,7 @@ class _Recipe:
     def install(cls, monkeypatch):
         linear, real_grouped = cls.linear(), grouped.grouped_swiglu
 
-        def matmul(spec, x, w, fp8_impl=None):
+        def matmul(spec, x, w, fp8_impl=None, **on_one_device):  # shard etc.: unused here
             if fp8_impl is None:
                 return jnp.einsum(spec, x, w)
             ins, out = spec.replace(" ", "").split("->")
@@ -787,7 +788,7 @@ class _Recipe:
             y = linear(x.reshape(-1, k), w.reshape(k, -1))
             return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:])
 
-        def matmul_parts(spec, x, ws, fp8_impl=None, *, fuse=True):
+        def matmul_parts(spec, x, ws, fp8_impl=None, **on_one_device):
             return [matmul(spec, x, w, fp8_impl) for w in ws]
 
         def grouped_swiglu(p, rows, sizes, *, impl="ragged_dot", interpret=False,
@@ -808,8 +809,8 @@ class _Recipe:
             y = jnp.take_along_axis(y_e, jnp.clip(off, 0, m - 1)[..., None], axis=1)
             return jnp.sum(jnp.where(mine[..., None], y, 0), axis=0).astype(rows.dtype)
 
+        monkeypatch.setattr(layers, "matmul", matmul)  # mla uses matmul_parts alone
         for module in (layers, mla):
-            monkeypatch.setattr(module, "matmul", matmul)
             monkeypatch.setattr(module, "matmul_parts", matmul_parts)
         monkeypatch.setattr(grouped, "grouped_swiglu", grouped_swiglu)
 
@@ -881,6 +882,240 @@ def test_fp8_vs_bf16_experiment_smoke(tmp_path):
         assert len(losses) == 3 and rec["runs"][precision]["skipped_steps"] == []
         chex.assert_tree_all_finite(np.asarray(losses))
     assert "loss_rel_diff_last" in rec and "table" in rec
+
+
+# ------------------------------------------------------------------------------ on a mesh
+
+# `tiny` at widths whose tensor-parallel splits keep whole 128-wide FP8 tiles at tensor=2
+# (4 heads of 64 + 64 with values of 64, FFN and expert widths 256: 128 per device), one dense
+# and one MoE layer, a 256-token vocabulary; with 16 x 32 tokens each of 4 batch shards holds
+# 128 token rows, so the weight gradients' 128-token tiles are the one-device ones too.
+MESH_CFG = get_config("tiny", mtp_depth=0).replace(
+    n_heads=4, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, inter_dim=256,
+    moe_inter_dim=256, n_layers=2, n_dense_layers=1, vocab_size=256)
+MESH_ROWS = 16 * 32
+# (mesh, strategy): FSDP, FSDP + tensor parallelism, FSDP + expert parallelism, on 4 devices
+FP8_MESHES = [("fsdp=4", "fsdp"), ("fsdp=2,tensor=2", "fsdp_ep_tp"), ("fsdp=2,expert=2", "fsdp_ep")]
+# the model compiled on each: the expert-parallel one `slow` (its dense FP8 GEMMs split as
+# fsdp=4's, the batch over fsdp x expert; the routed experts are the MoE's: test_sharding.py)
+FP8_MODEL_MESHES = FP8_MESHES[:2] + [pytest.param(*FP8_MESHES[2], marks=pytest.mark.slow)]
+
+
+def _mesh(spec, strategy):
+    return ShardingContext(make_mesh(spec, jax.devices()[:4]), strategy)
+
+
+def _pow2_scales(monkeypatch):
+    """Power-of-two scales in every quantizer (the V3 report's option, fp8_quant's `pow2`), for
+    the model on a mesh. With amax / 448 scales, a float32 sum in another order (a K split's
+    psum, another XLA tiling) moves a tile's amax by 1e-7, hence its scale, and re-rounds every
+    value of the tile; through the layers the sharded model then drifts from one device by
+    about a tenth of FP8's own error (measured with tensor=2: median gradient leaf 4e-2, FP8
+    against the plain model 0.37), and no tolerance tells a bug from that. A power-of-two scale
+    does not move, and rounds each value as any other power of two would (e4m3's rounding is
+    relative, below its subnormals), so the model's e4m3 roundings are one device's up to a
+    rare single flip. The tiles themselves are checked with amax / 448 scales op by op, where
+    nothing drifts (test_fp8_ops_on_a_mesh_equal_one_device)."""
+    real = q8._scale
+    monkeypatch.setattr(q8, "_scale", lambda amax, pow2: real(amax, True))
+
+
+def _leaf_errors(got, want) -> dict:
+    return {jax.tree_util.keystr(path): _rel(g, w) for (path, g), w in zip(
+        jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)) if np.any(w)}
+
+
+def _mesh_step(params, batch, rt, shard):
+    """(loss, grads, compiled HLO text) of MESH_CFG's objective on `shard` (None: one device);
+    a fresh jit each call, so it traces whichever quantizers are in place."""
+    f = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, MESH_CFG, rt, shard=shard)[0]))
+    if shard is not None:
+        params = placement.shard_params(params, MESH_CFG, shard)
+        batch = placement.shard_batch(batch, shard)
+    compiled = f.lower(params, batch).compile()
+    loss, grads = compiled(params, batch)
+    return loss, jax.device_get(grads), compiled.as_text()
+
+
+@pytest.fixture(scope="module")
+def mesh_reference():
+    """MESH_CFG's parameters and batch, and its FP8 loss, gradients and compiled program on one
+    device (power-of-two scales)."""
+    params = init_params(MESH_CFG.replace(init_std=0.1), jax.random.key(0))
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, MESH_CFG.vocab_size, (16, 33)),
+                       jnp.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+    with pytest.MonkeyPatch.context() as mp:
+        _pow2_scales(mp)
+        return params, batch, _mesh_step(params, batch, FP8_XLA, None)
+
+
+def _gemm_rows(hlo: str) -> set:
+    """Row counts of a compiled program's 2-D float32 dots: the dense FP8 GEMMs of the XLA
+    path (forward and dgrad [rows, N]; the wgrad's [K, N] never has more than 256 rows here),
+    the router's and the head's."""
+    return {int(rows) for rows in re.findall(r"= f32\[(\d+),\d+\]\S* dot\(", hlo)}
+
+
+@pytest.mark.parametrize("mesh, strategy", FP8_MODEL_MESHES)
+def test_fp8_model_on_a_mesh_equals_one_device(mesh_reference, mesh, strategy, monkeypatch):
+    """The FP8 model's loss and gradients on 4 devices (each dense FP8 GEMM in its own
+    shard_map: fp8.matmul) equal FP8 on one device (power-of-two scales: `_pow2_scales`), and
+    no GEMM multiplies gathered token rows.
+
+    Measured here: loss within 3e-7, gradient leaves within 4e-5 (median) and 1e-2 (the worst:
+    a single e4m3 flip under tensor=2, none otherwise: 6e-7), against FP8's own error (the
+    same gradients against the plain model's, FP8 off) of 0.37 per leaf (median). The K
+    split's partial products left unsummed moved the median leaf by 1.0 under tensor=2; the
+    bounds sit between. The compiled program's GEMMs multiply each device's rows (128, or 256
+    with 2 batch shards), never the 512 of the whole batch that one device's multiply."""
+    params, batch, (loss_1, grads_1, hlo_1) = mesh_reference
+    _pow2_scales(monkeypatch)
+    loss, grads, hlo = _mesh_step(params, batch, FP8_XLA, _mesh(mesh, strategy))
+    assert "f8e4m3fn" in hlo and "f8e4m3fn" in hlo_1  # both really quantize
+    chex.assert_trees_all_close(loss, loss_1, rtol=2e-5, atol=0)
+    errors = _leaf_errors(grads, grads_1)
+    assert len(errors) > 30
+    assert np.median(list(errors.values())) < 1e-3, errors
+    assert max(errors.values()) < 5e-2, errors
+    local = MESH_ROWS // (2 if "tensor" in mesh else 4)
+    assert MESH_ROWS in _gemm_rows(hlo_1)
+    assert MESH_ROWS not in _gemm_rows(hlo) and local in _gemm_rows(hlo), _gemm_rows(hlo)
+
+
+# One FP8 layer pair and one layer on their own, float32: heads-split projections of one input
+# (column parallel under tensor=2, 2 x 64 columns a device, fused into one GEMM) and the
+# attention output projection (row parallel: K = 2 x 64 a device, partial products psum'd).
+_COLUMN = ("btq,qnk->btnk", [("q_latent", "heads", None)] * 2, ["w_uq", "w_qr"])
+_ROW = ("btnh,nhd->btd", [("heads", None, "embed")], ["w_o"])
+
+
+def _op_inputs(seed, h=64):
+    x = _normal(seed, (16, 32, 128))
+    ws = [_normal(seed + 1, (128, 4, 64), 1 / 11), _normal(seed + 2, (128, 4, 64), 1 / 11)]
+    dys = [_normal(seed + 3, (16, 32, 4, 64)), _normal(seed + 4, (16, 32, 4, 64))]
+    x_o, w_o, dy_o = _normal(seed + 5, (16, 32, 4, h)), _normal(seed + 6, (4, h, 96), 1 / 16), \
+        _normal(seed + 7, (16, 32, 96))
+    return (_COLUMN, x, ws, dys), (_ROW, x_o, [w_o], [dy_o])
+
+
+def _op_vjp(layer, x, ws, dys, shard):
+    """(outputs, (dx, *dws)) of `fp8.matmul_parts` with cotangents dys, on `shard` or one
+    device; a fresh jit each call (traces whatever is monkeypatched)."""
+    spec, axes, names = layer
+
+    def run(x, ws, dys):
+        ys, pull = jax.vjp(lambda x, *ws: fp8.matmul_parts(spec, x, list(ws), "xla",
+                                                           shard=shard, axes=axes, names=names),
+                           x, *ws)
+        return ys, pull(dys)
+
+    return jax.jit(run)(x, ws, dys)
+
+
+@pytest.mark.parametrize("mesh, strategy", FP8_MESHES[:2])
+def test_fp8_ops_on_a_mesh_equal_one_device(mesh, strategy, monkeypatch):
+    """fp8.matmul_parts on 4 devices, amax / 448 scales: outputs and gradients equal one
+    device's (the same tiles; only float32 sums in another order: measured <= 4.3e-7, against
+    FP8's own error of 3.7e-2), where the two ways to get a mesh wrong miss by far: tiles of
+    each device's own (a split leaving 64 of K per device, which `fp8._check_tiles` refuses,
+    naming the weight and the axis) measured 3.4e-2 off, FP8's own size, and a K split's
+    partial products left unsummed 0.71."""
+    shard = _mesh(mesh, strategy)
+    for layer, x, ws, dys in _op_inputs(50):
+        want = jax.tree.leaves(_op_vjp(layer, x, ws, dys, None))
+        got = jax.tree.leaves(_op_vjp(layer, x, ws, dys, shard))
+        for g, w in zip(got, want):
+            assert _rel(g, w) < 2e-6, layer[2]
+        exact = jnp.einsum(layer[0], x, ws[0], precision=jax.lax.Precision.HIGHEST)
+        assert _rel(want[0], exact) > 1e-2  # FP8's own error, the yardstick: measured 3.6e-2
+    if "tensor" not in mesh:
+        return
+    _, (row, x, ws, dys) = _op_inputs(60, h=32)  # K = 4 heads x 32: 64 per tensor rank
+    with pytest.raises(ValueError, match=r"w_o \[4, 32, 96\] is split 2 ways over mesh axes "
+                                         r"\('tensor',\) along its input \(K\) axes, 64 per "
+                                         r"device"):
+        _op_vjp(row, x, ws, dys, shard)
+    want = _op_vjp(row, x, ws, dys, None)[0][0]
+    monkeypatch.setattr(fp8, "_check_tiles", lambda *args: None)
+    assert _rel(_op_vjp(row, x, ws, dys, shard)[0][0], want) > 1e-2  # each device's own tile
+    _, (row, x, ws, dys) = _op_inputs(70)
+    want = _op_vjp(row, x, ws, dys, None)[0][0]
+    monkeypatch.setattr(jax.lax, "psum", lambda y, axes: y)
+    assert _rel(_op_vjp(row, x, ws, dys, shard)[0][0], want) > 0.3  # partial products unsummed
+
+
+def test_fp8_tensor_parallel_split_of_tiny_is_an_error():
+    """`tiny`'s 4 heads of 16 split over tensor=2 leave 32 columns of w_uq per device, not a
+    128-wide FP8 tile: an error naming the weight and the mesh axis when the program is
+    traced, not a quantization other than one device's."""
+    cfg = get_config("tiny", mtp_depth=0)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    tokens = jnp.zeros((8, 16), jnp.int32)
+    shard = _mesh("fsdp=2,tensor=2", "fsdp_ep_tp")
+    with pytest.raises(ValueError, match=r"fp8 on a mesh: w_uq \[32, 4, 16\] is split 2 ways "
+                                         r"over mesh axes \('tensor',\) along its output \(N\) "
+                                         r"axes, 32 per device"):
+        jax.eval_shape(lambda p: forward(p, tokens, cfg, FP8_XLA, shard=shard), params)
+
+
+def _kernel_rows(shard, mp) -> tuple[list, list]:
+    """Trace MESH_CFG's loss and gradients with Runtime.fp8 = Fp8("pallas", "pallas") on
+    `shard`, the Mosaic GPU kernels replaced (through `mp`, a MonkeyPatch) by spies that record
+    their operands' shapes and run the XLA reference (bit for bit the same: test_fp8.py's
+    kernel tests): the token rows of each dense FP8 GEMM call (a [M, K]: forward and dgrad;
+    a = x^T [K, M]: wgrad) and of each activation quantizer call (x [M, K]), the routed
+    experts' grouped rows (the MoE's own shard_map) left out."""
+    from pallas_kernels import fp8_quant_kernel as qk
+
+    seen = []
+    for name in ("gemm_1d2d", "gemm_1d1d", "grouped_gemm_1d2d", "grouped_wgrad_1d1d"):
+        def gemm(a, *args, impl, _real=getattr(fp8_gemm, name), _name=name, **kw):
+            seen.append((_name, a.shape))
+            return _real(a, *args, impl="xla", **kw)
+
+        mp.setattr(fp8_gemm, name, gemm)
+    for name, xla in (("quantize_rows_kernel", q8.quantize_rows),
+                      ("quantize_cols_kernel", q8.quantize_cols)):
+        def quant(x, *, interpret=False, _name=name, _xla=xla):
+            seen.append((_name, x.shape))
+            return _xla(x)
+
+        mp.setattr(qk, name, quant)
+    rt = Runtime(dtype="bfloat16", fp8=Fp8("pallas", "pallas"))
+    params = jax.eval_shape(lambda: init_params(MESH_CFG, jax.random.key(0)))
+    tokens = jax.ShapeDtypeStruct((16, 32), jnp.int32)
+    jax.eval_shape(jax.grad(lambda p, b: loss_fn(p, b, MESH_CFG, rt, shard=shard)[0]),
+                   params, {"inputs": tokens, "targets": tokens})
+    grouped = {shape[0] for name, shape in seen if name == "grouped_gemm_1d2d"}
+    dense = [shape[1] if name == "gemm_1d1d" else shape[0] for name, shape in seen
+             if name in ("gemm_1d2d", "gemm_1d1d")]
+    quant = [shape[0] for name, shape in seen
+             if name.startswith("quantize") and shape[0] not in grouped]
+    return dense, quant
+
+
+@pytest.fixture(scope="module")
+def one_device_kernel_rows():
+    with pytest.MonkeyPatch.context() as mp:
+        return _kernel_rows(None, mp)
+
+
+@pytest.mark.parametrize("mesh, strategy", FP8_MESHES)
+def test_fp8_kernels_see_each_devices_rows_on_a_mesh(one_device_kernel_rows, mesh, strategy,
+                                                     monkeypatch):
+    """Runtime.fp8 = Fp8("pallas", "pallas") on a mesh, traced (the Mosaic GPU kernels need a
+    GPU, and their interpret mode cannot run on several fake devices at once: its barrier
+    bookkeeping is shared by all devices, and one device's kernel finds another's barriers):
+    every dense FP8 GEMM and activation quantizer is called on each device's token rows, never
+    the whole batch's, as many times as on one device (each pair of projections still one
+    GEMM)."""
+    dense_1, quant_1 = one_device_kernel_rows
+    dense, quant = _kernel_rows(_mesh(mesh, strategy), monkeypatch)
+    local = MESH_ROWS // (2 if "tensor" in mesh else 4)
+    assert set(dense_1) == set(quant_1) == {MESH_ROWS}
+    assert set(dense) == set(quant) == {local}
+    assert (len(dense), len(quant)) == (len(dense_1), len(quant_1))
 
 
 # ------------------------------------------------------------------------------ GPU only

@@ -326,8 +326,9 @@ def test_ragged_dispatch_refuses_cpu(moe_inputs):
         jax.jit(lambda p, x: moe(p, x, None, jnp.ones((8, 12), bool), CFG, None, None, shard))(p, x)
 
 
-def test_single_device_decides_where_fp8_projections_fuse():
-    """fp8.matmul_parts concatenates weights along their outputs only where nothing is split."""
+def test_single_device_decides_where_fp8_ops_run_without_shard_map():
+    """fp8.matmul runs its FP8 GEMMs in a shard_map of their own only on a mesh of several
+    devices (tests/test_fp8.py: test_fp8_model_on_a_mesh_equals_one_device and beside it)."""
     from sharding.context import single_device
 
     assert single_device(None)
@@ -335,27 +336,16 @@ def test_single_device_decides_where_fp8_projections_fuse():
     assert not single_device(ShardingContext(abstract_mesh("fsdp=8"), "fsdp"))
 
 
-def test_pallas_fp8_kernels_on_a_mesh_are_an_error_not_a_replication():
-    """The dense FP8 kernels have no sharding rule: resolving a runtime for a mesh of several
-    devices says so, and a runtime resolved for one device refuses to meet such a mesh,
-    instead of letting XLA gather their operands onto every device."""
+def test_plain_forward_refuses_a_pipeline_mesh():
+    """A mesh with a pipeline axis runs the model through a pipeline schedule only: the plain
+    forward would repeat every layer on every pipeline rank. (What it refused before, the FP8
+    kernels on a mesh, now runs there, each call in its own shard_map.)"""
     from dsv3_jax import model
-    from dsv3_jax.runtime import Devices, Fp8, Runtime, resolve
 
-    hopper = Devices("gpu", hopper=True)
-    with pytest.raises(ValueError, match=r"fp8_gemm resolves to 'pallas' on a mesh of 8 .*--fp8_impl xla"):
-        resolve(CFG, dtype="bfloat16", fp8=True, mesh_devices=8, devices=hopper)
-    on_mesh = resolve(CFG, dtype="bfloat16", fp8=True, fp8_gemm="xla", mesh_devices=8,
-                      devices=hopper)
-    assert on_mesh.fp8 == Fp8("xla", "xla")  # auto takes XLA's quantizers beside XLA GEMMs
-    with pytest.raises(ValueError, match=r"fp8_quant resolves to 'pallas' on a mesh"):
-        resolve(CFG, dtype="bfloat16", fp8=True, fp8_gemm="xla", fp8_quant="pallas",
-                mesh_devices=8, devices=hopper)
-    one_device = Runtime(dtype="bfloat16", fp8=Fp8("pallas", "pallas"))
-    shard = ShardingContext(abstract_mesh("fsdp=8"), "fsdp")
+    shard = ShardingContext(abstract_mesh("fsdp=4,pipeline=2"), "fsdp")
     tokens = jnp.zeros((8, 16), jnp.int32)
     params = jax.eval_shape(lambda: dsv3_jax.init_params(CFG, jax.random.key(0)))
-    with pytest.raises(ValueError, match=r"'pallas' on a mesh of .*fsdp"):
-        jax.eval_shape(lambda p: model.forward(p, tokens, CFG, one_device, shard=shard), params)
-    model.check_runtime_on_mesh(one_device, ShardingContext(abstract_mesh("fsdp=1"), "fsdp"))
-    model.check_runtime_on_mesh(on_mesh, shard)
+    with pytest.raises(ValueError, match=r"pipeline=2 runs the model only through a pipeline "
+                                         r"schedule"):
+        jax.eval_shape(lambda p: model.forward(p, tokens, CFG, None, shard=shard), params)
+    model.check_plain_mesh(ShardingContext(abstract_mesh("fsdp=8"), "fsdp"))

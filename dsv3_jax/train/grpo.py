@@ -444,7 +444,7 @@ def run(s: GRPOSettings) -> dict:
     source = sources.load_source(preset=s.preset, seed=s.seed, init_checkpoint=s.init_checkpoint,
                                  hf=s.hf, mtp_depth=s.mtp_depth)
     cfg = source.cfg
-    rt = pretrain.build_runtime(s, cfg, None)
+    rt = pretrain.build_runtime(s, cfg)
     job, e = grpo_job(s, source, rt)
     print(f"GRPO of {source.description} ({rt.describe()}): {len(e.prompts.ids):,} prompts from "
           f"{e.prompts.what}, {s.global_batch} x {s.num_generations} completions of <= "

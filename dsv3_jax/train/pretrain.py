@@ -76,13 +76,12 @@ def build_sharding(s: Settings):
 PRECISION_DTYPES = {"preset": None, "fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 
 
-def build_runtime(s: Settings, cfg: Config, shard) -> Runtime:
+def build_runtime(s: Settings, cfg: Config) -> Runtime:
     """How this process runs the model, resolved once from the flags and the devices."""
     return runtime_lib.resolve(
         cfg, dtype=PRECISION_DTYPES[s.precision], remat=s.remat, scan_layers=s.scan_layers,
         attention=s.attention_impl, grouped=s.grouped_impl, fp8=s.precision == "fp8",
-        fp8_gemm=s.fp8_impl, fp8_quant=s.fp8_quant_impl,
-        mesh_devices=1 if shard is None else shard.mesh.size, deterministic=s.deterministic)
+        fp8_gemm=s.fp8_impl, fp8_quant=s.fp8_quant_impl, deterministic=s.deterministic)
 
 
 def pipeline_schedule(s, shard) -> str:
@@ -290,10 +289,10 @@ def pretraining_job(s: Settings, cfg: Config, rt: Runtime, shard, dataset: Packe
     step_fn = train_step.make_train_step(
         cfg, optimizer, schedule, shard, rt=rt, pipeline=build_pipeline(s, cfg, shard),
         bias_gamma=s.bias_gamma, grad_accum=s.grad_accum, loss_weights=weights)
+    about = run_meta(cfg, rt, s)
     copies = Redundancy(cfg, shard, s.redundant_experts) if s.redundant_experts else None
     init = lambda: train_step.init_state(cfg, jax.random.key(s.seed), optimizer, shard)
     abstract = lambda: train_step.abstract_state(cfg, optimizer, shard)
-    about = run_meta(cfg, rt, s)
     return loop.Job(
         name="pretraining",
         init_state=init if copies is None else lambda: copies.with_placement(init(), None),
@@ -375,7 +374,7 @@ def run(s: Settings) -> dict:
     cfg = build_config(s)
     shard = build_sharding(s)
     check_batch_split(s, shard)
-    rt = build_runtime(s, cfg, shard)
+    rt = build_runtime(s, cfg)
     dataset, tokenizer = build_dataset(
         data_files(s.data), seq_len=s.seq_len, global_batch=s.global_batch, seed=s.seed,
         vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, text_field=s.text_field,

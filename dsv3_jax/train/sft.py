@@ -289,7 +289,7 @@ def run(s: SFTSettings) -> dict:
         raise DataError(f"--seq_len {s.seq_len} is above the model's {cfg.max_seq_len} positions")
     shard = pretrain.build_sharding(s)
     pretrain.check_batch_split(s, shard)
-    rt = pretrain.build_runtime(s, cfg, shard)
+    rt = pretrain.build_runtime(s, cfg)
     dataset, about = build_dataset(s, source.tokenizer)
     teacher = load_teacher(s, cfg) if s.teacher else None
     if jax.process_index() == 0:
