@@ -29,7 +29,6 @@ Output: a table and a JSON record (--json; default experiments/results/scaling_<
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from child import json_from_child  # noqa: E402 (experiments/child.py)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LAYOUTS = ("fsdp", "fsdp_ep", "ep_pipeline")
@@ -149,18 +150,7 @@ def predicted_gib(spec: dict) -> float | None:
 
 
 def run_in_process(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--row", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ))
-    except subprocess.TimeoutExpired:
-        return {"error": f"stopped after --row_timeout {timeout:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    lines = proc.stderr.strip().splitlines() or ["(no output)"]
-    errors = [line for line in lines if "Error" in line.split(":")[0]]
-    return {"error": f"exit {proc.returncode}: {(errors or lines)[-1][:300]}"}
+    return json_from_child([__file__, "--row", json.dumps(spec)], timeout=timeout)
 
 
 def device_facts() -> tuple[int, str]:

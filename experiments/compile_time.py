@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
+from child import json_from_child
 from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import get_config
 from dsv3_jax.train import step as train
@@ -91,18 +91,13 @@ def run_one(a) -> dict:
 
 def run_in_process(a, n: int, mode: str) -> dict:
     """One case in a fresh interpreter: its own caches, and a failure that stays its own."""
-    cmd = [sys.executable, __file__, "--preset", a.preset, "--precision", a.precision,
-           "--batch", str(a.batch), "--seq_len", str(a.seq_len), "--case", str(n), mode]
     env = dict(os.environ)
     if not a.autotune:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return {"error": f"exit {proc.returncode}: {tail[:400]}"}
+    return json_from_child([__file__, "--preset", a.preset, "--precision", a.precision,
+                            "--batch", str(a.batch), "--seq_len", str(a.seq_len),
+                            "--case", str(n), mode], env=env)
 
 
 def main(argv=None) -> dict:

@@ -150,14 +150,25 @@ def _pairs_per_expert(experts, n_experts, ep):
     return counts.reshape(ep, n_experts // ep).astype(jnp.int32)
 
 
+def _sorted_pairs(x, experts, n_experts, ep):
+    """(order, xs [M*A, D] the pairs sorted by expert = by destination, per_expert [ep, E_l])."""
+    a = experts.shape[1]
+    order = jnp.argsort(experts.reshape(-1), stable=True).astype(jnp.int32)
+    xs = gather_rows(jnp.repeat(x, a, axis=0), order, _inverse(order))
+    return order, xs, _pairs_per_expert(experts, n_experts, ep)
+
+
+def _grouped_by_local_expert(recv, local):
+    """Received rows recv [R, D] with their local expert local [R] (E_l on padding) ->
+    (rows sorted by local expert, that order)."""
+    order_recv = jnp.argsort(local, stable=True).astype(jnp.int32)
+    return gather_rows(recv, order_recv, _inverse(order_recv)), order_recv
+
+
 def _dispatch_a2a(x, experts, n_experts, axis, capacity):
     ep = jax.lax.axis_size(axis)
-    e_local = n_experts // ep
     m, a = experts.shape
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # by expert = by destination
-    xs = gather_rows(jnp.repeat(x, a, axis=0), order, _inverse(order))  # [M*A, D]
-    per_expert = _pairs_per_expert(experts, n_experts, ep)
+    order, xs, per_expert = _sorted_pairs(x, experts, n_experts, ep)
     send_sizes = per_expert.sum(1)  # [ep]
     send_offsets = _exclusive_cumsum(send_sizes)
     # peer j's buffer: my sorted pairs send_offsets[j] .. + send_sizes[j], zero-padded to C
@@ -169,9 +180,8 @@ def _dispatch_a2a(x, experts, n_experts, axis, capacity):
     recv_counts = jax.lax.all_to_all(per_expert, axis, 0, 0, tiled=True)  # [ep, E_l] per sender
     # row (i, c) holds local expert k when c is past sender i's first k groups
     bounds = jnp.cumsum(recv_counts, axis=1)  # [ep, E_l]
-    local = (c[None, :, None] >= bounds[:, None, :]).sum(-1)  # [ep, C], e_local on padding
-    order_recv = jnp.argsort(local.reshape(-1), stable=True).astype(jnp.int32)
-    rows = gather_rows(got.reshape(ep * capacity, -1), order_recv, _inverse(order_recv))
+    local = (c[None, :, None] >= bounds[:, None, :]).sum(-1)  # [ep, C], E_l on padding
+    rows, order_recv = _grouped_by_local_expert(got.reshape(ep * capacity, -1), local.reshape(-1))
     sizes = recv_counts.sum(0).astype(jnp.int32)
     none = jnp.zeros((0,), jnp.int32)
     plan = Plan(order, order_recv, jnp.zeros((0,), bool), send_sizes, none, none)
@@ -217,10 +227,7 @@ def _dispatch_ragged(x, experts, n_experts, axis, impl):
     ep, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
     e_local = n_experts // ep
     m, a = experts.shape
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # by expert = by destination
-    xs = gather_rows(jnp.repeat(x, a, axis=0), order, _inverse(order))  # [M*A, D]
-    per_expert = jnp.bincount(flat, length=n_experts).reshape(ep, e_local).astype(jnp.int32)
+    order, xs, per_expert = _sorted_pairs(x, experts, n_experts, ep)
     send_sizes = per_expert.sum(1)  # [ep]
     recv_counts = jax.lax.all_to_all(per_expert, axis, 0, 0, tiled=True)  # [ep, E_l] per sender
     recv_sizes = recv_counts.sum(1)
@@ -235,8 +242,7 @@ def _dispatch_ragged(x, experts, n_experts, axis, impl):
     pos = row - _exclusive_cumsum(recv_sizes)[jnp.clip(sender, 0, ep - 1)]
     bounds = jnp.cumsum(recv_counts, axis=1)[jnp.clip(sender, 0, ep - 1)]  # [R, E_l]
     local = jnp.where(sender < ep, (pos[:, None] >= bounds).sum(1), e_local)
-    order_recv = jnp.argsort(local, stable=True).astype(jnp.int32)
-    rows = gather_rows(recv, order_recv, _inverse(order_recv))
+    rows, order_recv = _grouped_by_local_expert(recv, local)
     sizes = recv_counts.sum(0).astype(jnp.int32)
     plan = Plan(order, order_recv, jnp.zeros((0,), bool), send_sizes, recv_sizes, sends)
     return rows, sizes, plan

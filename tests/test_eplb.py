@@ -266,7 +266,7 @@ def test_redundant_experts_leave_the_model_unchanged_on_one_device():
     import dsv3_jax
     from dsv3_jax.train.loss import loss_fn
 
-    cfg, params, with_copies, batch, placed = _tiny_with_replicas(cfg_slots := 24, 4)
+    cfg, params, with_copies, batch, placed = _tiny_with_replicas(24, 4)
     assert (placed.copies > 1).any()
     f = jax.jit(jax.value_and_grad(
         lambda w, p: loss_fn({**p, "weights": w}, batch, cfg)[0]))  # weights: ints stay out
@@ -280,7 +280,6 @@ def test_redundant_experts_leave_the_model_unchanged_on_one_device():
     # the expert GEMMs see other row counts per call: float32 rounding, 1e-6 relative
     np.testing.assert_allclose(np.asarray(logits(with_copies)), np.asarray(logits(params)),
                                rtol=1e-6, atol=1e-6)
-    assert cfg_slots == placed.phys_to_logical.shape[1]
 
 
 def test_redundant_experts_on_an_expert_parallel_mesh():
